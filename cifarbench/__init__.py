@@ -1,0 +1,3 @@
+"""cifarbench: CIFAR ResNet benchmarks on SLURM."""
+
+__version__ = "0.1.0"

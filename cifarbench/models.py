@@ -1,0 +1,142 @@
+"""ResNet factory for 32x32 inputs.
+
+Two families, both built by patching torchvision's ``ResNet``:
+
+* CIFAR-native resnet20/32/44/56/110/1202 (He et al. 2016, section 4.2): depth 6n+2, three stages of
+  16/32/64 channels, parameter-free "option A" shortcuts.
+* torchvision's resnet18/34/50/101/152 with a 3x3 stride-1 stem, no max-pool and a new head.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv
+
+
+class ShortcutA(nn.Module):
+    """Option A shortcut: keep every second pixel, zero-pad the channels equally on both sides."""
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        missing = self.out_channels - x.size(1)
+        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, missing // 2, missing - missing // 2))
+
+    def extra_repr(self) -> str:
+        return f"out_channels={self.out_channels}"
+
+
+def _cifar_native(depth: int, *, num_classes: int) -> tv.ResNet:
+    n = (depth - 2) // 6
+    # A one-block skeleton; every stage is rebuilt below. Assigning to existing attributes keeps the module
+    # registration order (stem, stages, head), which is what makes seeded init match the reference models.
+    net = tv.ResNet(tv.BasicBlock, [1, 1, 1, 1], num_classes=num_classes)
+    net.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1, bias=False)
+    net.bn1 = nn.BatchNorm2d(16)
+    net.maxpool = nn.Identity()
+    net.inplanes = 16
+    net.layer1 = net._make_layer(tv.BasicBlock, 16, n)
+    net.layer2 = net._make_layer(tv.BasicBlock, 32, n, stride=2)
+    net.layer2[0].downsample = ShortcutA(32)
+    net.layer3 = net._make_layer(tv.BasicBlock, 64, n, stride=2)
+    net.layer3[0].downsample = ShortcutA(64)
+    net.layer4 = nn.Identity()
+    net.fc = nn.Linear(64, num_classes)
+    return net
+
+
+def _imagenet_patched(builder: Callable[..., tv.ResNet], *, num_classes: int) -> tv.ResNet:
+    net = builder()
+    net.conv1 = nn.Conv2d(3, 64, kernel_size=3, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    name: str
+    family: str  # "cifar" or "imagenet"
+    depth: int
+    build: Callable[..., nn.Module]
+
+
+def _registry() -> dict[str, ModelInfo]:
+    models = {}
+    for depth in (20, 32, 44, 56, 110, 1202):
+        models[f"resnet{depth}"] = ModelInfo(
+            name=f"resnet{depth}", family="cifar", depth=depth,
+            build=lambda num_classes, d=depth: _cifar_native(d, num_classes=num_classes))
+    for depth in (18, 34, 50, 101, 152):
+        builder = getattr(tv, f"resnet{depth}")
+        models[f"resnet{depth}"] = ModelInfo(
+            name=f"resnet{depth}", family="imagenet", depth=depth,
+            build=lambda num_classes, b=builder: _imagenet_patched(b, num_classes=num_classes))
+    return dict(sorted(models.items(), key=lambda kv: kv[1].depth))
+
+
+MODELS: dict[str, ModelInfo] = _registry()
+
+
+class UnknownNameError(ValueError):
+    """A name that is not in a registry; the message lists the valid names."""
+
+
+def check_name(name: str, valid, what: str) -> str:
+    """Return ``name`` if it is one of ``valid``, else raise UnknownNameError with a did-you-mean."""
+    valid = list(valid)
+    if name in valid:
+        return name
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UnknownNameError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
+
+
+def get_resnet(name: str, num_classes: int) -> nn.Module:
+    """Build an uninitialised CIFAR ResNet; call ``model.apply(init_weights)`` for the standard init."""
+    return MODELS[check_name(name, MODELS, "model")].build(num_classes)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal weights for every Conv2d and Linear, zero biases (use with ``model.apply``)."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.kaiming_normal_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_macs(model: nn.Module, image_size: int = 32) -> int:
+    """Multiply-adds of one forward pass on one image, counted by torch's flop counter (2 flops per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() // 2
+
+
+def describe(name: str) -> dict:
+    """One row of ``cifarbench models``: family, depth, parameters for both head sizes, forward MACs."""
+    info = MODELS[check_name(name, MODELS, "model")]
+    model10 = info.build(10)
+    return {
+        "name": info.name,
+        "family": info.family,
+        "depth": info.depth,
+        "params_10": count_parameters(model10),
+        "params_100": count_parameters(info.build(100)),
+        "macs": forward_macs(model10),
+    }

@@ -1,0 +1,144 @@
+"""The per-run Parquet record: explicit versioned schema, atomic write, tolerant read.
+
+Layout under a results folder::
+
+    runs/<run_id>/record.parquet   one row, the run's outcome (completed or failed)
+    runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RECORD_VERSION = 1
+SCHEMA_KEY = b"cifarbench.schema"
+SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
+
+_floats = pa.list_(pa.float64())
+_ts = pa.timestamp("us", tz="UTC")
+
+SCHEMA = pa.schema(
+    [
+        ("record_version", pa.int32()),
+        ("run_id", pa.string()),
+        ("status", pa.string()),  # completed | failed
+        # the spec
+        ("model", pa.string()),
+        ("dataset", pa.string()),
+        ("recipe", pa.string()),
+        ("recipe_epochs", pa.int32()),
+        ("lr", pa.float64()),
+        ("momentum", pa.float64()),
+        ("weight_decay", pa.float64()),
+        ("schedule", pa.string()),
+        ("milestones", pa.list_(pa.int32())),  # as run (scaled when epochs overrides the recipe)
+        ("gamma", pa.float64()),
+        ("batch_size", pa.int32()),
+        ("seed", pa.int64()),
+        ("epochs", pa.int32()),  # as run
+        ("precision", pa.string()),  # as requested
+        ("precision_used", pa.string()),  # as resolved on the device
+        ("loader", pa.string()),
+        ("deterministic", pa.bool_()),
+        ("data_root", pa.string()),
+        ("data_verified", pa.bool_()),
+        ("num_classes", pa.int32()),
+        ("params", pa.int64()),
+        # outcome
+        ("epochs_done", pa.int32()),
+        ("final_test_acc", pa.float64()),
+        ("best_test_acc", pa.float64()),
+        ("best_epoch", pa.int32()),
+        ("final_test_top5", pa.float64()),
+        ("best_test_top5", pa.float64()),
+        ("final_train_loss", pa.float64()),
+        ("final_test_loss", pa.float64()),
+        ("train_loss", _floats),
+        ("test_loss", _floats),
+        ("test_acc", _floats),
+        ("test_top5", _floats),
+        ("lr_curve", _floats),
+        ("epoch_seconds", _floats),
+        ("train_seconds", pa.float64()),
+        ("images_per_s", pa.float64()),
+        ("attempts", pa.int32()),
+        ("started_at", _ts),
+        ("ended_at", _ts),
+        # environment
+        ("hostname", pa.string()),
+        ("device_name", pa.string()),
+        ("device_count", pa.int32()),
+        ("torch_version", pa.string()),
+        ("torchvision_version", pa.string()),
+        ("lightning_version", pa.string()),
+        ("cifarbench_version", pa.string()),
+        ("cuda_version", pa.string()),
+        ("git_commit", pa.string()),
+        ("slurm_job_id", pa.string()),
+        ("slurm_array_task_id", pa.string()),
+        ("error", pa.string()),
+        ("traceback", pa.string()),
+    ],
+    metadata={SCHEMA_KEY: SCHEMA_TAG},
+)
+
+
+def run_dir(results: str | os.PathLike, run_id: str) -> Path:
+    return Path(results) / "runs" / run_id
+
+
+def record_path(results: str | os.PathLike, run_id: str) -> Path:
+    return run_dir(results, run_id) / "record.parquet"
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    """Rows -> a table in the record schema; a missing field is null, an unknown field is an error."""
+    unknown = {k for row in rows for k in row} - set(SCHEMA.names)
+    if unknown:
+        raise KeyError(f"fields not in the record schema: {sorted(unknown)}")
+    full = [{"record_version": RECORD_VERSION, **row} for row in rows]
+    return pa.Table.from_pylist(full, schema=SCHEMA)
+
+
+def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write to a unique temporary file beside ``path``, fsync, then rename over it.
+
+    Readers see the old file or the new one, never a partial one; two writers of the same path each write
+    their own temporary file and the last rename wins whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_record(row: dict, results: str | os.PathLike) -> Path:
+    return atomic_write_table(to_table([row]), record_path(results, row["run_id"]))
+
+
+def is_record_schema(schema: pa.Schema) -> bool:
+    return (schema.metadata or {}).get(SCHEMA_KEY) == SCHEMA_TAG
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    """One record as a dict, or None when the file is missing, unreadable or not a current record."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException):
+        return None
+    if not is_record_schema(table.schema) or table.num_rows != 1:
+        return None
+    return table.to_pylist()[0]
