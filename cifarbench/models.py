@@ -80,7 +80,7 @@ def _registry() -> dict[str, ModelInfo]:
         models[f"resnet{depth}"] = ModelInfo(
             name=f"resnet{depth}", family="imagenet", depth=depth,
             build=lambda num_classes, b=builder: _imagenet_patched(b, num_classes=num_classes))
-    return dict(sorted(models.items(), key=lambda kv: kv[1].depth))
+    return dict(sorted(models.items(), key=lambda kv: (kv[1].family != "cifar", kv[1].depth)))
 
 
 MODELS: dict[str, ModelInfo] = _registry()

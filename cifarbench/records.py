@@ -118,11 +118,18 @@ def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
             pq.write_table(table, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_record(row: dict, results: str | os.PathLike) -> Path:

@@ -1,0 +1,279 @@
+"""CIFAR-10/100 and their synthetic stand-ins in the standard on-disk layout, and the two training loaders.
+
+Every dataset is read by torchvision's own CIFAR reader from the python-pickle layout
+(``cifar-10-batches-py/``, ``cifar-100-python/``). Synthetic copies live in ``<root>/synthetic10/`` and
+``<root>/synthetic100/`` in exactly that layout, with an ``MD5SUMS`` file that plays the role of
+torchvision's built-in checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import datasets as tvd
+from torchvision import transforms
+
+from cifarbench.errors import UsageError
+
+MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4867, 0.4408)}
+STD = {10: (0.2023, 0.1994, 0.2010), 100: (0.2675, 0.2565, 0.2761)}
+PAD = 4
+
+
+class DataError(UsageError):
+    """Data that is missing, corrupt or fails its checksums."""
+
+
+@dataclass(frozen=True)
+class _Layout:
+    reader: type  # torchvision.datasets.CIFAR10 or CIFAR100
+    subdir: str  # folder under --root that holds reader.base_folder
+    num_classes: int
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.subdir)
+
+
+LAYOUTS = {
+    "cifar10": _Layout(tvd.CIFAR10, "", 10),
+    "cifar100": _Layout(tvd.CIFAR100, "", 100),
+    "synthetic10": _Layout(tvd.CIFAR10, "synthetic10", 10),
+    "synthetic100": _Layout(tvd.CIFAR100, "synthetic100", 100),
+}
+
+
+def _folder(dataset: str, root: str | Path) -> Path:
+    layout = LAYOUTS[dataset]
+    return Path(root) / layout.subdir / layout.reader.base_folder
+
+
+def _files(layout: _Layout) -> list[str]:
+    r = layout.reader
+    return [name for name, _ in r.train_list + r.test_list] + [r.meta["filename"]]
+
+
+def _expected_md5(dataset: str, root: str | Path) -> dict[str, str]:
+    layout = LAYOUTS[dataset]
+    if layout.synthetic:
+        sums = _folder(dataset, root) / "MD5SUMS"
+        if not sums.is_file():
+            raise DataError(f"{sums} is missing: re-create the data with `cifarbench data synthetic --root {root}`")
+        return dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip())
+    r = layout.reader
+    return {**dict(r.train_list + r.test_list), r.meta["filename"]: r.meta["md5"]}
+
+
+def _missing_message(dataset: str, root: str | Path) -> str:
+    fix = (f"cifarbench data synthetic --root {root}" if LAYOUTS[dataset].synthetic
+           else f"cifarbench data download --root {root} --dataset {dataset}")
+    return f"dataset {dataset} not found in {Path(root).resolve()} (looked for {_folder(dataset, root)}); run `{fix}`"
+
+
+def check_dataset(dataset: str, root: str | Path, *, verify: bool = True) -> bool:
+    """Raise DataError unless every file is present (and, with ``verify``, has its checksum).
+
+    Returns whether the checksums were verified."""
+    folder = _folder(dataset, root)
+    missing = [name for name in _files(LAYOUTS[dataset]) if not (folder / name).is_file()]
+    if missing:
+        raise DataError(_missing_message(dataset, root) + f"; missing: {', '.join(missing)}")
+    if not verify:
+        return False
+    for name, md5 in _expected_md5(dataset, root).items():
+        if _md5(folder / name) != md5:
+            raise DataError(f"checksum mismatch for {folder / name}: re-download it, or pass --no-verify "
+                            "(`verify: false` in a grid) to accept a copy in the same layout")
+    return True
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_split(dataset: str, root: str | Path, *, train: bool, transform=None) -> tvd.CIFAR10:
+    """The torchvision dataset for one split; checksums are checked by ``check_dataset``, not here."""
+    layout = LAYOUTS[dataset]
+    # Files are checked by check_dataset; this subclass only stops torchvision from re-hashing them with its own
+    # (real-CIFAR) checksums, which would reject synthetic and re-encoded copies.
+    reader = type(layout.reader.__name__, (layout.reader,), {"_check_integrity": lambda self: True,
+                                                             "meta": {**layout.reader.meta, "md5": None}})
+    try:
+        return reader(str(Path(root) / layout.subdir), train=train, transform=transform)
+    except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"cannot read {dataset} in {_folder(dataset, root)}: corrupt file ({type(exc).__name__}: "
+                        f"{exc}); re-create or re-download it") from None
+    except FileNotFoundError:
+        raise DataError(_missing_message(dataset, root)) from None
+
+
+def load_arrays(dataset: str, root: str | Path, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as (uint8 images N x 3 x 32 x 32, int64 labels)."""
+    ds = load_split(dataset, root, train=train)
+    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    return images, torch.tensor(ds.targets, dtype=torch.long)
+
+
+def download(dataset: str, root: str | Path) -> None:
+    """Download and checksum-verify a real CIFAR dataset with torchvision (for a login node, not a job)."""
+    layout = LAYOUTS[dataset]
+    if layout.synthetic:
+        raise DataError(f"{dataset} is generated, not downloaded: run `cifarbench data synthetic --root {root}`")
+    layout.reader(str(root), train=True, download=True)
+    check_dataset(dataset, root, verify=True)
+
+
+# --- synthetic data -------------------------------------------------------------------------------------------
+
+def _synthetic_images(num_classes: int, labels: np.ndarray, rng: np.random.Generator,
+                      templates: np.ndarray) -> np.ndarray:
+    """Class template (a smooth colour pattern) + per-image brightness/contrast jitter + pixel noise."""
+    n = len(labels)
+    contrast = rng.uniform(0.6, 1.2, size=(n, 1, 1, 1)).astype(np.float32)
+    brightness = rng.normal(0, 20, size=(n, 1, 1, 1)).astype(np.float32)
+    noise = rng.normal(0, 40, size=(n, 3, 32, 32)).astype(np.float32)
+    images = 128 + contrast * templates[labels] + brightness + noise
+    return np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3 * 32 * 32)
+
+
+def _templates(num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    coarse = torch.from_numpy(rng.normal(0, 1, size=(num_classes, 3, 4, 4)).astype(np.float32))
+    smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    return (20 * smooth / smooth.std(dim=(1, 2, 3), keepdim=True)).numpy()
+
+
+def write_synthetic(dataset: str, root: str | Path, *, train_size: int = 50_000, test_size: int = 10_000,
+                    seed: int = 0) -> Path:
+    """Write a deterministic, learnable synthetic dataset in the exact CIFAR on-disk layout."""
+    layout = LAYOUTS[dataset]
+    if not layout.synthetic:
+        raise DataError(f"{dataset} is a real dataset; synthetic ones are: synthetic10, synthetic100")
+    if train_size < 1 or test_size < 1:
+        raise DataError("--train-size and --test-size must be positive")
+    k = layout.num_classes
+    rng = np.random.default_rng([seed, k])
+    templates = _templates(k, rng)
+    folder = _folder(dataset, root)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def batch(size: int, label: str) -> dict:
+        labels = rng.integers(0, k, size=size)
+        data = _synthetic_images(k, labels, rng, templates)
+        names = [f"synthetic_{label}_{i:06d}.png" for i in range(size)]
+        if k == 10:
+            return {"batch_label": label, "labels": labels.tolist(), "data": data, "filenames": names}
+        return {"batch_label": label, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
+                "data": data, "filenames": names}
+
+    r = layout.reader
+    train_files = [name for name, _ in r.train_list]
+    sizes = [train_size // len(train_files) + (i < train_size % len(train_files)) for i in range(len(train_files))]
+    contents = {name: batch(size, f"training batch {i + 1}") for i, (name, size) in enumerate(zip(train_files, sizes))}
+    contents[r.test_list[0][0]] = batch(test_size, "testing batch")
+    names = [f"class_{c:03d}" for c in range(k)]
+    contents[r.meta["filename"]] = ({"label_names": names, "num_cases_per_batch": sizes[0], "num_vis": 3072}
+                                    if k == 10 else
+                                    {"fine_label_names": names, "coarse_label_names": names[: k // 5]})
+    for name, obj in contents.items():
+        with open(folder / name, "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)
+    (folder / "MD5SUMS").write_text("".join(f"{_md5(folder / n)}  {n}\n" for n in contents))
+    return folder
+
+
+# --- loaders ---------------------------------------------------------------------------------------------------
+
+class DeviceLoader:
+    """A whole split held as one uint8 tensor on the training device, batched with tensor ops.
+
+    Training batches: a permutation drawn from (seed, epoch), then 4-pixel zero padding, a random 32x32 crop and
+    a random horizontal flip done for the whole batch in one gather. No worker processes, no host round trips.
+    Lightning calls ``sampler.set_epoch`` before each epoch (as for a DistributedSampler), which is how a resumed
+    run draws exactly the batches it would have drawn."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, batch_size: int,
+                 train: bool, seed: int = 0, device: torch.device | str = "cpu",
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.device = torch.device(device)
+        self.train, self.batch_size, self.seed, self.epoch = train, batch_size, seed, 0
+        self.memory_format = memory_format
+        self.labels = labels.to(self.device)
+        images = images.to(self.device)
+        # Pad once, in pixel space, so the border is black exactly as RandomCrop(padding=4) makes it.
+        self.images = torch.nn.functional.pad(images, (PAD,) * 4) if train else images
+        self.mean = torch.tensor(MEAN[num_classes], device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(STD[num_classes], device=self.device).view(1, 3, 1, 1) * 255
+        self.sampler = self
+        self.batch_sampler = None  # Lightning inspects both, DataLoader-style
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-len(self.labels) // self.batch_size)
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format)
+
+    def augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Crop and flip the padded images ``idx`` (uint8 in, uint8 out)."""
+        n = len(idx)
+        dy = torch.randint(0, 2 * PAD + 1, (n, 1, 1, 1), device=self.device, generator=generator)
+        dx = torch.randint(0, 2 * PAD + 1, (n, 1, 1, 1), device=self.device, generator=generator)
+        flip = torch.rand((n, 1, 1, 1), device=self.device, generator=generator) < 0.5
+        r = torch.arange(32, device=self.device)
+        rows = dy + r.view(1, 1, 32, 1)
+        cols = dx + torch.where(flip, 31 - r, r).view(n, 1, 1, 32)
+        chans = torch.arange(3, device=self.device).view(1, 3, 1, 1)
+        return self.images[idx.view(n, 1, 1, 1), chans, rows, cols]
+
+    def __iter__(self):
+        n = len(self.labels)
+        if not self.train:
+            for start in range(0, n, self.batch_size):
+                yield self._normalise(self.images[start:start + self.batch_size]), self.labels[start:start + self.batch_size]
+            return
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(n, device=self.device, generator=generator)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield self._normalise(self.augment(idx, generator)), self.labels[idx]
+
+
+def torchvision_transforms(num_classes: int, *, train: bool) -> transforms.Compose:
+    """The per-image PIL pipeline of the usual CIFAR recipe (the baseline loader)."""
+    steps = [transforms.RandomCrop(32, padding=PAD), transforms.RandomHorizontalFlip()] if train else []
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(MEAN[num_classes], STD[num_classes])])
+
+
+def make_loaders(*, dataset: str, root: str | Path, loader: str, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu", num_workers: int | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format, eval_batch_size: int = 1000):
+    """(train, test) iterables of normalised batches for ``loader`` = "device" or "torchvision"."""
+    k = LAYOUTS[dataset].num_classes
+    if loader == "device":
+        train = DeviceLoader(*load_arrays(dataset, root, train=True), num_classes=k, batch_size=batch_size,
+                             train=True, seed=seed, device=device, memory_format=memory_format)
+        test = DeviceLoader(*load_arrays(dataset, root, train=False), num_classes=k,
+                            batch_size=eval_batch_size, train=False, device=device, memory_format=memory_format)
+        return train, test
+    import os
+
+    workers = os.cpu_count() if num_workers is None else num_workers
+    common = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda",
+                  persistent_workers=workers > 0)
+    train_ds = load_split(dataset, root, train=True, transform=torchvision_transforms(k, train=True))
+    test_ds = load_split(dataset, root, train=False, transform=torchvision_transforms(k, train=False))
+    return (torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, **common),
+            torch.utils.data.DataLoader(test_ds, batch_size=eval_batch_size, **common))

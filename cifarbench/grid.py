@@ -1,0 +1,291 @@
+"""YAML grid file -> validated run specs and SLURM resources.
+
+A grid names axes (``models``, ``datasets``, ``opts``, ``batch_sizes``, ``seeds``) whose cartesian product is the
+list of runs, in the order the axes are written (first written varies slowest), minus ``exclude`` entries, plus
+``include`` entries, with duplicate runs dropped (the first is kept). Everything is checked here, before anything
+is submitted; each problem is one line, ``<file>: <where>: <what is wrong and what to do>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cifarbench.errors import GridError
+from cifarbench.models import MODELS, UnknownNameError, check_name
+from cifarbench.spec import DATASETS, LOADERS, PRECISIONS, RECIPES, SCHEDULES, Recipe, Resources, RunSpec
+
+AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
+RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic")  # per run: an include entry may override them
+GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "exclude", "include", "slurm")
+RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
+SLURM_KEYS = tuple(f.name for f in dataclasses.fields(Resources))
+# Sanity bounds that catch typos such as a stray zero. No batch can be larger than the 50000-image CIFAR training
+# set, and a schedule of more than 10000 epochs is not a CIFAR recipe.
+MAX_BATCH_SIZE = 50_000
+MAX_EPOCHS = 10_000
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grid:
+    specs: tuple[RunSpec, ...]
+    resources: Resources
+    results: str  # where records, logs and submission manifests go
+    source: str  # the grid file, for messages
+
+
+class _Problem(Exception):
+    """(where, what): parse_grid prefixes the file name."""
+
+
+def load_grid(path) -> Grid:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise GridError(f"{path}: cannot read the grid file: {getattr(e, 'strerror', None) or e}") from None
+    return parse_grid(text, source=str(path))
+
+
+def parse_grid(text: str, *, source: str = "<grid>") -> Grid:
+    try:
+        return _grid(_load_yaml(text), source)
+    except _Problem as p:
+        where, what = p.args
+        raise GridError(f"{source}: {where}: {what}") from None
+
+
+def _load_yaml(text: str):
+    try:
+        _reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader))
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark, what = e.problem_mark, "; ".join(filter(None, (e.context, e.problem)))
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "top level"
+        raise _Problem(where, f"invalid YAML: {' '.join(what.split())}") from None
+    except yaml.YAMLError as e:
+        raise _Problem("top level", f"invalid YAML: {' '.join(str(e).split())}") from None
+
+
+def _reject_duplicate_keys(root) -> None:
+    """PyYAML keeps the last of two equal keys: the first would be a setting silently ignored."""
+    stack, visited = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:  # an alias can make the node graph cyclic
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key, child in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                    mark = key.start_mark
+                    raise _Problem(f"line {mark.line + 1}, column {mark.column + 1}", f"duplicate key {key.value!r}")
+                seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
+                stack.append(child)
+
+
+def _keys(value, valid, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Problem(where, f"must be a mapping of keys to values, got {value!r}")
+    for key in value:
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise _Problem(where, f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
+    return value
+
+
+def _name(value, valid, what: str, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Problem(where, f"must be a {what} name, got {value!r}")
+    try:
+        return check_name(value, valid, what)
+    except UnknownNameError as e:
+        raise _Problem(where, str(e)) from None
+
+
+def _int(value, where: str, lo: int, hi: int, why: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Problem(where, f"must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise _Problem(where, f"must be between {lo} and {hi}{why}, got {value}")
+    return value
+
+
+def _number(value, where: str, lo: float, *, above: bool = False) -> float:
+    # PyYAML follows YAML 1.1, which reads 5e-4 (no dot) as a string: accept the spelling people write.
+    try:
+        number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float, str)) else None
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number) or number < lo or (above and number == lo):
+        raise _Problem(where, f"must be a number {'>' if above else '>='} {lo}, got {value!r}")
+    return number
+
+
+def _bool(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Problem(where, f"must be true or false, got {value!r}")
+    return value
+
+
+def _path(value, where: str) -> str:
+    if not isinstance(value, str) or not value or set(value) & set("\r\n\x00"):
+        raise _Problem(where, f"must be a folder path on one line, got {value!r}")
+    return value
+
+
+def _list(raw: dict, key: str, *, empty_ok: bool = False) -> list:
+    value = raw.get(key)
+    if value is None and empty_ok:
+        return []
+    if not isinstance(value, list) or not (value or empty_ok):
+        kind = "list" if empty_ok else "non-empty list"
+        raise _Problem(key, f"must be a {kind} (in YAML: [a, b] or one '- a' line each), got {value!r}")
+    return value
+
+
+def _matches(run: dict, entry: dict) -> bool:
+    return all((run[key].name if key == "opt" else run[key]) == v for key, v in entry.items())
+
+
+def _recipe(value, where: str, known: dict[str, Recipe]) -> Recipe:
+    """A recipe name (built in, or defined inline earlier in the grid) or an inline recipe mapping."""
+    if isinstance(value, str):
+        if value in known:
+            return known[value]
+        return RECIPES[_name(value, [*RECIPES, *known], "recipe", where)]
+    _keys(value, RECIPE_KEYS, where)
+    required = [f.name for f in dataclasses.fields(Recipe) if f.default is dataclasses.MISSING]
+    missing = [key for key in required if key not in value]
+    if missing:
+        raise _Problem(where, f"inline recipe lacks {', '.join(missing)}; it needs {', '.join(required)}")
+    name = value["name"]
+    if not isinstance(name, str) or not name or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
+        raise _Problem(f"{where}.name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
+    fields = {"name": name, "epochs": _int(value["epochs"], f"{where}.epochs", 1, MAX_EPOCHS)}
+    fields["schedule"] = _name(value["schedule"], SCHEDULES, "schedule", f"{where}.schedule")
+    for key, lo, above in (("lr", 0, True), ("momentum", 0, False), ("weight_decay", 0, False), ("gamma", 0, True)):
+        if key in value:
+            fields[key] = _number(value[key], f"{where}.{key}", lo, above=above)
+    milestones = value.get("milestones", [])
+    if not isinstance(milestones, list):
+        raise _Problem(f"{where}.milestones", f"must be a list of epochs, got {milestones!r}")
+    for i, m in enumerate(milestones):
+        _int(m, f"{where}.milestones[{i}]", 1, fields["epochs"] - 1, " (a milestone at or after the end never fires)")
+    if milestones != sorted(set(milestones)):
+        raise _Problem(f"{where}.milestones", f"must increase strictly, got {milestones}")
+    if milestones and fields["schedule"] != "step":
+        raise _Problem(f"{where}.milestones", "only the step schedule has milestones; remove them")
+    recipe = Recipe(**fields, milestones=tuple(milestones))
+    previous = known.get(name, RECIPES.get(name))
+    if previous is not None and previous != recipe:
+        raise _Problem(f"{where}.name", f"recipe {name!r} already means {previous}; give this one another name")
+    known[name] = recipe
+    return recipe
+
+
+def _run_options(raw: dict, where: str, defaults: dict) -> dict:
+    check = {
+        "epochs": lambda v, w: None if v is None else _int(v, w, 1, MAX_EPOCHS),  # null: the recipe's own length
+        "precision": lambda v, w: _name(v, PRECISIONS, "precision", w),
+        "loader": lambda v, w: _name(v, LOADERS, "loader", w),
+        "deterministic": _bool,
+    }
+    return defaults | {key: check[key](raw[key], f"{where}{key}") for key in RUN_OPTIONS if key in raw}
+
+
+def _grid(raw, source: str) -> Grid:
+    if raw is None:
+        raise _Problem("top level", "the grid is empty; it needs models, datasets, opts and batch_sizes")
+    _keys(raw, GRID_KEYS, "top level")
+    missing = [key for key in ("models", "datasets", "opts", "batch_sizes") if key not in raw]
+    if missing:
+        raise _Problem("top level", f"missing {', '.join(missing)}; a grid needs models, datasets, opts, batch_sizes")
+    raw = {**raw, "seeds": raw.get("seeds", [0])}
+    known: dict[str, Recipe] = {}
+    check = {
+        "models": lambda v, w: _name(v, MODELS, "model", w),
+        "datasets": lambda v, w: _name(v, DATASETS, "dataset", w),
+        "opts": lambda v, w: _recipe(v, w, known),
+        "batch_sizes": lambda v, w: _int(v, w, 1, MAX_BATCH_SIZE, " (the CIFAR training set has 50000 images)"),
+        "seeds": lambda v, w: _int(v, w, 0, MAX_SEED),
+    }
+    axes = {key: [check[key](v, f"{key}[{i}]") for i, v in enumerate(_list(raw, key))] for key in raw if key in AXES}
+    defaults = _run_options(raw, "", {"epochs": None, "precision": "auto", "loader": "device", "deterministic": False})
+    shared = {
+        "data_root": _path(raw.get("root", "data"), "root"),
+        "verify": _bool(raw.get("verify", True), "verify"),
+        "results": _path(raw.get("results", "results"), "results"),
+    }
+
+    excludes = _list(raw, "exclude", empty_ok=True)
+    for i, entry in enumerate(excludes):
+        where = f"exclude[{i}]"
+        _keys(entry, tuple(AXES.values()), where)
+        if not entry:
+            raise _Problem(where, f"an empty entry would exclude every run; name some of {', '.join(AXES.values())}")
+        for axis, key in AXES.items():
+            present = [v.name if axis == "opts" else v for v in axes[axis]]
+            if key in entry and (isinstance(entry[key], bool) or entry[key] not in present):
+                raise _Problem(f"{where}.{key}", f"{entry[key]!r} is not in this grid's {axis}: {present}")
+
+    runs = []
+    for combo in itertools.product(*axes.values()):
+        run = {AXES[axis]: v for axis, v in zip(axes, combo)}
+        if not any(_matches(run, entry) for entry in excludes):
+            runs.append((run | defaults, "top level"))
+    if not runs:
+        raise _Problem("exclude", "removes every run of the grid; nothing is left to submit")
+
+    for i, entry in enumerate(_list(raw, "include", empty_ok=True)):
+        where = f"include[{i}]"
+        _keys(entry, (*AXES.values(), *RUN_OPTIONS), where)
+        run = _run_options(entry, f"{where}.", defaults)
+        for axis, key in AXES.items():
+            if key not in entry and len(axes[axis]) > 1:
+                raise _Problem(where, f"missing {key}; the grid has several {axis}, so name one")
+            run[key] = check[axis](entry[key], f"{where}.{key}") if key in entry else axes[axis][0]
+        runs.append((run, where))
+
+    specs = {}
+    for run, where in runs:
+        recipe, epochs = run.pop("opt"), run.pop("epochs")
+        if epochs == recipe.epochs:  # the same run as no override: keep the same run id
+            epochs = None
+        try:
+            spec = RunSpec(recipe=recipe, epochs=epochs, **run, **shared)
+        except ValueError as e:
+            raise _Problem(where, str(e)) from None
+        specs.setdefault(spec.run_id, spec)
+    slurm = raw.get("slurm")
+    resources = _resources({} if slurm is None else slurm)
+    return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source)
+
+
+def _resources(raw) -> Resources:
+    _keys(raw, SLURM_KEYS, "slurm")
+    if isinstance(raw.get("time"), (int, float)) and not isinstance(raw["time"], bool):
+        raise _Problem("slurm.time", f"got the bare number {raw['time']!r}; YAML 1.1 reads an unquoted 1:00:00 as "
+                                     f"the base-60 integer 3600, so quote it, e.g. time: \"01:00:00\"")
+    fields = dict(raw)
+    if "extra" in fields:
+        if not isinstance(fields["extra"], dict):
+            raise _Problem("slurm.extra", f"must be a mapping of sbatch options to values, got {fields['extra']!r}")
+        fields["extra"] = tuple(fields["extra"].items())
+    if "setup" in fields and not isinstance(fields["setup"], list):
+        raise _Problem("slurm.setup", f"must be a list of shell lines, got {fields['setup']!r}")
+    try:
+        return Resources(**fields)
+    except ValueError as e:
+        field, _, what = str(e).partition(": ")
+        raise _Problem(f"slurm.{field}", what) from None

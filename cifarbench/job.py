@@ -1,0 +1,57 @@
+"""What runs on a compute node: one run, requeue-safe, always leaving a record.
+
+SLURM signals the job (``--signal=USR2@...``) before its time limit or on preemption; submitit's handler calls
+``checkpoint`` and requeues the job. Training state is already on disk (``last.ckpt`` after every epoch), so the
+requeued job simply calls the same run again and ``train.fit`` resumes from it. Lightning's own SLURM
+auto-requeue is switched off so that only submitit handles the signal.
+"""
+
+from __future__ import annotations
+
+import submitit
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+from cifarbench import records, train
+from cifarbench.spec import RunSpec
+
+
+def completed_record(spec: RunSpec) -> dict | None:
+    record = records.read_record(records.record_path(spec.results, spec.run_id))
+    return record if record and record["status"] == "completed" else None
+
+
+def run_one(spec: RunSpec) -> str:
+    """Train ``spec`` unless it already has a completed record (duplicate submissions then cost nothing)."""
+    if completed_record(spec):
+        print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
+        return str(records.record_path(spec.results, spec.run_id))
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    return str(train.fit(spec, plugins=plugins))
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """The submitit callable for one run (one SLURM array task). Requeued as itself: state lives in last.ckpt."""
+
+    def __init__(self, spec: RunSpec):
+        self.spec = spec
+
+    def __call__(self) -> str:
+        return run_one(self.spec)
+
+
+class RunSequence(submitit.helpers.Checkpointable):
+    """Several runs one after another in one job: local execution keeps one run per device at a time."""
+
+    def __init__(self, specs: list[RunSpec]):
+        self.specs = list(specs)
+
+    def __call__(self) -> list[str]:
+        paths, errors = [], []
+        for spec in self.specs:
+            try:
+                paths.append(run_one(spec))
+            except Exception as exc:  # the failed record is written; go on with the other runs
+                errors.append(f"{spec.run_id}: {exc}")
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(self.specs)} runs failed: " + "; ".join(errors))
+        return paths

@@ -1,0 +1,42 @@
+"""Published CIFAR ResNet figures (package data) and which collected configurations they describe."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pandas as pd
+
+DEFAULT_SOURCE = "seed-notebook"
+# Everything is compared as accuracy; the papers publish test error.
+_AS_ACCURACY = {"final_test_acc": lambda v: v, "test_error": lambda v: 1 - v}
+
+
+def load_published() -> pd.DataFrame:
+    """published.csv with an ``ref_acc`` column (accuracy, whatever the published metric)."""
+    with resources.files("cifarbench").joinpath("reference/published.csv").open(encoding="utf-8") as fh:
+        ref = pd.read_csv(fh)
+    unknown = set(ref.metric) - set(_AS_ACCURACY)
+    if unknown:
+        raise ValueError(f"published.csv: unknown metric {sorted(unknown)}; known: {sorted(_AS_ACCURACY)}")
+    ref["ref_acc"] = [_AS_ACCURACY[m](v) for m, v in zip(ref.metric, ref.value)]
+    return ref
+
+
+def sources(published: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(published.source))
+
+
+def match(cells: pd.DataFrame, published: pd.DataFrame, source: str | None = None) -> pd.DataFrame:
+    """The cells (configurations) that have a published figure, one row each, with the figure beside them.
+
+    A match is exact when dataset, model, recipe, batch size and epochs all agree. With the default source
+    only exact matches count. A source named explicitly (the papers use recipes cifarbench does not run) is
+    also compared where it publishes a single figure for the (dataset, model) pair; ``exact`` is then False
+    and the footnote must say how the protocols differ."""
+    ref = published[published.source == (source or DEFAULT_SOURCE)].rename(
+        columns={"recipe": "ref_recipe", "batch_size": "ref_batch_size", "epochs": "ref_epochs"})
+    m = cells.reset_index(drop=True).rename_axis("cell").reset_index().merge(ref, on=["dataset", "model"])
+    m["exact"] = (m.recipe == m.ref_recipe) & (m.batch_size == m.ref_batch_size) & (m.epochs == m.ref_epochs)
+    by_cell = m.groupby("cell").exact
+    loose = (source is not None) & ~by_cell.transform("any") & (by_cell.transform("size") == 1)
+    return m[m.exact | loose].drop(columns="cell").reset_index(drop=True)

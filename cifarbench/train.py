@@ -1,0 +1,271 @@
+"""The training of one run: a LightningModule, the optimisation recipe, and ``fit`` which always leaves a record."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+import cifarbench
+from cifarbench import data, records
+from cifarbench.errors import UsageError
+from cifarbench.models import count_parameters, get_resnet, init_weights
+from cifarbench.spec import RunSpec
+
+CKPT_NAME = "last.ckpt"
+
+
+class CheckpointMismatch(UsageError):
+    """A checkpoint in a run's folder that belongs to another run."""
+
+
+class ResNetModule(L.LightningModule):
+    """Cross-entropy classification with a per-epoch history kept on the device until the epoch ends."""
+
+    def __init__(self, spec: RunSpec):
+        super().__init__()
+        self.spec = spec
+        self.model = get_resnet(spec.model, spec.num_classes)
+        self.model.apply(init_weights)
+        k = spec.num_classes
+        self.top1 = MulticlassAccuracy(num_classes=k, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(num_classes=k, top_k=5, average="micro") if k >= 100 else None
+        self.history: dict[str, list[float]] = {k: [] for k in
+                                                ("train_loss", "test_loss", "test_acc", "test_top5", "lr", "epoch_seconds", "images_per_s")}
+        self.attempts = 1
+        self._sums = None
+        self._epoch_start = 0.0
+        self._train_seconds = 0.0
+
+    def forward(self, x):
+        return self.model(x)
+
+    def configure_optimizers(self):
+        recipe = self.spec.schedule
+        fused = self.device.type == "cuda"
+        opt = torch.optim.SGD(self.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                              weight_decay=recipe.weight_decay, fused=fused or None)
+        if recipe.schedule == "step":
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.milestones), gamma=recipe.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=recipe.epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # Losses and counts are summed on the device; the host reads them once per epoch.
+    def _zero_sums(self):
+        self._sums = torch.zeros(4, device=self.device, dtype=torch.float64)  # train loss, n, test loss, n
+
+    def on_train_epoch_start(self):
+        self._zero_sums()
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self._epoch_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self._sums[0] += loss.detach() * len(y)
+        self._sums[1] += len(y)
+        return loss
+
+    def on_validation_epoch_start(self):
+        if self._sums is None:
+            self._zero_sums()
+        self._train_end = time.perf_counter()
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self._sums[2] += F.cross_entropy(logits, y, reduction="sum")
+        self._sums[3] += len(y)
+        self.top1.update(logits, y)
+        if self.top5 is not None:
+            self.top5.update(logits, y)
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:
+            return
+        train_loss, n_train, test_loss, n_test = self._sums.tolist()  # the epoch's one host-device sync
+        h = self.history
+        now = time.perf_counter()
+        train_seconds = max(self._train_end - self._epoch_start, 1e-9)
+        h["train_loss"].append(train_loss / max(n_train, 1))
+        h["test_loss"].append(test_loss / max(n_test, 1))
+        h["test_acc"].append(float(self.top1.compute()))
+        h["test_top5"].append(float(self.top5.compute()) if self.top5 is not None else float("nan"))
+        h["lr"].append(self._epoch_lr)
+        h["epoch_seconds"].append(now - self._epoch_start)
+        h["images_per_s"].append(n_train / train_seconds)
+        self._train_seconds += train_seconds
+        self.top1.reset()
+        if self.top5 is not None:
+            self.top5.reset()
+        self._sums = None
+        if not self.trainer.progress_bar_callback:
+            epoch = len(h["test_acc"])
+            print(f"[{self.spec.run_id}] epoch {epoch}/{self.spec.schedule.epochs} train_loss {h['train_loss'][-1]:.4f} "
+                  f"test_loss {h['test_loss'][-1]:.4f} test_acc {h['test_acc'][-1]:.4f} lr {h['lr'][-1]:.4g} "
+                  f"{h['epoch_seconds'][-1]:.1f}s {h['images_per_s'][-1]:.0f} img/s", flush=True)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["cifarbench"] = {"run_id": self.spec.run_id, "history": self.history, "attempts": self.attempts,
+                                    "train_seconds": self._train_seconds}
+
+    def on_load_checkpoint(self, checkpoint):
+        saved = checkpoint.get("cifarbench", {})
+        if saved.get("run_id") != self.spec.run_id:
+            raise CheckpointMismatch(f"checkpoint belongs to run {saved.get('run_id')!r}, not {self.spec.run_id!r}; "
+                                     "move it away or use another results folder")
+        self.history = saved["history"]
+        self.attempts = saved["attempts"] + 1
+        self._train_seconds = saved["train_seconds"]
+
+
+class AtomicLastCheckpoint(L.Callback):
+    """Save ``last.ckpt`` after every epoch via a unique temporary file and a rename, so a kill mid-write or a
+    second job of the same run never leaves a torn checkpoint."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimiser, scheduler, loops
+        os.replace(tmp, self.path)
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "32-true"
+    if requested == "16-mixed" and device.type != "cuda":
+        raise UsageError("precision 16-mixed needs a GPU; use 32-true or bf16-mixed on CPU")
+    return requested
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(cifarbench.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _environment(device: torch.device) -> dict:
+    import torchvision
+
+    cuda = device.type == "cuda"
+    return {
+        "hostname": socket.gethostname(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "device_count": torch.cuda.device_count() if cuda else 1,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "lightning_version": L.__version__,
+        "cifarbench_version": cifarbench.__version__,
+        "cuda_version": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+    }
+
+
+def spec_fields(spec: RunSpec) -> dict:
+    """The record's columns that describe the spec."""
+    recipe = spec.schedule
+    return {
+        "run_id": spec.run_id, "model": spec.model, "dataset": spec.dataset, "recipe": spec.recipe.name,
+        "recipe_epochs": spec.recipe.epochs, "lr": recipe.lr, "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay, "schedule": recipe.schedule, "milestones": list(recipe.milestones),
+        "gamma": recipe.gamma, "batch_size": spec.batch_size, "seed": spec.seed, "epochs": recipe.epochs,
+        "precision": spec.precision, "loader": spec.loader, "deterministic": spec.deterministic,
+        "data_root": str(spec.data_root), "num_classes": spec.num_classes,
+    }
+
+
+def _outcome(module: ResNetModule) -> dict:
+    h = module.history
+    if not h["test_acc"]:
+        return {"epochs_done": 0, "attempts": module.attempts}
+    best = max(range(len(h["test_acc"])), key=h["test_acc"].__getitem__)
+    top5 = module.top5 is not None
+    return {
+        "epochs_done": len(h["test_acc"]),
+        "final_test_acc": h["test_acc"][-1], "best_test_acc": h["test_acc"][best], "best_epoch": best + 1,
+        "final_test_top5": h["test_top5"][-1] if top5 else None,
+        "best_test_top5": max(h["test_top5"]) if top5 else None,
+        "final_train_loss": h["train_loss"][-1], "final_test_loss": h["test_loss"][-1],
+        "train_loss": h["train_loss"], "test_loss": h["test_loss"], "test_acc": h["test_acc"],
+        "test_top5": h["test_top5"] if top5 else None, "lr_curve": h["lr"], "epoch_seconds": h["epoch_seconds"],
+        "train_seconds": module._train_seconds,
+        "images_per_s": sum(h["images_per_s"]) / len(h["images_per_s"]),
+        "attempts": module.attempts,
+    }
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def fit(spec: RunSpec, *, device: torch.device | None = None, num_workers: int | None = None,
+        plugins: list | None = None, callbacks: list | None = None) -> Path:
+    """Train one run (resuming from its last checkpoint if there is one) and write its record.
+
+    A run that raises leaves a ``failed`` record and re-raises. Returns the record's path."""
+    device = device or default_device()
+    started = datetime.now(timezone.utc)
+    folder = records.run_dir(spec.results, spec.run_id)
+    ckpt = folder / CKPT_NAME
+    row = {**spec_fields(spec), "started_at": started, **_environment(device)}
+    module = None
+    try:
+        data_verified = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
+        row["data_verified"] = data_verified
+        precision = resolve_precision(spec.precision, device)
+        row["precision_used"] = precision
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = not spec.deterministic
+            torch.set_float32_matmul_precision("high")
+        module = ResNetModule(spec)
+        row["params"] = count_parameters(module.model)
+        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        if memory_format is torch.channels_last:
+            module.model.to(memory_format=memory_format)
+        train_loader, test_loader = data.make_loaders(
+            dataset=spec.dataset, root=spec.data_root, loader=spec.loader, batch_size=spec.batch_size,
+            seed=spec.seed, device=device if spec.loader == "device" else "cpu", num_workers=num_workers,
+            memory_format=memory_format)
+        folder.mkdir(parents=True, exist_ok=True)
+        interactive = sys.stderr.isatty()
+        trainer = L.Trainer(
+            accelerator=device.type, devices=1, precision=precision, max_epochs=spec.schedule.epochs,
+            deterministic=spec.deterministic, logger=False, enable_checkpointing=False,
+            enable_model_summary=False, enable_progress_bar=interactive, num_sanity_val_steps=0,
+            callbacks=[AtomicLastCheckpoint(ckpt), *(callbacks or [])], plugins=plugins, default_root_dir=str(folder),
+        )
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=test_loader,
+                    ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
+        outcome = _outcome(module)
+        if outcome["epochs_done"] < spec.schedule.epochs:
+            raise RuntimeError(f"training stopped after {outcome['epochs_done']} of {spec.schedule.epochs} epochs"
+                               + (" (interrupted)" if trainer.interrupted else ""))
+        row.update(outcome, status="completed", ended_at=datetime.now(timezone.utc))
+        return records.write_record(row, spec.results)
+    except BaseException as exc:  # also SystemExit/KeyboardInterrupt: an interrupted run still leaves a record
+        row.update(_outcome(module) if module else {}, status="failed", ended_at=datetime.now(timezone.utc),
+                   error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                   traceback="".join(traceback.format_exc().splitlines(keepends=True)[-30:]))
+        records.write_record(row, spec.results)
+        raise
