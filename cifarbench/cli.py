@@ -60,6 +60,83 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_submit(args) -> int:
+    from cifarbench import status, submit
+    from cifarbench.grid import load_grid
+
+    grid = load_grid(args.grid)
+    if args.force and args.retry_failed:
+        raise UsageError("--force re-runs everything; --retry-failed only failed runs: pick one")
+    specs = list(grid.specs)
+    plan = submit.plan(specs, status.state_map(grid.results, specs), force=args.force,
+                       retry_failed=args.retry_failed)
+    print(f"{args.grid}: {len(specs)} runs; {len(plan.skipped_completed)} already completed, "
+          f"{len(plan.skipped_active)} pending or running"
+          + (f", {len(plan.skipped_other)} not failed" if args.retry_failed else "")
+          + f"; {len(plan.submit)} to submit")
+    if args.dry_run:
+        skipped = {s.run_id: why for why, group in (("completed", plan.skipped_completed),
+                   ("active", plan.skipped_active), ("not failed", plan.skipped_other)) for s in group}
+        for spec in specs:
+            mark = f"skip ({skipped[spec.run_id]})" if spec.run_id in skipped else "submit"
+            print(f"  {mark:<18} {spec.run_id}  {spec.model} {spec.dataset} {spec.recipe.name} "
+                  f"bs={spec.batch_size} seed={spec.seed} epochs={spec.schedule.epochs}")
+        return 0
+    if plan.submit:
+        manifest = submit.submit(list(plan.submit), grid.resources, grid.results, executor=args.executor,
+                                 grid_source=str(args.grid))
+        jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
+        print(f"submitted {len(plan.submit)} runs ({manifest['executor']}) as job(s) {', '.join(jobs)}")
+        print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")
+    if args.wait:
+        final = status.wait(grid.results, specs)
+        print(status.render(final))
+        return 0 if all(s.status == "completed" for s in final) else 1
+    return 0
+
+
+def _cmd_status(args) -> int:
+    from pathlib import Path
+
+    from cifarbench import status
+
+    if not Path(args.results).is_dir():
+        raise UsageError(f"results folder {args.results} does not exist or is not a folder")
+    specs = None
+    if args.grid:
+        from cifarbench.grid import load_grid
+
+        specs = list(load_grid(args.grid).specs)
+    statuses = status.collect_status(args.results, specs)
+    if args.json:
+        print(json.dumps(status.as_json(statuses), indent=1))
+    else:
+        print(status.render(statuses))
+    return 0
+
+
+def _cmd_collect(args) -> int:
+    from cifarbench import collect
+
+    specs = None
+    if args.grid:
+        from cifarbench.grid import load_grid
+
+        specs = list(load_grid(args.grid).specs)
+    report = collect.collect(args.results, out=args.out, rows=args.rows, cols=args.cols, value=args.value,
+                             where=args.where, source=args.reference, expected=specs, plots=not args.no_plots)
+    for line in report.warnings:
+        print(line, file=sys.stderr)
+    print(report.markdown, end="")
+    for path in report.written:  # stderr: stdout stays pure Markdown
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _fields(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -118,6 +195,36 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-size", type=_positive_int, default=50_000)
     d.add_argument("--test-size", type=_positive_int, default=10_000)
     p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("submit", help="submit a grid as SLURM job arrays (or run it locally); returns at once")
+    p.add_argument("grid", help="a grid file, e.g. jobs/smoke.yaml")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and what would be skipped")
+    p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
+                   help="auto: SLURM when sbatch is available, else local")
+    p.add_argument("--force", action="store_true", help="re-run runs that already completed")
+    p.add_argument("--retry-failed", action="store_true", help="re-run only failed, cancelled or lost runs")
+    p.add_argument("--wait", action="store_true", help="follow the runs until all have ended")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("status", help="what became of every run in a results folder")
+    p.add_argument("results", nargs="?", default="results")
+    p.add_argument("--grid", help="also list the grid's runs that were never submitted")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("collect", help="records -> tables (Markdown, CSV), merged runs.parquet and plots")
+    p.add_argument("results", help="the results folder (the one holding runs/)")
+    p.add_argument("--out", help="where tables.md, summary.csv, runs.parquet and plots/ go (default: RESULTS)")
+    p.add_argument("--rows", type=_fields, default=[], help="one pivot instead of the default tables, e.g. model")
+    p.add_argument("--cols", type=_fields, default=[], help="columns of that pivot, e.g. dataset or recipe,batch_size")
+    p.add_argument("--value", default="final_test_acc",
+                   help="final_test_acc (default), best_test_acc, images_per_s or train_minutes")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep runs with KEY=VALUE (repeat: values of one key are alternatives)")
+    p.add_argument("--reference", help="published figures to compare with: seed-notebook (default), he2016, akamaster")
+    p.add_argument("--grid", help="also list the grid's runs that were never submitted")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=_cmd_collect)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from cifarbench.models import count_parameters, get_resnet, init_weights
 from cifarbench.spec import RunSpec
 
 CKPT_NAME = "last.ckpt"
+PROGRESS_NAME = "progress.json"
 
 
 class CheckpointMismatch(UsageError):
@@ -141,6 +143,17 @@ class AtomicLastCheckpoint(L.Callback):
         tmp = self.path.with_name(f".{self.path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimiser, scheduler, loops
         os.replace(tmp, self.path)
+        progress = {"epochs_done": len(pl_module.history["test_acc"]), "epochs": pl_module.spec.schedule.epochs}
+        tmp.write_text(json.dumps(progress))
+        os.replace(tmp, self.path.with_name(PROGRESS_NAME))
+
+
+def read_progress(spec: RunSpec) -> dict | None:
+    """Epochs done of a run in progress (``cifarbench status``), or None."""
+    try:
+        return json.loads((records.run_dir(spec.results, spec.run_id) / PROGRESS_NAME).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -262,7 +275,9 @@ def fit(spec: RunSpec, *, device: torch.device | None = None, num_workers: int |
             raise RuntimeError(f"training stopped after {outcome['epochs_done']} of {spec.schedule.epochs} epochs"
                                + (" (interrupted)" if trainer.interrupted else ""))
         row.update(outcome, status="completed", ended_at=datetime.now(timezone.utc))
-        return records.write_record(row, spec.results)
+        path = records.write_record(row, spec.results)
+        (folder / PROGRESS_NAME).unlink(missing_ok=True)
+        return path
     except BaseException as exc:  # also SystemExit/KeyboardInterrupt: an interrupted run still leaves a record
         row.update(_outcome(module) if module else {}, status="failed", ended_at=datetime.now(timezone.utc),
                    error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],

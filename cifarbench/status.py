@@ -1,0 +1,142 @@
+"""What became of every run: records, submission manifests and SLURM's job states, combined."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from cifarbench import records, submit
+from cifarbench.spec import RunSpec
+from cifarbench.train import read_progress
+
+ORDER = ("completed", "running", "pending", "failed", "cancelled", "lost", "not submitted")
+ENDED = {"completed", "failed", "cancelled", "lost", "not submitted"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunStatus:
+    run_id: str
+    model: str
+    dataset: str
+    recipe: str
+    batch_size: int
+    seed: int
+    status: str
+    epochs_done: int | None = None
+    epochs: int | None = None
+    job_id: str | None = None
+    slurm_state: str | None = None
+    error: str | None = None
+    log: str | None = None
+
+
+# sacct may not list a job in the first seconds after sbatch returned
+GRACE_S = 120
+
+
+def classify(*, record: dict | None, entry: dict | None, job_state: str | None, alive: bool | None,
+             now: datetime | None = None) -> str:
+    """Pure: one run's status from its record, its latest manifest entry and its job's state."""
+    if record and record["status"] == "completed":
+        return "completed"
+    if entry is None:
+        return "failed" if record else "not submitted"
+    submitted = datetime.fromisoformat(entry["submitted_at"])
+    fresh_record = record is not None and record["ended_at"] >= submitted
+    if entry["executor"] == "local":
+        if alive and not fresh_record:
+            return "running" if job_state == "RUNNING" else "pending"
+    elif job_state in submit.ACTIVE_STATES:
+        return "running" if job_state in ("RUNNING", "COMPLETING", "SIGNALING") else "pending"
+    if job_state and job_state.startswith("CANCELLED"):
+        return "cancelled"
+    if job_state is None and entry["executor"] == "slurm" and not fresh_record:
+        if ((now or datetime.now(timezone.utc)) - submitted).total_seconds() < GRACE_S:
+            return "pending"
+    return "failed" if fresh_record or (record and entry["executor"] == "slurm") else "lost"
+
+
+def collect_status(results: str, specs: list[RunSpec] | None = None) -> list[RunStatus]:
+    """Every run submitted to ``results`` (and, with ``specs``, every run of a grid, submitted or not)."""
+    entries = submit.read_manifests(results)
+    by_id = {e["run_id"]: RunSpec.from_dict(e["spec"]) for e in entries.values()}
+    for spec in specs or ():
+        by_id.setdefault(spec.run_id, spec)
+    slurm_jobs = {e["job_id"] for e in entries.values() if e["executor"] == "slurm"}
+    states = submit.slurm_states(slurm_jobs)
+    local_alive = {e["job_id"]: submit.local_alive(e["job_id"]) for e in entries.values() if e["executor"] == "local"}
+    out = []
+    for run_id, spec in by_id.items():
+        record = records.read_record(records.record_path(results, run_id))
+        entry = entries.get(run_id)
+        progress = read_progress(RunSpec.from_dict({**spec.to_dict(), "results": str(results)}))
+        job_state = None
+        if entry and entry["executor"] == "slurm":
+            job_state = states.get(entry["job_id"])
+        elif entry:
+            job_state = "RUNNING" if local_alive.get(entry["job_id"]) and progress and not record else None
+        status = classify(record=record, entry=entry, job_state=job_state,
+                          alive=local_alive.get(entry["job_id"]) if entry else None)
+        done = record["epochs_done"] if record else (progress or {}).get("epochs_done")
+        out.append(RunStatus(
+            run_id=run_id, model=spec.model, dataset=spec.dataset, recipe=spec.recipe.name,
+            batch_size=spec.batch_size, seed=spec.seed, status=status, epochs_done=done,
+            epochs=spec.schedule.epochs, job_id=entry["job_id"] if entry else None, slurm_state=job_state,
+            error=record["error"] if record and status == "failed" else None,
+            log=entry["stderr"] if entry and status in ("failed", "lost", "cancelled") else None))
+    return out
+
+
+def state_map(results: str, specs: list[RunSpec]) -> dict[str, str]:
+    return {s.run_id: s.status for s in collect_status(results, specs)}
+
+
+def summary(statuses: list[RunStatus]) -> dict[str, int]:
+    counts = {k: 0 for k in ORDER}
+    for s in statuses:
+        counts[s.status] += 1
+    return {k: v for k, v in counts.items() if v}
+
+
+def render(statuses: list[RunStatus]) -> str:
+    lines = ["  ".join(f"{k}: {v}" for k, v in summary(statuses).items()) or "no runs", ""]
+    header = f"{'run id':<40} {'status':<13} {'epochs':>9} {'job':<12} detail"
+    lines.append(header)
+    for s in sorted(statuses, key=lambda s: (ORDER.index(s.status), s.run_id)):
+        epochs = f"{s.epochs_done or 0}/{s.epochs}"
+        detail = "; ".join(x for x in (s.error, f"log: {s.log}" if s.log else None) if x)
+        lines.append(f"{s.run_id:<40} {s.status:<13} {epochs:>9} {s.job_id or '-':<12} {detail}".rstrip())
+    return "\n".join(lines)
+
+
+def as_json(statuses: list[RunStatus]) -> dict:
+    return {"summary": summary(statuses), "runs": [asdict(s) for s in statuses]}
+
+
+def wait(results: str, specs: list[RunSpec], *, interval: float = 2.0, stream=sys.stderr) -> list[RunStatus]:
+    """Follow the runs until every one has ended, with a progress line (redrawn in place on a terminal)."""
+    interactive = stream.isatty()
+    last = None
+    while True:
+        statuses = [s for s in collect_status(results, specs) if s.run_id in {sp.run_id for sp in specs}]
+        counts = summary(statuses)
+        ended = sum(counts.get(k, 0) for k in ENDED)
+        epochs_done = sum(s.epochs_done or 0 for s in statuses)
+        epochs = sum(s.epochs or 0 for s in statuses)
+        width = 30
+        bar = "#" * (width * ended // max(len(statuses), 1))
+        line = (f"[{bar:<{width}}] {ended}/{len(statuses)} runs ended  done {counts.get('completed', 0)}  "
+                f"failed {counts.get('failed', 0) + counts.get('lost', 0) + counts.get('cancelled', 0)}  "
+                f"running {counts.get('running', 0)}  epochs {epochs_done}/{epochs}")
+        if interactive:
+            print("\r" + line, end="", file=stream, flush=True)
+        elif line != last:
+            print(line, file=stream, flush=True)
+        last = line
+        if ended == len(statuses):
+            if interactive:
+                print(file=stream)
+            return statuses
+        time.sleep(interval)
