@@ -22,11 +22,15 @@ def completed_record(spec: RunSpec) -> dict | None:
 
 def run_one(spec: RunSpec) -> str:
     """Train ``spec`` unless it already has a completed record (duplicate submissions then cost nothing)."""
-    if completed_record(spec):
-        print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
-        return str(records.record_path(spec.results, spec.run_id))
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
-    return str(train.fit(spec, plugins=plugins))
+    def waiting():
+        print(f"[{spec.run_id}] another job is running this run; waiting for it", flush=True)
+
+    with records.run_lock(spec.results, spec.run_id, on_wait=waiting):
+        if completed_record(spec):
+            print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
+            return str(records.record_path(spec.results, spec.run_id))
+        plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+        return str(train.fit(spec, plugins=plugins))
 
 
 class RunJob(submitit.helpers.Checkpointable):

@@ -8,6 +8,8 @@ Layout under a results folder::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import tempfile
 from pathlib import Path
@@ -124,6 +126,27 @@ def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def run_lock(results: str | os.PathLike, run_id: str, *, on_wait=None):
+    """Hold an exclusive lock on a run's folder (``flock``; released by the kernel even on SIGKILL).
+
+    Two jobs of the same run (a grid submitted twice, a retry racing a requeue) then train one after the
+    other: the second finds the first's record, or resumes from its checkpoint if the first died."""
+    folder = Path(results) / "locks"  # not in the run's folder, which keeps only the record and the checkpoint
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{run_id}.lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _umask() -> int:

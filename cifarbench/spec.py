@@ -82,6 +82,8 @@ class RunSpec:
     _id_excluded = ("data_root", "verify", "results")
 
     def __post_init__(self):
+        if self.epochs == self.recipe.epochs:  # the recipe's own length: the same run, so the same id
+            object.__setattr__(self, "epochs", None)
         check_name(self.model, MODELS, "model")
         check_name(self.dataset, DATASETS, "dataset")
         check_name(self.loader, LOADERS, "loader")

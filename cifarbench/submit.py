@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import submitit
+from submitit.core.utils import FailedJobError
 
 from cifarbench.errors import UsageError
 from cifarbench.job import RunJob, RunSequence
@@ -127,8 +128,14 @@ def submit(specs: list[RunSpec], resources: Resources, results: str | os.PathLik
     if kind == "slurm":
         ex = _slurm_executor(resources, logs / "%j")
         for chunk in chunks(specs, max_array_size()):
-            with ex.batch():
-                jobs = [ex.submit(RunJob(spec)) for spec in chunk]
+            try:
+                with ex.batch():
+                    jobs = [ex.submit(RunJob(spec)) for spec in chunk]
+            except (FailedJobError, OSError) as e:
+                done = f" ({len(entries)} runs were queued before; their manifest is written)" if entries else ""
+                _write_manifest(results, "slurm", grid_source, entries)
+                raise UsageError(f"sbatch failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}{done}; "
+                                 "is the cluster up (sinfo)? Without SLURM use --executor local") from None
             for index, (spec, job) in enumerate(zip(chunk, jobs)):
                 entries.append({"run_id": spec.run_id, "job_id": job.job_id, "array_job_id": job.job_id.split("_")[0],
                                 "array_index": index, "stdout": str(job.paths.stdout).replace("%t", "0"),
@@ -144,8 +151,14 @@ def submit(specs: list[RunSpec], resources: Resources, results: str | os.PathLik
                 entries.append({"run_id": spec.run_id, "job_id": job.job_id, "array_job_id": job.job_id,
                                 "array_index": index, "stdout": str(job.paths.stdout),
                                 "stderr": str(job.paths.stderr), "spec": spec.to_dict()})
+    return _write_manifest(results, kind, grid_source, entries)
+
+
+def _write_manifest(results: Path, kind: str, grid_source: str | None, entries: list[dict]) -> dict:
     manifest = {"submitted_at": datetime.now(timezone.utc).isoformat(), "executor": kind, "grid": grid_source,
                 "results": str(results), "runs": entries}
+    if not entries:
+        return manifest
     folder = results / "submissions"
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
@@ -179,7 +192,8 @@ def slurm_states(job_ids: set[str]) -> dict[str, str]:
     states: dict[str, str] = {}
     out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(arrays)],
                          capture_output=True, text=True, timeout=60)
-    if out.returncode != 0:
+    accounted = out.returncode == 0
+    if not accounted:
         out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)],
                              capture_output=True, text=True, timeout=60)
     for line in out.stdout.splitlines():
@@ -187,7 +201,23 @@ def slurm_states(job_ids: set[str]) -> dict[str, str]:
         state = state.split()[0] if state else "UNKNOWN"  # "CANCELLED by 0" -> "CANCELLED"
         for one in _expand(job):
             states[one] = state
+    if accounted:
+        states.update(_cancelled_before_start(job_ids, states))
     return states
+
+
+def _cancelled_before_start(job_ids: set[str], states: dict[str, str]) -> dict[str, str]:
+    """SLURM keeps no record of an array task cancelled while pending: it just drops out of the array's pending
+    line in sacct. A task that starts is missing from sacct for a second too, but squeue shows it then."""
+    listed = {j.split("_")[0] for j in states}
+    missing = {j for j in job_ids if "_" in j and j not in states and j.split("_")[0] in listed}
+    if not missing:
+        return {}
+    # all jobs, not -j: squeue refuses a list of ids that have all left the queue
+    queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    if queue.returncode != 0:
+        return {}
+    return {j: "CANCELLED" for j in missing - set(queue.stdout.split())}
 
 
 def _expand(job: str) -> list[str]:

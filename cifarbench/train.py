@@ -282,5 +282,17 @@ def fit(spec: RunSpec, *, device: torch.device | None = None, num_workers: int |
         row.update(_outcome(module) if module else {}, status="failed", ended_at=datetime.now(timezone.utc),
                    error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
                    traceback="".join(traceback.format_exc().splitlines(keepends=True)[-30:]))
-        records.write_record(row, spec.results)
+        _write_failed(row, spec)
         raise
+
+
+def _write_failed(row: dict, spec: RunSpec) -> None:
+    """Record a failure, unless the run already completed (a duplicate job must not undo a finished run)."""
+    existing = records.read_record(records.record_path(spec.results, spec.run_id))
+    if existing and existing["status"] == "completed":
+        return
+    try:
+        records.write_record(row, spec.results)
+    except OSError as e:
+        print(f"[{spec.run_id}] cannot write the failed record to {spec.results}: {e}; failure: {row['error']}",
+              file=sys.stderr, flush=True)

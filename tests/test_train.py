@@ -100,3 +100,30 @@ def test_run_command_user_errors_are_one_line(tmp_path, capsys):
     assert "must be a positive integer" in capsys.readouterr().err
     assert main(["run", "--model", "resnet21", "--dataset", "cifar10", "--opt", "step-200", "--batch-size", "8"]) == 2
     assert "invalid choice: 'resnet21'" in capsys.readouterr().err
+
+
+def test_a_duplicate_job_waits_for_the_first_and_then_does_nothing(synthetic_root, tmp_path):
+    import threading
+
+    from cifarbench import job
+
+    spec = _spec(synthetic_root, tmp_path, epochs=1)
+    waited, result = threading.Event(), []
+    duplicate = threading.Thread(target=lambda: result.append(job.run_one(spec)))
+    with records.run_lock(tmp_path, spec.run_id):  # the "first job" holds the run
+        duplicate.start()
+        duplicate.join(timeout=1)
+        assert duplicate.is_alive() and not records.record_path(tmp_path, spec.run_id).exists()
+        first = train.fit(spec)  # the first job trains while the duplicate waits
+    duplicate.join(timeout=60)
+    assert not duplicate.is_alive() and result == [str(first)]
+    assert records.read_record(first)["attempts"] == 1
+
+
+def test_a_failing_duplicate_never_replaces_a_completed_record(synthetic_root, tmp_path):
+    spec = _spec(synthetic_root, tmp_path, epochs=1)
+    train.fit(spec)
+    (records.run_dir(tmp_path, spec.run_id) / "last.ckpt").unlink()
+    with pytest.raises(RuntimeError, match="node lost"):
+        train.fit(spec, callbacks=[_Crash(after_epoch=0)])
+    assert records.read_record(records.record_path(tmp_path, spec.run_id))["status"] == "completed"
