@@ -39,6 +39,7 @@ def _cmd_run(args) -> int:
                        verify=not args.no_verify, results=args.results)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    train.resolve_precision(spec.precision, train.default_device())  # a wrong choice fails before any record
     path = train.fit(spec, num_workers=args.workers)
     print(f"record: {path}")
     return 0
@@ -130,6 +131,25 @@ def _cmd_collect(args) -> int:
     print(report.markdown, end="")
     for path in report.written:  # stderr: stdout stays pure Markdown
         print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from cifarbench import bench
+    from cifarbench.train import default_device
+
+    if bench.prepare_data(args.dataset, args.data_root):
+        print(f"{args.dataset}: not found in {args.data_root}, wrote a synthetic copy there", file=sys.stderr)
+    device = default_device()
+    timing = {key: getattr(args, key) for key in ("steps", "warmup", "repeats") if getattr(args, key) is not None}
+    common = dict(dataset=args.dataset, root=args.data_root, batch_size=args.batch_size, device=device, **timing)
+    rows = []
+    if args.what in ("pipeline", "all"):
+        rows += bench.bench_pipeline(**common)
+    if args.what in ("train", "all"):
+        rows += bench.bench_train(model=args.model, precision=args.precision, compile=args.compile, **common)
+    print(bench.render(rows))
+    print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
     return 0
 
 
@@ -225,6 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="also list the grid's runs that were never submitted")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=_cmd_collect)
+
+    p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")
+    p.add_argument("--what", choices=["pipeline", "train", "all"], default="all")
+    p.add_argument("--model", choices=list(MODELS), metavar="MODEL", default="resnet56")
+    p.add_argument("--dataset", choices=list(DATASETS), default="synthetic100",
+                   help="a missing synthetic dataset is written; a real one must be downloaded first")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--steps", type=_positive_int, help="batches per timed window (default: 200 pipeline, 20 train)")
+    p.add_argument("--warmup", type=_positive_int, help="untimed batches first (default: 20 pipeline, 5 train)")
+    p.add_argument("--repeats", type=_positive_int, help="timed windows; the median counts (default: 5, 3)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="of the fast path (auto: as a run)")
+    p.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+    p.add_argument("--results", default="results", help="the table goes to RESULTS/bench/")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -163,7 +163,10 @@ def write_synthetic(dataset: str, root: str | Path, *, train_size: int = 50_000,
     rng = np.random.default_rng([seed, k])
     templates = _templates(k, rng)
     folder = _folder(dataset, root)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot write {dataset} to {folder}: {e.strerror}") from None
 
     def batch(size: int, label: str) -> dict:
         labels = rng.integers(0, k, size=size)
@@ -196,7 +199,7 @@ class DeviceLoader:
     """A whole split held as one uint8 tensor on the training device, batched with tensor ops.
 
     Training batches: a permutation drawn from (seed, epoch), then 4-pixel zero padding, a random 32x32 crop and
-    a random horizontal flip done for the whole batch in one gather. No worker processes, no host round trips.
+    a random horizontal flip, each done for the whole batch at once. No worker processes, no host round trips.
     Lightning calls ``sampler.set_epoch`` before each epoch (as for a DistributedSampler), which is how a resumed
     run draws exactly the batches it would have drawn."""
 
@@ -208,12 +211,16 @@ class DeviceLoader:
         self.memory_format = memory_format
         self.labels = labels.to(self.device)
         images = images.to(self.device)
-        # Pad once, in pixel space, so the border is black exactly as RandomCrop(padding=4) makes it.
-        self.images = torch.nn.functional.pad(images, (PAD,) * 4) if train else images
+        # Pad once, in pixel space, so the border is black exactly as RandomCrop(padding=4) makes it. Kept in the
+        # training memory format, so that batches come out in it without another copy.
+        images = torch.nn.functional.pad(images, (PAD,) * 4) if train else images
+        self.images = images.contiguous(memory_format=memory_format)
         self.mean = torch.tensor(MEAN[num_classes], device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD[num_classes], device=self.device).view(1, 3, 1, 1) * 255
         self.sampler = self
         self.batch_sampler = None  # Lightning inspects both, DataLoader-style
+        if train:
+            self._runs, self._run_starts = _crop_runs(self.images, channels_last=memory_format is torch.channels_last)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -222,20 +229,25 @@ class DeviceLoader:
         return -(-len(self.labels) // self.batch_size)
 
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
+        x = images.float().sub_(self.mean).div_(self.std)
         return x.contiguous(memory_format=self.memory_format)
 
     def augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Crop and flip the padded images ``idx`` (uint8 in, uint8 out)."""
         n = len(idx)
-        dy = torch.randint(0, 2 * PAD + 1, (n, 1, 1, 1), device=self.device, generator=generator)
-        dx = torch.randint(0, 2 * PAD + 1, (n, 1, 1, 1), device=self.device, generator=generator)
-        flip = torch.rand((n, 1, 1, 1), device=self.device, generator=generator) < 0.5
-        r = torch.arange(32, device=self.device)
-        rows = dy + r.view(1, 1, 32, 1)
-        cols = dx + torch.where(flip, 31 - r, r).view(n, 1, 1, 32)
-        chans = torch.arange(3, device=self.device).view(1, 3, 1, 1)
-        return self.images[idx.view(n, 1, 1, 1), chans, rows, cols]
+        dy = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=generator)
+        dx = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=generator)
+        flip = torch.rand((n,), device=self.device, generator=generator) < 0.5
+        stride_n, _, stride_h, stride_w = self.images.stride()
+        first = idx * stride_n + dy * stride_h + dx * stride_w  # where each crop starts in the storage
+        crops = self._runs.index_select(0, (first.view(n, 1) + self._run_starts).flatten())
+        if self.memory_format is torch.channels_last:
+            crops = crops.view(n, 32, 32, 3).permute(0, 3, 1, 2)
+        else:
+            crops = crops.view(n, 3, 32, 32)
+        # torch.where(flip, crops.flip(3), crops) as a byte mask: the same result, several times faster on CPU.
+        mask = flip.to(torch.uint8).mul_(255).view(n, 1, 1, 1)
+        return crops.flip(3).bitwise_xor_(crops).bitwise_and_(mask).bitwise_xor_(crops)
 
     def __iter__(self):
         n = len(self.labels)
@@ -249,6 +261,23 @@ class DeviceLoader:
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size]
             yield self._normalise(self.augment(idx, generator)), self.labels[idx]
+
+
+def _crop_runs(padded: torch.Tensor, *, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 32x32 crop of a padded image is a few runs of consecutive bytes in storage: one per channel and row
+    (32 pixels) in NCHW, one per row (32 pixels x 3 channels) in NHWC. Returns ``runs``, a view of the whole
+    storage whose row k is the run starting at element k, and the runs' starts relative to the crop's first
+    element, so that a batch of crops is one ``index_select``: about 100x faster on CPU than indexing with one
+    index per pixel."""
+    _, channels, _, _ = padded.shape
+    _, stride_c, stride_h, _ = padded.stride()
+    rows = torch.arange(32, device=padded.device) * stride_h
+    if channels_last:
+        length, starts = 32 * channels, rows
+    else:
+        length = 32
+        starts = (torch.arange(channels, device=padded.device).view(-1, 1) * stride_c + rows).flatten()
+    return padded.as_strided((padded.numel() - length + 1, length), (1, 1)), starts
 
 
 def torchvision_transforms(num_classes: int, *, train: bool) -> transforms.Compose:

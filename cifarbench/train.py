@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -227,6 +229,13 @@ def _outcome(module: ResNetModule) -> dict:
     }
 
 
+def _quiet_lightning() -> None:
+    """Keep job logs to our per-epoch lines: Lightning's start-up banners and tips say nothing about the run."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # submitit starts jobs with srun; outside SLURM (local execution, tests) the hint is wrong.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
@@ -237,6 +246,7 @@ def fit(spec: RunSpec, *, device: torch.device | None = None, num_workers: int |
 
     A run that raises leaves a ``failed`` record and re-raises. Returns the record's path."""
     device = device or default_device()
+    _quiet_lightning()
     started = datetime.now(timezone.utc)
     folder = records.run_dir(spec.results, spec.run_id)
     ckpt = folder / CKPT_NAME
