@@ -8,7 +8,10 @@ auto-requeue is switched off so that only submitit handles the signal.
 
 from __future__ import annotations
 
+import os
+
 import submitit
+import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from cifarbench import records, train
@@ -25,6 +28,10 @@ def run_one(spec: RunSpec) -> str:
     def waiting():
         print(f"[{spec.run_id}] another job is running this run; waiting for it", flush=True)
 
+    # CPU results depend on the number of threads (summation order): pin it to the CPUs SLURM granted, so
+    # every attempt of a run, and a rerun elsewhere with the same resources, computes the same numbers.
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
     with records.run_lock(spec.results, spec.run_id, on_wait=waiting):
         if completed_record(spec):
             print(f"[{spec.run_id}] already completed; nothing to do", flush=True)

@@ -1,0 +1,5 @@
+import sys
+
+from cifarbench.cli import main
+
+sys.exit(main())
