@@ -1,0 +1,451 @@
+"""Records -> tables: read every record under a results folder, aggregate over seeds, render Markdown.
+
+``read_records`` and ``collect`` are the I/O edges; everything between (dedupe, select, summarize, tables,
+render) is pure and works on DataFrames.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from cifarbench import reference
+from cifarbench.errors import UsageError
+from cifarbench.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, atomic_write_table
+
+# runs.parquet, the collector's own output, is tagged so that a later collect never reads it as a record. It
+# also keys every run by its record's path, size, mtime and inode (an atomic rewrite always makes a new inode): a
+# later collect of the same folder reads only the records that changed, since opening a one-row Parquet file
+# costs far more than its one row.
+RUNS_TAG = b"runs/1"
+_ROOT_KEY = b"cifarbench.results"
+# A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
+# split by one of them only where the cell (recipe, batch size, ...) does not already decide it.
+CONFIG = ("dataset", "model", "recipe", "batch_size", "precision", "loader", "deterministic",
+          "recipe_epochs", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "epochs")
+_DERIVED = CONFIG[7:]
+COLUMNS = ("run_id", "status", "seed", "ended_at", "error", *CONFIG, "params",
+           "final_test_acc", "best_test_acc", "images_per_s", "train_seconds", "test_acc")
+_READ_SCHEMA = pa.schema([SCHEMA.field(name) for name in COLUMNS])
+_FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k in ("size", "mtime_ns", "inode"))]
+_RUNS_SCHEMA = pa.schema([*_READ_SCHEMA, *_FILE_FIELDS])
+VALUES = {"final_test_acc": 4, "best_test_acc": 4, "images_per_s": 0, "train_minutes": 1}  # -> decimals
+_WHY = {"unreadable": "unreadable Parquet files (corrupt or truncated)",
+        "foreign": "Parquet files that are not cifarbench records",
+        "mislabelled": "files tagged as records whose columns are not the record schema's"}
+# Arrow releases the GIL while it parses a file: one thread more than cores keeps the cores busy. (Without
+# pre_buffer, which hands every column of a tiny file to Arrow's I/O pool and back, two threads read twice as fast
+# as one; with it, they barely gain.)
+_WORKERS = (os.cpu_count() or 1) + 1
+_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Scan:
+    table: pa.Table  # every readable record: COLUMNS, then the file's path (relative to results), size, mtime, inode
+    skipped: dict[str, list[str]]  # why -> paths
+    no_record: list[str]  # run folders without a record: still running, or lost
+    changed: bool  # whether the records differ from the cache's (False: runs.parquet is up to date)
+
+
+def _read_one(path: str) -> tuple[pa.Table | None, str | None]:
+    try:
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            tag, rows = (pf.metadata.metadata or {}).get(SCHEMA_KEY), pf.metadata.num_rows
+            table = pf.read(columns=list(COLUMNS), use_threads=False) if tag == SCHEMA_TAG and rows == 1 else None
+    except (OSError, pa.ArrowException):
+        return None, "unreadable"
+    if table is not None:
+        if table.schema.equals(_READ_SCHEMA):
+            return table, None
+        try:
+            return table.cast(_READ_SCHEMA), None
+        except (ValueError, pa.ArrowException):
+            return None, "mislabelled"
+    if tag is None:
+        return None, "foreign"
+    if tag == SCHEMA_TAG:
+        return None, "files in the record schema that do not hold exactly one run"
+    if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
+        return None, None
+    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {SCHEMA_TAG.decode()})"
+
+
+def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table | None, list[tuple[str, str]]]:
+    tables, counts, skipped = [], [], []
+    for rel, *_ in files:
+        table, why = _read_one(os.path.join(results, rel))
+        tables += [table] if table is not None else []
+        counts.append(0 if table is None else table.num_rows)
+        skipped += [(rel, why)] if why else []
+    if not tables:
+        return None, skipped
+    table = pa.concat_tables(tables).replace_schema_metadata(None)
+    for field, values in zip(_FILE_FIELDS, zip(*files)):
+        table = table.append_column(field, pa.array(np.repeat(np.array(values, dtype=object), counts), field.type))
+    return table.combine_chunks(), skipped  # here, in parallel, rather than once over every row at the end
+
+
+def _walk(results: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
+    """(path relative to results, size, mtime_ns, inode) of every Parquet file, and the run folders without a
+    record. A results folder can hold 100,000 run folders: each costs one stat of its record.parquet, not a
+    listing."""
+    files, no_record = [], []
+    folders = [("", str(results))]
+    while folders:
+        rel, folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # removed, or unreadable, since it was listed
+            continue
+        in_runs = os.path.basename(folder) == "runs"
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if not in_runs:
+                    folders.append((f"{rel}{entry.name}/", entry.path))
+                    continue
+                try:
+                    st = os.stat(os.path.join(entry.path, "record.parquet"))
+                except OSError:
+                    no_record.append(entry.name)
+                    continue
+                files.append((f"{rel}{entry.name}/record.parquet", st.st_size, st.st_mtime_ns, st.st_ino))
+            elif entry.name.endswith(".parquet") and not entry.name.startswith("."):  # ".record.parquet.*.tmp"
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                files.append((rel + entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return sorted(files), sorted(no_record)
+
+
+def load_cache(path: Path, results: Path) -> pa.Table | None:
+    """The runs of a previous runs.parquet written for the same results folder, else None."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            meta = pf.metadata.metadata or {}
+            if meta.get(SCHEMA_KEY) != RUNS_TAG or meta.get(_ROOT_KEY) != str(results.resolve()).encode():
+                return None
+            table = pf.read()
+    except (OSError, pa.ArrowException):
+        return None
+    return table.replace_schema_metadata(None) if table.schema.equals(_RUNS_SCHEMA) else None
+
+
+def read_records(results: Path, cache: pa.Table | None = None) -> Scan:
+    """Every record under ``results``. Files unchanged since ``cache`` are taken from it; the others are read
+    one by one, so that a corrupt, truncated or foreign file costs only itself."""
+    files, no_record = _walk(results)
+    tables, gone = [], cache is None
+    if cache is not None:
+        current = set(files)
+        cached = list(zip(*(cache.column(f.name).to_pylist() for f in _FILE_FIELDS)))
+        keep = np.fromiter((key in current for key in cached), bool, len(cached))
+        tables.append(cache.filter(keep))
+        gone = not keep.all()
+        files = sorted(current.difference(k for k, kept in zip(cached, keep) if kept))
+    chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        parts = list(pool.map(lambda chunk: _read_chunk(results, chunk), chunks))
+    tables += [t for t, _ in parts if t is not None]
+    skipped: dict[str, list[str]] = {}
+    for rel, why in (s for _, ss in parts for s in ss):
+        skipped.setdefault(why, []).append(rel)
+    table = pa.concat_tables(tables) if tables else _RUNS_SCHEMA.empty_table()
+    changed = gone or any(t is not None for t, _ in parts)
+    return Scan(table=table.combine_chunks(), skipped=skipped, no_record=no_record, changed=changed)
+
+
+def to_frame(table: pa.Table) -> pd.DataFrame:
+    """Records as a DataFrame; milestones joined to a string ("60,120,160") so that it can be a group key."""
+    i = table.schema.get_field_index("milestones")
+    joined = pc.binary_join(pc.cast(table.column(i), pa.list_(pa.string())), ",")
+    return table.set_column(i, "milestones", joined).to_pandas()
+
+
+def dedupe(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per run id, the latest completed record (else the latest one); returns (kept, dropped)."""
+    order = runs.assign(_done=runs.status.eq("completed")).sort_values(
+        ["_done", "ended_at"], ascending=False, na_position="last", kind="stable").drop(columns="_done")
+    first = ~order.run_id.duplicated()
+    return order[first].sort_index(), order[~first]
+
+
+def known(name: str, valid, what: str) -> str:
+    valid = list(valid)
+    if name in valid:
+        return name
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise UsageError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
+
+
+def parse_where(items) -> dict[str, list[str]]:
+    """``key=value`` filters; values of one key are alternatives, different keys must all hold."""
+    where: dict[str, list[str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise UsageError(f"--where {item!r}: write key=value, e.g. --where dataset=cifar100")
+        where.setdefault(known(key.strip(), (*CONFIG, "seed", "status", "run_id"), "--where key"), []).append(
+            value.strip())
+    return where
+
+
+def select(runs: pd.DataFrame, where: dict[str, list[str]]) -> pd.DataFrame:
+    mask = pd.Series(True, index=runs.index)
+    for key, values in where.items():
+        col = runs[key]
+        if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+            try:
+                mask &= col.isin([float(v) for v in values])
+            except ValueError:
+                raise UsageError(f"--where {key}: {', '.join(values)} is not a number") from None
+        else:
+            mask &= col.astype(str).str.lower().isin([v.lower() for v in values])
+    return runs[mask]
+
+
+def model_depth(name: str) -> int:
+    """The depth in a ResNet's name (resnet56 -> 56): the notebook orders models by it."""
+    digits = re.search(r"(\d+)$", str(name))
+    return int(digits.group(1)) if digits else 1 << 30
+
+
+def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:
+    return df.sort_values(list(keys), key=lambda c: c.map(lambda m: (model_depth(m), m)) if c.name == "model" else c,
+                          kind="stable") if keys else df
+
+
+def summarize(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """One row per configuration: completed seeds (n), failed runs, mean and std over seeds of every value;
+    and, for every run, the row of its configuration."""
+    done = runs.status.eq("completed")
+    r = runs.assign(train_minutes=runs.train_seconds / 60, done=done)
+    for m in VALUES:
+        r[m] = r[m].where(done)
+    stats = {f"{m}_{f}": (m, f) for m in VALUES for f in ("mean", "std")}
+    groups = r.groupby(list(CONFIG), dropna=False, sort=False)
+    s = groups.agg(n=("done", "sum"), records=("run_id", "size"), params=("params", "max"), **stats).reset_index()
+    s.insert(len(CONFIG) + 1, "n_failed", s.pop("records") - s.n)
+    order = _sorted(s, CONFIG).index.to_numpy()  # s follows groups.ngroup() numbering: both are unsorted
+    row = np.empty(len(s), int)
+    row[order] = np.arange(len(s))
+    return s.loc[order].reset_index(drop=True), pd.Series(row[groups.ngroup().to_numpy()], index=runs.index)
+
+
+def _group_keys(summary: pd.DataFrame, cell: list[str], always) -> list[str]:
+    varying = [k for k in CONFIG if k not in cell and summary[k].nunique(dropna=False) > 1]
+    keys = list(dict.fromkeys([*always, *varying]))
+    for k in _DERIVED:
+        rest = [x for x in keys if x != k]
+        if k not in keys or k in always:
+            continue
+        if summary.groupby(cell + rest, dropna=False)[k].nunique(dropna=False).max() <= 1:
+            keys = rest
+    return keys
+
+
+def title(keys: dict) -> str:
+    """"step-200 bs=64", "ResNet56 CIFAR100": the notebook's headings, then any other key=value."""
+    keys = dict(keys)
+    parts = [str(keys.pop("model")).replace("resnet", "ResNet")] if "model" in keys else []
+    parts += [str(keys.pop("dataset")).upper()] if "dataset" in keys else []
+    parts += [str(keys.pop("recipe"))] if "recipe" in keys else []
+    parts += [f"bs={keys.pop('batch_size')}"] if "batch_size" in keys else []
+    return " ".join(parts + [f"{k}={v}" for k, v in keys.items()]) or "all runs"
+
+
+def cell_text(mean: float, std: float, n: int, n_failed: int, decimals: int) -> str:
+    if n == 0:
+        return "failed" if n_failed else "–"
+    text = f"{mean:.{decimals}f}"
+    return text if n == 1 else f"{text} ± {std:.{decimals}f} ({n})"
+
+
+def markdown_table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    rows: list[str]
+    cols: list[str]
+    cells: pd.DataFrame  # the summary rows shown
+    markdown: str
+
+
+def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always=(), corner=None) -> list[Table]:
+    """A rows x cols pivot of ``value`` for every combination of the other configuration fields that vary."""
+    rows, cols, d = list(rows), list(cols), VALUES[value] if decimals is None else decimals
+    keys = _group_keys(summary, rows + cols, always)
+    out = []
+    groups = _sorted(summary, keys).groupby(keys, dropna=False, sort=False) if keys else [((), summary)]
+    for group, cells in groups:
+        if cells.empty:
+            continue
+        label = lambda r, ks: " ".join(str(r[k]) for k in ks)  # noqa: E731
+        row_labels = list(dict.fromkeys(label(r, rows) for _, r in _sorted(cells, rows).iterrows()))
+        col_labels = list(dict.fromkeys(label(r, cols) for _, r in _sorted(cells, cols).iterrows()))
+        text = {(label(r, rows), label(r, cols)): cell_text(r[f"{value}_mean"], r[f"{value}_std"], r.n, r.n_failed, d)
+                for _, r in cells.iterrows()}
+        header = [corner or f"{' '.join(cols)} / {' '.join(rows)}", *col_labels]
+        body = [[rl, *(text.get((rl, cl), "–") for cl in col_labels)] for rl in row_labels]
+        fixed = dict(zip(keys, group if isinstance(group, tuple) else (group,)))  # shared by every cell
+        out.append(Table(title(fixed), rows, cols, cells, markdown_table(header, body)))
+    return out
+
+
+def default_tables(summary: pd.DataFrame, value: str = "final_test_acc") -> list[Table]:
+    """The notebook's two kinds: model x dataset per (recipe, batch size), rounded to 2 decimals, and
+    recipe x batch size per (model, dataset) run with more than one of either, rounded to 4."""
+    wide = 2 if value.endswith("acc") else None
+    sweeps = [t for t in tables(summary, ["recipe"], ["batch_size"], value=value, always=("model", "dataset"),
+                                corner="bs / opt") if len(t.cells) > 1]
+    covered = {i for t in sweeps for i in t.cells.index}
+    grids = [t for t in tables(summary, ["model"], ["dataset"], value=value, decimals=wide,
+                               always=("recipe", "batch_size"), corner="ds/model")
+             if len(t.cells) > 1 or not covered.issuperset(t.cells.index)]
+    return grids + sweeps
+
+
+def comparison(table: Table, matches: pd.DataFrame) -> str:
+    """The table's cells that have a published figure: ours, the reference, the difference, footnotes."""
+    notes: dict[str, int] = {}
+    body = []
+    for _, m in matches.iterrows():
+        note = f"{m.source}: {m.protocol_note}"
+        if not m.exact:
+            note += f" (a different protocol: {m.ref_recipe}, batch size {m.ref_batch_size}, {m.ref_epochs} epochs)"
+        k = notes.setdefault(note, len(notes) + 1)
+        ours = cell_text(m.final_test_acc_mean, m.final_test_acc_std, m.n, m.n_failed, 4)
+        body.append([*(str(m[c]) for c in table.rows + table.cols), ours, f"{m.best_test_acc_mean:.4f}",
+                     f"{m.ref_acc:.4f} [{k}]", f"{m.final_test_acc_mean - m.ref_acc:+.4f}"])
+    header = [*table.rows, *table.cols, "final acc", "best-epoch acc†", "published", "Δ final − published"]
+    foot = [f"[{k}] {note}" for note, k in notes.items()]
+    foot.append("† best epoch chosen on the test set (optimistic); the cells above are final-epoch accuracy.")
+    return markdown_table(header, body) + "\n\n" + "  \n".join(foot)
+
+
+def _first_line(error) -> str:
+    lines = error.strip().splitlines() if isinstance(error, str) else []
+    return lines[0] if lines else "no error recorded"
+
+
+def incomplete(runs: pd.DataFrame, known_ids: set, no_record: list[str], unreadable: list[str], expected=None,
+               limit: int = 50) -> list[str]:
+    """Markdown lines listing failed runs (with their error), runs without a record or with an unreadable one
+    and, given the grid's run specs, runs never submitted."""
+    specs, lost = {s.run_id: s for s in expected or ()}, set(no_record)
+    desc = lambda s: f"{s.model} {s.dataset} {s.recipe.name} bs={s.batch_size} seed={s.seed}"  # noqa: E731
+    failed = runs[runs.status.ne("completed")]
+    kinds = {
+        "failed": [f"`{r.run_id}` ({r.model} {r.dataset} {r.recipe} bs={r.batch_size} seed={r.seed}): "
+                   f"{_first_line(r.error)}" for r in failed.itertuples()],
+        "no record (still running, or lost)": [f"`{i}`" + (f" ({desc(specs[i])})" if i in specs else "")
+                                               for i in no_record if i not in known_ids],
+        "unreadable record (see the warning)": [f"`{i}`" for i in unreadable if i not in known_ids],
+        "never submitted": [f"`{i}` ({desc(s)})" for i, s in specs.items()
+                            if i not in known_ids and i not in lost],
+    }
+    lines = []
+    for kind, items in kinds.items():
+        lines += [f"- {kind}: {item}" for item in items[:limit]]
+        lines += [f"- {kind}: … and {len(items) - limit} more (see runs.parquet)"] if len(items) > limit else []
+    return lines
+
+
+def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing: list[str], value: str) -> str:
+    done = int(runs.status.eq("completed").sum())
+    what = {"final_test_acc": "final-epoch test accuracy", "best_test_acc": "best-epoch test accuracy (chosen on "
+            "the test set)", "images_per_s": "training images/s", "train_minutes": "training minutes"}[value]
+    out = ["# cifarbench results", "",
+           f"{len(runs)} runs: {done} completed, {len(runs) - done} failed. Cells: {what}; "
+           "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs."]
+    for t, m in zip(tabs, matches):
+        out += ["", f"## {t.title}", "", t.markdown]
+        out += ["", comparison(t, m)] if m is not None and len(m) else []
+    out += ["", "## Missing, failed and lost runs", ""] + (missing or ["None: every run has a completed record."])
+    return "\n".join(out) + "\n"
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    warnings: list[str]  # one line each, for stderr
+    written: list[Path]
+
+
+def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", where=(), source=None,
+            expected=None, plots=True) -> Report:
+    """Read the records under ``results``, write tables.md, summary.csv, runs.parquet (and plots) to ``out``."""
+    root = Path(results)
+    if not root.is_dir():
+        why = "is not a folder" if root.exists() else "does not exist"
+        raise UsageError(f"{root} {why}; give the results folder that holds runs/<run_id>/record.parquet")
+    known(value, VALUES, "--value")
+    for key in (*rows, *cols):
+        known(key, CONFIG, "table field")
+    published = reference.load_published()
+    if source is not None:
+        known(source, reference.sources(published), "--reference source")
+    filters = parse_where(where)
+    folder = Path(out) if out is not None else root
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is not a folder; give a folder")
+
+    scan = read_records(root, load_cache(folder / "runs.parquet", root))
+    warnings = [f"warning: skipped {len(paths)} {_WHY.get(why, why)}: {', '.join(paths[:10])}"
+                + (f" and {len(paths) - 10} more" if len(paths) > 10 else "") for why, paths in scan.skipped.items()]
+    all_runs, dropped = dedupe(to_frame(scan.table))
+    if len(dropped):
+        ids = sorted(set(dropped.run_id))
+        warnings.append(f"note: ignored {len(dropped)} duplicate records of {len(ids)} runs (kept the latest "
+                        f"completed record of each): {', '.join(ids[:10])}" + (" …" if len(ids) > 10 else ""))
+    if all_runs.empty and not scan.no_record and not expected:
+        skipped = sum(map(len, scan.skipped.values()))
+        raise UsageError(f"{root}: no cifarbench records found (looked for runs/<run_id>/record.parquet"
+                         + (f"; skipped {skipped} other Parquet files)" if skipped else ")"))
+
+    runs = select(all_runs, filters)
+    summary, config = summarize(runs)
+    if rows or cols:
+        rows, cols = rows or ["model"], cols or ["dataset"]
+        titled = [k for k in ("model", "dataset", "recipe", "batch_size") if k not in (*rows, *cols)]
+        tabs = tables(summary, rows, cols, value=value, always=titled)
+    else:
+        tabs = default_tables(summary, value)
+    matches = [reference.match(t.cells[t.cells.n > 0], published, source) if value == "final_test_acc" else None
+               for t in tabs]
+    unreadable = [Path(p).parent.name for p in scan.skipped.get("unreadable", ())
+                  if Path(p).name == "record.parquet" and Path(p).parent.parent.name == "runs"]
+    missing = incomplete(runs, set(all_runs.run_id), scan.no_record, unreadable, expected)
+    markdown = render(runs, tabs, matches, missing, value)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tables.md").write_text(markdown, encoding="utf-8")
+    summary.to_csv(folder / "summary.csv", index=False)
+    if scan.changed or not (folder / "runs.parquet").exists():
+        kept = np.zeros(scan.table.num_rows, bool)
+        kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
+        meta = {SCHEMA_KEY: RUNS_TAG, _ROOT_KEY: str(root.resolve()).encode()}
+        atomic_write_table(scan.table.filter(kept).replace_schema_metadata(meta), folder / "runs.parquet")
+    written = [folder / "tables.md", folder / "summary.csv", folder / "runs.parquet"]
+    if plots:
+        from cifarbench.plots import write_plots
+
+        written += write_plots(runs.assign(config=config), summary, tabs, folder / "plots")
+    return Report(markdown, warnings, written)

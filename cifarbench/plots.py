@@ -1,0 +1,104 @@
+"""Figures of collected runs: test-accuracy curves per table, final accuracy against model size.
+
+Only ``collect`` imports this module, and only when plots are wanted: matplotlib stays out of every other
+command. ``Figure`` is used without pyplot, so there is no global backend or figure state; PNGs go
+through Agg.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from cifarbench.collect import CONFIG, Table, model_depth, title
+
+
+def write_plots(runs: pd.DataFrame, summary: pd.DataFrame, tabs: list[Table], folder) -> list[Path]:
+    """One curves figure per table and one size figure per (dataset, recipe); returns the PNG paths.
+
+    ``runs`` has a ``config`` column: the row in ``summary`` (and in each table's cells) of the run's
+    configuration."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = runs[runs.status.eq("completed")]
+    paths = [_curves(done, t, folder) for t in tabs]
+    return [p for p in paths if p] + _sizes(summary[summary.n > 0], folder)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9=.-]+", "_", text).strip("_")
+
+
+def _label(df: pd.DataFrame, keys: list[str]) -> pd.Series:
+    label = df[keys[0]].astype(str)
+    for k in keys[1:]:
+        label = label.str.cat(df[k].astype(str), sep=" ")
+    return label
+
+
+def _ordered(df: pd.DataFrame, keys: list[str]) -> list[str]:
+    order = df.sort_values(keys, key=lambda c: c.map(lambda m: (model_depth(m), m)) if c.name == "model" else c)
+    return list(dict.fromkeys(_label(order, keys)))
+
+
+def _curves(done: pd.DataFrame, table: Table, folder: Path) -> Path | None:
+    runs = done[done.config.isin(table.cells.index)]
+    if runs.empty:
+        return None
+    panels, lines = _ordered(runs, table.cols), _ordered(runs, table.rows)
+    panel_of, line_of = _label(runs, table.cols), _label(runs, table.rows)
+    fig = Figure(figsize=(1 + 5 * len(panels), 4.5), layout="constrained")
+    for ax, panel in zip(fig.subplots(1, len(panels), sharey=True, squeeze=False)[0], panels):
+        for line in lines:
+            curves = [np.asarray(c, float) for c in runs.test_acc[(panel_of == panel) & (line_of == line)]
+                      if c is not None and len(c)]
+            if not curves:
+                continue
+            # A run cut short by a shortened recipe has fewer epochs; the band covers the epochs all share.
+            acc = np.stack([c[:min(map(len, curves))] for c in curves])
+            epochs, mean = np.arange(1, acc.shape[1] + 1), acc.mean(axis=0)
+            ax.plot(epochs, mean, label=line if len(acc) == 1 else f"{line} (n={len(acc)})", linewidth=1.2)
+            if len(acc) > 1:
+                std = acc.std(axis=0, ddof=1)
+                ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+        ax.set(title=f"{' '.join(table.cols)} {panel}", xlabel="epoch", ylabel="test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(title=" ".join(table.rows), fontsize="small")
+    fig.suptitle(f"Test accuracy per epoch: {table.title} (mean, band ± 1 std over seeds)")
+    path = folder / f"curves_{_slug(table.title)}.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def _sizes(summary: pd.DataFrame, folder: Path) -> list[Path]:
+    paths = []
+    for (dataset, recipe), group in summary.groupby(["dataset", "recipe"], sort=True):
+        varying = [k for k in CONFIG if k not in ("dataset", "recipe", "model") and group[k].nunique(dropna=False) > 1]
+        series = ["batch_size", *(k for k in varying if k != "batch_size")]
+        fig = Figure(figsize=(12, 4.5), layout="constrained")
+        ax_depth, ax_params = fig.subplots(1, 2, sharey=True)
+        for i, (key, s) in enumerate(group.groupby(series, dropna=False, sort=True)):
+            s = s.sort_values("model", key=lambda c: c.map(model_depth))
+            label = title(dict(zip(series, key if isinstance(key, tuple) else (key,))))
+            for ax, x in ((ax_depth, s.model.map(model_depth)), (ax_params, s.params)):
+                ax.errorbar(x, s.final_test_acc_mean, yerr=s.final_test_acc_std.fillna(0), marker="o",
+                            linestyle="none", capsize=3, label=label)
+                for xi, yi, name in zip(x, s.final_test_acc_mean, s.model) if i == 0 else ():  # once is enough
+                    ax.annotate(name, (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        depths = sorted(set(group.model.map(model_depth)))
+        ax_depth.set(xscale="log", xlabel="depth (layers)", ylabel="final test accuracy")
+        ax_depth.set_xticks(depths, [str(d) for d in depths])
+        ax_depth.tick_params(axis="x", which="minor", labelbottom=False)
+        ax_params.set(xscale="log", xlabel="parameters")
+        for ax in (ax_depth, ax_params):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        fig.suptitle(f"Final test accuracy against model size: {dataset}, {recipe} (mean ± std over seeds)")
+        path = folder / f"size_{_slug(dataset)}_{_slug(recipe)}.png"
+        fig.savefig(path, dpi=100)
+        paths.append(path)
+    return paths

@@ -1,0 +1,282 @@
+"""cifarbench collect: records on disk -> tables, reference comparison, incomplete runs, plots, CLI."""
+
+import statistics
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cifarbench import cli
+from cifarbench.collect import RUNS_TAG, collect, model_depth
+from cifarbench.errors import UsageError
+from cifarbench.records import SCHEMA_KEY, SCHEMA_TAG, record_path
+from cifarbench.spec import RunSpec, get_recipe
+
+# The seed notebook's tables, verbatim (its own uneven padding included).
+NOTEBOOK_STEP200 = """\
+| ds/model   | cifar10 | cifar100 |
+|-----------|---------|----------|
+| resnet18  | 0.95    | 0.78     |
+| resnet20  | 0.92    | 0.68     |
+| resnet32  | 0.93    | 0.69     |
+| resnet34  | 0.96    | 0.79     |
+| resnet44  | 0.92    | 0.70     |
+| resnet50  | 0.95    | 0.78     |
+| resnet56  | 0.92    | 0.71     |"""
+NOTEBOOK_RESNET56 = """\
+| bs / opt | 64     | 128    | 256    |
+|------------|--------|--------|--------|
+| cos-200    | 0.7272 | 0.7162 | 0.7147 |
+| step-160   | 0.6997 | 0.6861 | 0.6740 |
+| step-200   | 0.7127 | 0.7107 | 0.7117 |"""
+# The same tables as collect writes them: columns padded to their widest cell.
+EXPECTED_STEP200 = """\
+| ds/model | cifar10 | cifar100 |
+|----------|---------|----------|
+| resnet18 | 0.95    | 0.78     |
+| resnet20 | 0.92    | 0.68     |
+| resnet32 | 0.93    | 0.69     |
+| resnet34 | 0.96    | 0.79     |
+| resnet44 | 0.92    | 0.70     |
+| resnet50 | 0.95    | 0.78     |
+| resnet56 | 0.92    | 0.71     |"""
+EXPECTED_RESNET56 = """\
+| bs / opt | 64     | 128    | 256    |
+|----------|--------|--------|--------|
+| cos-200  | 0.7272 | 0.7162 | 0.7147 |
+| step-160 | 0.6997 | 0.6861 | 0.6740 |
+| step-200 | 0.7127 | 0.7107 | 0.7117 |"""
+
+
+def seed_rows() -> list[dict]:
+    """Records carrying the notebook's numbers: step-200 bs=64 for 7 models x 2 datasets, and ResNet56 on
+    CIFAR100 for 3 recipes x 3 batch sizes (the two share step-200 bs=64, where the sweep's 0.7127 rounds to
+    the first table's 0.71)."""
+    grid = {"cifar10": [0.95, 0.92, 0.93, 0.96, 0.92, 0.95, 0.92],
+            "cifar100": [0.78, 0.68, 0.69, 0.79, 0.70, 0.78]}  # resnet56: from the sweep below
+    models = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56"]
+    rows = [{"model": m, "dataset": d, "final_test_acc": a} for d, accs in grid.items() for m, a in zip(models, accs)]
+    sweep = {"cos-200": [0.7272, 0.7162, 0.7147], "step-160": [0.6997, 0.6861, 0.6740],
+             "step-200": [0.7127, 0.7107, 0.7117]}
+    rows += [{"model": "resnet56", "dataset": "cifar100", "recipe": r, "batch_size": bs, "final_test_acc": acc}
+             for r, accs in sweep.items() for bs, acc in zip((64, 128, 256), accs)]
+    return rows
+
+
+def cells(markdown: str) -> list[list[str]]:
+    """A Markdown table's cells, whitespace and separator row ignored."""
+    lines = [ln for ln in markdown.strip().splitlines() if not set(ln) <= set("|-")]
+    return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+
+
+def section(markdown: str, heading: str) -> str:
+    """The text under ``## heading`` up to the next heading."""
+    return markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0].strip()
+
+
+def first_table(text: str) -> str:
+    return text.split("\n\n", 1)[0]
+
+
+def run_id(**fields) -> str:
+    """The run id of a record_row with these spec fields."""
+    spec = {"model": "resnet20", "dataset": "cifar10", "recipe": "step-200", "batch_size": 64, "seed": 0, **fields}
+    return RunSpec(**{**spec, "recipe": get_recipe(spec["recipe"])}).run_id
+
+
+def test_means_and_stds_over_seeds(write_records):
+    accs = {"resnet20": [0.90, 0.92, 0.91], "resnet56": [0.93, 0.95]}
+    results = write_records([{"model": m, "seed": s, "final_test_acc": a, "images_per_s": 1000.0 * (s + 1),
+                              "train_seconds": 600.0 * (s + 1)}
+                             for m, values in accs.items() for s, a in enumerate(values)])
+    report = collect(results, plots=False)
+    summary = pd.read_csv(results / "summary.csv").set_index("model")
+    for model, values in accs.items():
+        row = summary.loc[model]
+        assert row.n == len(values) and row.n_failed == 0
+        assert row.final_test_acc_mean == pytest.approx(statistics.mean(values))
+        assert row.final_test_acc_std == pytest.approx(statistics.stdev(values))
+        assert row.images_per_s_mean == pytest.approx(statistics.mean(1000.0 * (s + 1) for s in range(len(values))))
+        assert row.train_minutes_mean == pytest.approx(statistics.mean(10.0 * (s + 1) for s in range(len(values))))
+    table = cells(first_table(section(report.markdown, "step-200 bs=64")))
+    assert table == [["ds/model", "cifar10"], ["resnet20", "0.91 ± 0.01 (3)"], ["resnet56", "0.94 ± 0.01 (2)"]]
+    assert (results / "tables.md").read_text() == report.markdown
+
+
+def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
+    rows = [{"model": "resnet20", "seed": s, "final_test_acc": a} for s, a in enumerate([0.90, 0.92])]
+    results = write_records(rows)
+    clean = collect(results, out=tmp_path / "clean", plots=False)
+
+    good = record_path(results, run_id(seed=0))
+    truncated = results / "runs" / "truncated" / "record.parquet"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes(good.read_bytes()[:-200])
+    pq.write_table(pa.table({"x": [1, 2]}), results / "foreign.parquet")
+    (results / "old").mkdir()
+    older = pq.read_table(good).replace_schema_metadata({SCHEMA_KEY: b"record/0"})
+    pq.write_table(older, results / "old" / "r.parquet")
+    pq.write_table(pa.concat_tables([pq.read_table(good)] * 2), results / "two-rows.parquet")
+    fake = pa.table({"run_id": [1]}).replace_schema_metadata({SCHEMA_KEY: SCHEMA_TAG})
+    pq.write_table(fake, results / "fake.parquet")
+    (results / "bench").mkdir()  # another cifarbench table (throughput benchmarks): skipped without a warning
+    pq.write_table(pa.table({"images_per_s": [1.0]}).replace_schema_metadata({SCHEMA_KEY: b"bench/1"}),
+                   results / "bench" / "host.parquet")
+    # the same run collected twice, from a copy of an older attempt: it must not win
+    write_records([{**rows[0], "final_test_acc": 0.10, "ended_at": pd.Timestamp("2020-01-01", tz="UTC")}],
+                  results=results / "copy")
+
+    report = collect(results, out=tmp_path / "dirty", plots=False)
+    tables, missing = report.markdown.split("## Missing, failed and lost runs")
+    assert tables == clean.markdown.split("## Missing, failed and lost runs")[0]
+    assert missing.strip() == "- unreadable record (see the warning): `truncated`"
+    assert (tmp_path / "dirty" / "summary.csv").read_text() == (tmp_path / "clean" / "summary.csv").read_text()
+    assert report.warnings == [
+        "warning: skipped 1 files tagged as records whose columns are not the record schema's: fake.parquet",
+        "warning: skipped 1 Parquet files that are not cifarbench records: foreign.parquet",
+        "warning: skipped 1 records of schema record/0 (this cifarbench reads record/1): old/r.parquet",
+        "warning: skipped 1 unreadable Parquet files (corrupt or truncated): runs/truncated/record.parquet",
+        "warning: skipped 1 files in the record schema that do not hold exactly one run: two-rows.parquet",
+        f"note: ignored 1 duplicate records of 1 runs (kept the latest completed record of each): {run_id(seed=0)}",
+    ]
+
+
+def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records):
+    results = write_records([{"model": "resnet20", "final_test_acc": 0.90},
+                             {"model": "resnet32", "final_test_acc": 0.91}])
+    first = collect(results, plots=False)
+    assert pq.read_schema(results / "runs.parquet").metadata[SCHEMA_KEY] == RUNS_TAG
+    assert pq.read_table(results / "runs.parquet").num_rows == 2
+    again = collect(results, plots=False)  # reads runs.parquet back as the cache of unchanged records
+    assert again.warnings == [] and again.markdown == first.markdown
+    write_records([{"model": "resnet20", "final_test_acc": 0.95}], results=results)  # a rerun replaced the record
+    updated = collect(results, plots=False)
+    assert cells(first_table(section(updated.markdown, "step-200 bs=64")))[1:] == [["resnet20", "0.95"],
+                                                                                   ["resnet32", "0.91"]]
+
+
+def test_seed_notebook_layout(write_records):
+    report = collect(write_records(seed_rows()), plots=False)
+    headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
+    assert headings == ["step-200 bs=64", "ResNet56 CIFAR100", "Missing, failed and lost runs"]
+    step200 = first_table(section(report.markdown, "step-200 bs=64"))
+    resnet56 = first_table(section(report.markdown, "ResNet56 CIFAR100"))
+    assert step200 == EXPECTED_STEP200
+    assert resnet56 == EXPECTED_RESNET56
+    assert cells(step200) == cells(NOTEBOOK_STEP200)
+    assert cells(resnet56) == cells(NOTEBOOK_RESNET56)
+
+
+def test_models_are_ordered_by_depth_across_families_as_in_the_notebook():
+    from cifarbench.models import MODELS
+
+    assert {m: model_depth(m) for m in MODELS} == {m: info.depth for m, info in MODELS.items()}
+    notebook = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56"]
+    assert sorted(reversed(notebook), key=model_depth) == notebook
+
+
+def test_reference_comparison_with_the_seed_notebook(write_records):
+    report = collect(write_records(seed_rows()), plots=False)
+    comparison = cells(section(report.markdown, "ResNet56 CIFAR100").split("\n\n")[1])
+    assert comparison[0] == ["recipe", "batch_size", "final acc", "best-epoch acc†", "published", "Δ final − published"]
+    assert ["step-160", "256", "0.6740", "0.6740", "0.6740 [1]", "+0.0000"] in comparison
+    notes = section(report.markdown, "ResNet56 CIFAR100").split("\n\n")[2]
+    assert "[1] seed-notebook: final epoch" in notes and "† best epoch chosen on the test set" in notes
+
+
+def test_reference_from_a_paper_shows_the_difference_and_its_protocol(write_records):
+    results = write_records([{"model": "resnet20", "recipe": "step-160", "batch_size": 128, "final_test_acc": 0.9150},
+                             {"model": "resnet32", "recipe": "step-160", "batch_size": 128, "final_test_acc": 0.9200}])
+    default = collect(results, plots=False)
+    assert "published" not in default.markdown  # the notebook never ran step-160 at batch size 128
+    report = collect(results, source="he2016", plots=False)
+    text = section(report.markdown, "step-160 bs=128")
+    rows = cells(text.split("\n\n")[1])
+    assert ["resnet20", "cifar10", "0.9150", "0.9150", "0.9125 [1]", "+0.0025"] in rows
+    assert ["resnet32", "cifar10", "0.9200", "0.9200", "0.9249 [2]", "-0.0049"] in rows
+    assert "[1] he2016: Table 6 of arXiv:1512.03385; 45k/5k split" in text
+    assert "(a different protocol: he2016, batch size 128, 182 epochs)" in text
+    with pytest.raises(UsageError, match="unknown --reference source 'he2017' \\(did you mean 'he2016'\\?\\)"):
+        collect(results, source="he2017", plots=False)
+
+
+def test_failed_lost_and_never_submitted_runs_are_listed(write_records):
+    results = write_records([
+        {"model": "resnet20", "final_test_acc": 0.91},
+        {"model": "resnet32", "status": "failed", "final_test_acc": None, "test_acc": [0.1, 0.2],
+         "error": "CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback ...", "epochs_done": 2},
+    ])
+    spec = lambda model, seed=0: RunSpec(model=model, dataset="cifar10", recipe=get_recipe("step-200"),  # noqa: E731
+                                         batch_size=64, seed=seed)
+    lost = spec("resnet44")
+    (results / "runs" / lost.run_id).mkdir()
+    (results / "runs" / lost.run_id / "last.ckpt").write_bytes(b"checkpoint")
+    expected = [spec("resnet20"), spec("resnet32"), lost, spec("resnet56", seed=3)]
+    report = collect(results, expected=expected, plots=False)
+    table = cells(first_table(section(report.markdown, "step-200 bs=64")))
+    assert table[1:] == [["resnet20", "0.91"], ["resnet32", "failed"]]
+    listed = section(report.markdown, "Missing, failed and lost runs").splitlines()
+    assert listed == [
+        f"- failed: `{spec('resnet32').run_id}` (resnet32 cifar10 step-200 bs=64 seed=0): "
+        "CUDA out of memory. Tried to allocate 2.00 GiB",
+        f"- no record (still running, or lost): `{lost.run_id}` (resnet44 cifar10 step-200 bs=64 seed=0)",
+        f"- never submitted: `{spec('resnet56', 3).run_id}` (resnet56 cifar10 step-200 bs=64 seed=3)",
+    ]
+
+
+def test_custom_pivot_and_where(write_records):
+    runs = [("cifar100", "cos-200", 64, 0.7272), ("cifar100", "step-160", 64, 0.6997),
+            ("cifar100", "cos-200", 128, 0.7162), ("cifar10", "cos-200", 64, 0.94)]
+    results = write_records([{"model": "resnet56", "dataset": d, "recipe": r, "batch_size": bs, "final_test_acc": acc}
+                             for d, r, bs, acc in runs])
+    report = collect(results, rows=["recipe"], cols=["batch_size"], where=["dataset=cifar100"], plots=False)
+    assert cells(first_table(section(report.markdown, "ResNet56 CIFAR100"))) == [
+        ["batch_size / recipe", "64", "128"], ["cos-200", "0.7272", "0.7162"], ["step-160", "0.6997", "–"]]
+    speed = collect(results, rows=["model"], cols=["dataset"], value="images_per_s", plots=False)
+    assert "5000" in speed.markdown
+    with pytest.raises(UsageError, match="unknown --where key 'datset' \\(did you mean 'dataset'\\?\\)"):
+        collect(results, where=["datset=cifar100"], plots=False)
+    with pytest.raises(UsageError, match="--where batch_size: big is not a number"):
+        collect(results, where=["batch_size=big"], plots=False)
+
+
+def test_plots_are_written(write_records, tmp_path):
+    results = write_records([{"model": m, "dataset": d, "seed": s, "final_test_acc": 0.9 - 0.01 * s, "params": p}
+                             for m, p in (("resnet20", 272_474), ("resnet56", 855_770))
+                             for d in ("cifar10", "cifar100") for s in range(2)])
+    report = collect(results, out=tmp_path / "out")
+    pngs = [p for p in report.written if p.suffix == ".png"]
+    assert {p.name for p in pngs} == {"curves_step-200_bs=64.png", "size_cifar10_step-200.png",
+                                      "size_cifar100_step-200.png"}
+    for png in pngs:
+        assert png.parent == tmp_path / "out" / "plots"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_cli_collect(write_records, tmp_path, capsys):
+    results = write_records(seed_rows())
+    assert cli.main(["collect", str(results), "--no-plots", "--out", str(tmp_path / "out")]) == 0
+    out, err = capsys.readouterr()
+    assert EXPECTED_STEP200 in out and EXPECTED_RESNET56 in out
+    assert f"wrote {tmp_path / 'out' / 'tables.md'}" in err and ".png" not in err
+
+
+def test_cli_collect_with_a_grid_lists_runs_never_submitted(write_records, tmp_path, capsys):
+    results = write_records([{"model": "resnet20", "final_test_acc": 0.91}])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"models: [resnet20, resnet32]\ndatasets: [cifar10]\nopts: [step-200]\nbatch_sizes: [64]\n"
+                    f"seeds: [0]\nresults: {results}\n")
+    assert cli.main(["collect", str(results), "--grid", str(grid), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert f"- never submitted: `{run_id(model='resnet32')}` (resnet32 cifar10 step-200 bs=64 seed=0)" in out
+
+
+@pytest.mark.parametrize("target", ["missing", "a-file"])
+def test_cli_collect_rejects_a_path_that_is_not_a_folder(tmp_path, capsys, target):
+    path = tmp_path / target
+    if target == "a-file":
+        path.write_text("not a folder")
+    assert cli.main(["collect", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and str(path) in err
