@@ -178,7 +178,7 @@ def _non_negative_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cifarbench.models import MODELS
+    # Only torch-free modules here: every command, `collect` and `status` included, builds this parser.
     from cifarbench.spec import DATASETS, LOADERS, PRECISIONS, RECIPES
 
     parser = _Parser(prog="cifarbench", description="CIFAR ResNet benchmarks on SLURM.")
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("run", help="train one run in this process and write its record")
-    p.add_argument("--model", required=True, choices=list(MODELS), metavar="MODEL")
+    p.add_argument("--model", required=True, help="e.g. resnet56 (`cifarbench models` lists them)")
     p.add_argument("--dataset", required=True, choices=list(DATASETS))
     p.add_argument("--opt", required=True, choices=list(RECIPES), help="optimisation recipe")
     p.add_argument("--batch-size", required=True, type=_positive_int)
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")
     p.add_argument("--what", choices=["pipeline", "train", "all"], default="all")
-    p.add_argument("--model", choices=list(MODELS), metavar="MODEL", default="resnet56")
+    p.add_argument("--model", default="resnet56", help="a model name (`cifarbench models`)")
     p.add_argument("--dataset", choices=list(DATASETS), default="synthetic100",
                    help="a missing synthetic dataset is written; a real one must be downloaded first")
     p.add_argument("--batch-size", type=_positive_int, default=64)

@@ -9,7 +9,6 @@ Two families, both built by patching torchvision's ``ResNet``:
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv
+
+from cifarbench.errors import UnknownNameError, check_name  # noqa: F401 - part of this module's interface
 
 
 class ShortcutA(nn.Module):
@@ -84,20 +85,6 @@ def _registry() -> dict[str, ModelInfo]:
 
 
 MODELS: dict[str, ModelInfo] = _registry()
-
-
-class UnknownNameError(ValueError):
-    """A name that is not in a registry; the message lists the valid names."""
-
-
-def check_name(name: str, valid, what: str) -> str:
-    """Return ``name`` if it is one of ``valid``, else raise UnknownNameError with a did-you-mean."""
-    valid = list(valid)
-    if name in valid:
-        return name
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UnknownNameError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
 
 
 def get_resnet(name: str, num_classes: int) -> nn.Module:

@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from cifarbench.models import MODELS, check_name
+from cifarbench.errors import check_name
 
 # Bump when the meaning of a spec field changes: every run id changes with it.
 SPEC_VERSION = 1
@@ -84,6 +84,8 @@ class RunSpec:
     def __post_init__(self):
         if self.epochs == self.recipe.epochs:  # the recipe's own length: the same run, so the same id
             object.__setattr__(self, "epochs", None)
+        from cifarbench.models import MODELS  # torch: only where a spec is built, not for every command
+
         check_name(self.model, MODELS, "model")
         check_name(self.dataset, DATASETS, "dataset")
         check_name(self.loader, LOADERS, "loader")

@@ -99,7 +99,7 @@ def test_run_command_user_errors_are_one_line(tmp_path, capsys):
     assert main(args[:-4] + ["--batch-size", "0"]) == 2
     assert "must be a positive integer" in capsys.readouterr().err
     assert main(["run", "--model", "resnet21", "--dataset", "cifar10", "--opt", "step-200", "--batch-size", "8"]) == 2
-    assert "invalid choice: 'resnet21'" in capsys.readouterr().err
+    assert "unknown model 'resnet21'" in capsys.readouterr().err
 
 
 def test_a_duplicate_job_waits_for_the_first_and_then_does_nothing(synthetic_root, tmp_path):
