@@ -60,7 +60,7 @@ def test_he2016():
 def test_smoke_is_small_and_cpu_friendly():
     g = load_grid(JOBS / "smoke.yaml")
     assert len(g.specs) == 4 and {s.dataset for s in g.specs} == {"synthetic10"}
-    assert {(s.epochs, s.precision, s.data_root) for s in g.specs} == {(2, "32-true", "data")}
+    assert {(s.epochs, s.precision, s.data_root) for s in g.specs} == {(3, "32-true", "data")}
     assert g.resources.gpus_per_node == 1 and g.resources.timeout_min == 20
 
 
@@ -323,9 +323,9 @@ def test_pinned_run_ids():
         "resnet20-cifar10-v1-c2dd197cfa28")
     assert spec(model="resnet18", dataset="cifar10", recipe=RECIPES["step-200"]).run_id == (
         "resnet18-cifar10-v1-6923387b0e23")
-    smoke = spec(model="resnet20", dataset="synthetic10", recipe=RECIPES["step-160"], batch_size=128, seed=1,
-                 epochs=2, precision="32-true")
-    assert smoke.run_id == "resnet20-synthetic10-v1-2b665366a67c"
+    smoke = spec(model="resnet20", dataset="synthetic10", recipe=RECIPES["step-160"], batch_size=64, seed=1,
+                 epochs=3, precision="32-true")
+    assert smoke.run_id == "resnet20-synthetic10-v1-fdc7796d3d9c"
     assert smoke.run_id in [s.run_id for s in load_grid(JOBS / "smoke.yaml").specs]
     assert spec().run_id in [s.run_id for s in load_grid(JOBS / "resnet56-cifar100-recipes.yaml").specs]
 
