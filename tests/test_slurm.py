@@ -293,3 +293,34 @@ def test_bad_input_is_one_line_exit_2_and_submits_nothing(tmp_path, monkeypatch,
     assert captured.err.startswith(f"cifarbench: error: {grid}: ") and message in captured.err
     assert before == _jobs_from(tmp_path) == set()
     assert not (tmp_path / "submissions").exists() and not (tmp_path / "results").exists()
+
+
+def test_a_grid_far_beyond_max_array_size_is_chunked_not_refused(tmp_path):
+    limit = submit.max_array_size()
+    n = 2 * limit + 100  # three arrays: limit, limit, 100
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+models: [resnet20]
+datasets: [synthetic10]
+opts: [step-160]
+batch_sizes: [64]
+seeds: {list(range(n))}
+root: {tmp_path / 'data'}
+results: {tmp_path / 'results'}
+slurm: {{gpus_per_node: 0, cpus_per_task: 1, time: "00:05:00", array_parallelism: 1}}
+""")
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out):
+            assert main(["submit", str(grid)]) == 0
+    finally:
+        manifests = list((tmp_path / "results" / "submissions").glob("*.json"))
+        arrays = sorted({e["array_job_id"] for m in manifests for e in json.loads(m.read_text())["runs"]})
+        if arrays:
+            subprocess.run(["scancel", *arrays], timeout=60)
+    assert f"{n} to submit" in out.getvalue()
+    entries = json.loads(manifests[0].read_text())["runs"]
+    sizes = sorted(sum(e["array_job_id"] == a for e in entries) for a in arrays)
+    assert len(manifests) == 1 and len(entries) == n
+    assert sizes == [100, limit, limit]
+    assert max(e["array_index"] for e in entries) == limit - 1

@@ -127,3 +127,14 @@ def test_a_failing_duplicate_never_replaces_a_completed_record(synthetic_root, t
     with pytest.raises(RuntimeError, match="node lost"):
         train.fit(spec, callbacks=[_Crash(after_epoch=0)])
     assert records.read_record(records.record_path(tmp_path, spec.run_id))["status"] == "completed"
+
+
+def test_an_unwritable_results_folder_fails_loudly_in_the_job(synthetic_root, tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "runs").write_text("not a folder")  # nothing can be written below it, even by root
+    spec = _spec(synthetic_root, results, epochs=1)
+    with pytest.raises(OSError):
+        train.fit(spec)
+    err = capsys.readouterr().err
+    assert f"[{spec.run_id}] cannot write the failed record to {results}" in err
