@@ -1,15 +1,13 @@
-"""Records -> tables: read every record under a results folder, aggregate over seeds, render Markdown.
+"""Records -> tables: aggregate the runs that ``records.read_records`` found over seeds, render Markdown.
 
-``read_records`` and ``collect`` are the I/O edges; everything between (dedupe, select, summarize, tables,
-render) is pure and works on DataFrames.
+``collect`` is the I/O edge; everything it calls here (dedupe, select, summarize, tables, render) is pure and
+works on DataFrames.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,153 +15,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from cifarbench import reference
+from cifarbench import records, reference
 from cifarbench.errors import UsageError
-from cifarbench.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, atomic_write_table
 
-# runs.parquet, the collector's own output, is tagged so that a later collect never reads it as a record. It
-# also keys every run by its record's path, size, mtime and inode (an atomic rewrite always makes a new inode): a
-# later collect of the same folder reads only the records that changed, since opening a one-row Parquet file
-# costs far more than its one row.
-RUNS_TAG = b"runs/1"
-_ROOT_KEY = b"cifarbench.results"
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
 # split by one of them only where the cell (recipe, batch size, ...) does not already decide it.
 CONFIG = ("dataset", "model", "recipe", "batch_size", "precision", "loader", "deterministic",
           "recipe_epochs", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "epochs")
 _DERIVED = CONFIG[7:]
-COLUMNS = ("run_id", "status", "seed", "ended_at", "error", *CONFIG, "params",
-           "final_test_acc", "best_test_acc", "images_per_s", "train_seconds", "test_acc")
-_READ_SCHEMA = pa.schema([SCHEMA.field(name) for name in COLUMNS])
-_FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k in ("size", "mtime_ns", "inode"))]
-_RUNS_SCHEMA = pa.schema([*_READ_SCHEMA, *_FILE_FIELDS])
 VALUES = {"final_test_acc": 4, "best_test_acc": 4, "images_per_s": 0, "train_minutes": 1}  # -> decimals
-_WHY = {"unreadable": "unreadable Parquet files (corrupt or truncated)",
-        "foreign": "Parquet files that are not cifarbench records",
-        "mislabelled": "files tagged as records whose columns are not the record schema's"}
-# Arrow releases the GIL while it parses a file: one thread more than cores keeps the cores busy. (Without
-# pre_buffer, which hands every column of a tiny file to Arrow's I/O pool and back, two threads read twice as fast
-# as one; with it, they barely gain.)
-_WORKERS = (os.cpu_count() or 1) + 1
-_CHUNK = 256
-
-
-@dataclass(frozen=True)
-class Scan:
-    table: pa.Table  # every readable record: COLUMNS, then the file's path (relative to results), size, mtime, inode
-    skipped: dict[str, list[str]]  # why -> paths
-    no_record: list[str]  # run folders without a record: still running, or lost
-    changed: bool  # whether the records differ from the cache's (False: runs.parquet is up to date)
-
-
-def _read_one(path: str) -> tuple[pa.Table | None, str | None]:
-    try:
-        with pq.ParquetFile(path, pre_buffer=False) as pf:
-            tag, rows = (pf.metadata.metadata or {}).get(SCHEMA_KEY), pf.metadata.num_rows
-            table = pf.read(columns=list(COLUMNS), use_threads=False) if tag == SCHEMA_TAG and rows == 1 else None
-    except (OSError, pa.ArrowException):
-        return None, "unreadable"
-    if table is not None:
-        if table.schema.equals(_READ_SCHEMA):
-            return table, None
-        try:
-            return table.cast(_READ_SCHEMA), None
-        except (ValueError, pa.ArrowException):
-            return None, "mislabelled"
-    if tag is None:
-        return None, "foreign"
-    if tag == SCHEMA_TAG:
-        return None, "files in the record schema that do not hold exactly one run"
-    if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
-        return None, None
-    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {SCHEMA_TAG.decode()})"
-
-
-def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table | None, list[tuple[str, str]]]:
-    tables, counts, skipped = [], [], []
-    for rel, *_ in files:
-        table, why = _read_one(os.path.join(results, rel))
-        tables += [table] if table is not None else []
-        counts.append(0 if table is None else table.num_rows)
-        skipped += [(rel, why)] if why else []
-    if not tables:
-        return None, skipped
-    table = pa.concat_tables(tables).replace_schema_metadata(None)
-    for field, values in zip(_FILE_FIELDS, zip(*files)):
-        table = table.append_column(field, pa.array(np.repeat(np.array(values, dtype=object), counts), field.type))
-    return table.combine_chunks(), skipped  # here, in parallel, rather than once over every row at the end
-
-
-def _walk(results: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
-    """(path relative to results, size, mtime_ns, inode) of every Parquet file, and the run folders without a
-    record. A results folder can hold 100,000 run folders: each costs one stat of its record.parquet, not a
-    listing."""
-    files, no_record = [], []
-    folders = [("", str(results))]
-    while folders:
-        rel, folder = folders.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:  # removed, or unreadable, since it was listed
-            continue
-        in_runs = os.path.basename(folder) == "runs"
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                if not in_runs:
-                    folders.append((f"{rel}{entry.name}/", entry.path))
-                    continue
-                try:
-                    st = os.stat(os.path.join(entry.path, "record.parquet"))
-                except OSError:
-                    no_record.append(entry.name)
-                    continue
-                files.append((f"{rel}{entry.name}/record.parquet", st.st_size, st.st_mtime_ns, st.st_ino))
-            elif entry.name.endswith(".parquet") and not entry.name.startswith("."):  # ".record.parquet.*.tmp"
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue
-                files.append((rel + entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
-    return sorted(files), sorted(no_record)
-
-
-def load_cache(path: Path, results: Path) -> pa.Table | None:
-    """The runs of a previous runs.parquet written for the same results folder, else None."""
-    try:
-        with pq.ParquetFile(path) as pf:
-            meta = pf.metadata.metadata or {}
-            if meta.get(SCHEMA_KEY) != RUNS_TAG or meta.get(_ROOT_KEY) != str(results.resolve()).encode():
-                return None
-            table = pf.read()
-    except (OSError, pa.ArrowException):
-        return None
-    return table.replace_schema_metadata(None) if table.schema.equals(_RUNS_SCHEMA) else None
-
-
-def read_records(results: Path, cache: pa.Table | None = None) -> Scan:
-    """Every record under ``results``. Files unchanged since ``cache`` are taken from it; the others are read
-    one by one, so that a corrupt, truncated or foreign file costs only itself."""
-    files, no_record = _walk(results)
-    tables, gone = [], cache is None
-    if cache is not None:
-        current = set(files)
-        cached = list(zip(*(cache.column(f.name).to_pylist() for f in _FILE_FIELDS)))
-        keep = np.fromiter((key in current for key in cached), bool, len(cached))
-        tables.append(cache.filter(keep))
-        gone = not keep.all()
-        files = sorted(current.difference(k for k, kept in zip(cached, keep) if kept))
-    chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
-    with ThreadPoolExecutor(_WORKERS) as pool:
-        parts = list(pool.map(lambda chunk: _read_chunk(results, chunk), chunks))
-    tables += [t for t, _ in parts if t is not None]
-    skipped: dict[str, list[str]] = {}
-    for rel, why in (s for _, ss in parts for s in ss):
-        skipped.setdefault(why, []).append(rel)
-    table = pa.concat_tables(tables) if tables else _RUNS_SCHEMA.empty_table()
-    changed = gone or any(t is not None for t, _ in parts)
-    return Scan(table=table.combine_chunks(), skipped=skipped, no_record=no_record, changed=changed)
 
 
 def to_frame(table: pa.Table) -> pd.DataFrame:
@@ -407,10 +268,10 @@ def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", wher
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is not a folder; give a folder")
 
-    scan = read_records(root, load_cache(folder / "runs.parquet", root))
-    warnings = [f"warning: skipped {len(paths)} {_WHY.get(why, why)}: {', '.join(paths[:10])}"
+    scan = records.read_records(root, records.load_runs(folder / "runs.parquet", root))
+    warnings = [f"warning: skipped {len(paths)} {why}: {', '.join(paths[:10])}"
                 + (f" and {len(paths) - 10} more" if len(paths) > 10 else "") for why, paths in scan.skipped.items()]
-    all_runs, dropped = dedupe(to_frame(scan.table))
+    all_runs, dropped = dedupe(to_frame(scan.table.drop_columns("test_acc")))
     if len(dropped):
         ids = sorted(set(dropped.run_id))
         warnings.append(f"note: ignored {len(dropped)} duplicate records of {len(ids)} runs (kept the latest "
@@ -430,7 +291,7 @@ def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", wher
         tabs = default_tables(summary, value)
     matches = [reference.match(t.cells[t.cells.n > 0], published, source) if value == "final_test_acc" else None
                for t in tabs]
-    unreadable = [Path(p).parent.name for p in scan.skipped.get("unreadable", ())
+    unreadable = [Path(p).parent.name for p in scan.skipped.get(records.UNREADABLE, ())
                   if Path(p).name == "record.parquet" and Path(p).parent.parent.name == "runs"]
     missing = incomplete(runs, set(all_runs.run_id), scan.no_record, unreadable, expected)
     markdown = render(runs, tabs, matches, missing, value)
@@ -438,14 +299,17 @@ def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", wher
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tables.md").write_text(markdown, encoding="utf-8")
     summary.to_csv(folder / "summary.csv", index=False)
-    if scan.changed or not (folder / "runs.parquet").exists():
-        kept = np.zeros(scan.table.num_rows, bool)
+    table = scan.table
+    if plots:  # curves: read from the records' columns once, then kept in runs.parquet
+        table = records.with_curves(root, table, runs.index[runs.status.eq("completed")])
+    if scan.changed or table is not scan.table or not (folder / "runs.parquet").exists():
+        kept = np.zeros(table.num_rows, bool)
         kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
-        meta = {SCHEMA_KEY: RUNS_TAG, _ROOT_KEY: str(root.resolve()).encode()}
-        atomic_write_table(scan.table.filter(kept).replace_schema_metadata(meta), folder / "runs.parquet")
+        records.write_runs(table.filter(kept), folder / "runs.parquet", root)
     written = [folder / "tables.md", folder / "summary.csv", folder / "runs.parquet"]
     if plots:
         from cifarbench.plots import write_plots
 
-        written += write_plots(runs.assign(config=config), summary, tabs, folder / "plots")
+        curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
+        written += write_plots(runs.assign(config=config, test_acc=curves), summary, tabs, folder / "plots")
     return Report(markdown, warnings, written)

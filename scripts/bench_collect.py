@@ -1,17 +1,19 @@
 """How long ``cifarbench collect`` takes on N records.
 
-    python scripts/bench_collect.py 10000 [--keep DIR [--reuse]]
+    python scripts/bench_collect.py 10000 [--keep DIR [--reuse]] [--repeat 3]
 
 Writes N synthetic records (8 models x 2 datasets x 3 recipes x 3 batch sizes, as many seeds as it takes, 200
 epochs of curves, 1% failed runs, and a few truncated files) into a temporary folder, then runs collect in a
 fresh process each time and prints how long the call took:
 
-- cold: no runs.parquet yet, every record is opened (the records are in the page cache: just written);
+- cold: no runs.parquet yet, every record's footer is read (the records are in the page cache: just written);
+  ``--repeat`` times, then the median;
 - warm: runs.parquet from the previous collect, nothing changed (what a second collect costs);
-- warm + plots: the same with the PNGs.
+- warm, tables + plots: the same with the PNGs, which first read the curves of every completed run from its record;
+- warm, plots again: the curves now come from runs.parquet.
 
-Records are written with pyarrow in the record schema (what ``write_record`` writes, without its per-file
-fsync), from a pool of processes: the benchmark measures collect, not writing.
+Records are written with pyarrow as ``write_record`` writes them (record schema, summary in the footer), without
+its per-file fsync and rename, from a pool of processes: the benchmark measures collect, not writing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifarbench.records import SCHEMA, record_path
+from cifarbench.records import SCHEMA, SUMMARY_KEY, record_path, with_summary
 
 MODELS = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56", "resnet110"]
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -117,7 +120,7 @@ def _write_range(args) -> None:
         row = _table.slice(i, 1)
         path = record_path(results, row["run_id"][0].as_py())
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(row, path)
+        pq.write_table(with_summary(row), path)
 
 
 def write_records(table: pa.Table, results: Path) -> None:
@@ -151,14 +154,32 @@ def measure(results: Path, plots: bool) -> tuple[float, float, float, int, int]:
     return float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4])
 
 
+def report(name: str, results: Path, plots: bool) -> float:
+    # The machine may be shared: the load average and CPU time say how much of the wall time was waiting.
+    load = os.getloadavg()[0]
+    imports, seconds, cpu, warnings, pngs = measure(results, plots)
+    print(f"{name:22s} {seconds:7.2f} s wall {cpu:7.2f} s CPU  (+{imports:.2f} s imports; {warnings} warning "
+          f"lines, {pngs} PNGs; load {load:.1f})", flush=True)
+    return seconds
+
+
+def has_summaries(results: Path) -> bool:
+    """Whether the records in ``results`` were written with a summary in their footer (the current record/1)."""
+    run = next(e.name for e in os.scandir(results / "runs") if not e.name.startswith("truncated-"))
+    return SUMMARY_KEY in (pq.read_metadata(record_path(results, run)).metadata or {})
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", type=int, help="how many records")
     parser.add_argument("--keep", type=Path, help="write the records here and keep them (default: a temp folder)")
     parser.add_argument("--reuse", action="store_true", help="measure the records already in --keep")
+    parser.add_argument("--repeat", type=int, default=1, help="measure cold this many times; print the median")
     args = parser.parse_args(argv)
     if args.reuse and args.keep is None:
         parser.error("--reuse needs --keep DIR")
+    if args.reuse and not has_summaries(args.keep):
+        parser.error(f"the records in {args.keep} have no summary in their footer: write them again (no --reuse)")
     results = args.keep or Path(tempfile.mkdtemp(prefix="cifarbench-bench-"))
     try:
         if not args.reuse:
@@ -166,14 +187,16 @@ def main(argv=None) -> int:
             write_records(synthetic_table(args.n), results)
             print(f"wrote {args.n} records to {results} in {time.perf_counter() - t:.1f} s")
         size = sum(f.stat().st_size for f in (results / "runs").glob("*/record.parquet"))
-        print(f"{results}: {size / 1e6:.0f} MB of records; {os.cpu_count()} cores")
-        # The machine may be shared: the load average and CPU time say how much of the wall time was waiting.
-        (results / "runs.parquet").unlink(missing_ok=True)
-        for name, plots in (("cold, tables", False), ("warm, tables", False), ("warm, tables + plots", True)):
-            load = os.getloadavg()[0]
-            imports, seconds, cpu, warnings, pngs = measure(results, plots)
-            print(f"{name:22s} {seconds:7.2f} s wall {cpu:7.2f} s CPU  (+{imports:.2f} s imports; {warnings} warning "
-                  f"lines, {pngs} PNGs; load {load:.1f})")
+        print(f"{results}: {size / 1e6:.0f} MB of records; {os.cpu_count()} cores", flush=True)
+        cold = []
+        for _ in range(args.repeat):
+            (results / "runs.parquet").unlink(missing_ok=True)
+            cold.append(report("cold, tables", results, plots=False))
+        if args.repeat > 1:
+            print(f"{'cold, median':22s} {statistics.median(cold):7.2f} s wall")
+        report("warm, tables", results, plots=False)
+        report("warm, tables + plots", results, plots=True)
+        report("warm, plots again", results, plots=True)
     finally:
         if args.keep is None:
             shutil.rmtree(results, ignore_errors=True)

@@ -1,5 +1,6 @@
 """cifarbench collect: records on disk -> tables, reference comparison, incomplete runs, plots, CLI."""
 
+import json
 import statistics
 
 import pandas as pd
@@ -8,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cifarbench import cli
-from cifarbench.collect import RUNS_TAG, collect, model_depth
+from cifarbench.collect import collect, model_depth
 from cifarbench.errors import UsageError
-from cifarbench.records import SCHEMA_KEY, SCHEMA_TAG, record_path
+from cifarbench.records import RUNS_TAG, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, read_records, record_path
 from cifarbench.spec import RunSpec, get_recipe
 
 # The seed notebook's tables, verbatim (its own uneven padding included).
@@ -142,12 +143,39 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     ]
 
 
+def test_the_footer_summary_holds_the_records_own_values(write_records):
+    results = write_records([{"model": "resnet20", "final_test_acc": 0.91},
+                             {"model": "resnet32", "status": "failed", "final_test_acc": None, "test_acc": [0.1],
+                              "error": "CUDA out of memory.\nTraceback ...", "epochs_done": 1}])
+    scanned = {row["run_id"]: row for row in read_records(results).table.to_pylist()}
+    for path in sorted(results.glob("runs/*/record.parquet")):
+        columns = pq.read_table(path).select(SUMMARY_FIELDS).to_pylist()[0]
+        first_line = columns["error"] and columns["error"].splitlines()[0]
+        summary = json.loads(pq.read_metadata(path).metadata[SUMMARY_KEY])
+        assert summary == {**columns, "ended_at": columns["ended_at"].isoformat(), "error": first_line}
+        assert {k: scanned[columns["run_id"]][k] for k in SUMMARY_FIELDS} == {**columns, "error": first_line}
+    assert len(scanned) == 2 and {row["status"] for row in scanned.values()} == {"completed", "failed"}
+
+
+def test_a_summary_with_a_value_of_the_wrong_type_costs_only_its_own_file(write_records):
+    results = write_records([{"model": "resnet20", "seed": s} for s in range(3)])
+    path = record_path(results, run_id(seed=1))
+    record = pq.read_table(path)
+    summary = {**json.loads(record.schema.metadata[SUMMARY_KEY]), "seed": "one"}
+    pq.write_table(record.replace_schema_metadata({SCHEMA_KEY: SCHEMA_TAG, SUMMARY_KEY: json.dumps(summary)}), path)
+    scan = read_records(results)
+    assert sorted(scan.table.column("seed").to_pylist()) == [0, 2]
+    assert scan.skipped == {"files tagged as records whose columns are not the record schema's":
+                            [f"runs/{run_id(seed=1)}/record.parquet"]}
+
+
 def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records):
     results = write_records([{"model": "resnet20", "final_test_acc": 0.90},
                              {"model": "resnet32", "final_test_acc": 0.91}])
     first = collect(results, plots=False)
     assert pq.read_schema(results / "runs.parquet").metadata[SCHEMA_KEY] == RUNS_TAG
-    assert pq.read_table(results / "runs.parquet").num_rows == 2
+    runs = pq.read_table(results / "runs.parquet")
+    assert runs.num_rows == 2 and runs.column("test_acc").null_count == 2  # curves: read for plots only
     again = collect(results, plots=False)  # reads runs.parquet back as the cache of unchanged records
     assert again.warnings == [] and again.markdown == first.markdown
     write_records([{"model": "resnet20", "final_test_acc": 0.95}], results=results)  # a rerun replaced the record
@@ -247,6 +275,7 @@ def test_plots_are_written(write_records, tmp_path):
                              for d in ("cifar10", "cifar100") for s in range(2)])
     report = collect(results, out=tmp_path / "out")
     pngs = [p for p in report.written if p.suffix == ".png"]
+    assert pq.read_table(tmp_path / "out" / "runs.parquet").column("test_acc").null_count == 0  # read once, kept
     assert {p.name for p in pngs} == {"curves_step-200_bs=64.png", "size_cifar10_step-200.png",
                                       "size_cifar100_step-200.png"}
     for png in pngs:
