@@ -66,9 +66,11 @@ def _curves(done: pd.DataFrame, table: Table, folder: Path) -> Path | None:
                 std = acc.std(axis=0, ddof=1)
                 ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
         ax.set(title=f"{' '.join(table.cols)} {panel}", xlabel="epoch", ylabel="test accuracy")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend(title=" ".join(table.rows), fontsize="small")
-    fig.suptitle(f"Test accuracy per epoch: {table.title} (mean, band ± 1 std over seeds)")
+    # two lines: one narrow panel cannot hold the whole title on one
+    fig.suptitle(f"Test accuracy per epoch: {table.title}\n(mean, band ± 1 std over seeds)")
     path = folder / f"curves_{_slug(table.title)}.png"
     fig.savefig(path, dpi=100)
     return path
