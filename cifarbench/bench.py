@@ -87,17 +87,14 @@ def _images_per_s(batches, consume, *, device, steps, warmup, repeats) -> float:
     return statistics.median(rates)
 
 
-def _environment(device: torch.device) -> dict:
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch_version": torch.__version__, "cuda_version": torch.version.cuda,
-            "hostname": socket.gethostname(), "cpu_cores": usable_cores(), "torch_threads": torch.get_num_threads(),
-            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-
-
 def _finish(rows: list[dict], *, device: torch.device, **common) -> list[dict]:
-    """Add the ratio to the baseline row and the shared columns."""
+    """Add the ratio to the baseline row, and the columns every row shares."""
     base = next(r["images_per_s"] for r in rows if r["baseline"])
-    env = {**_environment(device), "created_at": datetime.now(timezone.utc)}
+    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch_version": torch.__version__, "cuda_version": torch.version.cuda, "hostname": socket.gethostname(),
+           "cpu_cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+           "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+           "created_at": datetime.now(timezone.utc)}
     return [{**common, **r, "ratio": None if r["images_per_s"] is None else r["images_per_s"] / base, **env}
             for r in rows]
 
