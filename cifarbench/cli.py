@@ -136,11 +136,14 @@ def _cmd_collect(args) -> int:
 
 def _cmd_bench(args) -> int:
     from cifarbench import bench
-    from cifarbench.train import default_device
+    from cifarbench.models import MODELS, check_name
+    from cifarbench.train import default_device, resolve_precision
 
+    device = default_device()
+    check_name(args.model, MODELS, "model")  # fail before the measurements, not after minutes of them
+    resolve_precision(args.precision, device)
     if bench.prepare_data(args.dataset, args.data_root):
         print(f"{args.dataset}: not found in {args.data_root}, wrote a synthetic copy there", file=sys.stderr)
-    device = default_device()
     timing = {key: getattr(args, key) for key in ("steps", "warmup", "repeats") if getattr(args, key) is not None}
     common = dict(dataset=args.dataset, root=args.data_root, batch_size=args.batch_size, device=device, **timing)
     rows = []

@@ -89,3 +89,13 @@ def test_bench_command_refuses_to_download(tmp_path, capsys):
     assert main(["bench", "--dataset", "cifar10", "--data-root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset cifar10 not found" in err and "cifarbench data download" in err
+
+
+def test_bench_command_rejects_a_bad_model_or_precision_before_measuring(synthetic_root, tmp_path, capsys):
+    args = ["bench", "--dataset", "synthetic10", "--data-root", str(synthetic_root), "--results", str(tmp_path)]
+    assert main(args + ["--model", "resnet21"]) == 2
+    assert "unknown model 'resnet21' (did you mean 'resnet32'?)" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(args + ["--precision", "16-mixed"]) == 2
+        assert "16-mixed needs a GPU" in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

@@ -8,6 +8,7 @@ own part to play. The array's tests run in file order, a few minutes in all; eac
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -48,7 +49,7 @@ if _PROBLEM:
 # leaves at most ~26 epochs at ~2 s each (one thread, 500 images) after ~8 s of start-up: 35 need two attempts,
 # or three. On a busy machine epochs are slower and it takes more; max_requeues leaves room for that.
 LONG_EPOCHS = 35
-REQUEUED_EPOCHS = 15  # long enough to requeue it after its first checkpoint, well before it ends
+REQUEUED_EPOCHS = 40  # long enough to requeue it after its first checkpoint, well before it ends
 GRID = """\
 # index 0: outlives the time limit; 1: requeued by hand; 2: cancelled, then retried; 3: runs straight through
 models: [resnet20]
@@ -192,7 +193,9 @@ def test_cancelled_task_shows_cancelled_and_retry_failed_resubmits_only_it(array
 
     assert main(["submit", str(array.grid), "--retry-failed"]) == 0
     out = capsys.readouterr().out
-    assert "4 runs; 0 already completed, 3 pending or running, 0 not failed; 1 to submit" in out
+    # how many of the other three have finished by now depends on the machine's speed
+    counts = re.search(r"4 runs; (\d) already completed, (\d) pending or running, 0 not failed; 1 to submit", out)
+    assert counts and int(counts[1]) + int(counts[2]) == 3, out
     first, retry = _manifests(array.results)
     assert first == array.manifest
     [entry] = retry["runs"]
