@@ -2,7 +2,7 @@
 
 Every measurement warms up, then times ``repeats`` windows of ``steps`` batches and keeps the median window's
 images/s, synchronising the device before each clock read. ``ratio`` is images/s over the baseline row's of the
-same kind. Rows are written to ``<results>/bench/<UTC time>-<host>.parquet`` with their own schema (``bench/1``),
+same kind. Rows are written to ``<results>/bench/<UTC time>-<host>.parquet`` with their own schema (``bench/2``),
 which the collector does not read as run records.
 """
 
@@ -16,6 +16,7 @@ import socket
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,13 +28,16 @@ import torch.nn.functional as F
 from cifarbench import data, records, train
 from cifarbench.models import get_resnet, init_weights
 from cifarbench.spec import DATASETS, RunSpec, get_recipe
+from cifarbench.train import FastPath
 
-BENCH_TAG = b"bench/1"
+BENCH_TAG = b"bench/2"
 _str, _int = pa.string(), pa.int32()
 SCHEMA = pa.schema(
     [("what", _str), ("variant", _str), ("baseline", pa.bool_()),  # what: pipeline | train
      ("images_per_s", pa.float64()),  # null: the variant could not run (see note)
      ("ratio", pa.float64()),  # images_per_s / the baseline's of the same `what`
+     ("eval_images_per_s", pa.float64()),  # test-set images/s of the fast path (the `lightning fit` row)
+     ("minutes_200_epochs", pa.float64()),  # a 200-epoch run of 50,000 + 10,000 images/epoch, projected
      ("model", _str), ("dataset", _str), ("batch_size", _int), ("precision", _str), ("loader", _str),
      ("workers", _int), ("steps", _int), ("warmup", _int), ("repeats", _int), ("note", _str),
      ("device", _str), ("torch_version", _str), ("cuda_version", _str), ("hostname", _str), ("cpu_cores", _int),
@@ -135,6 +139,32 @@ def bench_pipeline(*, dataset: str, root: str | Path, batch_size: int, device: t
                    steps=steps, warmup=warmup, repeats=repeats)
 
 
+def levers(fast: FastPath, device: torch.device) -> list[tuple[str, FastPath]]:
+    """(label, settings) for the fast path with one lever flipped, for the levers that exist on ``device``."""
+    cuda = device.type == "cuda"
+    other = "32-true" if fast.precision != "32-true" else ("bf16-mixed" if not cuda or torch.cuda.is_bf16_supported()
+                                                            else "16-mixed")
+    flips = [(f"precision {other}", replace(fast, precision=other)),
+             (f"channels_last {_on_off(not fast.channels_last)}", replace(fast, channels_last=not fast.channels_last)),
+             (f"fused SGD {_on_off(not fast.fused_sgd)}", replace(fast, fused_sgd=not fast.fused_sgd))]
+    if cuda:
+        flips.append((f"cudnn.benchmark {_on_off(not fast.cudnn_benchmark)}",
+                      replace(fast, cudnn_benchmark=not fast.cudnn_benchmark)))
+        if fast.precision == "bf16-mixed":
+            flips.append(("precision 16-mixed (gradient scaler)", replace(fast, precision="16-mixed")))
+    return flips
+
+
+def compile_modes(device: torch.device) -> list[tuple[str, str]]:
+    """(label, torch.compile mode): "reduce-overhead" also captures CUDA graphs."""
+    return [("torch.compile", "default")] + ([("torch.compile, CUDA graphs", "reduce-overhead")]
+                                             if device.type == "cuda" else [])
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
 def _step(model, optimiser, precision: str, device: torch.device):
     """One training step as a function of the batch; no host-device syncs unless 16-mixed needs its scaler."""
     dtype = AUTOCAST[precision]
@@ -155,17 +185,42 @@ def _step(model, optimiser, precision: str, device: torch.device):
     return step
 
 
-def _model_and_optimiser(name: str, num_classes: int, device: torch.device, *, fast: bool):
+def _model_and_optimiser(name: str, num_classes: int, device: torch.device, *, channels_last: bool, fused: bool):
     torch.manual_seed(0)
     model = get_resnet(name, num_classes)
     model.apply(init_weights)
     model.to(device).train()
-    if fast and device.type == "cuda":
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     recipe = get_recipe("step-200")
     optimiser = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay, fused=(fast and device.type == "cuda") or None)
+                                weight_decay=recipe.weight_decay, fused=fused or None)
     return model, optimiser
+
+
+def _eval_images_per_s(name: str, num_classes: int, loader, fast: FastPath, device: torch.device,
+                       repeats: int) -> float:
+    """Test-set throughput of the fast path (no grad, batches of the test loader), median over passes."""
+    model, _ = _model_and_optimiser(name, num_classes, device, channels_last=fast.channels_last, fused=False)
+    model.eval()
+    dtype = AUTOCAST[fast.precision]
+    rates = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for _ in range(repeats + 1):  # the first pass warms up
+            _sync(device)
+            start, images = time.perf_counter(), 0
+            for x, y in loader:
+                model(x)
+                images += len(y)
+            _sync(device)
+            rates.append(images / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def projected_minutes(train_images_per_s: float, eval_images_per_s: float, *, epochs: int = 200,
+                      train_size: int = 50_000, test_size: int = 10_000) -> float:
+    """Minutes of a whole CIFAR run: every epoch trains on the training split and evaluates the test split."""
+    return epochs * (train_size / train_images_per_s + test_size / eval_images_per_s) / 60
 
 
 class _Clock(L.Callback):
@@ -202,24 +257,26 @@ def _fit_rows(*, model: str, num_classes: int, batch_size: int, precision: str, 
 
 def bench_train(*, model: str, dataset: str, root: str | Path, batch_size: int, device: torch.device,
                 precision: str = "auto", steps: int = 20, warmup: int = 5, repeats: int = 3,
-                compile: bool = False) -> list[dict]:
+                compile: bool = False, with_levers: bool = False) -> list[dict]:
     """Images/s of full training steps: the seed notebook's setup (PIL DataLoader on all cores, eager, 16-mixed
-    on GPU / 32-true on CPU) against the fast path (device loader, channels_last and fused SGD on GPU,
-    ``precision`` resolved as for a run), optionally with torch.compile, and through Lightning's ``fit``."""
-    if device.type == "cuda":  # as train.fit sets them
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+    on GPU / 32-true on CPU) against the fast path (device loader and ``FastPath.for_device``: on GPU bf16,
+    channels_last, cudnn.benchmark, fused SGD), and through Lightning's ``fit``. ``with_levers`` adds a row per
+    lever flipped, ``compile`` rows under torch.compile (and CUDA graphs on GPU). The ``lightning fit`` row
+    carries the test-set images/s and the projected minutes of a 200-epoch CIFAR run."""
     k = DATASETS[dataset]
-    fast_precision = train.resolve_precision(precision, device)
+    fast = FastPath.for_device(device, precision)
     timing = dict(device=device, steps=steps, warmup=warmup, repeats=repeats)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    benchmark_was = torch.backends.cudnn.benchmark
+    if device.type == "cuda":  # as train.fit sets it
+        torch.set_float32_matmul_precision("high")
     rows = []
 
     workers = baseline_workers()[0]
     base_precision = "16-mixed" if device.type == "cuda" else "32-true"
     loader, _ = data.make_loaders(dataset=dataset, root=root, loader="torchvision", batch_size=batch_size, seed=0,
                                   device=device, num_workers=workers)
-    net, opt = _model_and_optimiser(model, k, device, fast=False)
+    torch.backends.cudnn.benchmark = False  # torch's default, which the notebook's Trainer keeps
+    net, opt = _model_and_optimiser(model, k, device, channels_last=False, fused=False)
     step = _step(net, opt, base_precision, device)
     rate = _images_per_s(_batches(loader), lambda x, y: step(x.to(device, non_blocking=True),
                                                              y.to(device, non_blocking=True)), **timing)
@@ -228,25 +285,41 @@ def bench_train(*, model: str, dataset: str, root: str | Path, batch_size: int, 
     del loader, net, opt, step
     gc.collect()
 
-    loader, _ = data.make_loaders(dataset=dataset, root=root, loader="device", batch_size=batch_size, seed=0,
-                                  device=device, memory_format=memory_format)
-    fast = {"baseline": False, "loader": "device", "workers": 0, "precision": fast_precision}
-    for compiled in (False, True) if compile else (False,):
-        net, opt = _model_and_optimiser(model, k, device, fast=True)
-        row = {**fast, "variant": "fast path" + (" + torch.compile" if compiled else "")}
+    loaders = {}  # memory format -> device loaders
+    variants = [("fast path", fast, None)]
+    variants += [(f"fast path, {label}", v, None) for label, v in levers(fast, device)] if with_levers else []
+    variants += [(f"fast path + {label}", fast, mode) for label, mode in compile_modes(device)] if compile else []
+    for label, v, mode in variants:
+        if v.memory_format not in loaders:
+            loaders[v.memory_format] = data.make_loaders(dataset=dataset, root=root, loader="device",
+                                                         batch_size=batch_size, seed=0, device=device,
+                                                         memory_format=v.memory_format)
+        row = {"variant": label, "baseline": False, "loader": "device", "workers": 0, "precision": v.precision}
+        torch.backends.cudnn.benchmark = v.cudnn_benchmark
+        net, opt = _model_and_optimiser(model, k, device, channels_last=v.channels_last, fused=v.fused_sgd)
         try:
-            step = _step(torch.compile(net) if compiled else net, opt, fast_precision, device)
-            row["images_per_s"] = _images_per_s(_batches(loader), step, **timing)
+            compiled = torch.compile(net, mode=mode) if mode else net
+            row["images_per_s"] = _images_per_s(_batches(loaders[v.memory_format][0]),
+                                                _step(compiled, opt, v.precision, device), **timing)
         except Exception as exc:  # torch.compile needs a working compiler toolchain; eager still stands
-            if not compiled:
+            if not mode:
                 raise
             row.update(images_per_s=None, note=f"torch.compile failed: {type(exc).__name__}: {exc}".splitlines()[0])
         rows.append(row)
-    del loader
+        del net, opt
+        if mode:
+            torch.compiler.reset()  # the next variant compiles afresh
+    torch.backends.cudnn.benchmark = fast.cudnn_benchmark
+    test_loader = loaders[fast.memory_format][1]
+    eval_rate = _eval_images_per_s(model, k, test_loader, fast, device, repeats)
+    loaders.clear()
     gc.collect()
 
-    rows += _fit_rows(model=model, num_classes=k, batch_size=batch_size, precision=precision, device=device,
-                      steps=steps, warmup=warmup, repeats=repeats)
+    fit = _fit_rows(model=model, num_classes=k, batch_size=batch_size, precision=precision, device=device,
+                    steps=steps, warmup=warmup, repeats=repeats)
+    fit[0].update(eval_images_per_s=eval_rate, minutes_200_epochs=projected_minutes(fit[0]["images_per_s"], eval_rate))
+    rows += fit
+    torch.backends.cudnn.benchmark = benchmark_was
     return _finish(rows, device=device, what="train", model=model, dataset=dataset, batch_size=batch_size,
                    steps=steps, warmup=warmup, repeats=repeats)
 
@@ -259,12 +332,13 @@ def write_rows(rows: list[dict], results: str | Path) -> Path:
 
 
 def render(rows: list[dict]) -> str:
-    """A plain-text table: what, variant, images/s, ratio to the baseline, device, torch version."""
+    """A plain-text table: what, variant, images/s, ratio to the baseline, projected 200-epoch minutes where
+    measured, device, torch version."""
     width = max(len(r["variant"]) for r in rows)
-    lines = [f"{'what':<9} {'variant':<{width}} {'images/s':>10} {'x baseline':>10}  device / torch"]
+    lines = [f"{'what':<9} {'variant':<{width}} {'images/s':>10} {'x baseline':>10} {'200 ep min':>10}  device / torch"]
     for r in rows:
-        rate, ratio = r["images_per_s"], r["ratio"]
+        rate, ratio, minutes = r["images_per_s"], r["ratio"], r.get("minutes_200_epochs")
         lines.append(f"{r['what']:<9} {r['variant']:<{width}} {'-' if rate is None else f'{rate:,.0f}':>10} "
-                     f"{'-' if ratio is None else f'{ratio:.2f}':>10}  {r['device']} / {r['torch_version']}"
-                     + (f"  ({r['note']})" if r.get("note") else ""))
+                     f"{'-' if ratio is None else f'{ratio:.2f}':>10} {'' if minutes is None else f'{minutes:,.1f}':>10}"
+                     f"  {r['device']} / {r['torch_version']}" + (f"  ({r['note']})" if r.get("note") else ""))
     return "\n".join(lines)

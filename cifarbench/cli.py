@@ -150,7 +150,8 @@ def _cmd_bench(args) -> int:
     if args.what in ("pipeline", "all"):
         rows += bench.bench_pipeline(**common)
     if args.what in ("train", "all"):
-        rows += bench.bench_train(model=args.model, precision=args.precision, compile=args.compile, **common)
+        rows += bench.bench_train(model=args.model, precision=args.precision, compile=args.compile,
+                                  with_levers=args.levers, **common)
     print(bench.render(rows))
     print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
     return 0
@@ -257,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_positive_int, help="untimed batches first (default: 20 pipeline, 5 train)")
     p.add_argument("--repeats", type=_positive_int, help="timed windows; the median counts (default: 5, 3)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="of the fast path (auto: as a run)")
-    p.add_argument("--compile", action="store_true", help="also time the fast path under torch.compile")
+    p.add_argument("--levers", action="store_true",
+                   help="also time the fast path with each speed setting flipped (precision, channels_last, ...)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the fast path under torch.compile (and with CUDA graphs on a GPU)")
     p.add_argument("--results", default="results", help="the table goes to RESULTS/bench/")
     p.set_defaults(func=_cmd_bench)
     return parser

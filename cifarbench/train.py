@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,9 +37,10 @@ class CheckpointMismatch(UsageError):
 class ResNetModule(L.LightningModule):
     """Cross-entropy classification with a per-epoch history kept on the device until the epoch ends."""
 
-    def __init__(self, spec: RunSpec):
+    def __init__(self, spec: RunSpec, *, fused_sgd: bool = False):
         super().__init__()
         self.spec = spec
+        self.fused_sgd = fused_sgd
         self.model = get_resnet(spec.model, spec.num_classes)
         self.model.apply(init_weights)
         k = spec.num_classes
@@ -56,9 +58,8 @@ class ResNetModule(L.LightningModule):
 
     def configure_optimizers(self):
         recipe = self.spec.schedule
-        fused = self.device.type == "cuda"
         opt = torch.optim.SGD(self.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                              weight_decay=recipe.weight_decay, fused=fused or None)
+                              weight_decay=recipe.weight_decay, fused=self.fused_sgd or None)
         if recipe.schedule == "step":
             sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(recipe.milestones), gamma=recipe.gamma)
         else:
@@ -168,6 +169,27 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+@dataclass(frozen=True, kw_only=True)
+class FastPath:
+    """The speed settings of training steps that leave the result alone (precision aside). ``for_device`` is what
+    ``fit`` uses; ``cifarbench bench --levers`` measures each field flipped."""
+
+    precision: str
+    channels_last: bool
+    cudnn_benchmark: bool
+    fused_sgd: bool
+
+    @classmethod
+    def for_device(cls, device: torch.device, precision: str = "auto") -> FastPath:
+        cuda = device.type == "cuda"
+        return cls(precision=resolve_precision(precision, device), channels_last=cuda, cudnn_benchmark=cuda,
+                   fused_sgd=cuda)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(cifarbench.__file__).parent,
@@ -234,6 +256,8 @@ def _quiet_lightning() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     # submitit starts jobs with srun; outside SLURM (local execution, tests) the hint is wrong.
     warnings.filterwarnings("ignore", message=r"The `srun` command is available")
+    # Raised inside Lightning (a torch class it uses is deprecated): nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def default_device() -> torch.device:
@@ -255,25 +279,24 @@ def fit(spec: RunSpec, *, device: torch.device | None = None, num_workers: int |
     try:
         data_verified = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
         row["data_verified"] = data_verified
-        precision = resolve_precision(spec.precision, device)
-        row["precision_used"] = precision
+        fast = FastPath.for_device(device, spec.precision)
+        row["precision_used"] = fast.precision
         L.seed_everything(spec.seed, workers=True, verbose=False)
         if device.type == "cuda":
-            torch.backends.cudnn.benchmark = not spec.deterministic
+            torch.backends.cudnn.benchmark = fast.cudnn_benchmark and not spec.deterministic
             torch.set_float32_matmul_precision("high")
-        module = ResNetModule(spec)
+        module = ResNetModule(spec, fused_sgd=fast.fused_sgd)
         row["params"] = count_parameters(module.model)
-        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        if memory_format is torch.channels_last:
-            module.model.to(memory_format=memory_format)
+        if fast.channels_last:
+            module.model.to(memory_format=torch.channels_last)
         train_loader, test_loader = data.make_loaders(
             dataset=spec.dataset, root=spec.data_root, loader=spec.loader, batch_size=spec.batch_size,
             seed=spec.seed, device=device if spec.loader == "device" else "cpu", num_workers=num_workers,
-            memory_format=memory_format)
+            memory_format=fast.memory_format)
         folder.mkdir(parents=True, exist_ok=True)
         interactive = sys.stderr.isatty()
         trainer = L.Trainer(
-            accelerator=device.type, devices=1, precision=precision, max_epochs=spec.schedule.epochs,
+            accelerator=device.type, devices=1, precision=fast.precision, max_epochs=spec.schedule.epochs,
             deterministic=spec.deterministic, logger=False, enable_checkpointing=False,
             enable_model_summary=False, enable_progress_bar=interactive, num_sanity_val_steps=0,
             callbacks=[AtomicLastCheckpoint(ckpt), *(callbacks or [])], plugins=plugins, default_root_dir=str(folder),

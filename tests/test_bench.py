@@ -5,6 +5,7 @@ import torch
 from cifarbench import bench, records
 from cifarbench.cli import main
 from cifarbench.errors import UsageError
+from cifarbench.train import FastPath
 
 CPU = torch.device("cpu")
 TINY = dict(steps=2, warmup=1, repeats=2)
@@ -31,25 +32,58 @@ def test_pipeline_rows_compare_the_device_loader_with_the_dataloader_on_all_core
     assert all(r["dataset"] == "synthetic10" and r["batch_size"] == 32 and r["steps"] == 2 for r in rows)
 
 
-def test_train_rows_cover_baseline_fast_path_and_lightning_fit(synthetic_root, monkeypatch):
-    def broken_compile(model):
+def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_root, monkeypatch):
+    modes = []
+
+    def broken_compile(model, *, mode):
+        modes.append(mode)
+
         def run(x):
             raise RuntimeError("no compiler\nsecond line")
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     rows = bench.bench_train(model="resnet20", dataset="synthetic100", root=synthetic_root, batch_size=8,
-                             device=CPU, compile=True, steps=1, warmup=1, repeats=1)
+                             device=CPU, compile=True, with_levers=True, steps=1, warmup=1, repeats=1)
     _check_rows(rows, "train")
     by_variant = {r["variant"]: r for r in rows}
-    assert list(by_variant) == ["baseline: PIL DataLoader, eager", "fast path", "fast path + torch.compile",
+    assert list(by_variant) == ["baseline: PIL DataLoader, eager", "fast path", "fast path, precision bf16-mixed",
+                                "fast path, channels_last on", "fast path, fused SGD on", "fast path + torch.compile",
                                 "lightning fit", "lightning fit, whole epoch (record)"]
     assert by_variant["baseline: PIL DataLoader, eager"]["workers"] == bench.usable_cores()
-    assert all(r["precision"] == "32-true" and r["model"] == "resnet20" for r in rows)
+    assert by_variant["fast path, precision bf16-mixed"]["precision"] == "bf16-mixed"
+    assert all(r["precision"] == "32-true" for v, r in by_variant.items() if "bf16" not in v)
+    assert all(r["model"] == "resnet20" for r in rows)
+    assert all(by_variant[v]["images_per_s"] > 0 for v in by_variant if "compile" not in v)
     failed = by_variant["fast path + torch.compile"]
-    assert failed["images_per_s"] is None and failed["ratio"] is None
+    assert modes == ["default"] and failed["images_per_s"] is None and failed["ratio"] is None
     assert failed["note"] == "torch.compile failed: RuntimeError: no compiler"
-    assert by_variant["lightning fit"]["images_per_s"] > 0 and by_variant["lightning fit"]["dataset"] == "synthetic100"
+    fit = by_variant["lightning fit"]
+    assert fit["images_per_s"] > 0 and fit["dataset"] == "synthetic100" and fit["eval_images_per_s"] > 0
+    assert fit["minutes_200_epochs"] == pytest.approx(bench.projected_minutes(fit["images_per_s"],
+                                                                              fit["eval_images_per_s"]))
+    assert all(r.get("minutes_200_epochs") is None for v, r in by_variant.items() if v != "lightning fit")
+
+
+def test_the_fast_path_is_what_a_run_uses_and_each_gpu_lever_is_flipped_alone():
+    assert FastPath.for_device(CPU) == FastPath(precision="32-true", channels_last=False, cudnn_benchmark=False,
+                                                fused_sgd=False)
+    gpu = torch.device("cuda")
+    fast = FastPath(precision="bf16-mixed", channels_last=True, cudnn_benchmark=True, fused_sgd=True)
+    flipped = dict(bench.levers(fast, gpu))
+    assert list(flipped) == ["precision 32-true", "channels_last off", "fused SGD off", "cudnn.benchmark off",
+                             "precision 16-mixed (gradient scaler)"]
+    for label, variant in flipped.items():
+        changed = {f for f in ("precision", "channels_last", "cudnn_benchmark", "fused_sgd")
+                   if getattr(variant, f) != getattr(fast, f)}
+        assert len(changed) == 1, label
+    assert [label for label, _ in bench.compile_modes(gpu)] == ["torch.compile", "torch.compile, CUDA graphs"]
+    assert dict(bench.compile_modes(gpu))["torch.compile, CUDA graphs"] == "reduce-overhead"
+
+
+def test_projected_minutes_of_a_200_epoch_run():
+    # 50,000 training images at 10,000/s and 10,000 test images at 20,000/s: 5.5 s an epoch, 200 epochs
+    assert bench.projected_minutes(10_000, 20_000) == pytest.approx(200 * 5.5 / 60)
 
 
 def test_rows_are_written_with_the_bench_schema(tmp_path):
@@ -58,7 +92,7 @@ def test_rows_are_written_with_the_bench_schema(tmp_path):
     path = bench.write_rows(rows, tmp_path)
     assert path.parent == tmp_path / "bench" and path.suffix == ".parquet"
     table = pq.read_table(path)
-    assert table.schema.equals(bench.SCHEMA) and table.schema.metadata[b"cifarbench.schema"] == b"bench/1"
+    assert table.schema.equals(bench.SCHEMA) and table.schema.metadata[b"cifarbench.schema"] == b"bench/2"
     assert not records.is_record_schema(table.schema) and records.read_record(path) is None
     assert table.to_pylist()[0]["images_per_s"] == 10.0 and table.to_pylist()[0]["model"] is None
 
@@ -78,7 +112,7 @@ def test_bench_command_prints_a_table_and_writes_parquet(synthetic_root, tmp_pat
     assert code == 0
     out, err = capsys.readouterr()
     header, *lines = out.strip().splitlines()
-    assert header.split()[:4] == ["what", "variant", "images/s", "x"]
+    assert header.split()[:7] == ["what", "variant", "images/s", "x", "baseline", "200", "ep"]
     assert lines[-1].startswith("pipeline  device loader") and f"cpu / {torch.__version__}" in lines[-1]
     assert len(lines) == len(bench.baseline_workers()) + 1
     (path,) = (tmp_path / "bench").glob("*.parquet")
