@@ -111,6 +111,23 @@ def test_device_augmentation_crop_and_flip_statistics():
     _check_augmentation_statistics(_offsets_and_flips(crops.permute(0, 2, 3, 1).numpy()))
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_device_crops_are_exactly_slices_of_the_padded_images(memory_format):
+    n = 300
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    loader = data.DeviceLoader(images, torch.zeros(n, dtype=torch.long), num_classes=10, batch_size=64, train=True,
+                               memory_format=memory_format)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(2))[:200]
+    crops = loader.augment(idx, torch.Generator().manual_seed(3))
+    # the same draws, in the order augment makes them
+    g = torch.Generator().manual_seed(3)
+    dy, dx = torch.randint(0, 9, (200,), generator=g), torch.randint(0, 9, (200,), generator=g)
+    flip = torch.rand((200,), generator=g) < 0.5
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    expected = torch.stack([padded[i, :, a:a + 32, b:b + 32] for i, a, b in zip(idx.tolist(), dy.tolist(), dx.tolist())])
+    assert torch.equal(crops, torch.where(flip.view(-1, 1, 1, 1), expected.flip(3), expected))
+
+
 def test_torchvision_augmentation_crop_and_flip_statistics():
     torch.manual_seed(0)
     steps = data.torchvision_transforms(10, train=True).transforms[:2]
