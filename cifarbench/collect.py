@@ -1,4 +1,4 @@
-"""Records -> tables: aggregate the runs that ``records.read_records`` found over seeds, render Markdown.
+"""Records -> tables: aggregate the runs that ``scan.read_records`` found over seeds, render Markdown.
 
 ``collect`` is the I/O edge; everything it calls here (dedupe, select, summarize, tables, render) is pure and
 works on DataFrames.
@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cifarbench import records, reference
+from cifarbench import reference, scan
 from cifarbench.errors import UsageError
 
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
@@ -268,16 +268,16 @@ def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", wher
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out {folder} is not a folder; give a folder")
 
-    scan = records.read_records(root, records.load_runs(folder / "runs.parquet", root))
+    found = scan.read_records(root, scan.load_runs(folder / "runs.parquet", root))
     warnings = [f"warning: skipped {len(paths)} {why}: {', '.join(paths[:10])}"
-                + (f" and {len(paths) - 10} more" if len(paths) > 10 else "") for why, paths in scan.skipped.items()]
-    all_runs, dropped = dedupe(to_frame(scan.table.drop_columns("test_acc")))
+                + (f" and {len(paths) - 10} more" if len(paths) > 10 else "") for why, paths in found.skipped.items()]
+    all_runs, dropped = dedupe(to_frame(found.table.drop_columns("test_acc")))
     if len(dropped):
         ids = sorted(set(dropped.run_id))
         warnings.append(f"note: ignored {len(dropped)} duplicate records of {len(ids)} runs (kept the latest "
                         f"completed record of each): {', '.join(ids[:10])}" + (" …" if len(ids) > 10 else ""))
-    if all_runs.empty and not scan.no_record and not expected:
-        skipped = sum(map(len, scan.skipped.values()))
+    if all_runs.empty and not found.no_record and not expected:
+        skipped = sum(map(len, found.skipped.values()))
         raise UsageError(f"{root}: no cifarbench records found (looked for runs/<run_id>/record.parquet"
                          + (f"; skipped {skipped} other Parquet files)" if skipped else ")"))
 
@@ -291,21 +291,21 @@ def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", wher
         tabs = default_tables(summary, value)
     matches = [reference.match(t.cells[t.cells.n > 0], published, source) if value == "final_test_acc" else None
                for t in tabs]
-    unreadable = [Path(p).parent.name for p in scan.skipped.get(records.UNREADABLE, ())
+    unreadable = [Path(p).parent.name for p in found.skipped.get(scan.UNREADABLE, ())
                   if Path(p).name == "record.parquet" and Path(p).parent.parent.name == "runs"]
-    missing = incomplete(runs, set(all_runs.run_id), scan.no_record, unreadable, expected)
+    missing = incomplete(runs, set(all_runs.run_id), found.no_record, unreadable, expected)
     markdown = render(runs, tabs, matches, missing, value)
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tables.md").write_text(markdown, encoding="utf-8")
     summary.to_csv(folder / "summary.csv", index=False)
-    table = scan.table
+    table = found.table
     if plots:  # curves: read from the records' columns once, then kept in runs.parquet
-        table = records.with_curves(root, table, runs.index[runs.status.eq("completed")])
-    if scan.changed or table is not scan.table or not (folder / "runs.parquet").exists():
+        table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
+    if found.changed or table is not found.table or not (folder / "runs.parquet").exists():
         kept = np.zeros(table.num_rows, bool)
         kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
-        records.write_runs(table.filter(kept), folder / "runs.parquet", root)
+        scan.write_runs(table.filter(kept), folder / "runs.parquet", root)
     written = [folder / "tables.md", folder / "summary.csv", folder / "runs.parquet"]
     if plots:
         from cifarbench.plots import write_plots

@@ -11,7 +11,8 @@ import pytest
 from cifarbench import cli
 from cifarbench.collect import collect, model_depth
 from cifarbench.errors import UsageError
-from cifarbench.records import RUNS_TAG, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, read_records, record_path
+from cifarbench.records import SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, record_path
+from cifarbench.scan import RUNS_TAG, read_records
 from cifarbench.spec import RunSpec, get_recipe
 
 # The seed notebook's tables, verbatim (its own uneven padding included).

@@ -108,7 +108,7 @@ def test_a_duplicate_job_waits_for_the_first_and_then_does_nothing(synthetic_roo
     from cifarbench import job
 
     spec = _spec(synthetic_root, tmp_path, epochs=1)
-    waited, result = threading.Event(), []
+    result = []
     duplicate = threading.Thread(target=lambda: result.append(job.run_one(spec)))
     with records.run_lock(tmp_path, spec.run_id):  # the "first job" holds the run
         duplicate.start()

@@ -1,0 +1,192 @@
+"""A results folder read as one table: every record's footer summary, with runs.parquet as the cache.
+
+A collector over 10,000 records must not open 10,000 files' columns: each record's footer carries a summary
+(see ``records``), read here in threads, and files unchanged since the last scan are taken from runs.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cifarbench.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, atomic_write_table
+
+# runs.parquet, collect's merged output, holds one row per run in RUNS_SCHEMA: the summary, the curve (test_acc;
+# null until plots have needed it, then kept) and the record's path, size, mtime and inode. That key lets a later
+# scan of the same folder read only the records that changed (an atomic rewrite always makes a new inode). The
+# file is tagged so that a scan never reads it as a record.
+RUNS_TAG = b"runs/1"
+_ROOT_KEY = b"cifarbench.results"
+_FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k in ("size", "mtime_ns", "inode"))]
+RUNS_SCHEMA = pa.schema([*(SCHEMA.field(name) for name in (*SUMMARY_FIELDS, "test_acc")), *_FILE_FIELDS])
+# Arrow releases the GIL while it parses a footer: one thread more than cores keeps the cores busy.
+_WORKERS = (os.cpu_count() or 1) + 1
+_CHUNK = 256
+UNREADABLE = "unreadable Parquet files (corrupt or truncated)"
+_MISLABELLED = "files tagged as records whose columns are not the record schema's"
+
+
+@dataclass(frozen=True)
+class Scan:
+    table: pa.Table  # RUNS_SCHEMA: each readable record's summary, its curve (test_acc) if read, its file's key
+    skipped: dict[str, list[str]]  # why (plural: "unreadable Parquet files ...") -> paths relative to results
+    no_record: list[str]  # run folders without a record: still running, or lost
+    changed: bool  # whether the records differ from the cache's (False: runs.parquet is up to date)
+
+
+def _read_summary(path: str) -> tuple[dict | None, str | None]:
+    """A record's summary from its footer alone, or why the file is not a record (None: not a run, say nothing)."""
+    reader = pq.ParquetReader()  # not ParquetFile, whose Python bookkeeping costs a fifth of a footer read
+    try:
+        reader.open(path)
+        meta = reader.metadata
+    except (OSError, pa.ArrowException):
+        return None, UNREADABLE
+    finally:
+        reader.close()
+    tag = (meta.metadata or {}).get(SCHEMA_KEY)
+    if tag == SCHEMA_TAG and meta.num_rows == 1:
+        try:
+            row = json.loads(meta.metadata[SUMMARY_KEY])
+            row["ended_at"] = row["ended_at"] and datetime.fromisoformat(row["ended_at"])
+        except (KeyError, TypeError, ValueError):
+            return None, _MISLABELLED
+        ok = row.keys() == set(SUMMARY_FIELDS) and meta.num_columns == len(SCHEMA)
+        return (row, None) if ok else (None, _MISLABELLED)
+    if tag is None:
+        return None, "Parquet files that are not cifarbench records"
+    if tag == SCHEMA_TAG:
+        return None, "files in the record schema that do not hold exactly one run"
+    if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
+        return None, None
+    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {SCHEMA_TAG.decode()})"
+
+
+def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table, list[tuple[str, str]]]:
+    rows, skipped = [], []
+    for rel, size, mtime_ns, inode in files:
+        row, why = _read_summary(os.path.join(results, rel))
+        if row is not None:
+            rows.append({**row, "path": rel, "size": size, "mtime_ns": mtime_ns, "inode": inode})
+        elif why:
+            skipped.append((rel, why))
+    try:
+        return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA), skipped
+    except (pa.ArrowException, TypeError, ValueError):  # a summary value of the wrong type: find its file
+        if len(files) == 1:
+            return RUNS_SCHEMA.empty_table(), [(files[0][0], _MISLABELLED)]
+        parts = [_read_chunk(results, [file]) for file in files]
+        return pa.concat_tables([t for t, _ in parts]), [s for _, ss in parts for s in ss]
+
+
+def _walk(results: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
+    """(path relative to results, size, mtime_ns, inode) of every Parquet file, and the run folders without a
+    record. A results folder can hold 100,000 run folders: each costs one stat of its record.parquet, not a
+    listing."""
+    files, no_record = [], []
+    folders = [("", str(results))]
+    while folders:
+        rel, folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # removed, or unreadable, since it was listed
+            continue
+        in_runs = os.path.basename(folder) == "runs"
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                if not in_runs:
+                    folders.append((f"{rel}{entry.name}/", entry.path))
+                    continue
+                try:
+                    st = os.stat(os.path.join(entry.path, "record.parquet"))
+                except OSError:
+                    no_record.append(entry.name)
+                    continue
+                files.append((f"{rel}{entry.name}/record.parquet", st.st_size, st.st_mtime_ns, st.st_ino))
+            elif entry.name.endswith(".parquet") and not entry.name.startswith("."):  # ".record.parquet.*.tmp"
+                try:
+                    st = entry.stat()
+                except OSError:
+                    continue
+                files.append((rel + entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return sorted(files), sorted(no_record)
+
+
+def read_records(results: str | os.PathLike, cache: pa.Table | None = None) -> Scan:
+    """Every record under ``results``, from its footer's summary (``error`` is its first line; ``test_acc`` is
+    null unless ``cache`` had it). Files unchanged since ``cache`` (a previous scan's table) are taken from it;
+    the others are read one by one, so that a corrupt, truncated or foreign file costs only itself."""
+    results = Path(results)
+    files, no_record = _walk(results)
+    tables, gone = [], cache is None
+    if cache is not None:
+        current = set(files)
+        cached = list(zip(*(cache.column(f.name).to_pylist() for f in _FILE_FIELDS)))
+        keep = np.fromiter((key in current for key in cached), bool, len(cached))
+        tables.append(cache.filter(keep))
+        gone = not keep.all()
+        files = sorted(current.difference(k for k, kept in zip(cached, keep) if kept))
+    chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        parts = list(pool.map(lambda chunk: _read_chunk(results, chunk), chunks))
+    skipped: dict[str, list[str]] = {}
+    for rel, why in sorted(s for _, ss in parts for s in ss):
+        skipped.setdefault(why, []).append(rel)
+    table = pa.concat_tables([*tables, *(t for t, _ in parts)]) if tables or parts else RUNS_SCHEMA.empty_table()
+    changed = gone or any(t.num_rows for t, _ in parts)
+    return Scan(table=table.combine_chunks(), skipped=skipped, no_record=no_record, changed=changed)
+
+
+def load_runs(path: str | os.PathLike, results: str | os.PathLike) -> pa.Table | None:
+    """The table of a runs.parquet written for the same results folder (a cache for ``read_records``), else None."""
+    try:
+        with pq.ParquetFile(path) as pf:
+            meta = pf.metadata.metadata or {}
+            if meta.get(SCHEMA_KEY) != RUNS_TAG or meta.get(_ROOT_KEY) != str(Path(results).resolve()).encode():
+                return None
+            table = pf.read()
+    except (OSError, pa.ArrowException):
+        return None
+    return table.replace_schema_metadata(None) if table.schema.equals(RUNS_SCHEMA) else None
+
+
+def write_runs(table: pa.Table, path: str | os.PathLike, results: str | os.PathLike) -> Path:
+    meta = {SCHEMA_KEY: RUNS_TAG, _ROOT_KEY: str(Path(results).resolve()).encode()}
+    return atomic_write_table(table.replace_schema_metadata(meta), path)
+
+
+def _read_curve(path: str) -> pa.Array:
+    try:
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            curve = pf.read(columns=["test_acc"], use_threads=False).column(0).combine_chunks()
+        if len(curve) == 1:
+            return curve.cast(SCHEMA.field("test_acc").type)
+    except (OSError, pa.ArrowException):  # gone since the scan: null, and the next scan drops the run
+        pass
+    return pa.nulls(1, SCHEMA.field("test_acc").type)
+
+
+def with_curves(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
+    """A scan's ``table`` where each of ``rows`` (positions) has its curve (test_acc), read from its record's
+    columns where the table has none yet; ``table`` itself when it has them all. Only plots need curves, and
+    reading a record's columns costs twice its summary."""
+    curves = table.column("test_acc").combine_chunks()
+    rows = np.asarray(rows, dtype=np.int64)
+    rows = rows[curves.is_null().to_numpy(zero_copy_only=False)[rows]]
+    if not len(rows):
+        return table
+    paths = [os.path.join(results, rel) for rel in table.column("path").take(rows).to_pylist()]
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        read = pa.concat_arrays(list(pool.map(_read_curve, paths)))
+    index = np.arange(len(table))
+    index[rows] = len(table) + np.arange(len(rows))  # the curves just read, after the table's own
+    filled = pa.concat_arrays([curves, read]).take(index)
+    return table.set_column(table.schema.get_field_index("test_acc"), "test_acc", filled)
