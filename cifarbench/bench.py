@@ -96,21 +96,16 @@ def _finish(rows: list[dict], *, device: torch.device, **common) -> list[dict]:
     base = next(r["images_per_s"] for r in rows if r["baseline"])
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch_version": torch.__version__, "cuda_version": torch.version.cuda, "hostname": socket.gethostname(),
-           "cpu_cores": usable_cores(), "torch_threads": torch.get_num_threads(),
+           "cpu_cores": data.usable_cores(), "torch_threads": torch.get_num_threads(),
            "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
            "created_at": datetime.now(timezone.utc)}
     return [{**common, **r, "ratio": None if r["images_per_s"] is None else r["images_per_s"] / base, **env}
             for r in rows]
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: under SLURM often fewer than the node's ``os.cpu_count()``."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def baseline_workers() -> list[int]:
     """A worker per usable core, and 2 workers (a common default) where that differs."""
-    cores = usable_cores()
+    cores = data.usable_cores()
     return [cores] + ([2] if cores != 2 else [])
 
 

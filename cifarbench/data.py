@@ -9,6 +9,7 @@ torchvision's built-in checksums.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,6 +287,11 @@ def torchvision_transforms(num_classes: int, *, train: bool) -> transforms.Compo
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(MEAN[num_classes], STD[num_classes])])
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: under SLURM often far fewer than the node's ``os.cpu_count()``."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def make_loaders(*, dataset: str, root: str | Path, loader: str, batch_size: int, seed: int,
                  device: torch.device | str = "cpu", num_workers: int | None = None,
                  memory_format: torch.memory_format = torch.contiguous_format, eval_batch_size: int = 1000):
@@ -297,9 +303,7 @@ def make_loaders(*, dataset: str, root: str | Path, loader: str, batch_size: int
         test = DeviceLoader(*load_arrays(dataset, root, train=False), num_classes=k,
                             batch_size=eval_batch_size, train=False, device=device, memory_format=memory_format)
         return train, test
-    import os
-
-    workers = os.cpu_count() if num_workers is None else num_workers
+    workers = usable_cores() if num_workers is None else num_workers
     common = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda",
                   persistent_workers=workers > 0)
     train_ds = load_split(dataset, root, train=True, transform=torchvision_transforms(k, train=True))

@@ -28,7 +28,7 @@ _ROOT_KEY = b"cifarbench.results"
 _FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k in ("size", "mtime_ns", "inode"))]
 RUNS_SCHEMA = pa.schema([*(SCHEMA.field(name) for name in (*SUMMARY_FIELDS, "test_acc")), *_FILE_FIELDS])
 # Arrow releases the GIL while it parses a footer: one thread more than cores keeps the cores busy.
-_WORKERS = (os.cpu_count() or 1) + 1
+_WORKERS = len(os.sched_getaffinity(0)) + 1  # the cores this process may use
 _CHUNK = 256
 UNREADABLE = "unreadable Parquet files (corrupt or truncated)"
 _MISLABELLED = "files tagged as records whose columns are not the record schema's"

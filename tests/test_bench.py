@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cifarbench import bench, records
+from cifarbench import bench, data, records
 from cifarbench.cli import main
 from cifarbench.errors import UsageError
 from cifarbench.train import FastPath
@@ -17,7 +17,7 @@ def _check_rows(rows, what):
     for r in rows:
         assert r["what"] == what and set(r) <= set(bench.SCHEMA.names)
         assert r["device"] == "cpu" and r["torch_version"] == torch.__version__
-        assert r["cpu_cores"] == bench.usable_cores() and r["torch_threads"] == torch.get_num_threads()
+        assert r["cpu_cores"] == data.usable_cores() and r["torch_threads"] == torch.get_num_threads()
         if r["images_per_s"] is not None:
             assert r["images_per_s"] > 0
             assert r["ratio"] == pytest.approx(r["images_per_s"] / base[0]["images_per_s"])
@@ -26,7 +26,7 @@ def _check_rows(rows, what):
 def test_pipeline_rows_compare_the_device_loader_with_the_dataloader_on_all_cores(synthetic_root):
     rows = bench.bench_pipeline(dataset="synthetic10", root=synthetic_root, batch_size=32, device=CPU, **TINY)
     _check_rows(rows, "pipeline")
-    assert rows[0]["baseline"] and rows[0]["loader"] == "torchvision" and rows[0]["workers"] == bench.usable_cores()
+    assert rows[0]["baseline"] and rows[0]["loader"] == "torchvision" and rows[0]["workers"] == data.usable_cores()
     assert [r["workers"] for r in rows[:-1]] == bench.baseline_workers()
     assert rows[-1]["variant"] == "device loader" and rows[-1]["loader"] == "device"
     assert all(r["dataset"] == "synthetic10" and r["batch_size"] == 32 and r["steps"] == 2 for r in rows)
@@ -50,7 +50,7 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
     assert list(by_variant) == ["baseline: PIL DataLoader, eager", "fast path", "fast path, precision bf16-mixed",
                                 "fast path, channels_last on", "fast path, fused SGD on", "fast path + torch.compile",
                                 "lightning fit", "lightning fit, whole epoch (record)"]
-    assert by_variant["baseline: PIL DataLoader, eager"]["workers"] == bench.usable_cores()
+    assert by_variant["baseline: PIL DataLoader, eager"]["workers"] == data.usable_cores()
     assert by_variant["fast path, precision bf16-mixed"]["precision"] == "bf16-mixed"
     assert all(r["precision"] == "32-true" for v, r in by_variant.items() if "bf16" not in v)
     assert all(r["model"] == "resnet20" for r in rows)

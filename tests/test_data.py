@@ -1,3 +1,4 @@
+import os
 import pickle
 import shutil
 
@@ -191,3 +192,15 @@ def test_synthetic_cli(tmp_path, capsys):
     assert len(data.load_split("synthetic10", tmp_path, train=True)) == 50
     assert main(["data", "synthetic", "--root", str(tmp_path), "--train-size", "0"]) == 2
     assert "must be a positive integer" in capsys.readouterr().err
+
+
+def test_torchvision_loader_defaults_to_a_worker_per_core_this_process_may_use(synthetic_root):
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})  # as under SLURM: one core of a larger node
+        train, test = data.make_loaders(dataset="synthetic10", root=synthetic_root, loader="torchvision",
+                                        batch_size=64, seed=0)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert data.usable_cores() == len(allowed)
+    assert train.num_workers == test.num_workers == 1
