@@ -216,8 +216,10 @@ class DeviceLoader:
         # training memory format, so that batches come out in it without another copy.
         images = torch.nn.functional.pad(images, (PAD,) * 4) if train else images
         self.images = images.contiguous(memory_format=memory_format)
-        self.mean = torch.tensor(MEAN[num_classes], device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD[num_classes], device=self.device).view(1, 3, 1, 1) * 255
+        # Per-pixel copies in the batches' memory format: broadcasting a (1, 3, 1, 1) tensor over a channels_last
+        # batch runs 7x slower on CPU (an innermost dimension of 3) than broadcasting these over the batch only.
+        self.mean, self.std = ((torch.tensor(v[num_classes], device=self.device).view(1, 3, 1, 1) * 255)
+                               .expand(1, 3, 32, 32).contiguous(memory_format=memory_format) for v in (MEAN, STD))
         self.sampler = self
         self.batch_sampler = None  # Lightning inspects both, DataLoader-style
         if train:
