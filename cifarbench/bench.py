@@ -36,6 +36,7 @@ SCHEMA = pa.schema(
     [("what", _str), ("variant", _str), ("baseline", pa.bool_()),  # what: pipeline | train
      ("images_per_s", pa.float64()),  # null: the variant could not run (see note)
      ("ratio", pa.float64()),  # images_per_s / the baseline's of the same `what`
+     ("ratio_to_fast_path", pa.float64()),  # a lever or compile row: images_per_s / the fast path row's
      ("eval_images_per_s", pa.float64()),  # test-set images/s of the fast path (the `lightning fit` row)
      ("minutes_200_epochs", pa.float64()),  # a 200-epoch run of 50,000 + 10,000 images/epoch, projected
      ("model", _str), ("dataset", _str), ("batch_size", _int), ("precision", _str), ("loader", _str),
@@ -124,9 +125,8 @@ def bench_pipeline(*, dataset: str, root: str | Path, batch_size: int, device: t
                      "workers": workers, "images_per_s": rate, "baseline": not rows})
         del loader  # stops its persistent workers before the next measurement
         gc.collect()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     loader, _ = data.make_loaders(dataset=dataset, root=root, loader="device", batch_size=batch_size, seed=0,
-                                  device=device, memory_format=memory_format)
+                                  device=device, memory_format=FastPath.for_device(device).memory_format)
     rate = _images_per_s(_batches(loader), lambda x, y: None, **timing)
     rows.append({"variant": "device loader", "loader": "device", "workers": 0, "images_per_s": rate,
                  "baseline": False})
@@ -300,6 +300,9 @@ def bench_train(*, model: str, dataset: str, root: str | Path, batch_size: int, 
             if not mode:
                 raise
             row.update(images_per_s=None, note=f"torch.compile failed: {type(exc).__name__}: {exc}".splitlines()[0])
+        if label != "fast path":
+            fast_rate = rows[1]["images_per_s"]  # after the baseline: the variants' first row
+            row["ratio_to_fast_path"] = row["images_per_s"] and row["images_per_s"] / fast_rate
         rows.append(row)
         del net, opt
         if mode:
@@ -327,13 +330,16 @@ def write_rows(rows: list[dict], results: str | Path) -> Path:
 
 
 def render(rows: list[dict]) -> str:
-    """A plain-text table: what, variant, images/s, ratio to the baseline, projected 200-epoch minutes where
-    measured, device, torch version."""
+    """A plain-text table: what, variant, images/s, ratio to the baseline, ratio to the fast path (lever and
+    compile rows), projected 200-epoch minutes (where measured), device, torch version."""
     width = max(len(r["variant"]) for r in rows)
-    lines = [f"{'what':<9} {'variant':<{width}} {'images/s':>10} {'x baseline':>10} {'200 ep min':>10}  device / torch"]
+    lines = [f"{'what':<9} {'variant':<{width}} {'images/s':>10} {'x baseline':>10} {'x fast':>6} {'200 ep min':>10}"
+             "  device / torch"]
     for r in rows:
-        rate, ratio, minutes = r["images_per_s"], r["ratio"], r.get("minutes_200_epochs")
+        rate, ratio = r["images_per_s"], r["ratio"]
+        lever, minutes = r.get("ratio_to_fast_path"), r.get("minutes_200_epochs")
         lines.append(f"{r['what']:<9} {r['variant']:<{width}} {'-' if rate is None else f'{rate:,.0f}':>10} "
-                     f"{'-' if ratio is None else f'{ratio:.2f}':>10} {'' if minutes is None else f'{minutes:,.1f}':>10}"
-                     f"  {r['device']} / {r['torch_version']}" + (f"  ({r['note']})" if r.get("note") else ""))
+                     f"{'-' if ratio is None else f'{ratio:.2f}':>10} {'' if lever is None else f'{lever:.2f}':>6} "
+                     f"{'' if minutes is None else f'{minutes:,.1f}':>10}  {r['device']} / {r['torch_version']}"
+                     + (f"  ({r['note']})" if r.get("note") else ""))
     return "\n".join(lines)

@@ -48,7 +48,7 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
     _check_rows(rows, "train")
     by_variant = {r["variant"]: r for r in rows}
     assert list(by_variant) == ["baseline: PIL DataLoader, eager", "fast path", "fast path, precision bf16-mixed",
-                                "fast path, channels_last on", "fast path, fused SGD on", "fast path + torch.compile",
+                                "fast path, channels_last off", "fast path, fused SGD on", "fast path + torch.compile",
                                 "lightning fit", "lightning fit, whole epoch (record)"]
     assert by_variant["baseline: PIL DataLoader, eager"]["workers"] == data.usable_cores()
     assert by_variant["fast path, precision bf16-mixed"]["precision"] == "bf16-mixed"
@@ -63,10 +63,14 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
     assert fit["minutes_200_epochs"] == pytest.approx(bench.projected_minutes(fit["images_per_s"],
                                                                               fit["eval_images_per_s"]))
     assert all(r.get("minutes_200_epochs") is None for v, r in by_variant.items() if v != "lightning fit")
+    fast = by_variant["fast path"]["images_per_s"]
+    for variant in ("fast path, precision bf16-mixed", "fast path, channels_last off", "fast path, fused SGD on"):
+        assert by_variant[variant]["ratio_to_fast_path"] == pytest.approx(by_variant[variant]["images_per_s"] / fast)
+    assert failed["ratio_to_fast_path"] is None and by_variant["fast path"].get("ratio_to_fast_path") is None
 
 
 def test_the_fast_path_is_what_a_run_uses_and_each_gpu_lever_is_flipped_alone():
-    assert FastPath.for_device(CPU) == FastPath(precision="32-true", channels_last=False, cudnn_benchmark=False,
+    assert FastPath.for_device(CPU) == FastPath(precision="32-true", channels_last=True, cudnn_benchmark=False,
                                                 fused_sgd=False)
     gpu = torch.device("cuda")
     fast = FastPath(precision="bf16-mixed", channels_last=True, cudnn_benchmark=True, fused_sgd=True)
@@ -112,7 +116,7 @@ def test_bench_command_prints_a_table_and_writes_parquet(synthetic_root, tmp_pat
     assert code == 0
     out, err = capsys.readouterr()
     header, *lines = out.strip().splitlines()
-    assert header.split()[:7] == ["what", "variant", "images/s", "x", "baseline", "200", "ep"]
+    assert header.split()[:9] == ["what", "variant", "images/s", "x", "baseline", "x", "fast", "200", "ep"]
     assert lines[-1].startswith("pipeline  device loader") and f"cpu / {torch.__version__}" in lines[-1]
     assert len(lines) == len(bench.baseline_workers()) + 1
     (path,) = (tmp_path / "bench").glob("*.parquet")
