@@ -11,10 +11,12 @@ import torch
 from cifarbench import records, train
 from cifarbench.spec import RunSpec, get_recipe
 
-SEEDS = range(4)
-# Measured for this setup (resnet20, synthetic10 1000/500, 5 epochs, batch 64, CPU), seeds 0-9 per loader:
-# device loader final accuracies 0.82-1.00 (median 0.990), torchvision 0.972-0.996 (median 0.992). Over every
-# split of those 20 outcomes into two groups of 4, the medians differ by at most 0.043.
+SEEDS = range(6)
+# Measured for this setup (resnet20, synthetic10 1000/500, cos-200 over 5 epochs, batch 64, CPU), seeds 0-19 per
+# loader: device loader final accuracies 0.942-1.000 (median 0.997), torchvision 0.760-1.000 (median 0.996); a
+# short run now and then starts slowly, in both. Over random splits of those 40 outcomes into two groups of 6, the
+# medians differ by more than 0.035 in 1% of splits and by more than 0.054 in 0.1%; a median of 6 is below 0.948
+# in 0.1%. (With step-200's milestones squeezed into 5 epochs the spread was several times wider.)
 TOLERANCE = 0.05
 
 
@@ -23,7 +25,7 @@ def test_fast_and_baseline_loaders_reach_the_same_accuracy(synthetic_root, tmp_p
     accuracy = {}
     for loader in ("device", "torchvision"):
         for seed in SEEDS:
-            spec = RunSpec(model="resnet20", dataset="synthetic10", recipe=get_recipe("step-200"), batch_size=64,
+            spec = RunSpec(model="resnet20", dataset="synthetic10", recipe=get_recipe("cos-200"), batch_size=64,
                            seed=seed, epochs=5, loader=loader, deterministic=True, data_root=str(synthetic_root),
                            results=str(tmp_path))
             with contextlib.redirect_stdout(io.StringIO()):
