@@ -19,10 +19,12 @@ import yaml
 
 from cifarbench.errors import GridError
 from cifarbench.models import MODELS, UnknownNameError, check_name
-from cifarbench.spec import DATASETS, LOADERS, PRECISIONS, RECIPES, SCHEDULES, Recipe, Resources, RunSpec
+from cifarbench.spec import (COMPILE_MODES, DATASETS, LOADERS, PRECISIONS, RECIPES, SCHEDULES, Recipe, Resources,
+                             RunSpec)
 
 AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
-RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic")  # per run: an include entry may override them
+# per run: an include entry may override them
+RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile")
 GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "exclude", "include", "slurm")
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
 SLURM_KEYS = tuple(f.name for f in dataclasses.fields(Resources))
@@ -138,6 +140,18 @@ def _bool(value, where: str) -> bool:
     return value
 
 
+def _compile(value, where: str) -> str | None:
+    """false (or null): eager; true: torch.compile's default mode; or a mode by name."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if not isinstance(value, str):
+        raise _Problem(where, f"must be true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
+                              f"got {value!r}")
+    return _name(value, COMPILE_MODES, "compile mode", where)
+
+
 def _path(value, where: str) -> str:
     if not isinstance(value, str) or not value or set(value) & set("\r\n\x00"):
         raise _Problem(where, f"must be a folder path on one line, got {value!r}")
@@ -200,6 +214,7 @@ def _run_options(raw: dict, where: str, defaults: dict) -> dict:
         "precision": lambda v, w: _name(v, PRECISIONS, "precision", w),
         "loader": lambda v, w: _name(v, LOADERS, "loader", w),
         "deterministic": _bool,
+        "compile": _compile,
     }
     return defaults | {key: check[key](raw[key], f"{where}{key}") for key in RUN_OPTIONS if key in raw}
 
@@ -221,7 +236,8 @@ def _grid(raw, source: str) -> Grid:
         "seeds": lambda v, w: _int(v, w, 0, MAX_SEED),
     }
     axes = {key: [check[key](v, f"{key}[{i}]") for i, v in enumerate(_list(raw, key))] for key in raw if key in AXES}
-    defaults = _run_options(raw, "", {"epochs": None, "precision": "auto", "loader": "device", "deterministic": False})
+    defaults = _run_options(raw, "", {"epochs": None, "precision": "auto", "loader": "device", "deterministic": False,
+                                      "compile": None})
     shared = {
         "data_root": _path(raw.get("root", "data"), "root"),
         "verify": _bool(raw.get("verify", True), "verify"),

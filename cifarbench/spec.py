@@ -16,6 +16,8 @@ DATASETS = {"cifar10": 10, "cifar100": 100, "synthetic10": 10, "synthetic100": 1
 LOADERS = ("device", "torchvision")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 SCHEDULES = ("step", "cos")
+# torch.compile's modes; "reduce-overhead" also captures CUDA graphs on a GPU.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +77,7 @@ class RunSpec:
     precision: str = "auto"
     loader: str = "device"
     deterministic: bool = False
+    compile: str | None = None  # a torch.compile mode, or None: eager
     data_root: str = "data"
     verify: bool = True
     results: str = "results"
@@ -90,6 +93,8 @@ class RunSpec:
         check_name(self.dataset, DATASETS, "dataset")
         check_name(self.loader, LOADERS, "loader")
         check_name(self.precision, PRECISIONS, "precision")
+        if self.compile is not None:
+            check_name(self.compile, COMPILE_MODES, "compile mode")
         for key in ("batch_size", "epochs"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -111,6 +116,8 @@ class RunSpec:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._id_excluded}
         fields["recipe"] = dataclasses.asdict(self.recipe)
         fields["recipe"]["milestones"] = list(self.recipe.milestones)
+        if self.compile is None:  # compile came after v1: an eager run keeps the id it had before
+            del fields["compile"]
         return {"spec_version": SPEC_VERSION, **fields}
 
     @property

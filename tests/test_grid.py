@@ -110,6 +110,13 @@ def test_include_adds_runs_with_the_grids_options_as_defaults():
     assert [(s.epochs, s.precision) for s in extra] == [(10, "32-true"), (None, "32-true")]
 
 
+def test_compile_is_off_by_default_true_means_the_default_mode_and_include_may_override_it():
+    assert grid(BASE).specs[0].compile is None and grid(BASE + "compile: false\n").specs[0].compile is None
+    assert grid(BASE + "compile: true\n").specs[0].compile == "default"
+    g = grid(BASE + "compile: reduce-overhead\ninclude: [{seed: 1, compile: false}, {seed: 2}]\n")
+    assert [(s.seed, s.compile) for s in g.specs] == [(0, "reduce-overhead"), (1, None), (2, "reduce-overhead")]
+
+
 def test_include_must_name_an_axis_with_several_values():
     assert "include[0]: missing seed; the grid has several seeds" in error(
         BASE + "seeds: [0, 1]\ninclude: [{model: resnet56}]\n")
@@ -208,6 +215,10 @@ def test_epochs_equal_to_the_recipes_is_no_override():
     (BASE + "precision: fp16\n", "precision: unknown precision 'fp16'"),
     (BASE + "loader: dali\n", "loader: unknown loader 'dali'"),
     (BASE + "deterministic: 1\n", "deterministic: must be true or false"),
+    (BASE + "compile: reduce_overhead\n",
+     "compile: unknown compile mode 'reduce_overhead' (did you mean 'reduce-overhead'?); valid: default,"),
+    (BASE + "compile: 1\n", "compile: must be true, false or a torch.compile mode (default, reduce-overhead,"),
+    (BASE + "include: [{compile: fast}]\n", "include[0].compile: unknown compile mode 'fast'"),
     (BASE + "verify: 'no'\n", "verify: must be true or false"),
     (BASE + "root: \"data\\nrm -rf /\"\n", "root: must be a folder path on one line"),
     (BASE + "results: ''\n", "results: must be a folder path on one line"),
@@ -328,6 +339,8 @@ def test_pinned_run_ids():
     assert smoke.run_id == "resnet20-synthetic10-v1-fdc7796d3d9c"
     assert smoke.run_id in [s.run_id for s in load_grid(JOBS / "smoke.yaml").specs]
     assert spec().run_id in [s.run_id for s in load_grid(JOBS / "resnet56-cifar100-recipes.yaml").specs]
+    # compile joined the spec later: eager runs (compile None) kept the ids above
+    assert spec(compile="reduce-overhead").run_id == "resnet56-cifar100-v1-add19ae4e764"
 
 
 def test_bookkeeping_does_not_change_the_run_id():
@@ -339,6 +352,7 @@ def test_bookkeeping_does_not_change_the_run_id():
 
 @pytest.mark.parametrize("changes", [
     {"seed": 1}, {"epochs": 20}, {"batch_size": 128}, {"precision": "bf16-mixed"}, {"deterministic": True},
+    {"compile": "default"},
     {"recipe": dataclasses.replace(RECIPES["cos-200"], lr=0.05)},
     {"recipe": dataclasses.replace(RECIPES["cos-200"], weight_decay=1e-4)},
     {"recipe": dataclasses.replace(RECIPES["cos-200"], name="cos-200b")},
