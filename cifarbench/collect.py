@@ -21,17 +21,20 @@ from cifarbench.errors import UsageError
 
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
 # split by one of them only where the cell (recipe, batch size, ...) does not already decide it.
-CONFIG = ("dataset", "model", "recipe", "batch_size", "precision", "loader", "deterministic",
-          "recipe_epochs", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "epochs")
-_DERIVED = CONFIG[7:]
+_DERIVED = ("recipe_epochs", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "epochs")
+CONFIG = ("dataset", "model", "recipe", "batch_size", "precision", "loader", "deterministic", "compile", *_DERIVED)
+EAGER = "eager"  # how a null compile (eager, as requested) reads in tables, labels and --where
 VALUES = {"final_test_acc": 4, "best_test_acc": 4, "images_per_s": 0, "train_minutes": 1}  # -> decimals
 
 
 def to_frame(table: pa.Table) -> pd.DataFrame:
-    """Records as a DataFrame; milestones joined to a string ("60,120,160") so that it can be a group key."""
+    """Records as a DataFrame; milestones joined to a string ("60,120,160") so that it can be a group key, and a
+    null compile as "eager"."""
     i = table.schema.get_field_index("milestones")
     joined = pc.binary_join(pc.cast(table.column(i), pa.list_(pa.string())), ",")
-    return table.set_column(i, "milestones", joined).to_pandas()
+    table = table.set_column(i, "milestones", joined)
+    i = table.schema.get_field_index("compile")
+    return table.set_column(i, "compile", pc.fill_null(table.column(i), EAGER)).to_pandas()
 
 
 def dedupe(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -206,16 +209,24 @@ def _first_line(error) -> str:
     return lines[0] if lines else "no error recorded"
 
 
+def _describe(r) -> str:
+    """A run in a list: its id and spec, and the mode it asked torch.compile for."""
+    compiled = f" compile={r.compile}" if r.compile != EAGER else ""
+    return f"`{r.run_id}` ({r.model} {r.dataset} {r.recipe} bs={r.batch_size} seed={r.seed}{compiled})"
+
+
 def incomplete(runs: pd.DataFrame, known_ids: set, no_record: list[str], unreadable: list[str], expected=None,
                limit: int = 50) -> list[str]:
-    """Markdown lines listing failed runs (with their error), runs without a record or with an unreadable one
-    and, given the grid's run specs, runs never submitted."""
+    """Markdown lines listing failed runs (with their error), runs that asked for torch.compile but trained eagerly
+    (with the reason), runs without a record or with an unreadable one and, given the grid's run specs, runs
+    never submitted."""
     specs, lost = {s.run_id: s for s in expected or ()}, set(no_record)
     desc = lambda s: f"{s.model} {s.dataset} {s.recipe.name} bs={s.batch_size} seed={s.seed}"  # noqa: E731
-    failed = runs[runs.status.ne("completed")]
+    failed, fell_back = runs[runs.status.ne("completed")], runs[runs.compile_fallback.notna()]
     kinds = {
-        "failed": [f"`{r.run_id}` ({r.model} {r.dataset} {r.recipe} bs={r.batch_size} seed={r.seed}): "
-                   f"{_first_line(r.error)}" for r in failed.itertuples()],
+        "failed": [f"{_describe(r)}: {_first_line(r.error)}" for r in failed.itertuples()],
+        "trained eagerly, torch.compile failed": [f"{_describe(r)}: {_first_line(r.compile_fallback)}"
+                                                  for r in fell_back.itertuples()],
         "no record (still running, or lost)": [f"`{i}`" + (f" ({desc(specs[i])})" if i in specs else "")
                                                for i in no_record if i not in known_ids],
         "unreadable record (see the warning)": [f"`{i}`" for i in unreadable if i not in known_ids],
@@ -282,6 +293,10 @@ def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", wher
                          + (f"; skipped {skipped} other Parquet files)" if skipped else ")"))
 
     runs = select(all_runs, filters)
+    fell_back = sorted(runs.run_id[runs.compile_fallback.notna()])
+    if fell_back:
+        warnings.append(f"note: {len(fell_back)} runs asked for torch.compile but trained eagerly (see the report): "
+                        f"{', '.join(fell_back[:10])}" + (" …" if len(fell_back) > 10 else ""))
     summary, config = summarize(runs)
     if rows or cols:
         rows, cols = rows or ["model"], cols or ["dataset"]

@@ -6,13 +6,17 @@ Layout under a results folder::
     runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
     runs.parquet                   what collect last read: one row per run (see ``cifarbench.scan``)
 
-A record (``record/1``) is a one-row Parquet file in SCHEMA. Its schema metadata, stored in the Parquet footer,
-holds two keys: ``cifarbench.schema`` = ``record/1`` says what the file is, and ``cifarbench.summary`` is a
+A record (``record/2``) is a one-row Parquet file in SCHEMA. Its schema metadata, stored in the Parquet footer,
+holds two keys: ``cifarbench.schema`` = ``record/2`` says what the file is, and ``cifarbench.summary`` is a
 compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables are made of, with the columns' values
 (null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its first line only; NaN as Python's json
 writes it; no curves). The summary is the footer index: reading a footer costs half of reading even a few
 columns of a one-row file, so a collector that reads footers only gets through 10,000 records in seconds. The
 columns stay the source of truth: curves, and everything else, are read from them.
+
+Records of an older version stay readable: OLDER says which columns (and summary keys) each one lacks and what
+they stand for, and every reader (``read_record``, ``scan``) fills them in from it. A tag this cifarbench does
+not know (record/0, or a newer one) is not a record to it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 SCHEMA_KEY = b"cifarbench.schema"
 SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
 SUMMARY_KEY = b"cifarbench.summary"
@@ -58,6 +62,8 @@ SCHEMA = pa.schema(
         ("precision_used", pa.string()),  # as resolved on the device
         ("loader", pa.string()),
         ("deterministic", pa.bool_()),
+        ("compile", pa.string()),  # a torch.compile mode as requested; null: eager
+        ("compile_fallback", pa.string()),  # null, or why a run that asked for compile trained eagerly
         ("data_root", pa.string()),
         ("data_verified", pa.bool_()),
         ("num_classes", pa.int32()),
@@ -104,9 +110,23 @@ SCHEMA = pa.schema(
 # The summary: the spec, the outcome's scalars, when the run ended and why it failed.
 SUMMARY_FIELDS = ("run_id", "status", "model", "dataset", "recipe", "recipe_epochs", "lr", "momentum",
                   "weight_decay", "schedule", "milestones", "gamma", "batch_size", "seed", "epochs", "precision",
-                  "loader", "deterministic", "params", "epochs_done", "final_test_acc", "best_test_acc",
-                  "best_epoch", "final_test_top5", "best_test_top5", "final_train_loss", "final_test_loss",
-                  "train_seconds", "images_per_s", "ended_at", "error")
+                  "loader", "deterministic", "compile", "compile_fallback", "params", "epochs_done",
+                  "final_test_acc", "best_test_acc", "best_epoch", "final_test_top5", "best_test_top5",
+                  "final_train_loss", "final_test_loss", "train_seconds", "images_per_s", "ended_at", "error")
+
+# Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
+# SCHEMA without these columns, and a summary without these keys; a reader fills them in.
+OLDER = {
+    1: {"compile": None, "compile_fallback": None},  # before torch.compile: every run trained eagerly
+}
+_VERSIONS = {f"record/{v}".encode(): v for v in (*OLDER, RECORD_VERSION)}  # schema tag -> version
+READABLE_TAGS = tuple(tag.decode() for tag in _VERSIONS)
+
+
+def record_version(metadata: dict | None) -> int | None:
+    """The record version that schema metadata (a Parquet footer's) is tagged with; None when it is not one
+    this cifarbench reads."""
+    return _VERSIONS.get((metadata or {}).get(SCHEMA_KEY))
 
 
 def run_dir(results: str | os.PathLike, run_id: str) -> Path:
@@ -188,15 +208,18 @@ def write_record(row: dict, results: str | os.PathLike) -> Path:
 
 
 def is_record_schema(schema: pa.Schema) -> bool:
-    return (schema.metadata or {}).get(SCHEMA_KEY) == SCHEMA_TAG
+    """Whether ``schema`` is tagged as a record this cifarbench reads (the current version or one in OLDER)."""
+    return record_version(schema.metadata) is not None
 
 
 def read_record(path: str | os.PathLike) -> dict | None:
-    """One record as a dict, or None when the file is missing, unreadable or not a current record."""
+    """One record as a dict with every current field (an older record's missing ones as OLDER says), or None
+    when the file is missing, unreadable or not a record this cifarbench reads."""
     try:
         table = pq.read_table(path)
     except (OSError, pa.ArrowException):
         return None
-    if not is_record_schema(table.schema) or table.num_rows != 1:
+    version = record_version(table.schema.metadata)
+    if version is None or table.num_rows != 1:
         return None
-    return table.to_pylist()[0]
+    return {**table.to_pylist()[0], **OLDER.get(version, {})}

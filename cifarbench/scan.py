@@ -17,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifarbench.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, atomic_write_table
+from cifarbench.records import (OLDER, READABLE_TAGS, SCHEMA, SCHEMA_KEY, SUMMARY_FIELDS, SUMMARY_KEY,
+                                atomic_write_table, record_version)
 
 # runs.parquet, collect's merged output, holds one row per run in RUNS_SCHEMA: the summary, the curve (test_acc;
 # null until plots have needed it, then kept) and the record's path, size, mtime and inode. That key lets a later
@@ -52,22 +53,23 @@ def _read_summary(path: str) -> tuple[dict | None, str | None]:
         return None, UNREADABLE
     finally:
         reader.close()
-    tag = (meta.metadata or {}).get(SCHEMA_KEY)
-    if tag == SCHEMA_TAG and meta.num_rows == 1:
+    tag, version = (meta.metadata or {}).get(SCHEMA_KEY), record_version(meta.metadata)
+    if version is not None and meta.num_rows == 1:
+        lacks = OLDER.get(version, {})  # an older record: the fields it lacks, as they stand for its run
         try:
             row = json.loads(meta.metadata[SUMMARY_KEY])
             row["ended_at"] = row["ended_at"] and datetime.fromisoformat(row["ended_at"])
         except (KeyError, TypeError, ValueError):
             return None, _MISLABELLED
-        ok = row.keys() == set(SUMMARY_FIELDS) and meta.num_columns == len(SCHEMA)
-        return (row, None) if ok else (None, _MISLABELLED)
+        ok = row.keys() == set(SUMMARY_FIELDS).difference(lacks) and meta.num_columns == len(SCHEMA) - len(lacks)
+        return ({**lacks, **row}, None) if ok else (None, _MISLABELLED)
     if tag is None:
         return None, "Parquet files that are not cifarbench records"
-    if tag == SCHEMA_TAG:
+    if version is not None:
         return None, "files in the record schema that do not hold exactly one run"
     if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
         return None, None
-    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {SCHEMA_TAG.decode()})"
+    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {', '.join(READABLE_TAGS)})"
 
 
 def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table, list[tuple[str, str]]]:

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifarbench.records import SCHEMA, SUMMARY_KEY, record_path, with_summary
+from cifarbench.records import RECORD_VERSION, SCHEMA, SUMMARY_KEY, record_path, with_summary
 
 MODELS = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56", "resnet110"]
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -80,7 +80,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
               ("train_loss", loss), ("test_loss", loss + 0.3), ("lr_curve", lr), ("epoch_seconds", seconds))}
     ended = np.datetime64("2025-01-01T00:00:00", "us") + (np.arange(n) * 60_000_000).astype("timedelta64[us]")
     cols = {
-        "record_version": [1] * n,
+        "record_version": [RECORD_VERSION] * n,
         "run_id": [s.run_id for s in specs],
         "status": np.where(failed, "failed", "completed").tolist(),
         "model": [s.model for s in specs], "dataset": [s.dataset for s in specs],
@@ -90,7 +90,8 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "milestones": [list(s.schedule.milestones) for s in specs], "gamma": [s.schedule.gamma for s in specs],
         "batch_size": [s.batch_size for s in specs], "seed": [s.seed for s in specs], "epochs": epochs.tolist(),
         "precision": ["auto"] * n, "precision_used": ["bf16-mixed"] * n, "loader": ["device"] * n,
-        "deterministic": [False] * n, "data_root": ["/data/cifar"] * n, "data_verified": [True] * n,
+        "deterministic": [False] * n, "compile": [None] * n, "compile_fallback": [None] * n,
+        "data_root": ["/data/cifar"] * n, "data_verified": [True] * n,
         "num_classes": [s.num_classes for s in specs], "params": [params[(s.model, s.num_classes)] for s in specs],
         "epochs_done": done.tolist(),
         "final_test_acc": np.where(failed, np.nan, acc[:, -1]), "best_test_acc": np.where(failed, np.nan, acc.max(1)),
@@ -164,7 +165,7 @@ def report(name: str, results: Path, plots: bool) -> float:
 
 
 def has_summaries(results: Path) -> bool:
-    """Whether the records in ``results`` were written with a summary in their footer (the current record/1)."""
+    """Whether the records in ``results`` were written with a summary in their footer (record/1 and later)."""
     run = next(e.name for e in os.scandir(results / "runs") if not e.name.startswith("truncated-"))
     return SUMMARY_KEY in (pq.read_metadata(record_path(results, run)).metadata or {})
 

@@ -20,9 +20,10 @@ def synthetic_root(tmp_path_factory):
 def record_row(**fields) -> dict:
     """A record as the training job writes it, with plausible values; ``fields`` override any of them.
 
-    The spec fields (model, dataset, recipe, batch_size, seed, epochs, precision, loader, deterministic) go
-    through a real RunSpec, so the run id and the recipe's fields (lr, milestones, ...) are the real ones."""
-    spec_keys = ("model", "dataset", "recipe", "batch_size", "seed", "epochs", "precision", "loader", "deterministic")
+    The spec fields (model, dataset, recipe, batch_size, seed, epochs, precision, loader, deterministic, compile)
+    go through a real RunSpec, so the run id and the recipe's fields (lr, milestones, ...) are the real ones."""
+    spec_keys = ("model", "dataset", "recipe", "batch_size", "seed", "epochs", "precision", "loader", "deterministic",
+                 "compile")
     spec = {"model": "resnet20", "dataset": "cifar10", "recipe": "step-200", "batch_size": 64, "seed": 0}
     spec.update({k: fields.pop(k) for k in spec_keys if k in fields})
     run = RunSpec(**{**spec, "recipe": get_recipe(spec["recipe"])})
@@ -37,7 +38,8 @@ def record_row(**fields) -> dict:
         "weight_decay": sched.weight_decay, "schedule": sched.schedule, "milestones": list(sched.milestones),
         "gamma": sched.gamma, "batch_size": run.batch_size, "seed": run.seed, "epochs": sched.epochs,
         "precision": run.precision, "precision_used": "32-true", "loader": run.loader,
-        "deterministic": run.deterministic, "data_root": "data", "data_verified": True,
+        "deterministic": run.deterministic, "compile": run.compile, "compile_fallback": None, "data_root": "data",
+        "data_verified": True,
         "num_classes": run.num_classes, "params": 272_474, "epochs_done": sched.epochs,
         "final_test_acc": final, "best_test_acc": max(curve), "best_epoch": curve.index(max(curve)) + 1,
         "test_acc": curve, "train_seconds": 1800.0, "images_per_s": 5000.0, "attempts": 1,

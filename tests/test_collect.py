@@ -11,8 +11,8 @@ import pytest
 from cifarbench import cli
 from cifarbench.collect import collect, model_depth
 from cifarbench.errors import UsageError
-from cifarbench.records import SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, record_path
-from cifarbench.scan import RUNS_TAG, read_records
+from cifarbench.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, read_record, record_path
+from cifarbench.scan import RUNS_TAG, load_runs, read_records
 from cifarbench.spec import RunSpec, get_recipe
 
 # The seed notebook's tables, verbatim (its own uneven padding included).
@@ -137,7 +137,7 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     assert report.warnings == [
         "warning: skipped 1 files tagged as records whose columns are not the record schema's: fake.parquet",
         "warning: skipped 1 Parquet files that are not cifarbench records: foreign.parquet",
-        "warning: skipped 1 records of schema record/0 (this cifarbench reads record/1): old/r.parquet",
+        "warning: skipped 1 records of schema record/0 (this cifarbench reads record/1, record/2): old/r.parquet",
         "warning: skipped 1 unreadable Parquet files (corrupt or truncated): runs/truncated/record.parquet",
         "warning: skipped 1 files in the record schema that do not hold exactly one run: two-rows.parquet",
         f"note: ignored 1 duplicate records of 1 runs (kept the latest completed record of each): {run_id(seed=0)}",
@@ -183,6 +183,108 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     updated = collect(results, plots=False)
     assert cells(first_table(section(updated.markdown, "step-200 bs=64")))[1:] == [["resnet20", "0.95"],
                                                                                    ["resnet32", "0.91"]]
+
+
+def as_record_1(path) -> None:
+    """Rewrite a current record as cifarbench's record/1 writer wrote it: without the compile columns, tagged
+    record/1, with a summary without their keys."""
+    record = pq.read_table(path)
+    summary = json.loads(record.schema.metadata[SUMMARY_KEY])
+    del summary["compile"], summary["compile_fallback"]
+    old = record.drop_columns(["compile", "compile_fallback"])
+    old = old.set_column(0, "record_version", pa.array([1], pa.int32()))
+    meta = {SCHEMA_KEY: b"record/1", SUMMARY_KEY: json.dumps(summary, separators=(",", ":")).encode()}
+    pq.write_table(old.replace_schema_metadata(meta), path)
+
+
+def test_a_record_1_file_is_read_as_an_eager_run(write_records):
+    results = write_records([{"model": "resnet20", "final_test_acc": 0.91},
+                             {"model": "resnet32", "final_test_acc": 0.92}])
+    path = record_path(results, run_id(model="resnet20"))
+    current = read_record(path)
+    as_record_1(path)
+    assert pq.read_schema(path).names == [n for n in SCHEMA.names if n not in ("compile", "compile_fallback")]
+    assert read_record(path) == {**current, "record_version": 1}
+    assert current["compile"] is None and current["compile_fallback"] is None
+
+    report = collect(results, plots=False)
+    assert report.warnings == []
+    headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
+    assert headings == ["step-200 bs=64", "Missing, failed and lost runs"]
+    assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [["resnet20", "0.91"],
+                                                                                   ["resnet32", "0.92"]]
+    assert pd.read_csv(results / "summary.csv").compile.tolist() == ["eager", "eager"]
+    assert collect(results, where=["compile=eager"], plots=False).markdown == report.markdown
+
+    # a record/1 summary and tag on a file with the current columns: not what record/1 is
+    current_file = record_path(results, run_id(model="resnet32"))
+    record = pq.read_table(current_file)
+    as_record_1(current_file)
+    pq.write_table(record.replace_schema_metadata(pq.read_schema(current_file).metadata), current_file)
+    assert read_records(results).skipped == {"files tagged as records whose columns are not the record schema's":
+                                             [f"runs/{run_id(model='resnet32')}/record.parquet"]}
+
+
+def test_a_runs_parquet_from_before_the_compile_columns_is_ignored(write_records):
+    results = write_records([{"model": "resnet20", "final_test_acc": 0.91}])
+    first = collect(results, plots=False)
+    runs = pq.read_table(results / "runs.parquet")
+    acc = runs.schema.get_field_index("final_test_acc")
+    older = runs.drop_columns(["compile", "compile_fallback"]).set_column(acc, "final_test_acc", pa.array([0.5]))
+    pq.write_table(older.replace_schema_metadata(runs.schema.metadata), results / "runs.parquet")
+    assert load_runs(results / "runs.parquet", results) is None
+    again = collect(results, plots=False)  # the record, unchanged on disk, is read again: not the cache's 0.5
+    assert again.markdown == first.markdown and again.warnings == []
+    assert pq.read_table(results / "runs.parquet").drop_columns("test_acc").equals(runs.drop_columns("test_acc"))
+
+
+def test_compiled_and_eager_runs_are_separate_configurations(write_records):
+    accs = {None: [0.90, 0.92], "default": [0.91, 0.93], "max-autotune": [0.94, 0.96]}
+    results = write_records([{"model": m, "compile": mode, "seed": s, "final_test_acc": a - (m == "resnet32") * 0.1}
+                             for m in ("resnet20", "resnet32") for mode, values in accs.items()
+                             for s, a in enumerate(values)])
+    report = collect(results, plots=False)
+    headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
+    assert headings == ["step-200 bs=64 compile=default", "step-200 bs=64 compile=eager",
+                        "step-200 bs=64 compile=max-autotune", "Missing, failed and lost runs"]
+    assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=eager")))[1:] == [
+        ["resnet20", "0.91 ± 0.01 (2)"], ["resnet32", "0.81 ± 0.01 (2)"]]
+    assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=default")))[1:] == [
+        ["resnet20", "0.92 ± 0.01 (2)"], ["resnet32", "0.82 ± 0.01 (2)"]]
+    shown = report.markdown.split("## Missing, failed and lost runs")[0]
+    assert report.warnings == [] and "None" not in shown and "nan" not in shown
+
+    pivot = collect(results, rows=["model"], cols=["compile"], plots=False)
+    assert cells(first_table(section(pivot.markdown, "CIFAR10 step-200 bs=64"))) == [
+        ["compile / model", "default", "eager", "max-autotune"],
+        ["resnet20", "0.9200 ± 0.0141 (2)", "0.9100 ± 0.0141 (2)", "0.9500 ± 0.0141 (2)"],
+        ["resnet32", "0.8200 ± 0.0141 (2)", "0.8100 ± 0.0141 (2)", "0.8500 ± 0.0141 (2)"]]
+    eager = collect(results, where=["compile=eager"], plots=False)
+    assert [ln[3:] for ln in eager.markdown.splitlines() if ln.startswith("## ")] == [
+        "step-200 bs=64", "Missing, failed and lost runs"]
+    assert cells(first_table(section(eager.markdown, "step-200 bs=64")))[1:] == [
+        ["resnet20", "0.91 ± 0.01 (2)"], ["resnet32", "0.81 ± 0.01 (2)"]]
+    compiled = collect(results, where=["compile=default", "compile=max-autotune"], plots=False)
+    assert [ln[3:] for ln in compiled.markdown.splitlines() if ln.startswith("## ")] == headings[:1] + headings[2:]
+
+
+def test_a_run_whose_compile_fell_back_to_eager_is_listed_and_warned_about(write_records):
+    why = "BackendCompilerFailed: backend='inductor' raised: RuntimeError: Compiler: cc is not found."
+    results = write_records([
+        {"model": "resnet20", "final_test_acc": 0.91},
+        {"model": "resnet20", "compile": "default", "final_test_acc": 0.92},
+        {"model": "resnet32", "compile": "default", "final_test_acc": 0.90, "compile_fallback": why},
+    ])
+    report = collect(results, plots=False)
+    fell_back = run_id(model="resnet32", compile="default")
+    assert report.warnings == [
+        f"note: 1 runs asked for torch.compile but trained eagerly (see the report): {fell_back}"]
+    assert section(report.markdown, "Missing, failed and lost runs").splitlines() == [
+        f"- trained eagerly, torch.compile failed: `{fell_back}` (resnet32 cifar10 step-200 bs=64 seed=0 "
+        f"compile=default): {why}"]
+    assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=default")))[1:] == [
+        ["resnet20", "0.92"], ["resnet32", "0.90"]]  # a completed run: its cell stays, and the list says why
+    assert collect(results, where=["compile=eager"], plots=False).warnings == []
 
 
 def test_seed_notebook_layout(write_records):
