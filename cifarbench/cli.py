@@ -35,7 +35,8 @@ def _cmd_run(args) -> int:
     try:
         spec = RunSpec(model=args.model, dataset=args.dataset, recipe=get_recipe(args.opt),
                        batch_size=args.batch_size, seed=args.seed, epochs=args.epochs, precision=args.precision,
-                       loader=args.loader, deterministic=args.deterministic, data_root=args.data_root,
+                       loader=args.loader, deterministic=args.deterministic, compile=args.compile,
+                       data_root=args.data_root,
                        verify=not args.no_verify, results=args.results)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -180,7 +181,7 @@ _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 def build_parser() -> argparse.ArgumentParser:
     # Only torch-free modules here: every command, `collect` and `status` included, builds this parser.
-    from cifarbench.spec import DATASETS, LOADERS, PRECISIONS, RECIPES
+    from cifarbench.spec import COMPILE_MODES, DATASETS, LOADERS, PRECISIONS, RECIPES
 
     parser = _Parser(prog="cifarbench", description="CIFAR ResNet benchmarks on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -201,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", choices=LOADERS, default="device")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the model (MODE: default, or reduce-overhead for CUDA graphs, ...); "
+                        "trains eagerly, and records why, where compiling fails")
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader workers for --loader torchvision")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_cmd_run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from cifarbench.spec import RunSpec
 
 CKPT_NAME = "last.ckpt"
 PROGRESS_NAME = "progress.json"
+AUTOCAST = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}  # Lightning's precisions
 
 
 class CheckpointMismatch(UsageError):
@@ -195,6 +197,31 @@ class FastPath:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
+def compile_for_training(model: torch.nn.Module, mode: str, *, batch_size: int, precision: str,
+                         device: torch.device, memory_format: torch.memory_format) -> str | None:
+    """Compile ``model`` in place with ``torch.compile`` (``nn.Module.compile``: its state_dict keys stay those of
+    the eager model, so checkpoints of compiled and eager attempts are interchangeable). First a training step
+    is compiled and run on a copy, so that a node without a working compiler toolchain (no C++ compiler, no
+    Triton) trains eagerly instead of failing. Returns None, or the reason the model stays eager.
+
+    The copy's compiled code is reused for ``model`` itself, so the probe costs no second compilation. Shapes are
+    static: a batch of another size (the last of an epoch, the test set's) gets its own compiled graph rather
+    than moving every batch to slower shape-generic kernels."""
+    probe = copy.deepcopy(model)
+    probe.compile(mode=mode, dynamic=False)
+    x = torch.zeros(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    dtype = AUTOCAST[precision]
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = probe(x)
+        out.float().sum().backward()
+    except Exception as exc:  # a broken toolchain fails in many types: BackendCompilerFailed, InductorError, OSError...
+        torch.compiler.reset()
+        return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+    model.compile(mode=mode, dynamic=False)
+    return None
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(cifarbench.__file__).parent,
@@ -232,7 +259,7 @@ def spec_fields(spec: RunSpec) -> dict:
         "weight_decay": recipe.weight_decay, "schedule": recipe.schedule, "milestones": list(recipe.milestones),
         "gamma": recipe.gamma, "batch_size": spec.batch_size, "seed": spec.seed, "epochs": recipe.epochs,
         "precision": spec.precision, "loader": spec.loader, "deterministic": spec.deterministic,
-        "data_root": str(spec.data_root), "num_classes": spec.num_classes,
+        "compile": spec.compile, "data_root": str(spec.data_root), "num_classes": spec.num_classes,
     }
 
 
@@ -306,6 +333,13 @@ def fit(spec: RunSpec, *, device: torch.device | None = None, num_workers: int |
             enable_model_summary=False, enable_progress_bar=interactive, num_sanity_val_steps=0,
             callbacks=[AtomicLastCheckpoint(ckpt), *(callbacks or [])], plugins=plugins, default_root_dir=str(folder),
         )
+        if spec.compile:  # after the Trainer, which sets the deterministic-algorithms flag the compiled code assumes
+            started_compile = time.perf_counter()
+            fallback = row["compile_fallback"] = compile_for_training(
+                module.model, spec.compile, batch_size=spec.batch_size, precision=fast.precision, device=device,
+                memory_format=fast.memory_format)
+            print(f"[{spec.run_id}] " + (f"torch.compile failed, training eagerly: {fallback}" if fallback else
+                  f"compiled (mode {spec.compile}) in {time.perf_counter() - started_compile:.1f}s"), flush=True)
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=test_loader,
                     ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
         outcome = _outcome(module)
