@@ -36,8 +36,9 @@ SCHEMA = pa.schema(
     [("what", _str), ("variant", _str), ("baseline", pa.bool_()),  # what: pipeline | train
      ("images_per_s", pa.float64()),  # null: the variant could not run (see note)
      ("ratio", pa.float64()),  # images_per_s / the baseline's of the same `what`
-     ("ratio_to_fast_path", pa.float64()),  # a lever or compile row: images_per_s / the fast path row's
-     ("eval_images_per_s", pa.float64()),  # test-set images/s of the fast path (the `lightning fit` row)
+     # a lever or compile row: images_per_s / the fast path row's ("lightning fit"'s for a compiled fit)
+     ("ratio_to_fast_path", pa.float64()),
+     ("eval_images_per_s", pa.float64()),  # test-set images/s of the fast path (the `lightning fit` rows)
      ("minutes_200_epochs", pa.float64()),  # a 200-epoch run of 50,000 + 10,000 images/epoch, projected
      ("model", _str), ("dataset", _str), ("batch_size", _int), ("precision", _str), ("loader", _str),
      ("workers", _int), ("steps", _int), ("warmup", _int), ("repeats", _int), ("note", _str),
@@ -46,7 +47,6 @@ SCHEMA = pa.schema(
      ("created_at", pa.timestamp("us", tz="UTC"))],
     metadata={records.SCHEMA_KEY: BENCH_TAG},
 )
-AUTOCAST = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
 
 
 def prepare_data(dataset: str, root: str | Path, *, train_size: int = 50_000, test_size: int = 10_000) -> bool:
@@ -162,7 +162,7 @@ def _on_off(flag: bool) -> str:
 
 def _step(model, optimiser, precision: str, device: torch.device):
     """One training step as a function of the batch; no host-device syncs unless 16-mixed needs its scaler."""
-    dtype = AUTOCAST[precision]
+    dtype = train.AUTOCAST[precision]
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
 
     def step(x, y):
@@ -194,14 +194,16 @@ def _model_and_optimiser(name: str, num_classes: int, device: torch.device, *, c
 
 
 def _eval_images_per_s(name: str, num_classes: int, loader, fast: FastPath, device: torch.device,
-                       repeats: int) -> float:
+                       repeats: int, compile_mode: str | None = None) -> float:
     """Test-set throughput of the fast path (no grad, batches of the test loader), median over passes."""
     model, _ = _model_and_optimiser(name, num_classes, device, channels_last=fast.channels_last, fused=False)
     model.eval()
-    dtype = AUTOCAST[fast.precision]
+    if compile_mode:
+        model.compile(mode=compile_mode, dynamic=False)  # as train.fit compiles a run's model
+    dtype = train.AUTOCAST[fast.precision]
     rates = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for _ in range(repeats + 1):  # the first pass warms up
+        for _ in range(repeats + 1):  # the first pass warms up (and compiles)
             _sync(device)
             start, images = time.perf_counter(), 0
             for x, y in loader:
@@ -231,20 +233,24 @@ class _Clock(L.Callback):
 
 
 def _fit_rows(*, model: str, num_classes: int, batch_size: int, precision: str, device: torch.device,
-              steps: int, warmup: int, repeats: int) -> list[dict]:
+              steps: int, warmup: int, repeats: int, compile_mode: str | None = None) -> list[dict]:
     """``train.fit`` for one epoch on a synthetic set just long enough: its steady images/s and the whole-epoch
     figure its record keeps (which includes the warm-up)."""
     dataset = f"synthetic{num_classes}"
     with tempfile.TemporaryDirectory(prefix="cifarbench-bench-") as tmp:
         data.write_synthetic(dataset, tmp, train_size=(warmup + steps * repeats) * batch_size, test_size=batch_size)
         spec = RunSpec(model=model, dataset=dataset, recipe=get_recipe("step-200"), batch_size=batch_size, seed=0,
-                       epochs=1, precision=precision, data_root=tmp, results=tmp)
+                       epochs=1, precision=precision, compile=compile_mode, data_root=tmp, results=tmp)
         clock = _Clock(device, [warmup + k * steps for k in range(repeats + 1)])
         with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch progress line
             record = records.read_record(train.fit(spec, device=device, callbacks=[clock]))
     rate = statistics.median(steps * batch_size / (b - a) for a, b in zip(clock.times, clock.times[1:]))
     common = {"loader": "device", "workers": 0, "precision": record["precision_used"], "dataset": dataset,
               "baseline": False}
+    if compile_mode:
+        fallback = record["compile_fallback"]
+        return [{**common, "variant": f"lightning fit, torch.compile {compile_mode}", "images_per_s": rate,
+                 "note": f"trained eagerly: {fallback}" if fallback else None}]
     return [{**common, "variant": "lightning fit", "images_per_s": rate},
             {**common, "variant": "lightning fit, whole epoch (record)", "images_per_s": record["images_per_s"],
              "note": "the record's images_per_s: one epoch, warm-up included"}]
@@ -313,10 +319,20 @@ def bench_train(*, model: str, dataset: str, root: str | Path, batch_size: int, 
     loaders.clear()
     gc.collect()
 
-    fit = _fit_rows(model=model, num_classes=k, batch_size=batch_size, precision=precision, device=device,
+    fit_args = dict(model=model, num_classes=k, batch_size=batch_size, precision=precision, device=device,
                     steps=steps, warmup=warmup, repeats=repeats)
+    fit = _fit_rows(**fit_args)
     fit[0].update(eval_images_per_s=eval_rate, minutes_200_epochs=projected_minutes(fit[0]["images_per_s"], eval_rate))
     rows += fit
+    for _, mode in compile_modes(device) if compile else ():  # the job's own compile option, end to end
+        (row,) = _fit_rows(**fit_args, compile_mode=mode)
+        if row["note"] is None:
+            compiled_eval = _eval_images_per_s(model, k, test_loader, fast, device, repeats, compile_mode=mode)
+            row.update(ratio_to_fast_path=row["images_per_s"] / fit[0]["images_per_s"],
+                       eval_images_per_s=compiled_eval,
+                       minutes_200_epochs=projected_minutes(row["images_per_s"], compiled_eval))
+        rows.append(row)
+        torch.compiler.reset()
     torch.backends.cudnn.benchmark = benchmark_was
     return _finish(rows, device=device, what="train", model=model, dataset=dataset, batch_size=batch_size,
                    steps=steps, warmup=warmup, repeats=repeats)
