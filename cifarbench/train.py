@@ -59,6 +59,10 @@ class ResNetModule(L.LightningModule):
         self._train_seconds = 0.0
 
     def forward(self, x):
+        if self.spec.compile:
+            # CUDA graphs (reduce-overhead) reuse their output memory from one call to the next: say where a new
+            # step starts, so that a test step after a training step never reads an overwritten output
+            torch.compiler.cudagraph_mark_step_begin()
         return self.model(x)
 
     def configure_optimizers(self):
