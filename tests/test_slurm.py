@@ -243,6 +243,12 @@ def test_time_limit_signal_requeues_and_the_run_completes(array):
     log = Path(array.manifest["runs"][0]["stderr"]).read_text()
     assert log.count("Caught signal SIGUSR2 on ") == timeouts
     history = array.wait("accounting of task 0's end", lambda: _ended(f"{array.job}_0"), timeout=60)
+    if history[-1] == "FAILED":
+        # The last attempt can finish within a second of the next USR2, which then reaches the process as it
+        # exits after success: SLURM counts the signal, the record (above) is complete all the same.
+        out = Path(array.manifest["runs"][0]["stdout"]).read_text()
+        assert "Exiting after successful completion" in out and log.rstrip().endswith("User defined signal 2"), log
+        history[-1] = "COMPLETED"
     assert history == ["REQUEUED"] * timeouts + ["COMPLETED"]
 
 
