@@ -19,32 +19,54 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, cast
 
 import lightning as L
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
-from cifarbench import data, records, train
-from cifarbench.models import get_resnet, init_weights
-from cifarbench.spec import DATASETS, RunSpec, get_recipe
-from cifarbench.train import FastPath
+from cifarbench.config.spec import DATASETS, RunSpec, get_recipe
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
+from cifarbench.system import usable_cores
+from cifarbench.train import data
+from cifarbench.train import fit as fitting
+from cifarbench.train.fit import FastPath
+from cifarbench.train.models import get_resnet, init_weights
 
 BENCH_TAG = b"bench/2"
 _str, _int = pa.string(), pa.int32()
 SCHEMA = pa.schema(
-    [("what", _str), ("variant", _str), ("baseline", pa.bool_()),  # what: pipeline | train
-     ("images_per_s", pa.float64()),  # null: the variant could not run (see note)
-     ("ratio", pa.float64()),  # images_per_s / the baseline's of the same `what`
-     # a lever or compile row: images_per_s / the fast path row's ("lightning fit"'s for a compiled fit)
-     ("ratio_to_fast_path", pa.float64()),
-     ("eval_images_per_s", pa.float64()),  # test-set images/s of the fast path (the `lightning fit` rows)
-     ("minutes_200_epochs", pa.float64()),  # a 200-epoch run of 50,000 + 10,000 images/epoch, projected
-     ("model", _str), ("dataset", _str), ("batch_size", _int), ("precision", _str), ("loader", _str),
-     ("workers", _int), ("steps", _int), ("warmup", _int), ("repeats", _int), ("note", _str),
-     ("device", _str), ("torch_version", _str), ("cuda_version", _str), ("hostname", _str), ("cpu_cores", _int),
-     ("torch_threads", _int), ("load_avg", pa.float64()),  # 1-minute load average at the end, ours included
-     ("created_at", pa.timestamp("us", tz="UTC"))],
+    [
+        ("what", _str),
+        ("variant", _str),
+        ("baseline", pa.bool_()),  # what: pipeline | train
+        ("images_per_s", pa.float64()),  # null: the variant could not run (see note)
+        ("ratio", pa.float64()),  # images_per_s / the baseline's of the same `what`
+        # a lever or compile row: images_per_s / the fast path row's ("lightning fit"'s for a compiled fit)
+        ("ratio_to_fast_path", pa.float64()),
+        ("eval_images_per_s", pa.float64()),  # test-set images/s of the fast path (the `lightning fit` rows)
+        ("minutes_200_epochs", pa.float64()),  # a 200-epoch run of 50,000 + 10,000 images/epoch, projected
+        ("model", _str),
+        ("dataset", _str),
+        ("batch_size", _int),
+        ("precision", _str),
+        ("loader", _str),
+        ("workers", _int),
+        ("steps", _int),
+        ("warmup", _int),
+        ("repeats", _int),
+        ("note", _str),
+        ("device", _str),
+        ("torch_version", _str),
+        ("cuda_version", _str),
+        ("hostname", _str),
+        ("cpu_cores", _int),
+        ("torch_threads", _int),
+        ("load_avg", pa.float64()),  # 1-minute load average at the end, ours included
+        ("created_at", pa.timestamp("us", tz="UTC")),
+    ],
     metadata={records.SCHEMA_KEY: BENCH_TAG},
 )
 
@@ -95,56 +117,108 @@ def _images_per_s(batches, consume, *, device, steps, warmup, repeats) -> float:
 def _finish(rows: list[dict], *, device: torch.device, **common) -> list[dict]:
     """Add the ratio to the baseline row, and the columns every row shares."""
     base = next(r["images_per_s"] for r in rows if r["baseline"])
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch_version": torch.__version__, "cuda_version": torch.version.cuda, "hostname": socket.gethostname(),
-           "cpu_cores": data.usable_cores(), "torch_threads": torch.get_num_threads(),
-           "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-           "created_at": datetime.now(timezone.utc)}
-    return [{**common, **r, "ratio": None if r["images_per_s"] is None else r["images_per_s"] / base, **env}
-            for r in rows]
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda,
+        "hostname": socket.gethostname(),
+        "cpu_cores": usable_cores(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "created_at": datetime.now(timezone.utc),
+    }
+    return [
+        {**common, **r, "ratio": None if r["images_per_s"] is None else r["images_per_s"] / base, **env} for r in rows
+    ]
 
 
 def baseline_workers() -> list[int]:
     """A worker per usable core, and 2 workers (a common default) where that differs."""
-    cores = data.usable_cores()
+    cores = usable_cores()
     return [cores] + ([2] if cores != 2 else [])
 
 
-def bench_pipeline(*, dataset: str, root: str | Path, batch_size: int, device: torch.device,
-                   steps: int = 200, warmup: int = 20, repeats: int = 5) -> list[dict]:
+def bench_pipeline(
+    *,
+    dataset: str,
+    root: str | Path,
+    batch_size: int,
+    device: torch.device,
+    steps: int = 200,
+    warmup: int = 20,
+    repeats: int = 5,
+) -> list[dict]:
     """Images/s of augmented, normalised training batches ready on ``device``: the device loader against
     torchvision's per-image PIL pipeline in a DataLoader (each batch moved to the device)."""
     timing = dict(device=device, steps=steps, warmup=warmup, repeats=repeats)
-    rows = []
+    rows: list[dict] = []
     for workers in baseline_workers():
-        loader, _ = data.make_loaders(dataset=dataset, root=root, loader="torchvision", batch_size=batch_size,
-                                      seed=0, device=device, num_workers=workers)
-        rate = _images_per_s(_batches(loader), lambda x, y: (x.to(device, non_blocking=True),
-                                                             y.to(device, non_blocking=True)), **timing)
-        rows.append({"variant": f"torchvision DataLoader, {workers} workers", "loader": "torchvision",
-                     "workers": workers, "images_per_s": rate, "baseline": not rows})
+        loader, _ = data.make_loaders(
+            dataset=dataset,
+            root=root,
+            loader="torchvision",
+            batch_size=batch_size,
+            seed=0,
+            device=device,
+            num_workers=workers,
+        )
+        rate = _images_per_s(
+            _batches(loader), lambda x, y: (x.to(device, non_blocking=True), y.to(device, non_blocking=True)), **timing
+        )
+        rows.append(
+            {
+                "variant": f"torchvision DataLoader, {workers} workers",
+                "loader": "torchvision",
+                "workers": workers,
+                "images_per_s": rate,
+                "baseline": not rows,
+            }
+        )
         del loader  # stops its persistent workers before the next measurement
         gc.collect()
-    loader, _ = data.make_loaders(dataset=dataset, root=root, loader="device", batch_size=batch_size, seed=0,
-                                  device=device, memory_format=FastPath.for_device(device).memory_format)
+    loader, _ = data.make_loaders(
+        dataset=dataset,
+        root=root,
+        loader="device",
+        batch_size=batch_size,
+        seed=0,
+        device=device,
+        memory_format=FastPath.for_device(device).memory_format,
+    )
     rate = _images_per_s(_batches(loader), lambda x, y: None, **timing)
-    rows.append({"variant": "device loader", "loader": "device", "workers": 0, "images_per_s": rate,
-                 "baseline": False})
-    return _finish(rows, device=device, what="pipeline", dataset=dataset, batch_size=batch_size,
-                   steps=steps, warmup=warmup, repeats=repeats)
+    rows.append({"variant": "device loader", "loader": "device", "workers": 0, "images_per_s": rate, "baseline": False})
+    return _finish(
+        rows,
+        device=device,
+        what="pipeline",
+        dataset=dataset,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        repeats=repeats,
+    )
 
 
 def levers(fast: FastPath, device: torch.device) -> list[tuple[str, FastPath]]:
     """(label, settings) for the fast path with one lever flipped, for the levers that exist on ``device``."""
     cuda = device.type == "cuda"
-    other = "32-true" if fast.precision != "32-true" else ("bf16-mixed" if not cuda or torch.cuda.is_bf16_supported()
-                                                            else "16-mixed")
-    flips = [(f"precision {other}", replace(fast, precision=other)),
-             (f"channels_last {_on_off(not fast.channels_last)}", replace(fast, channels_last=not fast.channels_last)),
-             (f"fused SGD {_on_off(not fast.fused_sgd)}", replace(fast, fused_sgd=not fast.fused_sgd))]
+    other = (
+        "32-true"
+        if fast.precision != "32-true"
+        else ("bf16-mixed" if not cuda or torch.cuda.is_bf16_supported() else "16-mixed")
+    )
+    flips = [
+        (f"precision {other}", replace(fast, precision=other)),
+        (f"channels_last {_on_off(not fast.channels_last)}", replace(fast, channels_last=not fast.channels_last)),
+        (f"fused SGD {_on_off(not fast.fused_sgd)}", replace(fast, fused_sgd=not fast.fused_sgd)),
+    ]
     if cuda:
-        flips.append((f"cudnn.benchmark {_on_off(not fast.cudnn_benchmark)}",
-                      replace(fast, cudnn_benchmark=not fast.cudnn_benchmark)))
+        flips.append(
+            (
+                f"cudnn.benchmark {_on_off(not fast.cudnn_benchmark)}",
+                replace(fast, cudnn_benchmark=not fast.cudnn_benchmark),
+            )
+        )
         if fast.precision == "bf16-mixed":
             flips.append(("precision 16-mixed (gradient scaler)", replace(fast, precision="16-mixed")))
     return flips
@@ -152,8 +226,9 @@ def levers(fast: FastPath, device: torch.device) -> list[tuple[str, FastPath]]:
 
 def compile_modes(device: torch.device) -> list[tuple[str, str]]:
     """(label, torch.compile mode): "reduce-overhead" also captures CUDA graphs."""
-    return [("torch.compile", "default")] + ([("torch.compile, CUDA graphs", "reduce-overhead")]
-                                             if device.type == "cuda" else [])
+    return [("torch.compile", "default")] + (
+        [("torch.compile, CUDA graphs", "reduce-overhead")] if device.type == "cuda" else []
+    )
 
 
 def _on_off(flag: bool) -> str:
@@ -162,7 +237,7 @@ def _on_off(flag: bool) -> str:
 
 def _step(model, optimiser, precision: str, device: torch.device):
     """One training step as a function of the batch; no host-device syncs unless 16-mixed needs its scaler."""
-    dtype = train.AUTOCAST[precision]
+    dtype = fitting.AUTOCAST[precision]
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
 
     def step(x, y):
@@ -188,19 +263,31 @@ def _model_and_optimiser(name: str, num_classes: int, device: torch.device, *, c
     if channels_last:
         model.to(memory_format=torch.channels_last)
     recipe = get_recipe("step-200")
-    optimiser = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay, fused=fused or None)
+    optimiser = torch.optim.SGD(
+        model.parameters(),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay,
+        fused=fused or None,
+    )
     return model, optimiser
 
 
-def _eval_images_per_s(name: str, num_classes: int, loader, fast: FastPath, device: torch.device,
-                       repeats: int, compile_mode: str | None = None) -> float:
+def _eval_images_per_s(
+    name: str,
+    num_classes: int,
+    loader,
+    fast: FastPath,
+    device: torch.device,
+    repeats: int,
+    compile_mode: str | None = None,
+) -> float:
     """Test-set throughput of the fast path (no grad, batches of the test loader), median over passes."""
     model, _ = _model_and_optimiser(name, num_classes, device, channels_last=fast.channels_last, fused=False)
     model.eval()
     if compile_mode:
-        model.compile(mode=compile_mode, dynamic=False)  # as train.fit compiles a run's model
-    dtype = train.AUTOCAST[fast.precision]
+        model.compile(mode=compile_mode, dynamic=False)  # as a run's model is compiled (train.fit)
+    dtype = fitting.AUTOCAST[fast.precision]
     rates = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for _ in range(repeats + 1):  # the first pass warms up (and compiles)
@@ -214,8 +301,14 @@ def _eval_images_per_s(name: str, num_classes: int, loader, fast: FastPath, devi
     return statistics.median(rates[1:])
 
 
-def projected_minutes(train_images_per_s: float, eval_images_per_s: float, *, epochs: int = 200,
-                      train_size: int = 50_000, test_size: int = 10_000) -> float:
+def projected_minutes(
+    train_images_per_s: float,
+    eval_images_per_s: float,
+    *,
+    epochs: int = 200,
+    train_size: int = 50_000,
+    test_size: int = 10_000,
+) -> float:
     """Minutes of a whole CIFAR run: every epoch trains on the training split and evaluates the test split."""
     return epochs * (train_size / train_images_per_s + test_size / eval_images_per_s) / 60
 
@@ -224,7 +317,8 @@ class _Clock(L.Callback):
     """Device-synchronised clock reads after the training batches that close each timed window."""
 
     def __init__(self, device: torch.device, marks: list[int]):
-        self.device, self.marks, self.times = device, set(marks), []
+        self.device, self.marks = device, set(marks)
+        self.times: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx + 1 in self.marks:
@@ -232,76 +326,156 @@ class _Clock(L.Callback):
             self.times.append(time.perf_counter())
 
 
-def _fit_rows(*, model: str, num_classes: int, batch_size: int, precision: str, device: torch.device,
-              steps: int, warmup: int, repeats: int, compile_mode: str | None = None) -> list[dict]:
-    """``train.fit`` for one epoch on a synthetic set just long enough: its steady images/s and the whole-epoch
+def _fit_rows(
+    *,
+    model: str,
+    num_classes: int,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    compile_mode: str | None = None,
+) -> list[dict]:
+    """``train.fit.fit`` for one epoch on a synthetic set just long enough: its steady images/s and the whole-epoch
     figure its record keeps (which includes the warm-up)."""
     dataset = f"synthetic{num_classes}"
     with tempfile.TemporaryDirectory(prefix="cifarbench-bench-") as tmp:
         data.write_synthetic(dataset, tmp, train_size=(warmup + steps * repeats) * batch_size, test_size=batch_size)
-        spec = RunSpec(model=model, dataset=dataset, recipe=get_recipe("step-200"), batch_size=batch_size, seed=0,
-                       epochs=1, precision=precision, compile=compile_mode, data_root=tmp, results=tmp)
+        spec = RunSpec(
+            model=model,
+            dataset=dataset,
+            recipe=get_recipe("step-200"),
+            batch_size=batch_size,
+            seed=0,
+            epochs=1,
+            precision=precision,
+            compile=compile_mode,
+            data_root=tmp,
+            results=tmp,
+        )
         clock = _Clock(device, [warmup + k * steps for k in range(repeats + 1)])
         with contextlib.redirect_stdout(io.StringIO()):  # the per-epoch progress line
-            record = records.read_record(train.fit(spec, device=device, callbacks=[clock]))
+            # fit always leaves a record, and this cifarbench wrote it
+            record = cast(dict, records.read_record(fitting.fit(spec, device=device, callbacks=[clock])))
     rate = statistics.median(steps * batch_size / (b - a) for a, b in zip(clock.times, clock.times[1:]))
-    common = {"loader": "device", "workers": 0, "precision": record["precision_used"], "dataset": dataset,
-              "baseline": False}
+    common = {
+        "loader": "device",
+        "workers": 0,
+        "precision": record["precision_used"],
+        "dataset": dataset,
+        "baseline": False,
+    }
     if compile_mode:
         fallback = record["compile_fallback"]
-        return [{**common, "variant": f"lightning fit, torch.compile {compile_mode}", "images_per_s": rate,
-                 "note": f"trained eagerly: {fallback}" if fallback else None}]
-    return [{**common, "variant": "lightning fit", "images_per_s": rate},
-            {**common, "variant": "lightning fit, whole epoch (record)", "images_per_s": record["images_per_s"],
-             "note": "the record's images_per_s: one epoch, warm-up included"}]
+        return [
+            {
+                **common,
+                "variant": f"lightning fit, torch.compile {compile_mode}",
+                "images_per_s": rate,
+                "note": f"trained eagerly: {fallback}" if fallback else None,
+            }
+        ]
+    return [
+        {**common, "variant": "lightning fit", "images_per_s": rate},
+        {
+            **common,
+            "variant": "lightning fit, whole epoch (record)",
+            "images_per_s": record["images_per_s"],
+            "note": "the record's images_per_s: one epoch, warm-up included",
+        },
+    ]
 
 
-def bench_train(*, model: str, dataset: str, root: str | Path, batch_size: int, device: torch.device,
-                precision: str = "auto", steps: int = 20, warmup: int = 5, repeats: int = 3,
-                compile: bool = False, with_levers: bool = False) -> list[dict]:
+def bench_train(
+    *,
+    model: str,
+    dataset: str,
+    root: str | Path,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "auto",
+    steps: int = 20,
+    warmup: int = 5,
+    repeats: int = 3,
+    compile: bool = False,
+    with_levers: bool = False,
+) -> list[dict]:
     """Images/s of full training steps: the seed notebook's setup (PIL DataLoader on all cores, eager, 16-mixed
     on GPU / 32-true on CPU) against the fast path (device loader and ``FastPath.for_device``: on GPU bf16,
     channels_last, cudnn.benchmark, fused SGD), and through Lightning's ``fit``. ``with_levers`` adds a row per
     lever flipped, ``compile`` rows under torch.compile (and CUDA graphs on GPU). The ``lightning fit`` row
     carries the test-set images/s and the projected minutes of a 200-epoch CIFAR run."""
-    k = DATASETS[dataset]
+    k = DATASETS[dataset].num_classes
     fast = FastPath.for_device(device, precision)
     timing = dict(device=device, steps=steps, warmup=warmup, repeats=repeats)
     benchmark_was = torch.backends.cudnn.benchmark
-    if device.type == "cuda":  # as train.fit sets it
+    if device.type == "cuda":  # as a run sets it
         torch.set_float32_matmul_precision("high")
     rows = []
 
     workers = baseline_workers()[0]
     base_precision = "16-mixed" if device.type == "cuda" else "32-true"
-    loader, _ = data.make_loaders(dataset=dataset, root=root, loader="torchvision", batch_size=batch_size, seed=0,
-                                  device=device, num_workers=workers)
+    loader, _ = data.make_loaders(
+        dataset=dataset,
+        root=root,
+        loader="torchvision",
+        batch_size=batch_size,
+        seed=0,
+        device=device,
+        num_workers=workers,
+    )
     torch.backends.cudnn.benchmark = False  # torch's default, which the notebook's Trainer keeps
     net, opt = _model_and_optimiser(model, k, device, channels_last=False, fused=False)
-    step = _step(net, opt, base_precision, device)
-    rate = _images_per_s(_batches(loader), lambda x, y: step(x.to(device, non_blocking=True),
-                                                             y.to(device, non_blocking=True)), **timing)
-    rows.append({"variant": "baseline: PIL DataLoader, eager", "baseline": True, "loader": "torchvision",
-                 "workers": workers, "precision": base_precision, "images_per_s": rate})
-    del loader, net, opt, step
+    base_step = _step(net, opt, base_precision, device)
+
+    def consume(x, y, step=base_step):
+        return step(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
+    rate = _images_per_s(_batches(loader), consume, **timing)
+    rows.append(
+        {
+            "variant": "baseline: PIL DataLoader, eager",
+            "baseline": True,
+            "loader": "torchvision",
+            "workers": workers,
+            "precision": base_precision,
+            "images_per_s": rate,
+        }
+    )
+    del loader, net, opt, base_step, consume
     gc.collect()
 
     loaders = {}  # memory format -> device loaders
-    variants = [("fast path", fast, None)]
+    variants: list[tuple[str, FastPath, str | None]] = [("fast path", fast, None)]
     variants += [(f"fast path, {label}", v, None) for label, v in levers(fast, device)] if with_levers else []
     variants += [(f"fast path + {label}", fast, mode) for label, mode in compile_modes(device)] if compile else []
     for label, v, mode in variants:
         if v.memory_format not in loaders:
-            loaders[v.memory_format] = data.make_loaders(dataset=dataset, root=root, loader="device",
-                                                         batch_size=batch_size, seed=0, device=device,
-                                                         memory_format=v.memory_format)
-        row = {"variant": label, "baseline": False, "loader": "device", "workers": 0, "precision": v.precision}
+            loaders[v.memory_format] = data.make_loaders(
+                dataset=dataset,
+                root=root,
+                loader="device",
+                batch_size=batch_size,
+                seed=0,
+                device=device,
+                memory_format=v.memory_format,
+            )
+        row: dict[str, Any] = {
+            "variant": label,
+            "baseline": False,
+            "loader": "device",
+            "workers": 0,
+            "precision": v.precision,
+        }
         torch.backends.cudnn.benchmark = v.cudnn_benchmark
         net, opt = _model_and_optimiser(model, k, device, channels_last=v.channels_last, fused=v.fused_sgd)
         try:
             compiled = torch.compile(net, mode=mode) if mode else net
-            row["images_per_s"] = _images_per_s(_batches(loaders[v.memory_format][0]),
-                                                _step(compiled, opt, v.precision, device), **timing)
+            row["images_per_s"] = _images_per_s(
+                _batches(loaders[v.memory_format][0]), _step(compiled, opt, v.precision, device), **timing
+            )
         except Exception as exc:  # torch.compile needs a working compiler toolchain; eager still stands
             if not mode:
                 raise
@@ -319,8 +493,16 @@ def bench_train(*, model: str, dataset: str, root: str | Path, batch_size: int, 
     loaders.clear()
     gc.collect()
 
-    fit_args = dict(model=model, num_classes=k, batch_size=batch_size, precision=precision, device=device,
-                    steps=steps, warmup=warmup, repeats=repeats)
+    fit_args: dict[str, Any] = dict(
+        model=model,
+        num_classes=k,
+        batch_size=batch_size,
+        precision=precision,
+        device=device,
+        steps=steps,
+        warmup=warmup,
+        repeats=repeats,
+    )
     fit = _fit_rows(**fit_args)
     fit[0].update(eval_images_per_s=eval_rate, minutes_200_epochs=projected_minutes(fit[0]["images_per_s"], eval_rate))
     rows += fit
@@ -328,34 +510,49 @@ def bench_train(*, model: str, dataset: str, root: str | Path, batch_size: int, 
         (row,) = _fit_rows(**fit_args, compile_mode=mode)
         if row["note"] is None:
             compiled_eval = _eval_images_per_s(model, k, test_loader, fast, device, repeats, compile_mode=mode)
-            row.update(ratio_to_fast_path=row["images_per_s"] / fit[0]["images_per_s"],
-                       eval_images_per_s=compiled_eval,
-                       minutes_200_epochs=projected_minutes(row["images_per_s"], compiled_eval))
+            row.update(
+                ratio_to_fast_path=row["images_per_s"] / fit[0]["images_per_s"],
+                eval_images_per_s=compiled_eval,
+                minutes_200_epochs=projected_minutes(row["images_per_s"], compiled_eval),
+            )
         rows.append(row)
         torch.compiler.reset()
     torch.backends.cudnn.benchmark = benchmark_was
-    return _finish(rows, device=device, what="train", model=model, dataset=dataset, batch_size=batch_size,
-                   steps=steps, warmup=warmup, repeats=repeats)
+    return _finish(
+        rows,
+        device=device,
+        what="train",
+        model=model,
+        dataset=dataset,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        repeats=repeats,
+    )
 
 
 def write_rows(rows: list[dict], results: str | Path) -> Path:
     host = socket.gethostname()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
-    return records.atomic_write_table(table, Path(results) / "bench" / f"{stamp}-{host}.parquet")
+    return records.write_table(table, Layout(results).bench / f"{stamp}-{host}.parquet")
 
 
 def render(rows: list[dict]) -> str:
     """A plain-text table: what, variant, images/s, ratio to the baseline, ratio to the fast path (lever and
     compile rows), projected 200-epoch minutes (where measured), device, torch version."""
     width = max(len(r["variant"]) for r in rows)
-    lines = [f"{'what':<9} {'variant':<{width}} {'images/s':>10} {'x baseline':>10} {'x fast':>6} {'200 ep min':>10}"
-             "  device / torch"]
+    lines = [
+        f"{'what':<9} {'variant':<{width}} {'images/s':>10} {'x baseline':>10} {'x fast':>6} {'200 ep min':>10}"
+        "  device / torch"
+    ]
     for r in rows:
         rate, ratio = r["images_per_s"], r["ratio"]
         lever, minutes = r.get("ratio_to_fast_path"), r.get("minutes_200_epochs")
-        lines.append(f"{r['what']:<9} {r['variant']:<{width}} {'-' if rate is None else f'{rate:,.0f}':>10} "
-                     f"{'-' if ratio is None else f'{ratio:.2f}':>10} {'' if lever is None else f'{lever:.2f}':>6} "
-                     f"{'' if minutes is None else f'{minutes:,.1f}':>10}  {r['device']} / {r['torch_version']}"
-                     + (f"  ({r['note']})" if r.get("note") else ""))
+        lines.append(
+            f"{r['what']:<9} {r['variant']:<{width}} {'-' if rate is None else f'{rate:,.0f}':>10} "
+            f"{'-' if ratio is None else f'{ratio:.2f}':>10} {'' if lever is None else f'{lever:.2f}':>6} "
+            f"{'' if minutes is None else f'{minutes:,.1f}':>10}  {r['device']} / {r['torch_version']}"
+            + (f"  ({r['note']})" if r.get("note") else "")
+        )
     return "\n".join(lines)

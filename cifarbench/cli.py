@@ -1,4 +1,7 @@
-"""The ``cifarbench`` command: parse, call, print. User errors are one line on stderr and exit code 2."""
+"""The ``cifarbench`` command: parse, call, print. User errors are one line on stderr and exit code 2.
+
+Only torch-free modules are imported at the top: every command builds this parser, and ``status``, ``submit``
+and ``collect`` never pay for importing torch. The training layer is imported inside the commands that train."""
 
 from __future__ import annotations
 
@@ -6,7 +9,19 @@ import argparse
 import json
 import sys
 
-from cifarbench.errors import UsageError
+from cifarbench.config.spec import (
+    ARCHS,
+    COMPILE_MODES,
+    DATASETS,
+    LOADERS,
+    PRECISIONS,
+    REAL_DATASETS,
+    RECIPES,
+    SYNTHETIC_DATASETS,
+    RunSpec,
+    get_recipe,
+)
+from cifarbench.errors import UsageError, check_int, check_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,7 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_models(args) -> int:
-    from cifarbench.models import MODELS, describe
+    from cifarbench.train.models import MODELS, describe
 
     rows = [describe(name) for name in MODELS]
     if args.json:
@@ -23,39 +38,50 @@ def _cmd_models(args) -> int:
         return 0
     print(f"{'name':<11} {'family':<8} {'depth':>5} {'params (10)':>12} {'params (100)':>12} {'fwd MACs':>10}")
     for r in rows:
-        print(f"{r['name']:<11} {r['family']:<8} {r['depth']:>5} {r['params_10']:>12,} {r['params_100']:>12,} "
-              f"{r['macs'] / 1e6:>9.1f}M")
+        print(
+            f"{r['name']:<11} {r['family']:<8} {r['depth']:>5} {r['params_10']:>12,} {r['params_100']:>12,} "
+            f"{r['macs'] / 1e6:>9.1f}M"
+        )
     return 0
 
 
 def _cmd_run(args) -> int:
-    from cifarbench import train
-    from cifarbench.spec import RunSpec, get_recipe
+    from cifarbench.train import fit
 
     try:
-        spec = RunSpec(model=args.model, dataset=args.dataset, recipe=get_recipe(args.opt),
-                       batch_size=args.batch_size, seed=args.seed, epochs=args.epochs, precision=args.precision,
-                       loader=args.loader, deterministic=args.deterministic, compile=args.compile,
-                       data_root=args.data_root,
-                       verify=not args.no_verify, results=args.results)
+        spec = RunSpec(
+            model=args.model,
+            dataset=args.dataset,
+            recipe=get_recipe(args.opt),
+            batch_size=args.batch_size,
+            seed=args.seed,
+            epochs=args.epochs,
+            precision=args.precision,
+            loader=args.loader,
+            deterministic=args.deterministic,
+            compile=args.compile,
+            data_root=args.data_root,
+            verify=not args.no_verify,
+            results=args.results,
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    train.resolve_precision(spec.precision, train.default_device())  # a wrong choice fails before any record
-    path = train.fit(spec, num_workers=args.workers)
+    fit.resolve_precision(spec.precision, fit.default_device())  # a wrong choice fails before any record
+    path = fit.fit(spec, num_workers=args.workers)
     print(f"record: {path}")
     return 0
 
 
 def _cmd_data(args) -> int:
-    from cifarbench import data
+    from cifarbench.train import data
 
     if args.data_cmd == "download":
-        names = ["cifar10", "cifar100"] if args.dataset == "all" else [args.dataset]
+        names = list(REAL_DATASETS) if args.dataset == "all" else [args.dataset]
         for name in names:
             data.download(name, args.root)
             print(f"{name}: downloaded and verified in {args.root}")
     else:
-        names = ["synthetic10", "synthetic100"] if args.dataset == "all" else [args.dataset]
+        names = list(SYNTHETIC_DATASETS) if args.dataset == "all" else [args.dataset]
         for name in names:
             folder = data.write_synthetic(name, args.root, train_size=args.train_size, test_size=args.test_size)
             print(f"{name}: {args.train_size} train / {args.test_size} test images in {folder}")
@@ -63,30 +89,41 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from cifarbench import status, submit
-    from cifarbench.grid import load_grid
+    from cifarbench.cluster import status, submit
+    from cifarbench.config.grid import load_grid
 
     grid = load_grid(args.grid)
     if args.force and args.retry_failed:
         raise UsageError("--force re-runs everything; --retry-failed only failed runs: pick one")
     specs = list(grid.specs)
-    plan = submit.plan(specs, status.state_map(grid.results, specs), force=args.force,
-                       retry_failed=args.retry_failed)
-    print(f"{args.grid}: {len(specs)} runs; {len(plan.skipped_completed)} already completed, "
-          f"{len(plan.skipped_active)} pending or running"
-          + (f", {len(plan.skipped_other)} not failed" if args.retry_failed else "")
-          + f"; {len(plan.submit)} to submit")
+    plan = submit.plan(specs, status.state_map(grid.results, specs), force=args.force, retry_failed=args.retry_failed)
+    print(
+        f"{args.grid}: {len(specs)} runs; {len(plan.skipped_completed)} already completed, "
+        f"{len(plan.skipped_active)} pending or running"
+        + (f", {len(plan.skipped_other)} not failed" if args.retry_failed else "")
+        + f"; {len(plan.submit)} to submit"
+    )
     if args.dry_run:
-        skipped = {s.run_id: why for why, group in (("completed", plan.skipped_completed),
-                   ("active", plan.skipped_active), ("not failed", plan.skipped_other)) for s in group}
+        skipped = {
+            s.run_id: why
+            for why, group in (
+                ("completed", plan.skipped_completed),
+                ("active", plan.skipped_active),
+                ("not failed", plan.skipped_other),
+            )
+            for s in group
+        }
         for spec in specs:
             mark = f"skip ({skipped[spec.run_id]})" if spec.run_id in skipped else "submit"
-            print(f"  {mark:<18} {spec.run_id}  {spec.model} {spec.dataset} {spec.recipe.name} "
-                  f"bs={spec.batch_size} seed={spec.seed} epochs={spec.schedule.epochs}")
+            print(
+                f"  {mark:<18} {spec.run_id}  {spec.model} {spec.dataset} {spec.recipe.name} "
+                f"bs={spec.batch_size} seed={spec.seed} epochs={spec.schedule.epochs}"
+            )
         return 0
     if plan.submit:
-        manifest = submit.submit(list(plan.submit), grid.resources, grid.results, executor=args.executor,
-                                 grid_source=str(args.grid))
+        manifest = submit.submit(
+            list(plan.submit), grid.resources, grid.results, executor=args.executor, grid_source=str(args.grid)
+        )
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
         print(f"submitted {len(plan.submit)} runs ({manifest['executor']}) as job(s) {', '.join(jobs)}")
         print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")
@@ -100,13 +137,13 @@ def _cmd_submit(args) -> int:
 def _cmd_status(args) -> int:
     from pathlib import Path
 
-    from cifarbench import status
+    from cifarbench.cluster import status
 
     if not Path(args.results).is_dir():
         raise UsageError(f"results folder {args.results} does not exist or is not a folder")
     specs = None
     if args.grid:
-        from cifarbench.grid import load_grid
+        from cifarbench.config.grid import load_grid
 
         specs = list(load_grid(args.grid).specs)
     statuses = status.collect_status(args.results, specs)
@@ -118,15 +155,24 @@ def _cmd_status(args) -> int:
 
 
 def _cmd_collect(args) -> int:
-    from cifarbench import collect
+    from cifarbench.report import collect
 
     specs = None
     if args.grid:
-        from cifarbench.grid import load_grid
+        from cifarbench.config.grid import load_grid
 
         specs = list(load_grid(args.grid).specs)
-    report = collect.collect(args.results, out=args.out, rows=args.rows, cols=args.cols, value=args.value,
-                             where=args.where, source=args.reference, expected=specs, plots=not args.no_plots)
+    report = collect.collect(
+        args.results,
+        out=args.out,
+        rows=args.rows,
+        cols=args.cols,
+        value=args.value,
+        where=args.where,
+        source=args.reference,
+        expected=specs,
+        plots=not args.no_plots,
+    )
     for line in report.warnings:
         print(line, file=sys.stderr)
     print(report.markdown, end="")
@@ -136,12 +182,11 @@ def _cmd_collect(args) -> int:
 
 
 def _cmd_bench(args) -> int:
+    check_name(args.model, ARCHS, "model")  # fail before the measurements, not after minutes of them
     from cifarbench import bench
-    from cifarbench.models import MODELS, check_name
-    from cifarbench.train import default_device, resolve_precision
+    from cifarbench.train.fit import default_device, resolve_precision
 
     device = default_device()
-    check_name(args.model, MODELS, "model")  # fail before the measurements, not after minutes of them
     resolve_precision(args.precision, device)
     if bench.prepare_data(args.dataset, args.data_root):
         print(f"{args.dataset}: not found in {args.data_root}, wrote a synthetic copy there", file=sys.stderr)
@@ -151,8 +196,9 @@ def _cmd_bench(args) -> int:
     if args.what in ("pipeline", "all"):
         rows += bench.bench_pipeline(**common)
     if args.what in ("train", "all"):
-        rows += bench.bench_train(model=args.model, precision=args.precision, compile=args.compile,
-                                  with_levers=args.levers, **common)
+        rows += bench.bench_train(
+            model=args.model, precision=args.precision, compile=args.compile, with_levers=args.levers, **common
+        )
     print(bench.render(rows))
     print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
     return 0
@@ -164,15 +210,13 @@ def _fields(text: str) -> list[str]:
 
 def _int_at_least(lo: int):
     """An argparse type: an integer >= lo."""
+
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            return check_int(int(text), "value", lo)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}" if lo == 1
-                                             else f"must be zero or positive, got {value}")
-        return value
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text!r}") from None
+
     return parse
 
 
@@ -180,9 +224,6 @@ _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Only torch-free modules here: every command, `collect` and `status` included, builds this parser.
-    from cifarbench.spec import COMPILE_MODES, DATASETS, LOADERS, PRECISIONS, RECIPES
-
     parser = _Parser(prog="cifarbench", description="CIFAR ResNet benchmarks on SLURM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -202,9 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", choices=LOADERS, default="device")
     p.add_argument("--precision", choices=PRECISIONS, default="auto")
     p.add_argument("--deterministic", action="store_true")
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
-                   help="torch.compile the model (MODE: default, or reduce-overhead for CUDA graphs, ...); "
-                        "trains eagerly, and records why, where compiling fails")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile the model (MODE: default, or reduce-overhead for CUDA graphs, ...); "
+        "trains eagerly, and records why, where compiling fails",
+    )
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader workers for --loader torchvision")
     p.add_argument("--results", default="results")
     p.set_defaults(func=_cmd_run)
@@ -213,10 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_cmd", required=True, parser_class=_Parser)
     d = dsub.add_parser("download", help="download and verify CIFAR with torchvision (on a login node)")
     d.add_argument("--root", required=True)
-    d.add_argument("--dataset", choices=["cifar10", "cifar100", "all"], default="all")
+    d.add_argument("--dataset", choices=[*REAL_DATASETS, "all"], default="all")
     d = dsub.add_parser("synthetic", help="write synthetic datasets in the CIFAR layout")
     d.add_argument("--root", required=True)
-    d.add_argument("--dataset", choices=["synthetic10", "synthetic100", "all"], default="all")
+    d.add_argument("--dataset", choices=[*SYNTHETIC_DATASETS, "all"], default="all")
     d.add_argument("--train-size", type=_positive_int, default=50_000)
     d.add_argument("--test-size", type=_positive_int, default=10_000)
     p.set_defaults(func=_cmd_data)
@@ -224,8 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a grid as SLURM job arrays (or run it locally); returns at once")
     p.add_argument("grid", help="a grid file, e.g. jobs/smoke.yaml")
     p.add_argument("--dry-run", action="store_true", help="print the runs and what would be skipped")
-    p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto",
-                   help="auto: SLURM when sbatch is available, else local")
+    p.add_argument(
+        "--executor",
+        choices=["auto", "slurm", "local"],
+        default="auto",
+        help="auto: SLURM when sbatch is available, else local",
+    )
     p.add_argument("--force", action="store_true", help="re-run runs that already completed")
     p.add_argument("--retry-failed", action="store_true", help="re-run only failed, cancelled or lost runs")
     p.add_argument("--wait", action="store_true", help="follow the runs until all have ended")
@@ -242,10 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where tables.md, summary.csv, runs.parquet and plots/ go (default: RESULTS)")
     p.add_argument("--rows", type=_fields, default=[], help="one pivot instead of the default tables, e.g. model")
     p.add_argument("--cols", type=_fields, default=[], help="columns of that pivot, e.g. dataset or recipe,batch_size")
-    p.add_argument("--value", default="final_test_acc",
-                   help="final_test_acc (default), best_test_acc, images_per_s or train_minutes")
-    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
-                   help="keep runs with KEY=VALUE (repeat: values of one key are alternatives)")
+    p.add_argument(
+        "--value",
+        default="final_test_acc",
+        help="final_test_acc (default), best_test_acc, images_per_s or train_minutes",
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="keep runs with KEY=VALUE (repeat: values of one key are alternatives)",
+    )
     p.add_argument("--reference", help="published figures to compare with: seed-notebook (default), he2016, akamaster")
     p.add_argument("--grid", help="also list the grid's runs that were never submitted")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -254,18 +313,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")
     p.add_argument("--what", choices=["pipeline", "train", "all"], default="all")
     p.add_argument("--model", default="resnet56", help="a model name (`cifarbench models`)")
-    p.add_argument("--dataset", choices=list(DATASETS), default="synthetic100",
-                   help="a missing synthetic dataset is written; a real one must be downloaded first")
+    p.add_argument(
+        "--dataset",
+        choices=list(DATASETS),
+        default="synthetic100",
+        help="a missing synthetic dataset is written; a real one must be downloaded first",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument("--data-root", default="data")
     p.add_argument("--steps", type=_positive_int, help="batches per timed window (default: 200 pipeline, 20 train)")
     p.add_argument("--warmup", type=_positive_int, help="untimed batches first (default: 20 pipeline, 5 train)")
     p.add_argument("--repeats", type=_positive_int, help="timed windows; the median counts (default: 5, 3)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="of the fast path (auto: as a run)")
-    p.add_argument("--levers", action="store_true",
-                   help="also time the fast path with each speed setting flipped (precision, channels_last, ...)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time the fast path under torch.compile (and with CUDA graphs on a GPU)")
+    p.add_argument(
+        "--levers",
+        action="store_true",
+        help="also time the fast path with each speed setting flipped (precision, channels_last, ...)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the fast path under torch.compile (and with CUDA graphs on a GPU)",
+    )
     p.add_argument("--results", default="results", help="the table goes to RESULTS/bench/")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -1,6 +1,9 @@
-"""Errors a user can cause: the CLI prints them as one line and exits with code 2."""
+"""Errors a user can cause, and the checks that produce them; the CLI prints them as one line and exits 2."""
+
+from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 
 
 class UsageError(Exception):
@@ -15,11 +18,28 @@ class UnknownNameError(UsageError, ValueError):
     """A name that is not in a registry; the message lists the valid names."""
 
 
-def check_name(name: str, valid, what: str) -> str:
+def did_you_mean(name: object, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest valid name, or an empty string when none is close."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_name(name: str, valid: Iterable[str], what: str) -> str:
     """Return ``name`` if it is one of ``valid``, else raise UnknownNameError with a did-you-mean."""
     valid = list(valid)
     if name in valid:
         return name
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UnknownNameError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
+    raise UnknownNameError(f"unknown {what} {name!r}{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
+
+
+def check_int(value: object, what: str, lo: int, hi: int | None = None, why: str = "") -> int:
+    """Return ``value`` if it is an integer (not a bool) in [lo, hi], else raise ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if hi is None:
+            raise ValueError(f"{what}: must be an integer >= {lo}{why}, got {value!r}")
+        raise ValueError(f"{what}: must be an integer, got {value!r}")
+    if hi is None and not value >= lo:
+        raise ValueError(f"{what}: must be an integer >= {lo}{why}, got {value!r}")
+    if not lo <= value <= (hi if hi is not None else value):
+        raise ValueError(f"{what}: must be between {lo} and {hi}{why}, got {value!r}")
+    return value

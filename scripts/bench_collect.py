@@ -35,7 +35,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifarbench.records import RECORD_VERSION, SCHEMA, SUMMARY_KEY, record_path, with_summary
+from cifarbench.store.layout import Layout
+from cifarbench.store.records import RECORD_VERSION, SCHEMA, SUMMARY_KEY, with_summary
 
 MODELS = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56", "resnet110"]
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -45,7 +46,7 @@ _table: pa.Table | None = None  # the records, shared with the writer processes 
 
 
 def _params() -> dict[tuple[str, int], int]:
-    from cifarbench.models import count_parameters, get_resnet
+    from cifarbench.train.models import count_parameters, get_resnet
 
     return {(m, k): count_parameters(get_resnet(m, k)) for m in MODELS for k in DATASETS.values()}
 
@@ -58,15 +59,17 @@ def _curve_column(values: np.ndarray, rows_done: np.ndarray) -> pa.Array:
 
 
 def synthetic_table(n: int, seed: int = 0) -> pa.Table:
-    from cifarbench.spec import RunSpec, get_recipe
+    from cifarbench.config.spec import RunSpec, get_recipe
 
     rng = np.random.default_rng(seed)
     params = _params()
     configs = list(itertools.product(MODELS, DATASETS, ("step-160", "step-200", "cos-200"), BATCH_SIZES))
-    specs = [RunSpec(model=m, dataset=d, recipe=get_recipe(r), batch_size=bs, seed=i // len(configs))
-             for i, (m, d, r, bs) in zip(range(n), itertools.cycle(configs))]
+    specs = [
+        RunSpec(model=m, dataset=d, recipe=get_recipe(r), batch_size=bs, seed=i // len(configs))
+        for i, (m, d, r, bs) in zip(range(n), itertools.cycle(configs))
+    ]
     base = {c: rng.uniform(0.65, 0.95) if c[1] == "cifar10" else rng.uniform(0.55, 0.78) for c in configs}
-    final = np.array([base[(s.model, s.dataset, s.recipe.name, s.batch_size)] for s in specs]) + rng.normal(0, .004, n)
+    final = np.array([base[(s.model, s.dataset, s.recipe.name, s.batch_size)] for s in specs]) + rng.normal(0, 0.004, n)
     failed = rng.random(n) < 0.01
     epochs = np.array([s.recipe.epochs for s in specs])
     done = np.where(failed, rng.integers(1, EPOCHS, n), epochs)
@@ -76,32 +79,67 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
     loss = 2.5 * np.exp(-e / 40) + 0.1 + rng.normal(0, 0.01, (n, EPOCHS))
     lr = np.where(e < 60, 0.1, np.where(e < 120, 0.02, np.where(e < 160, 0.004, 0.0008))) * np.ones((n, 1))
     seconds = rng.normal(12.0, 0.5, (n, EPOCHS))
-    curves = {name: _curve_column(v, done) for name, v in (("test_acc", acc), ("test_top5", acc + 0.04),
-              ("train_loss", loss), ("test_loss", loss + 0.3), ("lr_curve", lr), ("epoch_seconds", seconds))}
+    curves = {
+        name: _curve_column(v, done)
+        for name, v in (
+            ("test_acc", acc),
+            ("test_top5", acc + 0.04),
+            ("train_loss", loss),
+            ("test_loss", loss + 0.3),
+            ("lr_curve", lr),
+            ("epoch_seconds", seconds),
+        )
+    }
     ended = np.datetime64("2025-01-01T00:00:00", "us") + (np.arange(n) * 60_000_000).astype("timedelta64[us]")
     cols = {
         "record_version": [RECORD_VERSION] * n,
         "run_id": [s.run_id for s in specs],
         "status": np.where(failed, "failed", "completed").tolist(),
-        "model": [s.model for s in specs], "dataset": [s.dataset for s in specs],
-        "recipe": [s.recipe.name for s in specs], "recipe_epochs": epochs.tolist(),
-        "lr": [s.schedule.lr for s in specs], "momentum": [s.schedule.momentum for s in specs],
-        "weight_decay": [s.schedule.weight_decay for s in specs], "schedule": [s.schedule.schedule for s in specs],
-        "milestones": [list(s.schedule.milestones) for s in specs], "gamma": [s.schedule.gamma for s in specs],
-        "batch_size": [s.batch_size for s in specs], "seed": [s.seed for s in specs], "epochs": epochs.tolist(),
-        "precision": ["auto"] * n, "precision_used": ["bf16-mixed"] * n, "loader": ["device"] * n,
-        "deterministic": [False] * n, "compile": [None] * n, "compile_fallback": [None] * n,
-        "data_root": ["/data/cifar"] * n, "data_verified": [True] * n,
-        "num_classes": [s.num_classes for s in specs], "params": [params[(s.model, s.num_classes)] for s in specs],
+        "model": [s.model for s in specs],
+        "dataset": [s.dataset for s in specs],
+        "recipe": [s.recipe.name for s in specs],
+        "recipe_epochs": epochs.tolist(),
+        "lr": [s.schedule.lr for s in specs],
+        "momentum": [s.schedule.momentum for s in specs],
+        "weight_decay": [s.schedule.weight_decay for s in specs],
+        "schedule": [s.schedule.schedule for s in specs],
+        "milestones": [list(s.schedule.milestones) for s in specs],
+        "gamma": [s.schedule.gamma for s in specs],
+        "batch_size": [s.batch_size for s in specs],
+        "seed": [s.seed for s in specs],
+        "epochs": epochs.tolist(),
+        "precision": ["auto"] * n,
+        "precision_used": ["bf16-mixed"] * n,
+        "loader": ["device"] * n,
+        "deterministic": [False] * n,
+        "compile": [None] * n,
+        "compile_fallback": [None] * n,
+        "data_root": ["/data/cifar"] * n,
+        "data_verified": [True] * n,
+        "num_classes": [s.num_classes for s in specs],
+        "params": [params[(s.model, s.num_classes)] for s in specs],
         "epochs_done": done.tolist(),
-        "final_test_acc": np.where(failed, np.nan, acc[:, -1]), "best_test_acc": np.where(failed, np.nan, acc.max(1)),
-        "best_epoch": acc.argmax(1) + 1, "final_test_top5": acc[:, -1] + 0.04, "best_test_top5": acc.max(1) + 0.04,
-        "final_train_loss": loss[:, -1], "final_test_loss": loss[:, -1] + 0.3, **curves,
-        "train_seconds": seconds.sum(1), "images_per_s": 50_000 / seconds.mean(1), "attempts": [1] * n,
-        "started_at": ended - np.timedelta64(40, "m"), "ended_at": ended,
-        "hostname": [f"node{i % 16:02d}" for i in range(n)], "device_name": ["NVIDIA H100 80GB HBM3"] * n,
-        "device_count": [1] * n, "torch_version": ["2.4.0"] * n, "torchvision_version": ["0.19.0"] * n,
-        "lightning_version": ["2.4.0"] * n, "cifarbench_version": ["0.1.0"] * n, "cuda_version": ["12.4"] * n,
+        "final_test_acc": np.where(failed, np.nan, acc[:, -1]),
+        "best_test_acc": np.where(failed, np.nan, acc.max(1)),
+        "best_epoch": acc.argmax(1) + 1,
+        "final_test_top5": acc[:, -1] + 0.04,
+        "best_test_top5": acc.max(1) + 0.04,
+        "final_train_loss": loss[:, -1],
+        "final_test_loss": loss[:, -1] + 0.3,
+        **curves,
+        "train_seconds": seconds.sum(1),
+        "images_per_s": 50_000 / seconds.mean(1),
+        "attempts": [1] * n,
+        "started_at": ended - np.timedelta64(40, "m"),
+        "ended_at": ended,
+        "hostname": [f"node{i % 16:02d}" for i in range(n)],
+        "device_name": ["NVIDIA H100 80GB HBM3"] * n,
+        "device_count": [1] * n,
+        "torch_version": ["2.4.0"] * n,
+        "torchvision_version": ["0.19.0"] * n,
+        "lightning_version": ["2.4.0"] * n,
+        "cifarbench_version": ["0.1.0"] * n,
+        "cuda_version": ["12.4"] * n,
         "git_commit": [hashlib.sha1(b"bench").hexdigest()] * n,
         "slurm_job_id": [str(1000 + i // 1000) for i in range(n)],
         "slurm_array_task_id": [str(i % 1000) for i in range(n)],
@@ -111,15 +149,20 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
     # failed runs have no final accuracy: NaN above is null in a record
     for key in ("final_test_acc", "best_test_acc"):
         cols[key] = pa.array(cols[key], pa.float64(), mask=failed)
-    return pa.table({f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array)
-                     else cols[f.name] for f in SCHEMA}, schema=SCHEMA)
+    return pa.table(
+        {
+            f.name: pa.array(cols[f.name], f.type) if not isinstance(cols[f.name], pa.Array) else cols[f.name]
+            for f in SCHEMA
+        },
+        schema=SCHEMA,
+    )
 
 
 def _write_range(args) -> None:
     results, start, stop = args
     for i in range(start, stop):
         row = _table.slice(i, 1)
-        path = record_path(results, row["run_id"][0].as_py())
+        path = Layout(results).record(row["run_id"][0].as_py())
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(with_summary(row), path)
 
@@ -139,7 +182,7 @@ def write_records(table: pa.Table, results: Path) -> None:
 _MEASURE = """
 import os, sys, time
 t0 = time.perf_counter()
-from cifarbench.collect import collect
+from cifarbench.report.collect import collect
 t1, c1 = time.perf_counter(), os.times()
 report = collect(sys.argv[1], plots=sys.argv[2] == "plots")
 t2, c2 = time.perf_counter(), os.times()
@@ -150,8 +193,12 @@ print(t1 - t0, t2 - t1, cpu, len(report.warnings), sum(p.suffix == ".png" for p 
 
 def measure(results: Path, plots: bool) -> tuple[float, float, float, int, int]:
     """(import seconds, collect seconds, collect CPU seconds, warning lines, PNGs), in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(results), "plots" if plots else "tables"],
-                         check=True, capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(results), "plots" if plots else "tables"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     return float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4])
 
 
@@ -159,15 +206,18 @@ def report(name: str, results: Path, plots: bool) -> float:
     # The machine may be shared: the load average and CPU time say how much of the wall time was waiting.
     load = os.getloadavg()[0]
     imports, seconds, cpu, warnings, pngs = measure(results, plots)
-    print(f"{name:22s} {seconds:7.2f} s wall {cpu:7.2f} s CPU  (+{imports:.2f} s imports; {warnings} warning "
-          f"lines, {pngs} PNGs; load {load:.1f})", flush=True)
+    print(
+        f"{name:22s} {seconds:7.2f} s wall {cpu:7.2f} s CPU  (+{imports:.2f} s imports; {warnings} warning "
+        f"lines, {pngs} PNGs; load {load:.1f})",
+        flush=True,
+    )
     return seconds
 
 
 def has_summaries(results: Path) -> bool:
     """Whether the records in ``results`` were written with a summary in their footer (record/1 and later)."""
     run = next(e.name for e in os.scandir(results / "runs") if not e.name.startswith("truncated-"))
-    return SUMMARY_KEY in (pq.read_metadata(record_path(results, run)).metadata or {})
+    return SUMMARY_KEY in (pq.read_metadata(Layout(results).record(run)).metadata or {})
 
 
 def main(argv=None) -> int:

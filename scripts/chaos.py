@@ -24,9 +24,13 @@ import threading
 import time
 from pathlib import Path
 
-from cifarbench import data, records, status, submit
-from cifarbench.grid import load_grid
-from cifarbench.train import read_progress
+from cifarbench.cluster import status
+from cifarbench.config.grid import load_grid
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
+from cifarbench.store.manifests import read_manifests
+from cifarbench.store.progress import read_progress
+from cifarbench.train import data
 
 GRID = """\
 models: [resnet20]
@@ -107,11 +111,20 @@ def main(argv=None) -> int:
     # The uninterrupted reference, in its own process, one thread like the jobs (cpus_per_task: 1).
     ref_results = work / "reference"
     reference = subprocess.Popen(
-        [sys.executable, "-c", "import sys, torch; torch.set_num_threads(1)\n"
-         "from cifarbench import train; from cifarbench.grid import load_grid\n"
-         "import dataclasses\n"
-         "for s in load_grid(sys.argv[1]).specs: train.fit(dataclasses.replace(s, results=sys.argv[2]))",
-         str(grid_path), str(ref_results)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, torch; torch.set_num_threads(1)\n"
+            "from cifarbench.train.fit import fit; from cifarbench.config.grid import load_grid\n"
+            "import dataclasses\n"
+            "for s in load_grid(sys.argv[1]).specs: fit(dataclasses.replace(s, results=sys.argv[2]))",
+            str(grid_path),
+            str(ref_results),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     first = cli("submit", str(grid_path))
     if first.returncode != 0:
@@ -121,7 +134,7 @@ def main(argv=None) -> int:
     concurrent.start()
 
     def arrays() -> set[str]:
-        return {e["array_job_id"] for e in submit.read_manifests(results).values()}
+        return {e["array_job_id"] for e in read_manifests(results).values()}
 
     rng = random.Random(0)
     kinds = ["requeue", "cancel", "kill"]
@@ -136,10 +149,10 @@ def main(argv=None) -> int:
                 break
             continue
         # Mostly hit runs that have a checkpoint (so they must resume), sometimes ones still starting up.
-        entries = {e["job_id"]: e["run_id"] for e in submit.read_manifests(results).values()}
-        by_id = {sp.run_id: sp for sp in specs}
-        resumable = [t for t in tasks if t in entries and
-                     (read_progress(by_id[entries[t]]) or {}).get("epochs_done", 0) >= 1]
+        entries = {e["job_id"]: e["run_id"] for e in read_manifests(results).values()}
+        resumable = [
+            t for t in tasks if t in entries and (read_progress(results, entries[t]) or {}).get("epochs_done", 0) >= 1
+        ]
         pool = resumable if resumable and rng.random() < 0.75 else tasks
         kind = kinds[sum(injected.values()) % len(kinds)]
         if inject(rng.choice(pool), kind):
@@ -165,8 +178,8 @@ def main(argv=None) -> int:
     completed = {r["run_id"] for r in readable if r and r["status"] == "completed"}
     mismatched = []
     for spec in specs:
-        ours = records.read_record(records.record_path(results, spec.run_id))
-        ref = records.read_record(records.record_path(ref_results, spec.run_id))
+        ours = records.read_record(Layout(results).record(spec.run_id))
+        ref = records.read_record(Layout(ref_results).record(spec.run_id))
         if not (ours and ref and all(ours[k] == ref[k] for k in METRICS)):
             mismatched.append(spec.run_id)
     report = {
@@ -192,8 +205,12 @@ def main(argv=None) -> int:
     else:
         for key, value in report.items():
             print(f"{key:>28}: {value}")
-    ok = (report["records_lost"] == 0 and not mismatched and report["records_unreadable"] == 0
-          and report["status_counts"] == {"completed": len(specs)})
+    ok = (
+        report["records_lost"] == 0
+        and not mismatched
+        and report["records_unreadable"] == 0
+        and report["status_counts"] == {"completed": len(specs)}
+    )
     return 0 if ok else 1
 
 

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench import data
-from cifarbench.records import write_record
-from cifarbench.spec import RunSpec, get_recipe
+from cifarbench.config.spec import RunSpec, get_recipe
+from cifarbench.store.records import write_record
+from cifarbench.train import data
 
 
 @pytest.fixture(scope="session")
@@ -22,28 +22,64 @@ def record_row(**fields) -> dict:
 
     The spec fields (model, dataset, recipe, batch_size, seed, epochs, precision, loader, deterministic, compile)
     go through a real RunSpec, so the run id and the recipe's fields (lr, milestones, ...) are the real ones."""
-    spec_keys = ("model", "dataset", "recipe", "batch_size", "seed", "epochs", "precision", "loader", "deterministic",
-                 "compile")
+    spec_keys = (
+        "model",
+        "dataset",
+        "recipe",
+        "batch_size",
+        "seed",
+        "epochs",
+        "precision",
+        "loader",
+        "deterministic",
+        "compile",
+    )
     spec = {"model": "resnet20", "dataset": "cifar10", "recipe": "step-200", "batch_size": 64, "seed": 0}
     spec.update({k: fields.pop(k) for k in spec_keys if k in fields})
     run = RunSpec(**{**spec, "recipe": get_recipe(spec["recipe"])})
     sched = run.schedule
     final = fields.get("final_test_acc", 0.9)
-    curve = fields.get("test_acc") or [final * (1 - 0.9 ** (e + 1)) / (1 - 0.9 ** sched.epochs)
-                                       for e in range(sched.epochs)]
+    curve = fields.get("test_acc") or [
+        final * (1 - 0.9 ** (e + 1)) / (1 - 0.9**sched.epochs) for e in range(sched.epochs)
+    ]
     ended = datetime(2025, 1, 1, tzinfo=timezone.utc) + timedelta(hours=run.seed)
     row = {
-        "run_id": run.run_id, "status": "completed", "model": run.model, "dataset": run.dataset,
-        "recipe": run.recipe.name, "recipe_epochs": run.recipe.epochs, "lr": sched.lr, "momentum": sched.momentum,
-        "weight_decay": sched.weight_decay, "schedule": sched.schedule, "milestones": list(sched.milestones),
-        "gamma": sched.gamma, "batch_size": run.batch_size, "seed": run.seed, "epochs": sched.epochs,
-        "precision": run.precision, "precision_used": "32-true", "loader": run.loader,
-        "deterministic": run.deterministic, "compile": run.compile, "compile_fallback": None, "data_root": "data",
+        "run_id": run.run_id,
+        "status": "completed",
+        "model": run.model,
+        "dataset": run.dataset,
+        "recipe": run.recipe.name,
+        "recipe_epochs": run.recipe.epochs,
+        "lr": sched.lr,
+        "momentum": sched.momentum,
+        "weight_decay": sched.weight_decay,
+        "schedule": sched.schedule,
+        "milestones": list(sched.milestones),
+        "gamma": sched.gamma,
+        "batch_size": run.batch_size,
+        "seed": run.seed,
+        "epochs": sched.epochs,
+        "precision": run.precision,
+        "precision_used": "32-true",
+        "loader": run.loader,
+        "deterministic": run.deterministic,
+        "compile": run.compile,
+        "compile_fallback": None,
+        "data_root": "data",
         "data_verified": True,
-        "num_classes": run.num_classes, "params": 272_474, "epochs_done": sched.epochs,
-        "final_test_acc": final, "best_test_acc": max(curve), "best_epoch": curve.index(max(curve)) + 1,
-        "test_acc": curve, "train_seconds": 1800.0, "images_per_s": 5000.0, "attempts": 1,
-        "started_at": ended - timedelta(seconds=1800), "ended_at": ended, "hostname": "node01",
+        "num_classes": run.num_classes,
+        "params": 272_474,
+        "epochs_done": sched.epochs,
+        "final_test_acc": final,
+        "best_test_acc": max(curve),
+        "best_epoch": curve.index(max(curve)) + 1,
+        "test_acc": curve,
+        "train_seconds": 1800.0,
+        "images_per_s": 5000.0,
+        "attempts": 1,
+        "started_at": ended - timedelta(seconds=1800),
+        "ended_at": ended,
+        "hostname": "node01",
     }
     return {**row, **fields}
 
@@ -51,7 +87,7 @@ def record_row(**fields) -> dict:
 @pytest.fixture
 def write_records(tmp_path):
     """``write_records([{"model": "resnet56", "final_test_acc": 0.93}, ...], results=None) -> results folder``:
-    each dict goes through ``record_row`` and ``cifarbench.records.write_record`` (default folder:
+    each dict goes through ``record_row`` and ``cifarbench.store.records.write_record`` (default folder:
     tmp_path / "results")."""
 
     def write(rows, results=None) -> Path:

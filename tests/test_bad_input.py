@@ -5,8 +5,8 @@ import subprocess
 
 import pytest
 
-from cifarbench import records
 from cifarbench.cli import main
+from cifarbench.store.layout import Layout
 
 GOOD = """\
 models: [resnet20]
@@ -38,21 +38,24 @@ GRID_CASES = [
     ("duplicate-key", "models: [resnet20]\nmodels: [resnet32]\n", "models"),
     ("time-bare-number", "slurm: {time: 1:00:00}\n", "3600"),
     ("time-int", "slurm: {time: 60}\n", "time"),
-    ("time-bad-hours", "slurm: {time: \"1-25:00:00\"}\n", "time"),
-    ("time-words", "slurm: {time: \"two hours\"}\n", "time"),
-    ("time-zero", "slurm: {time: \"00:00:00\"}\n", "time"),
-    ("time-bad-seconds", "slurm: {time: \"00:10:75\"}\n", "time"),
-    ("partition-shell", "slurm: {partition: \"gpu; rm -rf ~\"}\n", "partition"),
-    ("account-newline", "slurm: {account: \"a\\nb\"}\n", "account"),
-    ("setup-nul", "slurm: {setup: [\"module load cuda\\0\"]}\n", "setup"),
-    ("extra-not-allowed", "slurm: {extra: {wrap: \"rm -rf ~\"}}\n", "wrap"),
-    ("extra-metachar", "slurm: {extra: {comment: \"$(reboot)\"}}\n", "comment"),
+    ("time-bad-hours", 'slurm: {time: "1-25:00:00"}\n', "time"),
+    ("time-words", 'slurm: {time: "two hours"}\n', "time"),
+    ("time-zero", 'slurm: {time: "00:00:00"}\n', "time"),
+    ("time-bad-seconds", 'slurm: {time: "00:10:75"}\n', "time"),
+    ("partition-shell", 'slurm: {partition: "gpu; rm -rf ~"}\n', "partition"),
+    ("account-newline", 'slurm: {account: "a\\nb"}\n', "account"),
+    ("setup-nul", 'slurm: {setup: ["module load cuda\\0"]}\n', "setup"),
+    ("extra-not-allowed", 'slurm: {extra: {wrap: "rm -rf ~"}}\n', "wrap"),
+    ("extra-metachar", 'slurm: {extra: {comment: "$(reboot)"}}\n', "comment"),
     ("unknown-slurm-key", "slurm: {gpus: 1}\n", "slurm"),
     ("negative-gpus", "slurm: {gpus_per_node: -1}\n", "gpus_per_node"),
     ("include-unknown-key", "include: [{model: resnet20, colour: red}]\n", "colour"),
     ("exclude-everything", "exclude: [{model: resnet20}]\n", "exclude"),
-    ("inline-recipe-unknown-key", "opts: [{name: mine, epochs: 2, weight_decay: 0.0005, schedule: cos, lrr: 0.1}]\n",
-     "lrr"),
+    (
+        "inline-recipe-unknown-key",
+        "opts: [{name: mine, epochs: 2, weight_decay: 0.0005, schedule: cos, lrr: 0.1}]\n",
+        "lrr",
+    ),
     ("loader-unknown", "loader: dali\n", "loader"),
 ]
 
@@ -101,63 +104,103 @@ def test_submit_rejects_bad_grids(name, patch, expect, workspace, capsys):
     _assert_rejected(capsys, ["submit", str(grid)], expect, workspace)
 
 
-def _argv_cases(ws):
-    grid = _grid(ws, "")
+def _run_argv(ws, **changes):
+    argv = {
+        "--model": "resnet20",
+        "--dataset": "synthetic10",
+        "--opt": "step-160",
+        "--batch-size": "64",
+        "--epochs": "1",
+        "--data-root": str(ws["root"]),
+        "--results": str(ws["results"]),
+    }
+    argv.update({f"--{k.replace('_', '-')}": v for k, v in changes.items()})
+    return ["run", *(x for kv in argv.items() for x in kv)]
+
+
+# (name, argv made from the workspace, expected words in the message); "{tmp}", "{grid}", "{results}" and
+# "{afile}" are filled in from the workspace
+ARGV_CASES = [
+    ("submit-missing-grid", ["submit", "{tmp}/missing.yaml"], "missing.yaml"),
+    ("submit-folder", ["submit", "{tmp}"], "cannot read"),
+    ("submit-force-and-retry", ["submit", "{grid}", "--force", "--retry-failed"], "pick one"),
+    ("submit-bad-executor", ["submit", "{grid}", "--executor", "pbs"], "invalid choice"),
+    ("submit-bogus-flag", ["submit", "{grid}", "--bogus"], "unrecognized"),
+    ("run-unknown-dataset", {"dataset": "cifar11"}, "invalid choice"),
+    ("run-batch-size-zero", {"batch_size": "0"}, "integer >= 1"),
+    ("run-epochs-negative", {"epochs": "-1"}, "integer >= 1"),
+    ("run-seed-negative", {"seed": "-3"}, "integer >= 0"),
+    ("run-fp16-on-cpu", {"precision": "16-mixed"}, "needs a GPU"),
+    ("status-missing", ["status", "{tmp}/nope"], "does not exist"),
+    ("status-a-file", ["status", "{afile}"], "not a folder"),
+    ("status-missing-grid", ["status", "{results}", "--grid", "{tmp}/missing.yaml"], "missing.yaml"),
+    ("data-train-size-zero", ["data", "synthetic", "--root", "{tmp}/d", "--train-size", "0"], "integer >= 1"),
+    ("data-root-below-a-file", ["data", "synthetic", "--root", "{afile}/below"], "cannot write"),
+    ("download-synthetic", ["data", "download", "--root", "{tmp}", "--dataset", "synthetic10"], "invalid choice"),
+    ("models-extra-argument", ["models", "--json", "extra"], "unrecognized"),
+    ("no-command", [], "required"),
+]
+# `run` with missing data leaves a failed record by design, so these are checked apart
+MISSING_DATA_CASES = [
+    ("run-data-root-missing", {"data_root": "{tmp}/nowhere"}),
+    ("run-data-root-a-file", {"data_root": "{afile}"}),
+]
+
+
+def _argv(ws, template) -> list[str]:
     afile = ws["tmp"] / "a-file"
     afile.write_text("x")
-    run = ["run", "--model", "resnet20", "--dataset", "synthetic10", "--opt", "step-160", "--batch-size", "64",
-           "--epochs", "1", "--data-root", str(ws["root"]), "--results", str(ws["results"])]
-    return [
-        (["submit", str(ws["tmp"] / "missing.yaml")], "missing.yaml"),
-        (["submit", str(ws["tmp"])], "cannot read"),
-        (["submit", str(grid), "--force", "--retry-failed"], "pick one"),
-        (["submit", str(grid), "--executor", "pbs"], "invalid choice"),
-        (["submit", str(grid), "--bogus"], "unrecognized"),
-        (run[:4] + ["cifar11"] + run[5:], "invalid choice"),
-        (run[:8] + ["0"] + run[9:], "positive"),
-        (run[:10] + ["-1"] + run[11:], "positive"),
-        (run + ["--seed", "-3"], "zero or positive"),
-        (run + ["--precision", "16-mixed"], "needs a GPU"),
-        (run[:12] + [str(ws["tmp"] / "nowhere")] + run[13:], "not found"),
-        (run[:12] + [str(afile)] + run[13:], "not found"),
-        (["status", str(ws["tmp"] / "nope")], "does not exist"),
-        (["status", str(afile)], "not a folder"),
-        (["status", str(ws["results"]), "--grid", str(ws["tmp"] / "missing.yaml")], "missing.yaml"),
-        (["data", "synthetic", "--root", str(ws["tmp"] / "d"), "--train-size", "0"], "positive"),
-        (["data", "synthetic", "--root", str(afile / "below")], "cannot write"),
-        (["data", "download", "--root", str(ws["tmp"]), "--dataset", "synthetic10"], "invalid choice"),
-        (["models", "--json", "extra"], "unrecognized"),
-        ([], "required"),
-    ]
+    fill = {"tmp": ws["tmp"], "grid": _grid(ws, ""), "results": ws["results"], "afile": afile}
+    if isinstance(template, dict):
+        return _run_argv(ws, **{k: v.format(**fill) for k, v in template.items()})
+    return [arg.format(**fill) for arg in template]
 
 
-def test_bad_command_lines(workspace, capsys):
-    cases = _argv_cases(workspace)
-    for argv, expect in cases:
-        # `run` with missing data leaves a failed record by design; the rest must leave nothing
-        if argv and argv[0] == "run" and expect == "not found":
-            before = _jobs()
-            assert main(argv) == 2
-            err = capsys.readouterr().err
-            assert err.count("\n") == 1 and expect in err and workspace["keep"].read_text() == "mine"
-            assert _jobs() == before
-            shutil.rmtree(workspace["results"] / "runs")
-            continue
-        _assert_rejected(capsys, argv, expect, workspace)
-    assert len(cases) + len(GRID_CASES) >= 30
+@pytest.mark.parametrize("name, template, expect", ARGV_CASES, ids=[c[0] for c in ARGV_CASES])
+def test_bad_command_lines(name, template, expect, workspace, capsys):
+    _assert_rejected(capsys, _argv(workspace, template), expect, workspace)
+
+
+@pytest.mark.parametrize("name, template", MISSING_DATA_CASES, ids=[c[0] for c in MISSING_DATA_CASES])
+def test_run_without_data_is_one_line_and_a_failed_record(name, template, workspace, capsys):
+    before = _jobs()
+    assert main(_argv(workspace, template)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err and workspace["keep"].read_text() == "mine"
+    assert _jobs() == before
+
+
+def test_there_are_enough_bad_input_cases():
+    assert len(ARGV_CASES) + len(MISSING_DATA_CASES) + len(GRID_CASES) >= 50
 
 
 def test_a_checkpoint_of_another_run_is_one_clear_error(workspace, capsys):
-    base = ["run", "--model", "resnet20", "--dataset", "synthetic10", "--opt", "step-160", "--batch-size", "64",
-            "--epochs", "1", "--data-root", str(workspace["root"]), "--results", str(workspace["results"])]
+    base = [
+        "run",
+        "--model",
+        "resnet20",
+        "--dataset",
+        "synthetic10",
+        "--opt",
+        "step-160",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "1",
+        "--data-root",
+        str(workspace["root"]),
+        "--results",
+        str(workspace["results"]),
+    ]
     assert main(base + ["--seed", "1"]) == 0
     capsys.readouterr()
     [other] = (workspace["results"] / "runs").iterdir()
-    from cifarbench.spec import RunSpec, get_recipe
+    from cifarbench.config.spec import RunSpec, get_recipe
 
-    spec = RunSpec(model="resnet20", dataset="synthetic10", recipe=get_recipe("step-160"), batch_size=64, seed=0,
-                   epochs=1)
-    target = records.run_dir(workspace["results"], spec.run_id)
+    spec = RunSpec(
+        model="resnet20", dataset="synthetic10", recipe=get_recipe("step-160"), batch_size=64, seed=0, epochs=1
+    )
+    target = Layout(workspace["results"]).run_dir(spec.run_id)
     target.mkdir(parents=True)
     shutil.copy(other / "last.ckpt", target / "last.ckpt")
     assert main(base + ["--seed", "0"]) == 2

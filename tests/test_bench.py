@@ -2,10 +2,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cifarbench import bench, data, records
+from cifarbench import bench
 from cifarbench.cli import main
 from cifarbench.errors import UsageError
-from cifarbench.train import FastPath
+from cifarbench.store import records
+from cifarbench.system import usable_cores
+from cifarbench.train.fit import FastPath
 
 CPU = torch.device("cpu")
 TINY = dict(steps=2, warmup=1, repeats=2)
@@ -17,7 +19,7 @@ def _check_rows(rows, what):
     for r in rows:
         assert r["what"] == what and set(r) <= set(bench.SCHEMA.names)
         assert r["device"] == "cpu" and r["torch_version"] == torch.__version__
-        assert r["cpu_cores"] == data.usable_cores() and r["torch_threads"] == torch.get_num_threads()
+        assert r["cpu_cores"] == usable_cores() and r["torch_threads"] == torch.get_num_threads()
         if r["images_per_s"] is not None:
             assert r["images_per_s"] > 0
             assert r["ratio"] == pytest.approx(r["images_per_s"] / base[0]["images_per_s"])
@@ -26,7 +28,7 @@ def _check_rows(rows, what):
 def test_pipeline_rows_compare_the_device_loader_with_the_dataloader_on_all_cores(synthetic_root):
     rows = bench.bench_pipeline(dataset="synthetic10", root=synthetic_root, batch_size=32, device=CPU, **TINY)
     _check_rows(rows, "pipeline")
-    assert rows[0]["baseline"] and rows[0]["loader"] == "torchvision" and rows[0]["workers"] == data.usable_cores()
+    assert rows[0]["baseline"] and rows[0]["loader"] == "torchvision" and rows[0]["workers"] == usable_cores()
     assert [r["workers"] for r in rows[:-1]] == bench.baseline_workers()
     assert rows[-1]["variant"] == "device loader" and rows[-1]["loader"] == "device"
     assert all(r["dataset"] == "synthetic10" and r["batch_size"] == 32 and r["steps"] == 2 for r in rows)
@@ -40,18 +42,36 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
 
         def run(x):
             raise RuntimeError("no compiler\nsecond line")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    rows = bench.bench_train(model="resnet20", dataset="synthetic100", root=synthetic_root, batch_size=8,
-                             device=CPU, compile=True, with_levers=True, steps=1, warmup=1, repeats=1)
+    rows = bench.bench_train(
+        model="resnet20",
+        dataset="synthetic100",
+        root=synthetic_root,
+        batch_size=8,
+        device=CPU,
+        compile=True,
+        with_levers=True,
+        steps=1,
+        warmup=1,
+        repeats=1,
+    )
     _check_rows(rows, "train")
     by_variant = {r["variant"]: r for r in rows}
-    assert list(by_variant) == ["baseline: PIL DataLoader, eager", "fast path", "fast path, precision bf16-mixed",
-                                "fast path, channels_last off", "fast path, fused SGD on", "fast path + torch.compile",
-                                "lightning fit", "lightning fit, whole epoch (record)",
-                                "lightning fit, torch.compile default"]
-    assert by_variant["baseline: PIL DataLoader, eager"]["workers"] == data.usable_cores()
+    assert list(by_variant) == [
+        "baseline: PIL DataLoader, eager",
+        "fast path",
+        "fast path, precision bf16-mixed",
+        "fast path, channels_last off",
+        "fast path, fused SGD on",
+        "fast path + torch.compile",
+        "lightning fit",
+        "lightning fit, whole epoch (record)",
+        "lightning fit, torch.compile default",
+    ]
+    assert by_variant["baseline: PIL DataLoader, eager"]["workers"] == usable_cores()
     assert by_variant["fast path, precision bf16-mixed"]["precision"] == "bf16-mixed"
     assert all(r["precision"] == "32-true" for v, r in by_variant.items() if "bf16" not in v)
     assert all(r["model"] == "resnet20" for r in rows)
@@ -64,8 +84,9 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
     assert fell_back.get("minutes_200_epochs") is None and fell_back.get("ratio_to_fast_path") is None
     fit = by_variant["lightning fit"]
     assert fit["images_per_s"] > 0 and fit["dataset"] == "synthetic100" and fit["eval_images_per_s"] > 0
-    assert fit["minutes_200_epochs"] == pytest.approx(bench.projected_minutes(fit["images_per_s"],
-                                                                              fit["eval_images_per_s"]))
+    assert fit["minutes_200_epochs"] == pytest.approx(
+        bench.projected_minutes(fit["images_per_s"], fit["eval_images_per_s"])
+    )
     assert all(r.get("minutes_200_epochs") is None for v, r in by_variant.items() if not v.startswith("lightning fit"))
     assert by_variant["lightning fit, whole epoch (record)"].get("minutes_200_epochs") is None
     fast = by_variant["fast path"]["images_per_s"]
@@ -75,16 +96,25 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
 
 
 def test_the_fast_path_is_what_a_run_uses_and_each_gpu_lever_is_flipped_alone():
-    assert FastPath.for_device(CPU) == FastPath(precision="32-true", channels_last=True, cudnn_benchmark=False,
-                                                fused_sgd=False)
+    assert FastPath.for_device(CPU) == FastPath(
+        precision="32-true", channels_last=True, cudnn_benchmark=False, fused_sgd=False
+    )
     gpu = torch.device("cuda")
     fast = FastPath(precision="bf16-mixed", channels_last=True, cudnn_benchmark=True, fused_sgd=True)
     flipped = dict(bench.levers(fast, gpu))
-    assert list(flipped) == ["precision 32-true", "channels_last off", "fused SGD off", "cudnn.benchmark off",
-                             "precision 16-mixed (gradient scaler)"]
+    assert list(flipped) == [
+        "precision 32-true",
+        "channels_last off",
+        "fused SGD off",
+        "cudnn.benchmark off",
+        "precision 16-mixed (gradient scaler)",
+    ]
     for label, variant in flipped.items():
-        changed = {f for f in ("precision", "channels_last", "cudnn_benchmark", "fused_sgd")
-                   if getattr(variant, f) != getattr(fast, f)}
+        changed = {
+            f
+            for f in ("precision", "channels_last", "cudnn_benchmark", "fused_sgd")
+            if getattr(variant, f) != getattr(fast, f)
+        }
         assert len(changed) == 1, label
     assert [label for label, _ in bench.compile_modes(gpu)] == ["torch.compile", "torch.compile, CUDA graphs"]
     assert dict(bench.compile_modes(gpu))["torch.compile, CUDA graphs"] == "reduce-overhead"
@@ -96,8 +126,17 @@ def test_projected_minutes_of_a_200_epoch_run():
 
 
 def test_rows_are_written_with_the_bench_schema(tmp_path):
-    rows = [{"what": "pipeline", "variant": "device loader", "baseline": True, "images_per_s": 10.0, "ratio": 1.0,
-             "device": "cpu", "torch_version": torch.__version__}]
+    rows = [
+        {
+            "what": "pipeline",
+            "variant": "device loader",
+            "baseline": True,
+            "images_per_s": 10.0,
+            "ratio": 1.0,
+            "device": "cpu",
+            "torch_version": torch.__version__,
+        }
+    ]
     path = bench.write_rows(rows, tmp_path)
     assert path.parent == tmp_path / "bench" and path.suffix == ".parquet"
     table = pq.read_table(path)
@@ -115,9 +154,27 @@ def test_missing_synthetic_data_is_written_and_real_data_never_downloaded(tmp_pa
 
 
 def test_bench_command_prints_a_table_and_writes_parquet(synthetic_root, tmp_path, capsys):
-    code = main(["bench", "--what", "pipeline", "--dataset", "synthetic10", "--data-root", str(synthetic_root),
-                 "--batch-size", "32", "--steps", "2", "--warmup", "1", "--repeats", "1",
-                 "--results", str(tmp_path)])
+    code = main(
+        [
+            "bench",
+            "--what",
+            "pipeline",
+            "--dataset",
+            "synthetic10",
+            "--data-root",
+            str(synthetic_root),
+            "--batch-size",
+            "32",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--repeats",
+            "1",
+            "--results",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     out, err = capsys.readouterr()
     header, *lines = out.strip().splitlines()

@@ -24,8 +24,24 @@ def _cluster_up() -> bool:
 @pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster (bash slurm/cluster.sh up)")
 def test_chaos_loses_nothing(tmp_path):
     script = Path(__file__).parents[1] / "scripts" / "chaos.py"
-    out = subprocess.run([sys.executable, str(script), "--runs", "24", "--faults", "12", "--seconds", "840",
-                          "--workdir", str(tmp_path), "--json"], capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--runs",
+            "24",
+            "--faults",
+            "12",
+            "--seconds",
+            "840",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps(report, indent=1))
     assert report["runs"] == 24

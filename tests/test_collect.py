@@ -9,11 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cifarbench import cli
-from cifarbench.collect import collect, model_depth
+from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import UsageError
-from cifarbench.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, read_record, record_path
-from cifarbench.scan import RUNS_TAG, load_runs, read_records
-from cifarbench.spec import RunSpec, get_recipe
+from cifarbench.report.collect import collect
+from cifarbench.report.tables import model_depth
+from cifarbench.store.layout import Layout
+from cifarbench.store.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, read_record
+from cifarbench.store.scan import RUNS_TAG, load_runs, read_records
 
 # The seed notebook's tables, verbatim (its own uneven padding included).
 NOTEBOOK_STEP200 = """\
@@ -55,14 +57,22 @@ def seed_rows() -> list[dict]:
     """Records carrying the notebook's numbers: step-200 bs=64 for 7 models x 2 datasets, and ResNet56 on
     CIFAR100 for 3 recipes x 3 batch sizes (the two share step-200 bs=64, where the sweep's 0.7127 rounds to
     the first table's 0.71)."""
-    grid = {"cifar10": [0.95, 0.92, 0.93, 0.96, 0.92, 0.95, 0.92],
-            "cifar100": [0.78, 0.68, 0.69, 0.79, 0.70, 0.78]}  # resnet56: from the sweep below
+    grid = {
+        "cifar10": [0.95, 0.92, 0.93, 0.96, 0.92, 0.95, 0.92],
+        "cifar100": [0.78, 0.68, 0.69, 0.79, 0.70, 0.78],
+    }  # resnet56: from the sweep below
     models = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56"]
     rows = [{"model": m, "dataset": d, "final_test_acc": a} for d, accs in grid.items() for m, a in zip(models, accs)]
-    sweep = {"cos-200": [0.7272, 0.7162, 0.7147], "step-160": [0.6997, 0.6861, 0.6740],
-             "step-200": [0.7127, 0.7107, 0.7117]}
-    rows += [{"model": "resnet56", "dataset": "cifar100", "recipe": r, "batch_size": bs, "final_test_acc": acc}
-             for r, accs in sweep.items() for bs, acc in zip((64, 128, 256), accs)]
+    sweep = {
+        "cos-200": [0.7272, 0.7162, 0.7147],
+        "step-160": [0.6997, 0.6861, 0.6740],
+        "step-200": [0.7127, 0.7107, 0.7117],
+    }
+    rows += [
+        {"model": "resnet56", "dataset": "cifar100", "recipe": r, "batch_size": bs, "final_test_acc": acc}
+        for r, accs in sweep.items()
+        for bs, acc in zip((64, 128, 256), accs)
+    ]
     return rows
 
 
@@ -89,9 +99,19 @@ def run_id(**fields) -> str:
 
 def test_means_and_stds_over_seeds(write_records):
     accs = {"resnet20": [0.90, 0.92, 0.91], "resnet56": [0.93, 0.95]}
-    results = write_records([{"model": m, "seed": s, "final_test_acc": a, "images_per_s": 1000.0 * (s + 1),
-                              "train_seconds": 600.0 * (s + 1)}
-                             for m, values in accs.items() for s, a in enumerate(values)])
+    results = write_records(
+        [
+            {
+                "model": m,
+                "seed": s,
+                "final_test_acc": a,
+                "images_per_s": 1000.0 * (s + 1),
+                "train_seconds": 600.0 * (s + 1),
+            }
+            for m, values in accs.items()
+            for s, a in enumerate(values)
+        ]
+    )
     report = collect(results, plots=False)
     summary = pd.read_csv(results / "summary.csv").set_index("model")
     for model, values in accs.items():
@@ -111,7 +131,7 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     results = write_records(rows)
     clean = collect(results, out=tmp_path / "clean", plots=False)
 
-    good = record_path(results, run_id(seed=0))
+    good = Layout(results).record(run_id(seed=0))
     truncated = results / "runs" / "truncated" / "record.parquet"
     truncated.parent.mkdir(parents=True)
     truncated.write_bytes(good.read_bytes()[:-200])
@@ -123,11 +143,15 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     fake = pa.table({"run_id": [1]}).replace_schema_metadata({SCHEMA_KEY: SCHEMA_TAG})
     pq.write_table(fake, results / "fake.parquet")
     (results / "bench").mkdir()  # another cifarbench table (throughput benchmarks): skipped without a warning
-    pq.write_table(pa.table({"images_per_s": [1.0]}).replace_schema_metadata({SCHEMA_KEY: b"bench/1"}),
-                   results / "bench" / "host.parquet")
+    pq.write_table(
+        pa.table({"images_per_s": [1.0]}).replace_schema_metadata({SCHEMA_KEY: b"bench/1"}),
+        results / "bench" / "host.parquet",
+    )
     # the same run collected twice, from a copy of an older attempt: it must not win
-    write_records([{**rows[0], "final_test_acc": 0.10, "ended_at": pd.Timestamp("2020-01-01", tz="UTC")}],
-                  results=results / "copy")
+    write_records(
+        [{**rows[0], "final_test_acc": 0.10, "ended_at": pd.Timestamp("2020-01-01", tz="UTC")}],
+        results=results / "copy",
+    )
 
     report = collect(results, out=tmp_path / "dirty", plots=False)
     tables, missing = report.markdown.split("## Missing, failed and lost runs")
@@ -145,9 +169,19 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
 
 
 def test_the_footer_summary_holds_the_records_own_values(write_records):
-    results = write_records([{"model": "resnet20", "final_test_acc": 0.91},
-                             {"model": "resnet32", "status": "failed", "final_test_acc": None, "test_acc": [0.1],
-                              "error": "CUDA out of memory.\nTraceback ...", "epochs_done": 1}])
+    results = write_records(
+        [
+            {"model": "resnet20", "final_test_acc": 0.91},
+            {
+                "model": "resnet32",
+                "status": "failed",
+                "final_test_acc": None,
+                "test_acc": [0.1],
+                "error": "CUDA out of memory.\nTraceback ...",
+                "epochs_done": 1,
+            },
+        ]
+    )
     scanned = {row["run_id"]: row for row in read_records(results).table.to_pylist()}
     for path in sorted(results.glob("runs/*/record.parquet")):
         columns = pq.read_table(path).select(SUMMARY_FIELDS).to_pylist()[0]
@@ -160,19 +194,21 @@ def test_the_footer_summary_holds_the_records_own_values(write_records):
 
 def test_a_summary_with_a_value_of_the_wrong_type_costs_only_its_own_file(write_records):
     results = write_records([{"model": "resnet20", "seed": s} for s in range(3)])
-    path = record_path(results, run_id(seed=1))
+    path = Layout(results).record(run_id(seed=1))
     record = pq.read_table(path)
     summary = {**json.loads(record.schema.metadata[SUMMARY_KEY]), "seed": "one"}
     pq.write_table(record.replace_schema_metadata({SCHEMA_KEY: SCHEMA_TAG, SUMMARY_KEY: json.dumps(summary)}), path)
     scan = read_records(results)
     assert sorted(scan.table.column("seed").to_pylist()) == [0, 2]
-    assert scan.skipped == {"files tagged as records whose columns are not the record schema's":
-                            [f"runs/{run_id(seed=1)}/record.parquet"]}
+    assert scan.skipped == {
+        "files tagged as records whose columns are not the record schema's": [f"runs/{run_id(seed=1)}/record.parquet"]
+    }
 
 
 def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records):
-    results = write_records([{"model": "resnet20", "final_test_acc": 0.90},
-                             {"model": "resnet32", "final_test_acc": 0.91}])
+    results = write_records(
+        [{"model": "resnet20", "final_test_acc": 0.90}, {"model": "resnet32", "final_test_acc": 0.91}]
+    )
     first = collect(results, plots=False)
     assert pq.read_schema(results / "runs.parquet").metadata[SCHEMA_KEY] == RUNS_TAG
     runs = pq.read_table(results / "runs.parquet")
@@ -181,8 +217,10 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     assert again.warnings == [] and again.markdown == first.markdown
     write_records([{"model": "resnet20", "final_test_acc": 0.95}], results=results)  # a rerun replaced the record
     updated = collect(results, plots=False)
-    assert cells(first_table(section(updated.markdown, "step-200 bs=64")))[1:] == [["resnet20", "0.95"],
-                                                                                   ["resnet32", "0.91"]]
+    assert cells(first_table(section(updated.markdown, "step-200 bs=64")))[1:] == [
+        ["resnet20", "0.95"],
+        ["resnet32", "0.91"],
+    ]
 
 
 def as_record_1(path) -> None:
@@ -198,9 +236,10 @@ def as_record_1(path) -> None:
 
 
 def test_a_record_1_file_is_read_as_an_eager_run(write_records):
-    results = write_records([{"model": "resnet20", "final_test_acc": 0.91},
-                             {"model": "resnet32", "final_test_acc": 0.92}])
-    path = record_path(results, run_id(model="resnet20"))
+    results = write_records(
+        [{"model": "resnet20", "final_test_acc": 0.91}, {"model": "resnet32", "final_test_acc": 0.92}]
+    )
+    path = Layout(results).record(run_id(model="resnet20"))
     current = read_record(path)
     as_record_1(path)
     assert pq.read_schema(path).names == [n for n in SCHEMA.names if n not in ("compile", "compile_fallback")]
@@ -211,18 +250,23 @@ def test_a_record_1_file_is_read_as_an_eager_run(write_records):
     assert report.warnings == []
     headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
     assert headings == ["step-200 bs=64", "Missing, failed and lost runs"]
-    assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [["resnet20", "0.91"],
-                                                                                   ["resnet32", "0.92"]]
+    assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [
+        ["resnet20", "0.91"],
+        ["resnet32", "0.92"],
+    ]
     assert pd.read_csv(results / "summary.csv").compile.tolist() == ["eager", "eager"]
     assert collect(results, where=["compile=eager"], plots=False).markdown == report.markdown
 
     # a record/1 summary and tag on a file with the current columns: not what record/1 is
-    current_file = record_path(results, run_id(model="resnet32"))
+    current_file = Layout(results).record(run_id(model="resnet32"))
     record = pq.read_table(current_file)
     as_record_1(current_file)
     pq.write_table(record.replace_schema_metadata(pq.read_schema(current_file).metadata), current_file)
-    assert read_records(results).skipped == {"files tagged as records whose columns are not the record schema's":
-                                             [f"runs/{run_id(model='resnet32')}/record.parquet"]}
+    assert read_records(results).skipped == {
+        "files tagged as records whose columns are not the record schema's": [
+            f"runs/{run_id(model='resnet32')}/record.parquet"
+        ]
+    }
 
 
 def test_a_runs_parquet_from_before_the_compile_columns_is_ignored(write_records):
@@ -240,17 +284,30 @@ def test_a_runs_parquet_from_before_the_compile_columns_is_ignored(write_records
 
 def test_compiled_and_eager_runs_are_separate_configurations(write_records):
     accs = {None: [0.90, 0.92], "default": [0.91, 0.93], "max-autotune": [0.94, 0.96]}
-    results = write_records([{"model": m, "compile": mode, "seed": s, "final_test_acc": a - (m == "resnet32") * 0.1}
-                             for m in ("resnet20", "resnet32") for mode, values in accs.items()
-                             for s, a in enumerate(values)])
+    results = write_records(
+        [
+            {"model": m, "compile": mode, "seed": s, "final_test_acc": a - (m == "resnet32") * 0.1}
+            for m in ("resnet20", "resnet32")
+            for mode, values in accs.items()
+            for s, a in enumerate(values)
+        ]
+    )
     report = collect(results, plots=False)
     headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
-    assert headings == ["step-200 bs=64 compile=default", "step-200 bs=64 compile=eager",
-                        "step-200 bs=64 compile=max-autotune", "Missing, failed and lost runs"]
+    assert headings == [
+        "step-200 bs=64 compile=default",
+        "step-200 bs=64 compile=eager",
+        "step-200 bs=64 compile=max-autotune",
+        "Missing, failed and lost runs",
+    ]
     assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=eager")))[1:] == [
-        ["resnet20", "0.91 ± 0.01 (2)"], ["resnet32", "0.81 ± 0.01 (2)"]]
+        ["resnet20", "0.91 ± 0.01 (2)"],
+        ["resnet32", "0.81 ± 0.01 (2)"],
+    ]
     assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=default")))[1:] == [
-        ["resnet20", "0.92 ± 0.01 (2)"], ["resnet32", "0.82 ± 0.01 (2)"]]
+        ["resnet20", "0.92 ± 0.01 (2)"],
+        ["resnet32", "0.82 ± 0.01 (2)"],
+    ]
     shown = report.markdown.split("## Missing, failed and lost runs")[0]
     assert report.warnings == [] and "None" not in shown and "nan" not in shown
 
@@ -258,32 +315,43 @@ def test_compiled_and_eager_runs_are_separate_configurations(write_records):
     assert cells(first_table(section(pivot.markdown, "CIFAR10 step-200 bs=64"))) == [
         ["compile / model", "default", "eager", "max-autotune"],
         ["resnet20", "0.9200 ± 0.0141 (2)", "0.9100 ± 0.0141 (2)", "0.9500 ± 0.0141 (2)"],
-        ["resnet32", "0.8200 ± 0.0141 (2)", "0.8100 ± 0.0141 (2)", "0.8500 ± 0.0141 (2)"]]
+        ["resnet32", "0.8200 ± 0.0141 (2)", "0.8100 ± 0.0141 (2)", "0.8500 ± 0.0141 (2)"],
+    ]
     eager = collect(results, where=["compile=eager"], plots=False)
     assert [ln[3:] for ln in eager.markdown.splitlines() if ln.startswith("## ")] == [
-        "step-200 bs=64", "Missing, failed and lost runs"]
+        "step-200 bs=64",
+        "Missing, failed and lost runs",
+    ]
     assert cells(first_table(section(eager.markdown, "step-200 bs=64")))[1:] == [
-        ["resnet20", "0.91 ± 0.01 (2)"], ["resnet32", "0.81 ± 0.01 (2)"]]
+        ["resnet20", "0.91 ± 0.01 (2)"],
+        ["resnet32", "0.81 ± 0.01 (2)"],
+    ]
     compiled = collect(results, where=["compile=default", "compile=max-autotune"], plots=False)
     assert [ln[3:] for ln in compiled.markdown.splitlines() if ln.startswith("## ")] == headings[:1] + headings[2:]
 
 
 def test_a_run_whose_compile_fell_back_to_eager_is_listed_and_warned_about(write_records):
     why = "BackendCompilerFailed: backend='inductor' raised: RuntimeError: Compiler: cc is not found."
-    results = write_records([
-        {"model": "resnet20", "final_test_acc": 0.91},
-        {"model": "resnet20", "compile": "default", "final_test_acc": 0.92},
-        {"model": "resnet32", "compile": "default", "final_test_acc": 0.90, "compile_fallback": why},
-    ])
+    results = write_records(
+        [
+            {"model": "resnet20", "final_test_acc": 0.91},
+            {"model": "resnet20", "compile": "default", "final_test_acc": 0.92},
+            {"model": "resnet32", "compile": "default", "final_test_acc": 0.90, "compile_fallback": why},
+        ]
+    )
     report = collect(results, plots=False)
     fell_back = run_id(model="resnet32", compile="default")
     assert report.warnings == [
-        f"note: 1 runs asked for torch.compile but trained eagerly (see the report): {fell_back}"]
+        f"note: 1 runs asked for torch.compile but trained eagerly (see the report): {fell_back}"
+    ]
     assert section(report.markdown, "Missing, failed and lost runs").splitlines() == [
         f"- trained eagerly, torch.compile failed: `{fell_back}` (resnet32 cifar10 step-200 bs=64 seed=0 "
-        f"compile=default): {why}"]
+        f"compile=default): {why}"
+    ]
     assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=default")))[1:] == [
-        ["resnet20", "0.92"], ["resnet32", "0.90"]]  # a completed run: its cell stays, and the list says why
+        ["resnet20", "0.92"],
+        ["resnet32", "0.90"],
+    ]  # a completed run: its cell stays, and the list says why
     assert collect(results, where=["compile=eager"], plots=False).warnings == []
 
 
@@ -300,7 +368,7 @@ def test_seed_notebook_layout(write_records):
 
 
 def test_models_are_ordered_by_depth_across_families_as_in_the_notebook():
-    from cifarbench.models import MODELS
+    from cifarbench.train.models import MODELS
 
     assert {m: model_depth(m) for m in MODELS} == {m: info.depth for m, info in MODELS.items()}
     notebook = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56"]
@@ -317,8 +385,12 @@ def test_reference_comparison_with_the_seed_notebook(write_records):
 
 
 def test_reference_from_a_paper_shows_the_difference_and_its_protocol(write_records):
-    results = write_records([{"model": "resnet20", "recipe": "step-160", "batch_size": 128, "final_test_acc": 0.9150},
-                             {"model": "resnet32", "recipe": "step-160", "batch_size": 128, "final_test_acc": 0.9200}])
+    results = write_records(
+        [
+            {"model": "resnet20", "recipe": "step-160", "batch_size": 128, "final_test_acc": 0.9150},
+            {"model": "resnet32", "recipe": "step-160", "batch_size": 128, "final_test_acc": 0.9200},
+        ]
+    )
     default = collect(results, plots=False)
     assert "published" not in default.markdown  # the notebook never ran step-160 at batch size 128
     report = collect(results, source="he2016", plots=False)
@@ -333,13 +405,26 @@ def test_reference_from_a_paper_shows_the_difference_and_its_protocol(write_reco
 
 
 def test_failed_lost_and_never_submitted_runs_are_listed(write_records):
-    results = write_records([
-        {"model": "resnet20", "final_test_acc": 0.91},
-        {"model": "resnet32", "status": "failed", "final_test_acc": None, "test_acc": [0.1, 0.2],
-         "error": "CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback ...", "epochs_done": 2},
-    ])
-    spec = lambda model, seed=0: RunSpec(model=model, dataset="cifar10", recipe=get_recipe("step-200"),  # noqa: E731
-                                         batch_size=64, seed=seed)
+    results = write_records(
+        [
+            {"model": "resnet20", "final_test_acc": 0.91},
+            {
+                "model": "resnet32",
+                "status": "failed",
+                "final_test_acc": None,
+                "test_acc": [0.1, 0.2],
+                "error": "CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback ...",
+                "epochs_done": 2,
+            },
+        ]
+    )
+    spec = lambda model, seed=0: RunSpec(
+        model=model,
+        dataset="cifar10",
+        recipe=get_recipe("step-200"),
+        batch_size=64,
+        seed=seed,
+    )
     lost = spec("resnet44")
     (results / "runs" / lost.run_id).mkdir()
     (results / "runs" / lost.run_id / "last.ckpt").write_bytes(b"checkpoint")
@@ -357,13 +442,24 @@ def test_failed_lost_and_never_submitted_runs_are_listed(write_records):
 
 
 def test_custom_pivot_and_where(write_records):
-    runs = [("cifar100", "cos-200", 64, 0.7272), ("cifar100", "step-160", 64, 0.6997),
-            ("cifar100", "cos-200", 128, 0.7162), ("cifar10", "cos-200", 64, 0.94)]
-    results = write_records([{"model": "resnet56", "dataset": d, "recipe": r, "batch_size": bs, "final_test_acc": acc}
-                             for d, r, bs, acc in runs])
+    runs = [
+        ("cifar100", "cos-200", 64, 0.7272),
+        ("cifar100", "step-160", 64, 0.6997),
+        ("cifar100", "cos-200", 128, 0.7162),
+        ("cifar10", "cos-200", 64, 0.94),
+    ]
+    results = write_records(
+        [
+            {"model": "resnet56", "dataset": d, "recipe": r, "batch_size": bs, "final_test_acc": acc}
+            for d, r, bs, acc in runs
+        ]
+    )
     report = collect(results, rows=["recipe"], cols=["batch_size"], where=["dataset=cifar100"], plots=False)
     assert cells(first_table(section(report.markdown, "ResNet56 CIFAR100"))) == [
-        ["batch_size / recipe", "64", "128"], ["cos-200", "0.7272", "0.7162"], ["step-160", "0.6997", "–"]]
+        ["batch_size / recipe", "64", "128"],
+        ["cos-200", "0.7272", "0.7162"],
+        ["step-160", "0.6997", "–"],
+    ]
     speed = collect(results, rows=["model"], cols=["dataset"], value="images_per_s", plots=False)
     assert "5000" in speed.markdown
     with pytest.raises(UsageError, match="unknown --where key 'datset' \\(did you mean 'dataset'\\?\\)"):
@@ -373,14 +469,22 @@ def test_custom_pivot_and_where(write_records):
 
 
 def test_plots_are_written(write_records, tmp_path):
-    results = write_records([{"model": m, "dataset": d, "seed": s, "final_test_acc": 0.9 - 0.01 * s, "params": p}
-                             for m, p in (("resnet20", 272_474), ("resnet56", 855_770))
-                             for d in ("cifar10", "cifar100") for s in range(2)])
+    results = write_records(
+        [
+            {"model": m, "dataset": d, "seed": s, "final_test_acc": 0.9 - 0.01 * s, "params": p}
+            for m, p in (("resnet20", 272_474), ("resnet56", 855_770))
+            for d in ("cifar10", "cifar100")
+            for s in range(2)
+        ]
+    )
     report = collect(results, out=tmp_path / "out")
     pngs = [p for p in report.written if p.suffix == ".png"]
     assert pq.read_table(tmp_path / "out" / "runs.parquet").column("test_acc").null_count == 0  # read once, kept
-    assert {p.name for p in pngs} == {"curves_step-200_bs=64.png", "size_cifar10_step-200.png",
-                                      "size_cifar100_step-200.png"}
+    assert {p.name for p in pngs} == {
+        "curves_step-200_bs=64.png",
+        "size_cifar10_step-200.png",
+        "size_cifar100_step-200.png",
+    }
     for png in pngs:
         assert png.parent == tmp_path / "out" / "plots"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -397,8 +501,10 @@ def test_cli_collect(write_records, tmp_path, capsys):
 def test_cli_collect_with_a_grid_lists_runs_never_submitted(write_records, tmp_path, capsys):
     results = write_records([{"model": "resnet20", "final_test_acc": 0.91}])
     grid = tmp_path / "grid.yaml"
-    grid.write_text(f"models: [resnet20, resnet32]\ndatasets: [cifar10]\nopts: [step-200]\nbatch_sizes: [64]\n"
-                    f"seeds: [0]\nresults: {results}\n")
+    grid.write_text(
+        f"models: [resnet20, resnet32]\ndatasets: [cifar10]\nopts: [step-200]\nbatch_sizes: [64]\n"
+        f"seeds: [0]\nresults: {results}\n"
+    )
     assert cli.main(["collect", str(results), "--grid", str(grid), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert f"- never submitted: `{run_id(model='resnet32')}` (resnet32 cifar10 step-200 bs=64 seed=0)" in out

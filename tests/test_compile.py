@@ -11,9 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cifarbench import data, records, train
-from cifarbench.models import get_resnet, init_weights
-from cifarbench.spec import RunSpec, get_recipe
+from cifarbench.config.spec import RunSpec, get_recipe
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
+from cifarbench.train import data
+from cifarbench.train.fit import compile_for_training, fit
+from cifarbench.train.models import get_resnet, init_weights
 
 pytestmark = pytest.mark.slow  # each compilation takes tens of seconds on a small CPU
 
@@ -27,8 +30,17 @@ def small_root(tmp_path_factory):
 
 
 def _spec(root, results, **kw):
-    fields = dict(model="resnet20", dataset="synthetic10", recipe=get_recipe("step-200"), batch_size=64, seed=0,
-                  epochs=2, data_root=str(root), results=str(results), deterministic=True)
+    fields = dict(
+        model="resnet20",
+        dataset="synthetic10",
+        recipe=get_recipe("step-200"),
+        batch_size=64,
+        seed=0,
+        epochs=2,
+        data_root=str(root),
+        results=str(results),
+        deterministic=True,
+    )
     return RunSpec(**{**fields, **kw})
 
 
@@ -37,8 +49,17 @@ def test_the_compiled_model_computes_the_eager_models_training_and_test_steps():
     compiled = get_resnet("resnet20", 10).to(memory_format=torch.channels_last)
     compiled.apply(init_weights)
     eager, exact = copy.deepcopy(compiled), copy.deepcopy(compiled).double()
-    assert train.compile_for_training(compiled, "default", batch_size=64, precision="32-true",
-                                      device=torch.device("cpu"), memory_format=torch.channels_last) is None
+    assert (
+        compile_for_training(
+            compiled,
+            "default",
+            batch_size=64,
+            precision="32-true",
+            device=torch.device("cpu"),
+            memory_format=torch.channels_last,
+        )
+        is None
+    )
     assert compiled.state_dict().keys() == eager.state_dict().keys()  # no "_orig_mod." prefix
     x = torch.randn(64, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (64,))
@@ -69,7 +90,7 @@ class _Crash(L.Callback):
 
 def test_a_compiled_run_learns_and_resumes_exactly(small_root, tmp_path):
     spec = _spec(small_root, tmp_path / "straight", compile="default")
-    straight = records.read_record(train.fit(spec))
+    straight = records.read_record(fit(spec))
     assert straight["status"] == "completed" and straight["compile"] == "default"
     assert straight["compile_fallback"] is None and straight["run_id"] == spec.run_id
     # Measured on this data after 2 epochs, seeds 0-2: compiled 0.977-0.996, eager 0.988-1.000; chance is 0.10.
@@ -77,8 +98,8 @@ def test_a_compiled_run_learns_and_resumes_exactly(small_root, tmp_path):
 
     resumed_spec = _spec(small_root, tmp_path / "resumed", compile="default")
     with pytest.raises(RuntimeError, match="node lost"):
-        train.fit(resumed_spec, callbacks=[_Crash()])
-    resumed = records.read_record(train.fit(resumed_spec))
+        fit(resumed_spec, callbacks=[_Crash()])
+    resumed = records.read_record(fit(resumed_spec))
     assert resumed["status"] == "completed" and resumed["attempts"] == 2
     for key in ("final_test_acc", "final_test_loss", "test_acc", "train_loss", "lr_curve"):
         assert resumed[key] == straight[key], key
@@ -90,15 +111,38 @@ def test_a_broken_compiler_toolchain_trains_eagerly_and_says_why(small_root, tmp
     env = {**os.environ, "CXX": str(tmp_path / "no-such-c++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     results = tmp_path / "results"
     out = subprocess.run(
-        [sys.executable, "-m", "cifarbench", "run", "--model", "resnet20", "--dataset", "synthetic10",
-         "--opt", "step-200", "--batch-size", "64", "--epochs", "1", "--deterministic", "--compile",
-         "--data-root", str(small_root), "--results", str(results)],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "cifarbench",
+            "run",
+            "--model",
+            "resnet20",
+            "--dataset",
+            "synthetic10",
+            "--opt",
+            "step-200",
+            "--batch-size",
+            "64",
+            "--epochs",
+            "1",
+            "--deterministic",
+            "--compile",
+            "--data-root",
+            str(small_root),
+            "--results",
+            str(results),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     spec = _spec(small_root, results, epochs=1, compile="default")
     assert f"[{spec.run_id}] torch.compile failed, training eagerly: " in out.stdout
-    record = records.read_record(records.record_path(results, spec.run_id))
+    record = records.read_record(Layout(results).record(spec.run_id))
     assert record["status"] == "completed" and record["compile"] == "default"
     assert "no-such-c++" in record["compile_fallback"] and "\n" not in record["compile_fallback"]
-    eager = records.read_record(train.fit(_spec(small_root, tmp_path / "eager", epochs=1)))
+    eager = records.read_record(fit(_spec(small_root, tmp_path / "eager", epochs=1)))
     assert record["test_acc"] == eager["test_acc"] and record["train_loss"] == eager["train_loss"]

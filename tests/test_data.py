@@ -7,14 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarbench import data
 from cifarbench.errors import UsageError
+from cifarbench.system import usable_cores
+from cifarbench.train import data
 
 
 def test_synthetic_is_written_in_the_cifar_layout_and_read_by_torchvision(synthetic_root):
     folder = synthetic_root / "synthetic10" / "cifar-10-batches-py"
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta", "MD5SUMS"])
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta", "MD5SUMS"]
+    )
     with open(folder / "data_batch_1", "rb") as fh:
         batch = pickle.load(fh, encoding="latin1")
     assert batch["data"].dtype == np.uint8 and batch["data"].shape == (200, 3072)
@@ -36,12 +38,19 @@ def test_synthetic_classes_differ_in_structure(synthetic_root):
     means = torch.stack([images[labels == c].float().mean(0) for c in range(10)])
     # class means are far apart compared with the spread of one class's mean estimate
     gaps = torch.cdist(means.flatten(1), means.flatten(1))[~torch.eye(10, dtype=torch.bool)]
-    assert gaps.min() > 5 * 40 / (100 ** 0.5)
+    assert gaps.min() > 5 * 40 / (100**0.5)
 
 
 def _loaders(root, loader, batch_size=64):
-    return data.make_loaders(dataset="synthetic10", root=root, loader=loader, batch_size=batch_size, seed=0,
-                             num_workers=0, eval_batch_size=100)
+    return data.make_loaders(
+        dataset="synthetic10",
+        root=root,
+        loader=loader,
+        batch_size=batch_size,
+        seed=0,
+        num_workers=0,
+        eval_batch_size=100,
+    )
 
 
 def test_both_loaders_give_the_same_test_tensors(synthetic_root):
@@ -88,7 +97,11 @@ def _offsets_and_flips(crops: np.ndarray):
         dy = 4 - top + (c[top, left, 0] - 100)
         row_codes = c[top, cols[rows == top], 1].astype(int)
         flipped = len(row_codes) > 1 and row_codes[0] > row_codes[-1]
-        dx = 4 - left + (row_codes.min() - 100) if not flipped else 4 - (31 - cols[rows == top].max()) + (row_codes.min() - 100)
+        dx = (
+            4 - left + (row_codes.min() - 100)
+            if not flipped
+            else 4 - (31 - cols[rows == top].max()) + (row_codes.min() - 100)
+        )
         out.append((int(dy), int(dx), bool(flipped)))
     return np.array(out)
 
@@ -105,8 +118,9 @@ def _check_augmentation_statistics(stats):
 def test_device_augmentation_crop_and_flip_statistics():
     img = torch.from_numpy(_coded_image()).permute(2, 0, 1)
     n = 3000
-    loader = data.DeviceLoader(img.expand(n, -1, -1, -1), torch.zeros(n, dtype=torch.long), num_classes=10,
-                               batch_size=n, train=True)
+    loader = data.DeviceLoader(
+        img.expand(n, -1, -1, -1), torch.zeros(n, dtype=torch.long), num_classes=10, batch_size=n, train=True
+    )
     crops = loader.augment(torch.arange(n), torch.Generator().manual_seed(0))
     assert crops.dtype == torch.uint8 and crops.shape == (n, 3, 32, 32)
     _check_augmentation_statistics(_offsets_and_flips(crops.permute(0, 2, 3, 1).numpy()))
@@ -116,8 +130,9 @@ def test_device_augmentation_crop_and_flip_statistics():
 def test_device_crops_are_exactly_slices_of_the_padded_images(memory_format):
     n = 300
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    loader = data.DeviceLoader(images, torch.zeros(n, dtype=torch.long), num_classes=10, batch_size=64, train=True,
-                               memory_format=memory_format)
+    loader = data.DeviceLoader(
+        images, torch.zeros(n, dtype=torch.long), num_classes=10, batch_size=64, train=True, memory_format=memory_format
+    )
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(2))[:200]
     crops = loader.augment(idx, torch.Generator().manual_seed(3))
     # the same draws, in the order augment makes them
@@ -125,7 +140,9 @@ def test_device_crops_are_exactly_slices_of_the_padded_images(memory_format):
     dy, dx = torch.randint(0, 9, (200,), generator=g), torch.randint(0, 9, (200,), generator=g)
     flip = torch.rand((200,), generator=g) < 0.5
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
-    expected = torch.stack([padded[i, :, a:a + 32, b:b + 32] for i, a, b in zip(idx.tolist(), dy.tolist(), dx.tolist())])
+    expected = torch.stack(
+        [padded[i, :, a : a + 32, b : b + 32] for i, a, b in zip(idx.tolist(), dy.tolist(), dx.tolist())]
+    )
     assert torch.equal(crops, torch.where(flip.view(-1, 1, 1, 1), expected.flip(3), expected))
 
 
@@ -144,8 +161,9 @@ def test_torchvision_augmentation_crop_and_flip_statistics():
 
 def test_device_loader_order_depends_on_seed_and_epoch_only(synthetic_root):
     def first_labels(seed, epoch):
-        train, _ = data.make_loaders(dataset="synthetic10", root=synthetic_root, loader="device", batch_size=64,
-                                     seed=seed)
+        train, _ = data.make_loaders(
+            dataset="synthetic10", root=synthetic_root, loader="device", batch_size=64, seed=seed
+        )
         train.sampler.set_epoch(epoch)
         return next(iter(train))[0]
 
@@ -186,21 +204,37 @@ def test_corrupt_pickle_is_one_clear_error(tmp_path, synthetic_root):
 def test_synthetic_cli(tmp_path, capsys):
     from cifarbench.cli import main
 
-    assert main(["data", "synthetic", "--root", str(tmp_path), "--dataset", "synthetic10", "--train-size", "50",
-                 "--test-size", "20"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synthetic",
+                "--root",
+                str(tmp_path),
+                "--dataset",
+                "synthetic10",
+                "--train-size",
+                "50",
+                "--test-size",
+                "20",
+            ]
+        )
+        == 0
+    )
     assert "synthetic10: 50 train / 20 test" in capsys.readouterr().out
     assert len(data.load_split("synthetic10", tmp_path, train=True)) == 50
     assert main(["data", "synthetic", "--root", str(tmp_path), "--train-size", "0"]) == 2
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert "must be an integer >= 1" in capsys.readouterr().err
 
 
 def test_torchvision_loader_defaults_to_a_worker_per_core_this_process_may_use(synthetic_root):
     allowed = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {min(allowed)})  # as under SLURM: one core of a larger node
-        train, test = data.make_loaders(dataset="synthetic10", root=synthetic_root, loader="torchvision",
-                                        batch_size=64, seed=0)
+        train, test = data.make_loaders(
+            dataset="synthetic10", root=synthetic_root, loader="torchvision", batch_size=64, seed=0
+        )
     finally:
         os.sched_setaffinity(0, allowed)
-    assert data.usable_cores() == len(allowed)
+    assert usable_cores() == len(allowed)
     assert train.num_workers == test.num_workers == 1

@@ -2,9 +2,11 @@
 
 import json
 
-from cifarbench import records, status
 from cifarbench.cli import main
-from cifarbench.grid import load_grid
+from cifarbench.cluster import status
+from cifarbench.config.grid import load_grid
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
 
 
 def _grid(tmp_path, root, seeds="[0, 1]"):
@@ -19,7 +21,7 @@ seeds: {seeds}
 precision: 32-true
 deterministic: true
 root: {root}
-results: {tmp_path / 'results'}
+results: {tmp_path / "results"}
 """)
     return path
 
@@ -36,7 +38,7 @@ def test_local_submit_wait_status_and_resubmit(synthetic_root, tmp_path, capsys)
     assert manifest["executor"] == "local" and len({e["job_id"] for e in manifest["runs"]}) == 1
     specs = list(load_grid(grid).specs)
     for spec in specs:
-        assert records.read_record(records.record_path(results, spec.run_id))["status"] == "completed"
+        assert records.read_record(Layout(results).record(spec.run_id))["status"] == "completed"
 
     assert main(["status", str(results), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -66,8 +68,8 @@ datasets: [synthetic100]
 opts: [cos-200]
 epochs: 1
 batch_sizes: [64]
-root: {tmp_path / 'no-data-here'}
-results: {tmp_path / 'results'}
+root: {tmp_path / "no-data-here"}
+results: {tmp_path / "results"}
 """)
     assert main(["submit", str(grid), "--executor", "local", "--wait"]) == 1
     out = capsys.readouterr().out

@@ -5,14 +5,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarbench.models import MODELS, ShortcutA, UnknownNameError, count_parameters, get_resnet, init_weights
+from cifarbench.errors import UnknownNameError
+from cifarbench.train.models import MODELS, ShortcutA, count_parameters, get_resnet, init_weights
 
 # ../shared/reference/model-facts.md: counts of the published implementations.
 PARAMS = {
-    "resnet20": (269_722, 275_572), "resnet32": (464_154, 470_004), "resnet44": (658_586, 664_436),
-    "resnet56": (853_018, 858_868), "resnet110": (1_727_962, 1_733_812), "resnet1202": (19_421_274, 19_427_124),
-    "resnet18": (11_173_962, 11_220_132), "resnet34": (21_282_122, 21_328_292), "resnet50": (23_520_842, 23_705_252),
-    "resnet101": (42_512_970, 42_697_380), "resnet152": (58_156_618, 58_341_028),
+    "resnet20": (269_722, 275_572),
+    "resnet32": (464_154, 470_004),
+    "resnet44": (658_586, 664_436),
+    "resnet56": (853_018, 858_868),
+    "resnet110": (1_727_962, 1_733_812),
+    "resnet1202": (19_421_274, 19_427_124),
+    "resnet18": (11_173_962, 11_220_132),
+    "resnet34": (21_282_122, 21_328_292),
+    "resnet50": (23_520_842, 23_705_252),
+    "resnet101": (42_512_970, 42_697_380),
+    "resnet152": (58_156_618, 58_341_028),
 }
 LIGHT = ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "resnet50"]
 
@@ -54,8 +62,9 @@ def test_option_a_shortcut_subsamples_and_zero_pads_both_sides():
 @pytest.mark.parametrize("name", ["resnet20", "resnet56"])
 def test_cifar_shortcuts_are_option_a_without_parameters(name):
     model = get_resnet(name, 10)
-    shortcuts = [b.downsample for stage in (model.layer1, model.layer2, model.layer3) for b in stage
-                 if b.downsample is not None]
+    shortcuts = [
+        b.downsample for stage in (model.layer1, model.layer2, model.layer3) for b in stage if b.downsample is not None
+    ]
     assert [type(s) for s in shortcuts] == [ShortcutA, ShortcutA]
     assert all(count_parameters(s) == 0 for s in shortcuts)
     assert not any(isinstance(m, nn.MaxPool2d) for m in model.modules())

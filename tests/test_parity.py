@@ -8,8 +8,9 @@ import statistics
 import pytest
 import torch
 
-from cifarbench import records, train
-from cifarbench.spec import RunSpec, get_recipe
+from cifarbench.config.spec import RunSpec, get_recipe
+from cifarbench.store import records
+from cifarbench.train.fit import fit
 
 SEEDS = range(6)
 # Measured for this setup (resnet20, synthetic10 1000/500, cos-200 over 5 epochs, batch 64, CPU), seeds 0-19 per
@@ -25,11 +26,20 @@ def test_fast_and_baseline_loaders_reach_the_same_accuracy(synthetic_root, tmp_p
     accuracy = {}
     for loader in ("device", "torchvision"):
         for seed in SEEDS:
-            spec = RunSpec(model="resnet20", dataset="synthetic10", recipe=get_recipe("cos-200"), batch_size=64,
-                           seed=seed, epochs=5, loader=loader, deterministic=True, data_root=str(synthetic_root),
-                           results=str(tmp_path))
+            spec = RunSpec(
+                model="resnet20",
+                dataset="synthetic10",
+                recipe=get_recipe("cos-200"),
+                batch_size=64,
+                seed=seed,
+                epochs=5,
+                loader=loader,
+                deterministic=True,
+                data_root=str(synthetic_root),
+                results=str(tmp_path),
+            )
             with contextlib.redirect_stdout(io.StringIO()):
-                record = records.read_record(train.fit(spec, device=torch.device("cpu")))
+                record = records.read_record(fit(spec, device=torch.device("cpu")))
             assert record["status"] == "completed" and record["loader"] == loader
             accuracy.setdefault(loader, []).append(record["final_test_acc"])
     fast, base = (statistics.median(accuracy[k]) for k in ("device", "torchvision"))

@@ -18,10 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from cifarbench import data, records, status, submit, train
 from cifarbench.cli import main
-from cifarbench.grid import load_grid
-from cifarbench.spec import RunSpec
+from cifarbench.cluster import queue, status
+from cifarbench.config.grid import load_grid
+from cifarbench.config.spec import RunSpec
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
+from cifarbench.store.manifests import read_manifests
+from cifarbench.store.progress import read_progress
+from cifarbench.train import data
 
 pytestmark = pytest.mark.slurm
 
@@ -77,6 +82,7 @@ slurm:
 
 # --- talking to SLURM ----------------------------------------------------------------------------------------------
 
+
 def _out(*cmd: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
 
@@ -90,7 +96,7 @@ def _jobs_from(folder, *, queued_only: bool = False) -> set[str]:
     for line in lines:
         job, _, how = line.partition("|")
         if f"{folder}/" in how:
-            jobs.update(submit._expand(job))
+            jobs.update(queue.expand_job_id(job))
     return jobs
 
 
@@ -103,7 +109,7 @@ def _history(job: str) -> list[str]:
 def _ended(job: str) -> list[str] | None:
     """The job's history once its last attempt has ended in sacct (the record is written a moment before)."""
     history = _history(job)
-    return history if history and history[-1] not in submit.ACTIVE_STATES else None
+    return history if history and history[-1] not in queue.ACTIVE_STATES else None
 
 
 def _manifests(results: Path) -> list[dict]:
@@ -126,7 +132,7 @@ class Array:
         return {s.run_id: s for s in status.collect_status(str(self.results), self.specs)}
 
     def record(self, index: int) -> dict | None:
-        return records.read_record(records.record_path(self.results, self.specs[index].run_id))
+        return records.read_record(Layout(self.results).record(self.specs[index].run_id))
 
     def wait(self, what: str, check, timeout: float):
         """Poll ``check()`` every 2 s until it returns something true; fail the test after ``timeout`` seconds."""
@@ -134,8 +140,10 @@ class Array:
         while not (value := check()):
             if time.monotonic() > deadline:
                 queue = _out("squeue", "-h", "-r", "-o", "%i %T %M %R")
-                pytest.fail(f"no {what} after {timeout:.0f} s\n{status.render(list(self.statuses().values()))}\n"
-                            f"squeue:\n{queue}")
+                pytest.fail(
+                    f"no {what} after {timeout:.0f} s\n{status.render(list(self.statuses().values()))}\n"
+                    f"squeue:\n{queue}"
+                )
             time.sleep(2)
         return value
 
@@ -151,8 +159,9 @@ def array(tmp_path_factory):
         with redirect_stdout(out):
             assert main(["submit", str(grid)]) == 0
         [manifest] = _manifests(results)
-        yield Array(grid=grid, results=results, specs=list(load_grid(grid).specs), manifest=manifest,
-                    output=out.getvalue())
+        yield Array(
+            grid=grid, results=results, specs=list(load_grid(grid).specs), manifest=manifest, output=out.getvalue()
+        )
     finally:
         jobs = {r["array_job_id"] for m in _manifests(results) for r in m["runs"]} if results.is_dir() else set()
         if jobs:
@@ -161,18 +170,20 @@ def array(tmp_path_factory):
 
 # --- one array, four parts -----------------------------------------------------------------------------------------
 
+
 def test_a_grid_is_one_sbatch_of_one_array(array):
     assert "4 runs; 0 already completed, 0 pending or running; 4 to submit" in array.output
     assert f"submitted 4 runs (slurm) as job(s) {array.job}\n" in array.output
     entries = array.manifest["runs"]
     assert [e["run_id"] for e in entries] == [s.run_id for s in array.specs]
     assert [(e["job_id"], e["array_job_id"], e["array_index"]) for e in entries] == [
-        (f"{array.job}_{i}", array.job, i) for i in range(4)]
+        (f"{array.job}_{i}", array.job, i) for i in range(4)
+    ]
     tasks = {f"{array.job}_{i}" for i in range(4)}
 
     def accounted() -> list[str]:
         listed = _out("sacct", "-n", "-P", "-X", "-j", array.job, "-o", "JobID,SubmitLine").splitlines()
-        return {j for line in listed for j in submit._expand(line.partition("|")[0])} == tasks and listed
+        return {j for line in listed for j in queue.expand_job_id(line.partition("|")[0])} == tasks and listed
 
     # sacct shows the four tasks as one array from one submission line (one sbatch), and nothing else was
     # ever sbatch'ed from this results folder
@@ -209,15 +220,21 @@ def test_requeued_task_resumes_from_its_checkpoint(array):
     # On a loaded machine the task may also meet its time limit and be requeued by submitit; then it is briefly
     # not RUNNING and `scontrol requeue` is refused: wait for it to run again (bounded) and retry.
     for _ in range(5):
-        array.wait("task 1 running with a checkpoint",
-                   lambda: (train.read_progress(spec) or {}).get("epochs_done", 0) >= 1
-                   and _out("squeue", "-h", "-j", job, "-o", "%T").split() == ["RUNNING"], timeout=240)
+        array.wait(
+            "task 1 running with a checkpoint",
+            lambda: (
+                (read_progress(spec.results, spec.run_id) or {}).get("epochs_done", 0) >= 1
+                and _out("squeue", "-h", "-j", job, "-o", "%T").split() == ["RUNNING"]
+            ),
+            timeout=240,
+        )
         if subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=60).returncode == 0:
             break
     else:
         pytest.fail("scontrol requeue was refused 5 times")
-    record = array.wait("completed record of task 1",
-                        lambda: (r := array.record(1)) and r["status"] == "completed" and r, timeout=360)
+    record = array.wait(
+        "completed record of task 1", lambda: (r := array.record(1)) and r["status"] == "completed" and r, timeout=360
+    )
     assert record["attempts"] >= 2 and record["epochs_done"] == REQUEUED_EPOCHS
     assert len(record["test_acc"]) == REQUEUED_EPOCHS  # the history was resumed, not restarted or repeated
     assert (record["slurm_job_id"], record["slurm_array_task_id"]) == (array.job, "1")
@@ -253,10 +270,13 @@ def test_time_limit_signal_requeues_and_the_run_completes(array):
 
 
 def test_every_run_completes_and_resubmitting_submits_nothing(array, capsys):
-    statuses = array.wait("end of every run", lambda: (s := array.statuses()) and all(
-        r.status in status.ENDED for r in s.values()) and s, timeout=600)
+    statuses = array.wait(
+        "end of every run",
+        lambda: (s := array.statuses()) and all(r.status in status.ENDED for r in s.values()) and s,
+        timeout=600,
+    )
     assert {r.status for r in statuses.values()} == {"completed"}, status.render(list(statuses.values()))
-    latest = submit.read_manifests(array.results)
+    latest = read_manifests(array.results)
     for index, spec in enumerate(array.specs):
         record = array.record(index)
         assert record["status"] == "completed" and record["epochs_done"] == spec.schedule.epochs
@@ -276,20 +296,36 @@ def test_every_run_completes_and_resubmitting_submits_nothing(array, capsys):
 
 # --- bad input never reaches the queue -----------------------------------------------------------------------------
 
-VALID = {"models": "[resnet20]", "datasets": "[synthetic10]", "opts": "[step-160]", "batch_sizes": "[64]",
-         "slurm": "{time: \"00:10:00\", partition: debug}"}
+VALID = {
+    "models": "[resnet20]",
+    "datasets": "[synthetic10]",
+    "opts": "[step-160]",
+    "batch_sizes": "[64]",
+    "slurm": '{time: "00:10:00", partition: debug}',
+}
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"models": "[resnet21]"}, "models[0]: unknown model 'resnet21'"),
-    ({"slurm": "{time: \"00:75:00\"}"}, "slurm.time: '00:75:00' is out of range"),
-    ({"slurm": "{time: 1:00:00}"}, "slurm.time: got the bare number 3600"),
-    ({"slurm": "{partition: 'debug;reboot'}"}, "slurm.partition: 'debug;reboot' contains ';'"),
-    ({"models": "[resnet20"}, "invalid YAML"),
-    ({"seeds": "[]"}, "seeds: must be a non-empty list"),
-    (None, "cannot read the grid file"),
-], ids=["unknown-model", "time-out-of-range", "time-unquoted", "partition-metacharacter", "yaml-syntax",
-        "empty-axis", "missing-file"])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"models": "[resnet21]"}, "models[0]: unknown model 'resnet21'"),
+        ({"slurm": '{time: "00:75:00"}'}, "slurm.time: '00:75:00' is out of range"),
+        ({"slurm": "{time: 1:00:00}"}, "slurm.time: got the bare number 3600"),
+        ({"slurm": "{partition: 'debug;reboot'}"}, "slurm.partition: 'debug;reboot' contains ';'"),
+        ({"models": "[resnet20"}, "invalid YAML"),
+        ({"seeds": "[]"}, "seeds: must be a non-empty list"),
+        (None, "cannot read the grid file"),
+    ],
+    ids=[
+        "unknown-model",
+        "time-out-of-range",
+        "time-unquoted",
+        "partition-metacharacter",
+        "yaml-syntax",
+        "empty-axis",
+        "missing-file",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_submits_nothing(tmp_path, monkeypatch, capsys, change, message):
     monkeypatch.chdir(tmp_path)  # the default results folder, ./results, lands here too
     grid = tmp_path / "grid.yaml"
@@ -305,7 +341,7 @@ def test_bad_input_is_one_line_exit_2_and_submits_nothing(tmp_path, monkeypatch,
 
 
 def test_a_grid_far_beyond_max_array_size_is_chunked_not_refused(tmp_path):
-    limit = submit.max_array_size()
+    limit = queue.max_array_size()
     n = 2 * limit + 100  # three arrays: limit, limit, 100
     grid = tmp_path / "grid.yaml"
     grid.write_text(f"""
@@ -314,8 +350,8 @@ datasets: [synthetic10]
 opts: [step-160]
 batch_sizes: [64]
 seeds: {list(range(n))}
-root: {tmp_path / 'data'}
-results: {tmp_path / 'results'}
+root: {tmp_path / "data"}
+results: {tmp_path / "results"}
 slurm: {{gpus_per_node: 0, cpus_per_task: 1, time: "00:05:00", array_parallelism: 1}}
 """)
     out = io.StringIO()

@@ -9,18 +9,21 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 
-from cifarbench import status, submit
 from cifarbench.cli import main
+from cifarbench.cluster import queue, status, submit
+from cifarbench.config.grid import parse_grid
+from cifarbench.config.resources import Resources
+from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import GridError, UsageError
-from cifarbench.grid import parse_grid
-from cifarbench.spec import Resources, RunSpec, get_recipe
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 
 
 def _specs(n: int) -> list[RunSpec]:
-    return [RunSpec(model="resnet20", dataset="cifar10", recipe=get_recipe("step-160"), batch_size=128, seed=s)
-            for s in range(n)]
+    return [
+        RunSpec(model="resnet20", dataset="cifar10", recipe=get_recipe("step-160"), batch_size=128, seed=s)
+        for s in range(n)
+    ]
 
 
 # --- plan ----------------------------------------------------------------------------------------------------------
@@ -34,24 +37,37 @@ def _plan(**flags):
     states = {s.run_id: state for s, state in zip(specs, PLAN_STATES) if state != "not submitted"}
     p = submit.plan(specs, states, **flags)
     name = dict(zip((s.run_id for s in specs), PLAN_STATES))
-    return {key: [name[s.run_id] for s in getattr(p, key)]
-            for key in ("submit", "skipped_completed", "skipped_active", "skipped_other")}
+    return {
+        key: [name[s.run_id] for s in getattr(p, key)]
+        for key in ("submit", "skipped_completed", "skipped_active", "skipped_other")
+    }
 
 
 def test_plan_skips_completed_and_active_runs():
-    assert _plan() == {"submit": ["failed", "lost", "cancelled", "not submitted"], "skipped_completed": ["completed"],
-                       "skipped_active": ["pending", "running"], "skipped_other": []}
+    assert _plan() == {
+        "submit": ["failed", "lost", "cancelled", "not submitted"],
+        "skipped_completed": ["completed"],
+        "skipped_active": ["pending", "running"],
+        "skipped_other": [],
+    }
 
 
 def test_plan_force_reruns_completed_but_never_active_runs():
-    assert _plan(force=True) == {"submit": ["completed", "failed", "lost", "cancelled", "not submitted"],
-                                 "skipped_completed": [], "skipped_active": ["pending", "running"],
-                                 "skipped_other": []}
+    assert _plan(force=True) == {
+        "submit": ["completed", "failed", "lost", "cancelled", "not submitted"],
+        "skipped_completed": [],
+        "skipped_active": ["pending", "running"],
+        "skipped_other": [],
+    }
 
 
 def test_plan_retry_failed_selects_failed_lost_and_cancelled_only():
-    assert _plan(retry_failed=True) == {"submit": ["failed", "lost", "cancelled"], "skipped_completed": ["completed"],
-                                        "skipped_active": ["pending", "running"], "skipped_other": ["not submitted"]}
+    assert _plan(retry_failed=True) == {
+        "submit": ["failed", "lost", "cancelled"],
+        "skipped_completed": ["completed"],
+        "skipped_active": ["pending", "running"],
+        "skipped_other": ["not submitted"],
+    }
 
 
 def test_plan_keeps_the_grid_order():
@@ -62,8 +78,10 @@ def test_plan_keeps_the_grid_order():
 
 def test_force_and_retry_failed_together_is_a_usage_error(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
-    grid.write_text(f"models: [resnet20]\ndatasets: [cifar10]\nopts: [step-160]\nbatch_sizes: [128]\n"
-                    f"results: {tmp_path / 'results'}\n")
+    grid.write_text(
+        f"models: [resnet20]\ndatasets: [cifar10]\nopts: [step-160]\nbatch_sizes: [128]\n"
+        f"results: {tmp_path / 'results'}\n"
+    )
     assert main(["submit", str(grid), "--force", "--retry-failed"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pick one" in err
@@ -79,9 +97,12 @@ AGES = {"recent": timedelta(seconds=status.GRACE_S - 1), "old": timedelta(second
 
 def _classify(*, record, executor, state, age, alive=None):
     submitted = NOW - AGES[age]
-    rows = {None: None, "old": {"status": "failed", "ended_at": submitted - timedelta(minutes=5)},
-            "fresh": {"status": "failed", "ended_at": submitted + timedelta(seconds=1)},
-            "completed": {"status": "completed", "ended_at": submitted + timedelta(seconds=1)}}
+    rows = {
+        None: None,
+        "old": {"status": "failed", "ended_at": submitted - timedelta(minutes=5)},
+        "fresh": {"status": "failed", "ended_at": submitted + timedelta(seconds=1)},
+        "completed": {"status": "completed", "ended_at": submitted + timedelta(seconds=1)},
+    }
     entry = {"executor": executor, "submitted_at": submitted.isoformat()}
     return status.classify(record=rows[record], entry=entry, job_state=state, alive=alive, now=NOW)
 
@@ -139,10 +160,13 @@ def test_classify_jobs_that_died_without_a_record_are_lost(state):
 def test_classify_grace_window_edges():
     submitted = NOW - timedelta(seconds=status.GRACE_S)
     entry = {"executor": "slurm", "submitted_at": submitted.isoformat()}
-    just_inside = status.classify(record=None, entry=entry, job_state=None, alive=None,
-                                  now=NOW - timedelta(milliseconds=1))
+    just_inside = status.classify(
+        record=None, entry=entry, job_state=None, alive=None, now=NOW - timedelta(milliseconds=1)
+    )
     assert (just_inside, status.classify(record=None, entry=entry, job_state=None, alive=None, now=NOW)) == (
-        "pending", "lost")
+        "pending",
+        "lost",
+    )
 
 
 def test_classify_without_a_manifest_entry():
@@ -153,16 +177,20 @@ def test_classify_without_a_manifest_entry():
 
 # --- sacct's array notation, chunks ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("job, ids", [
-    ("12_[3-5,7%2]", ["12_3", "12_4", "12_5", "12_7"]),
-    ("12_[0-3]", ["12_0", "12_1", "12_2", "12_3"]),
-    ("12_[4]", ["12_4"]),
-    ("12_[1,10-11%1]", ["12_1", "12_10", "12_11"]),
-    ("12_4", ["12_4"]),
-    ("12", ["12"]),
-])
+
+@pytest.mark.parametrize(
+    "job, ids",
+    [
+        ("12_[3-5,7%2]", ["12_3", "12_4", "12_5", "12_7"]),
+        ("12_[0-3]", ["12_0", "12_1", "12_2", "12_3"]),
+        ("12_[4]", ["12_4"]),
+        ("12_[1,10-11%1]", ["12_1", "12_10", "12_11"]),
+        ("12_4", ["12_4"]),
+        ("12", ["12"]),
+    ],
+)
 def test_expand_array_notation(job, ids):
-    assert submit._expand(job) == ids
+    assert queue.expand_job_id(job) == ids
 
 
 def test_chunks():
@@ -173,6 +201,7 @@ def test_chunks():
 
 
 # --- the results folder --------------------------------------------------------------------------------------------
+
 
 def test_results_folder_is_created_and_left_clean(tmp_path):
     folder = tmp_path / "a" / "results"
@@ -203,6 +232,7 @@ def test_results_folder_on_a_full_disk(tmp_path):
 
 # --- the sbatch file -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def srun_on_path(tmp_path, monkeypatch):
     """submitit's SlurmExecutor refuses to exist without srun on the PATH. Building the sbatch text never runs it,
@@ -218,8 +248,9 @@ def srun_on_path(tmp_path, monkeypatch):
 def sbatch_text(resources: Resources, folder, runs: int) -> str:
     """The file submitit hands to sbatch for an array of ``runs`` tasks (as SlurmExecutor builds it for a batch)."""
     executor = submit._slurm_executor(resources, folder / "logs" / "%j")._executor
-    return _make_sbatch_string(command="python -u -m submitit.core._submit logs", folder=executor.folder,
-                               map_count=runs, **executor.parameters)
+    return _make_sbatch_string(
+        command="python -u -m submitit.core._submit logs", folder=executor.folder, map_count=runs, **executor.parameters
+    )
 
 
 def sbatch_options(text: str) -> dict[str, str | bool]:
@@ -232,37 +263,72 @@ def sbatch_options(text: str) -> dict[str, str | bool]:
     return options
 
 
-FULL = Resources(partition="gpu", account="proj1", qos="high", gpus_per_node=2, cpus_per_task=8, mem_gb=32,
-                 time="1-02:03:04", constraint="a100&ib", array_parallelism=3, max_requeues=4,
-                 setup=("module load cuda/12.1", "source /opt/venv/bin/activate"),
-                 extra=(("mail-type", "END"), ("mail-user", "me@example.org"), ("exclusive", True),
-                        ("comment", "nightly"), ("nodelist", "node[01-04]")))
+FULL = Resources(
+    partition="gpu",
+    account="proj1",
+    qos="high",
+    gpus_per_node=2,
+    cpus_per_task=8,
+    mem_gb=32,
+    time="1-02:03:04",
+    constraint="a100&ib",
+    array_parallelism=3,
+    max_requeues=4,
+    setup=("module load cuda/12.1", "source /opt/venv/bin/activate"),
+    extra=(
+        ("mail-type", "END"),
+        ("mail-user", "me@example.org"),
+        ("exclusive", True),
+        ("comment", "nightly"),
+        ("nodelist", "node[01-04]"),
+    ),
+)
 
 
 def test_sbatch_for_every_resource(tmp_path, srun_on_path):
     text = sbatch_text(FULL, tmp_path, runs=10)
     options = sbatch_options(text)
     assert options == {
-        "array": "0-9%3", "signal": f"USR2@{submit.SIGNAL_DELAY_S}", "time": str(26 * 60 + 3 + 1),
-        "gpus-per-node": "2", "cpus-per-task": "8", "mem": "32GB", "nodes": "1", "ntasks-per-node": "1",
-        "partition": "gpu", "account": "proj1", "qos": "high", "constraint": "'a100&ib'",
-        "mail-type": "END", "mail-user": "me@example.org", "exclusive": True, "comment": "nightly",
-        "nodelist": "'node[01-04]'", "job-name": "cifarbench", "wckey": "submitit", "open-mode": "append",
-        "output": f"{tmp_path}/logs/%A_%a/%A_%a_0_log.out", "error": f"{tmp_path}/logs/%A_%a/%A_%a_0_log.err",
+        "array": "0-9%3",
+        "signal": f"USR2@{submit.SIGNAL_DELAY_S}",
+        "time": str(26 * 60 + 3 + 1),
+        "gpus-per-node": "2",
+        "cpus-per-task": "8",
+        "mem": "32GB",
+        "nodes": "1",
+        "ntasks-per-node": "1",
+        "partition": "gpu",
+        "account": "proj1",
+        "qos": "high",
+        "constraint": "'a100&ib'",
+        "mail-type": "END",
+        "mail-user": "me@example.org",
+        "exclusive": True,
+        "comment": "nightly",
+        "nodelist": "'node[01-04]'",
+        "job-name": "cifarbench",
+        "wckey": "submitit",
+        "open-mode": "append",
+        "output": f"{tmp_path}/logs/%A_%a/%A_%a_0_log.out",
+        "error": f"{tmp_path}/logs/%A_%a/%A_%a_0_log.err",
     }
     lines = text.splitlines()
     setup = lines.index("# setup")
-    assert lines[setup + 1:setup + 3] == ["module load cuda/12.1", "source /opt/venv/bin/activate"]
+    assert lines[setup + 1 : setup + 3] == ["module load cuda/12.1", "source /opt/venv/bin/activate"]
     assert next(i for i, line in enumerate(lines) if line.startswith("srun ")) > setup + 2
 
 
 def test_sbatch_with_default_resources(tmp_path, srun_on_path):
     options = sbatch_options(sbatch_text(Resources(), tmp_path, runs=40))
     assert (options["array"], options["time"], options["gpus-per-node"], options["cpus-per-task"]) == (
-        "0-39%16", "240", "1", "4")
+        "0-39%16",
+        "240",
+        "1",
+        "4",
+    )
     assert not {"partition", "account", "qos", "constraint", "mem", "exclusive"} & set(options)
     lines = sbatch_text(Resources(), tmp_path, runs=40).splitlines()
-    assert not any(lines[lines.index("# setup") + 1:lines.index("# command")])  # no setup lines
+    assert not any(lines[lines.index("# setup") + 1 : lines.index("# command")])  # no setup lines
 
 
 @pytest.mark.parametrize("runs, parallelism, array", [(2, 16, "0-1%2"), (16, 16, "0-15%16"), (1000, 2, "0-999%2")])
@@ -277,25 +343,36 @@ def test_sbatch_time_is_rounded_up_to_whole_minutes(tmp_path, srun_on_path, time
 
 
 def test_sbatch_from_a_grid_file(tmp_path, srun_on_path):
-    grid = parse_grid("models: [resnet20]\ndatasets: [cifar10]\nopts: [step-160]\nbatch_sizes: [128]\n"
-                      "slurm:\n  partition: gpu\n  time: \"00:30:00\"\n  constraint: a100|h100\n"
-                      "  setup: [\"export OMP_NUM_THREADS=1\"]\n  extra: {reservation: bench, exclusive: true}\n")
+    grid = parse_grid(
+        "models: [resnet20]\ndatasets: [cifar10]\nopts: [step-160]\nbatch_sizes: [128]\n"
+        'slurm:\n  partition: gpu\n  time: "00:30:00"\n  constraint: a100|h100\n'
+        '  setup: ["export OMP_NUM_THREADS=1"]\n  extra: {reservation: bench, exclusive: true}\n'
+    )
     text = sbatch_text(grid.resources, tmp_path, runs=len(grid.specs) + 1)
     options = sbatch_options(text)
     assert (options["partition"], options["time"], options["constraint"], options["reservation"]) == (
-        "gpu", "30", "'a100|h100'", "bench")
+        "gpu",
+        "30",
+        "'a100|h100'",
+        "bench",
+    )
     assert options["exclusive"] is True and "\nexport OMP_NUM_THREADS=1\n" in text
 
 
-@pytest.mark.parametrize("slurm, where", [
-    ("{partition: 'gpu;reboot'}", "slurm.partition: 'gpu;reboot' contains ';'"),
-    ("{qos: 'high$(reboot)'}", "slurm.qos: 'high$(reboot)' contains '$()'"),
-    ("{setup: [\"module load cuda\\nreboot\"]}", "slurm.setup: 'module load cuda\\nreboot' contains '\\n'"),
-    ("{extra: {comment: 'a`reboot`'}}", "slurm.extra.comment: 'a`reboot`' contains '`'"),
-    ("{extra: {wrap: reboot}}", "slurm.extra: unknown sbatch option 'wrap'"),
-])
+@pytest.mark.parametrize(
+    "slurm, where",
+    [
+        ("{partition: 'gpu;reboot'}", "slurm.partition: 'gpu;reboot' contains ';'"),
+        ("{qos: 'high$(reboot)'}", "slurm.qos: 'high$(reboot)' contains '$()'"),
+        ('{setup: ["module load cuda\\nreboot"]}', "slurm.setup: 'module load cuda\\nreboot' contains '\\n'"),
+        ("{extra: {comment: 'a`reboot`'}}", "slurm.extra.comment: 'a`reboot`' contains '`'"),
+        ("{extra: {wrap: reboot}}", "slurm.extra: unknown sbatch option 'wrap'"),
+    ],
+)
 def test_shell_metacharacters_never_reach_sbatch(slurm, where):
     with pytest.raises(GridError) as info:
-        parse_grid(f"models: [resnet20]\ndatasets: [cifar10]\nopts: [step-160]\nbatch_sizes: [128]\nslurm: {slurm}\n",
-                   source="g.yaml")
+        parse_grid(
+            f"models: [resnet20]\ndatasets: [cifar10]\nopts: [step-160]\nbatch_sizes: [128]\nslurm: {slurm}\n",
+            source="g.yaml",
+        )
     assert str(info.value).startswith(f"g.yaml: {where}")

@@ -3,21 +3,34 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cifarbench import records, train
 from cifarbench.cli import main
-from cifarbench.spec import RunSpec, get_recipe
+from cifarbench.config.spec import RunSpec, get_recipe
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
+from cifarbench.store.locks import run_lock
+from cifarbench.train.fit import fit
+from cifarbench.train.module import CheckpointMismatch
 
 
 def _spec(root, results, **kw):
-    fields = dict(model="resnet20", dataset="synthetic10", recipe=get_recipe("step-200"), batch_size=64, seed=0,
-                  epochs=2, data_root=str(root), results=str(results), deterministic=True)
+    fields = dict(
+        model="resnet20",
+        dataset="synthetic10",
+        recipe=get_recipe("step-200"),
+        batch_size=64,
+        seed=0,
+        epochs=2,
+        data_root=str(root),
+        results=str(results),
+        deterministic=True,
+    )
     return RunSpec(**{**fields, **kw})
 
 
 def test_two_epoch_run_writes_a_valid_record_far_above_chance(synthetic_root, tmp_path):
     spec = _spec(synthetic_root, tmp_path)
-    path = train.fit(spec)
-    assert path == records.record_path(tmp_path, spec.run_id)
+    path = fit(spec)
+    assert path == Layout(tmp_path).record(spec.run_id)
     table = pq.read_table(path)
     assert records.is_record_schema(table.schema) and table.schema.names == records.SCHEMA.names
     assert table.cast(records.SCHEMA).schema.equals(records.SCHEMA)
@@ -40,7 +53,7 @@ def test_two_epoch_run_writes_a_valid_record_far_above_chance(synthetic_root, tm
 
 def test_hundred_class_run_records_top5(synthetic_root, tmp_path):
     spec = _spec(synthetic_root, tmp_path, dataset="synthetic100", epochs=1, recipe=get_recipe("cos-200"))
-    r = records.read_record(train.fit(spec))
+    r = records.read_record(fit(spec))
     assert r["status"] == "completed" and r["num_classes"] == 100
     assert 0 <= r["final_test_acc"] <= r["final_test_top5"] <= 1 and len(r["test_top5"]) == 1
 
@@ -55,14 +68,14 @@ class _Crash(L.Callback):
 
 
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_root, tmp_path):
-    straight = records.read_record(train.fit(_spec(synthetic_root, tmp_path / "a", epochs=3)))
+    straight = records.read_record(fit(_spec(synthetic_root, tmp_path / "a", epochs=3)))
     spec = _spec(synthetic_root, tmp_path / "b", epochs=3)
     with pytest.raises(RuntimeError, match="node lost"):
-        train.fit(spec, callbacks=[_Crash(after_epoch=1)])
-    failed = records.read_record(records.record_path(spec.results, spec.run_id))
+        fit(spec, callbacks=[_Crash(after_epoch=1)])
+    failed = records.read_record(Layout(spec.results).record(spec.run_id))
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: node lost"
     assert failed["epochs_done"] == 2 and "node lost" in failed["traceback"]
-    resumed = records.read_record(train.fit(spec))
+    resumed = records.read_record(fit(spec))
     assert resumed["status"] == "completed" and resumed["attempts"] == 2 and resumed["epochs_done"] == 3
     for key in ("final_test_acc", "final_test_loss", "final_train_loss", "test_acc", "train_loss", "lr_curve"):
         assert resumed[key] == straight[key], key
@@ -70,20 +83,39 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_root
 
 def test_checkpoint_of_another_run_is_refused(synthetic_root, tmp_path):
     other = _spec(synthetic_root, tmp_path, seed=1, epochs=1)
-    train.fit(other)
+    fit(other)
     spec = _spec(synthetic_root, tmp_path, epochs=1)
-    folder = records.run_dir(tmp_path, spec.run_id)
+    folder = Layout(tmp_path).run_dir(spec.run_id)
     folder.mkdir(parents=True)
-    (records.run_dir(tmp_path, other.run_id) / "last.ckpt").rename(folder / "last.ckpt")
-    with pytest.raises(train.CheckpointMismatch, match=f"belongs to run '{other.run_id}'"):
-        train.fit(spec)
-    assert records.read_record(records.record_path(tmp_path, spec.run_id))["status"] == "failed"
+    (Layout(tmp_path).run_dir(other.run_id) / "last.ckpt").rename(folder / "last.ckpt")
+    with pytest.raises(CheckpointMismatch, match=f"belongs to run '{other.run_id}'"):
+        fit(spec)
+    assert records.read_record(Layout(tmp_path).record(spec.run_id))["status"] == "failed"
 
 
 def test_run_command_prints_the_record_path(synthetic_root, tmp_path, capsys):
-    code = main(["run", "--model", "resnet20", "--dataset", "synthetic10", "--opt", "cos-200", "--batch-size", "128",
-                 "--seed", "3", "--epochs", "1", "--data-root", str(synthetic_root), "--results", str(tmp_path),
-                 "--no-verify"])
+    code = main(
+        [
+            "run",
+            "--model",
+            "resnet20",
+            "--dataset",
+            "synthetic10",
+            "--opt",
+            "cos-200",
+            "--batch-size",
+            "128",
+            "--seed",
+            "3",
+            "--epochs",
+            "1",
+            "--data-root",
+            str(synthetic_root),
+            "--results",
+            str(tmp_path),
+            "--no-verify",
+        ]
+    )
     assert code == 0
     path = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("record: ")
     r = records.read_record(path)
@@ -91,13 +123,26 @@ def test_run_command_prints_the_record_path(synthetic_root, tmp_path, capsys):
 
 
 def test_run_command_user_errors_are_one_line(tmp_path, capsys):
-    args = ["run", "--model", "resnet20", "--dataset", "cifar10", "--opt", "step-200", "--batch-size", "64",
-            "--data-root", str(tmp_path / "nowhere"), "--results", str(tmp_path / "results")]
+    args = [
+        "run",
+        "--model",
+        "resnet20",
+        "--dataset",
+        "cifar10",
+        "--opt",
+        "step-200",
+        "--batch-size",
+        "64",
+        "--data-root",
+        str(tmp_path / "nowhere"),
+        "--results",
+        str(tmp_path / "results"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "dataset cifar10 not found" in err and "cifarbench data download" in err
     assert main(args[:-4] + ["--batch-size", "0"]) == 2
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert "must be an integer >= 1" in capsys.readouterr().err
     assert main(["run", "--model", "resnet21", "--dataset", "cifar10", "--opt", "step-200", "--batch-size", "8"]) == 2
     assert "unknown model 'resnet21'" in capsys.readouterr().err
 
@@ -105,16 +150,16 @@ def test_run_command_user_errors_are_one_line(tmp_path, capsys):
 def test_a_duplicate_job_waits_for_the_first_and_then_does_nothing(synthetic_root, tmp_path):
     import threading
 
-    from cifarbench import job
+    from cifarbench.train import job
 
     spec = _spec(synthetic_root, tmp_path, epochs=1)
     result = []
     duplicate = threading.Thread(target=lambda: result.append(job.run_one(spec)))
-    with records.run_lock(tmp_path, spec.run_id):  # the "first job" holds the run
+    with run_lock(tmp_path, spec.run_id):  # the "first job" holds the run
         duplicate.start()
         duplicate.join(timeout=1)
-        assert duplicate.is_alive() and not records.record_path(tmp_path, spec.run_id).exists()
-        first = train.fit(spec)  # the first job trains while the duplicate waits
+        assert duplicate.is_alive() and not Layout(tmp_path).record(spec.run_id).exists()
+        first = fit(spec)  # the first job trains while the duplicate waits
     duplicate.join(timeout=60)
     assert not duplicate.is_alive() and result == [str(first)]
     assert records.read_record(first)["attempts"] == 1
@@ -122,11 +167,11 @@ def test_a_duplicate_job_waits_for_the_first_and_then_does_nothing(synthetic_roo
 
 def test_a_failing_duplicate_never_replaces_a_completed_record(synthetic_root, tmp_path):
     spec = _spec(synthetic_root, tmp_path, epochs=1)
-    train.fit(spec)
-    (records.run_dir(tmp_path, spec.run_id) / "last.ckpt").unlink()
+    fit(spec)
+    (Layout(tmp_path).run_dir(spec.run_id) / "last.ckpt").unlink()
     with pytest.raises(RuntimeError, match="node lost"):
-        train.fit(spec, callbacks=[_Crash(after_epoch=0)])
-    assert records.read_record(records.record_path(tmp_path, spec.run_id))["status"] == "completed"
+        fit(spec, callbacks=[_Crash(after_epoch=0)])
+    assert records.read_record(Layout(tmp_path).record(spec.run_id))["status"] == "completed"
 
 
 def test_an_unwritable_results_folder_fails_loudly_in_the_job(synthetic_root, tmp_path, capsys):
@@ -135,6 +180,6 @@ def test_an_unwritable_results_folder_fails_loudly_in_the_job(synthetic_root, tm
     (results / "runs").write_text("not a folder")  # nothing can be written below it, even by root
     spec = _spec(synthetic_root, results, epochs=1)
     with pytest.raises(OSError):
-        train.fit(spec)
+        fit(spec)
     err = capsys.readouterr().err
     assert f"[{spec.run_id}] cannot write the failed record to {results}" in err

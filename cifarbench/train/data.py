@@ -9,17 +9,19 @@ torchvision's built-in checksums.
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torchvision import datasets as tvd
 from torchvision import transforms
 
+from cifarbench.config.spec import DATASETS
 from cifarbench.errors import UsageError
+from cifarbench.system import usable_cores
 
 MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4867, 0.4408)}
 STD = {10: (0.2023, 0.1994, 0.2010), 100: (0.2675, 0.2565, 0.2761)}
@@ -32,7 +34,7 @@ class DataError(UsageError):
 
 @dataclass(frozen=True)
 class _Layout:
-    reader: type  # torchvision.datasets.CIFAR10 or CIFAR100
+    reader: type[tvd.CIFAR10]  # torchvision.datasets.CIFAR10 or CIFAR100 (a subclass of it)
     subdir: str  # folder under --root that holds reader.base_folder
     num_classes: int
 
@@ -41,11 +43,10 @@ class _Layout:
         return bool(self.subdir)
 
 
+# a synthetic dataset lives in a folder of its own name under the root, in the layout of the real one
 LAYOUTS = {
-    "cifar10": _Layout(tvd.CIFAR10, "", 10),
-    "cifar100": _Layout(tvd.CIFAR100, "", 100),
-    "synthetic10": _Layout(tvd.CIFAR10, "synthetic10", 10),
-    "synthetic100": _Layout(tvd.CIFAR100, "synthetic100", 100),
+    name: _Layout(tvd.CIFAR10 if d.num_classes == 10 else tvd.CIFAR100, name if d.synthetic else "", d.num_classes)
+    for name, d in DATASETS.items()
 }
 
 
@@ -65,14 +66,18 @@ def _expected_md5(dataset: str, root: str | Path) -> dict[str, str]:
         sums = _folder(dataset, root) / "MD5SUMS"
         if not sums.is_file():
             raise DataError(f"{sums} is missing: re-create the data with `cifarbench data synthetic --root {root}`")
-        return dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip())
+        # each line is '<md5> <name>'; a list pair (not reversed()'s iterator) is what dict()'s stub accepts
+        return dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
     r = layout.reader
     return {**dict(r.train_list + r.test_list), r.meta["filename"]: r.meta["md5"]}
 
 
 def _missing_message(dataset: str, root: str | Path) -> str:
-    fix = (f"cifarbench data synthetic --root {root}" if LAYOUTS[dataset].synthetic
-           else f"cifarbench data download --root {root} --dataset {dataset}")
+    fix = (
+        f"cifarbench data synthetic --root {root}"
+        if LAYOUTS[dataset].synthetic
+        else f"cifarbench data download --root {root} --dataset {dataset}"
+    )
     return f"dataset {dataset} not found in {Path(root).resolve()} (looked for {_folder(dataset, root)}); run `{fix}`"
 
 
@@ -88,8 +93,10 @@ def check_dataset(dataset: str, root: str | Path, *, verify: bool = True) -> boo
         return False
     for name, md5 in _expected_md5(dataset, root).items():
         if _md5(folder / name) != md5:
-            raise DataError(f"checksum mismatch for {folder / name}: re-download it, or pass --no-verify "
-                            "(`verify: false` in a grid) to accept a copy in the same layout")
+            raise DataError(
+                f"checksum mismatch for {folder / name}: re-download it, or pass --no-verify "
+                "(`verify: false` in a grid) to accept a copy in the same layout"
+            )
     return True
 
 
@@ -106,13 +113,18 @@ def load_split(dataset: str, root: str | Path, *, train: bool, transform=None) -
     layout = LAYOUTS[dataset]
     # Files are checked by check_dataset; this subclass only stops torchvision from re-hashing them with its own
     # (real-CIFAR) checksums, which would reject synthetic and re-encoded copies.
-    reader = type(layout.reader.__name__, (layout.reader,), {"_check_integrity": lambda self: True,
-                                                             "meta": {**layout.reader.meta, "md5": None}})
+    reader = type(
+        layout.reader.__name__,
+        (layout.reader,),
+        {"_check_integrity": lambda self: True, "meta": {**layout.reader.meta, "md5": None}},
+    )
     try:
         return reader(str(Path(root) / layout.subdir), train=train, transform=transform)
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise DataError(f"cannot read {dataset} in {_folder(dataset, root)}: corrupt file ({type(exc).__name__}: "
-                        f"{exc}); re-create or re-download it") from None
+        raise DataError(
+            f"cannot read {dataset} in {_folder(dataset, root)}: corrupt file ({type(exc).__name__}: "
+            f"{exc}); re-create or re-download it"
+        ) from None
     except FileNotFoundError:
         raise DataError(_missing_message(dataset, root)) from None
 
@@ -135,8 +147,10 @@ def download(dataset: str, root: str | Path) -> None:
 
 # --- synthetic data -------------------------------------------------------------------------------------------
 
-def _synthetic_images(num_classes: int, labels: np.ndarray, rng: np.random.Generator,
-                      templates: np.ndarray) -> np.ndarray:
+
+def _synthetic_images(
+    num_classes: int, labels: np.ndarray, rng: np.random.Generator, templates: np.ndarray
+) -> np.ndarray:
     """Class template (a smooth colour pattern) + per-image brightness/contrast jitter + pixel noise."""
     n = len(labels)
     contrast = rng.uniform(0.6, 1.2, size=(n, 1, 1, 1)).astype(np.float32)
@@ -152,8 +166,9 @@ def _templates(num_classes: int, rng: np.random.Generator) -> np.ndarray:
     return (20 * smooth / smooth.std(dim=(1, 2, 3), keepdim=True)).numpy()
 
 
-def write_synthetic(dataset: str, root: str | Path, *, train_size: int = 50_000, test_size: int = 10_000,
-                    seed: int = 0) -> Path:
+def write_synthetic(
+    dataset: str, root: str | Path, *, train_size: int = 50_000, test_size: int = 10_000, seed: int = 0
+) -> Path:
     """Write a deterministic, learnable synthetic dataset in the exact CIFAR on-disk layout."""
     layout = LAYOUTS[dataset]
     if not layout.synthetic:
@@ -175,8 +190,13 @@ def write_synthetic(dataset: str, root: str | Path, *, train_size: int = 50_000,
         names = [f"synthetic_{label}_{i:06d}.png" for i in range(size)]
         if k == 10:
             return {"batch_label": label, "labels": labels.tolist(), "data": data, "filenames": names}
-        return {"batch_label": label, "fine_labels": labels.tolist(), "coarse_labels": (labels // 5).tolist(),
-                "data": data, "filenames": names}
+        return {
+            "batch_label": label,
+            "fine_labels": labels.tolist(),
+            "coarse_labels": (labels // 5).tolist(),
+            "data": data,
+            "filenames": names,
+        }
 
     r = layout.reader
     train_files = [name for name, _ in r.train_list]
@@ -184,9 +204,11 @@ def write_synthetic(dataset: str, root: str | Path, *, train_size: int = 50_000,
     contents = {name: batch(size, f"training batch {i + 1}") for i, (name, size) in enumerate(zip(train_files, sizes))}
     contents[r.test_list[0][0]] = batch(test_size, "testing batch")
     names = [f"class_{c:03d}" for c in range(k)]
-    contents[r.meta["filename"]] = ({"label_names": names, "num_cases_per_batch": sizes[0], "num_vis": 3072}
-                                    if k == 10 else
-                                    {"fine_label_names": names, "coarse_label_names": names[: k // 5]})
+    contents[r.meta["filename"]] = (
+        {"label_names": names, "num_cases_per_batch": sizes[0], "num_vis": 3072}
+        if k == 10
+        else {"fine_label_names": names, "coarse_label_names": names[: k // 5]}
+    )
     for name, obj in contents.items():
         with open(folder / name, "wb") as fh:
             pickle.dump(obj, fh, protocol=2)
@@ -196,6 +218,7 @@ def write_synthetic(dataset: str, root: str | Path, *, train_size: int = 50_000,
 
 # --- loaders ---------------------------------------------------------------------------------------------------
 
+
 class DeviceLoader:
     """A whole split held as one uint8 tensor on the training device, batched with tensor ops.
 
@@ -204,9 +227,18 @@ class DeviceLoader:
     Lightning calls ``sampler.set_epoch`` before each epoch (as for a DistributedSampler), which is how a resumed
     run draws exactly the batches it would have drawn."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, num_classes: int, batch_size: int,
-                 train: bool, seed: int = 0, device: torch.device | str = "cpu",
-                 memory_format: torch.memory_format = torch.contiguous_format):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        num_classes: int,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ):
         self.device = torch.device(device)
         self.train, self.batch_size, self.seed, self.epoch = train, batch_size, seed, 0
         self.memory_format = memory_format
@@ -218,8 +250,12 @@ class DeviceLoader:
         self.images = images.contiguous(memory_format=memory_format)
         # Per-pixel copies in the batches' memory format: broadcasting a (1, 3, 1, 1) tensor over a channels_last
         # batch runs 7x slower on CPU (an innermost dimension of 3) than broadcasting these over the batch only.
-        self.mean, self.std = ((torch.tensor(v[num_classes], device=self.device).view(1, 3, 1, 1) * 255)
-                               .expand(1, 3, 32, 32).contiguous(memory_format=memory_format) for v in (MEAN, STD))
+        self.mean, self.std = (
+            (torch.tensor(v[num_classes], device=self.device).view(1, 3, 1, 1) * 255)
+            .expand(1, 3, 32, 32)
+            .contiguous(memory_format=memory_format)
+            for v in (MEAN, STD)
+        )
         self.sampler = self
         self.batch_sampler = None  # Lightning inspects both, DataLoader-style
         if train:
@@ -256,13 +292,16 @@ class DeviceLoader:
         n = len(self.labels)
         if not self.train:
             for start in range(0, n, self.batch_size):
-                yield self._normalise(self.images[start:start + self.batch_size]), self.labels[start:start + self.batch_size]
+                yield (
+                    self._normalise(self.images[start : start + self.batch_size]),
+                    self.labels[start : start + self.batch_size],
+                )
             return
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(n, device=self.device, generator=generator)
         for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             yield self._normalise(self.augment(idx, generator)), self.labels[idx]
 
 
@@ -286,29 +325,51 @@ def _crop_runs(padded: torch.Tensor, *, channels_last: bool) -> tuple[torch.Tens
 def torchvision_transforms(num_classes: int, *, train: bool) -> transforms.Compose:
     """The per-image PIL pipeline of the usual CIFAR recipe (the baseline loader)."""
     steps = [transforms.RandomCrop(32, padding=PAD), transforms.RandomHorizontalFlip()] if train else []
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(MEAN[num_classes], STD[num_classes])])
+    return transforms.Compose(
+        steps + [transforms.ToTensor(), transforms.Normalize(MEAN[num_classes], STD[num_classes])]
+    )
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: under SLURM often far fewer than the node's ``os.cpu_count()``."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def make_loaders(*, dataset: str, root: str | Path, loader: str, batch_size: int, seed: int,
-                 device: torch.device | str = "cpu", num_workers: int | None = None,
-                 memory_format: torch.memory_format = torch.contiguous_format, eval_batch_size: int = 1000):
+def make_loaders(
+    *,
+    dataset: str,
+    root: str | Path,
+    loader: str,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    num_workers: int | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    eval_batch_size: int = 1000,
+):
     """(train, test) iterables of normalised batches for ``loader`` = "device" or "torchvision"."""
     k = LAYOUTS[dataset].num_classes
     if loader == "device":
-        train = DeviceLoader(*load_arrays(dataset, root, train=True), num_classes=k, batch_size=batch_size,
-                             train=True, seed=seed, device=device, memory_format=memory_format)
-        test = DeviceLoader(*load_arrays(dataset, root, train=False), num_classes=k,
-                            batch_size=eval_batch_size, train=False, device=device, memory_format=memory_format)
+        train = DeviceLoader(
+            *load_arrays(dataset, root, train=True),
+            num_classes=k,
+            batch_size=batch_size,
+            train=True,
+            seed=seed,
+            device=device,
+            memory_format=memory_format,
+        )
+        test = DeviceLoader(
+            *load_arrays(dataset, root, train=False),
+            num_classes=k,
+            batch_size=eval_batch_size,
+            train=False,
+            device=device,
+            memory_format=memory_format,
+        )
         return train, test
     workers = usable_cores() if num_workers is None else num_workers
-    common = dict(num_workers=workers, pin_memory=torch.device(device).type == "cuda",
-                  persistent_workers=workers > 0)
+    common: dict[str, Any] = dict(
+        num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0
+    )
     train_ds = load_split(dataset, root, train=True, transform=torchvision_transforms(k, train=True))
     test_ds = load_split(dataset, root, train=False, transform=torchvision_transforms(k, train=False))
-    return (torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, **common),
-            torch.utils.data.DataLoader(test_ds, batch_size=eval_batch_size, **common))
+    return (
+        torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, **common),
+        torch.utils.data.DataLoader(test_ds, batch_size=eval_batch_size, **common),
+    )

@@ -13,7 +13,7 @@ _AS_ACCURACY = {"final_test_acc": lambda v: v, "test_error": lambda v: 1 - v}
 
 def load_published() -> pd.DataFrame:
     """published.csv with an ``ref_acc`` column (accuracy, whatever the published metric)."""
-    with resources.files("cifarbench").joinpath("reference/published.csv").open(encoding="utf-8") as fh:
+    with resources.files("cifarbench.report").joinpath("published.csv").open(encoding="utf-8") as fh:
         ref = pd.read_csv(fh)
     unknown = set(ref.metric) - set(_AS_ACCURACY)
     if unknown:
@@ -34,7 +34,8 @@ def match(cells: pd.DataFrame, published: pd.DataFrame, source: str | None = Non
     also compared where it publishes a single figure for the (dataset, model) pair; ``exact`` is then False
     and the footnote must say how the protocols differ."""
     ref = published[published.source == (source or DEFAULT_SOURCE)].rename(
-        columns={"recipe": "ref_recipe", "batch_size": "ref_batch_size", "epochs": "ref_epochs"})
+        columns={"recipe": "ref_recipe", "batch_size": "ref_batch_size", "epochs": "ref_epochs"}
+    )
     m = cells.reset_index(drop=True).rename_axis("cell").reset_index().merge(ref, on=["dataset", "model"])
     m["exact"] = (m.recipe == m.ref_recipe) & (m.batch_size == m.ref_batch_size) & (m.epochs == m.ref_epochs)
     by_cell = m.groupby("cell").exact

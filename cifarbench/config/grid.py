@@ -9,18 +9,29 @@ is submitted; each problem is one line, ``<file>: <where>: <what is wrong and wh
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from cifarbench.errors import GridError
-from cifarbench.models import MODELS, UnknownNameError, check_name
-from cifarbench.spec import (COMPILE_MODES, DATASETS, LOADERS, PRECISIONS, RECIPES, SCHEDULES, Recipe, Resources,
-                             RunSpec)
+from cifarbench.config.resources import Resources
+from cifarbench.config.spec import (
+    ARCHS,
+    COMPILE_MODES,
+    DATASETS,
+    LOADERS,
+    MAX_SEED,
+    PRECISIONS,
+    RECIPES,
+    SCHEDULES,
+    Recipe,
+    RunSpec,
+)
+from cifarbench.errors import GridError, UnknownNameError, check_int, check_name, did_you_mean
 
 AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
 # per run: an include entry may override them
@@ -32,7 +43,6 @@ SLURM_KEYS = tuple(f.name for f in dataclasses.fields(Resources))
 # set, and a schedule of more than 10000 epochs is not a CIFAR recipe.
 MAX_BATCH_SIZE = 50_000
 MAX_EPOCHS = 10_000
-MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,9 +110,7 @@ def _keys(value, valid, where: str) -> dict:
         raise _Problem(where, f"must be a mapping of keys to values, got {value!r}")
     for key in value:
         if key not in valid:
-            close = difflib.get_close_matches(str(key), valid, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise _Problem(where, f"unknown key {key!r}{hint}; valid keys: {', '.join(valid)}")
+            raise _Problem(where, f"unknown key {key!r}{did_you_mean(key, valid)}; valid keys: {', '.join(valid)}")
     return value
 
 
@@ -116,11 +124,10 @@ def _name(value, valid, what: str, where: str) -> str:
 
 
 def _int(value, where: str, lo: int, hi: int, why: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Problem(where, f"must be an integer, got {value!r}")
-    if not lo <= value <= hi:
-        raise _Problem(where, f"must be between {lo} and {hi}{why}, got {value}")
-    return value
+    try:
+        return check_int(value, where, lo, hi, why)
+    except ValueError as e:
+        raise _Problem(where, str(e).removeprefix(f"{where}: ")) from None
 
 
 def _number(value, where: str, lo: float, *, above: bool = False) -> float:
@@ -147,8 +154,9 @@ def _compile(value, where: str) -> str | None:
     if value is True:
         return "default"
     if not isinstance(value, str):
-        raise _Problem(where, f"must be true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}), "
-                              f"got {value!r}")
+        raise _Problem(
+            where, f"must be true, false or a torch.compile mode ({', '.join(COMPILE_MODES)}), got {value!r}"
+        )
     return _name(value, COMPILE_MODES, "compile mode", where)
 
 
@@ -186,7 +194,7 @@ def _recipe(value, where: str, known: dict[str, Recipe]) -> Recipe:
     name = value["name"]
     if not isinstance(name, str) or not name or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
         raise _Problem(f"{where}.name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
-    fields = {"name": name, "epochs": _int(value["epochs"], f"{where}.epochs", 1, MAX_EPOCHS)}
+    fields: dict[str, Any] = {"name": name, "epochs": _int(value["epochs"], f"{where}.epochs", 1, MAX_EPOCHS)}
     fields["schedule"] = _name(value["schedule"], SCHEDULES, "schedule", f"{where}.schedule")
     for key, lo, above in (("lr", 0, True), ("momentum", 0, False), ("weight_decay", 0, False), ("gamma", 0, True)):
         if key in value:
@@ -228,17 +236,18 @@ def _grid(raw, source: str) -> Grid:
         raise _Problem("top level", f"missing {', '.join(missing)}; a grid needs models, datasets, opts, batch_sizes")
     raw = {**raw, "seeds": raw.get("seeds", [0])}
     known: dict[str, Recipe] = {}
-    check = {
-        "models": lambda v, w: _name(v, MODELS, "model", w),
+    check: dict[str, Callable[[Any, str], Any]] = {
+        "models": lambda v, w: _name(v, ARCHS, "model", w),
         "datasets": lambda v, w: _name(v, DATASETS, "dataset", w),
         "opts": lambda v, w: _recipe(v, w, known),
         "batch_sizes": lambda v, w: _int(v, w, 1, MAX_BATCH_SIZE, " (the CIFAR training set has 50000 images)"),
         "seeds": lambda v, w: _int(v, w, 0, MAX_SEED),
     }
     axes = {key: [check[key](v, f"{key}[{i}]") for i, v in enumerate(_list(raw, key))] for key in raw if key in AXES}
-    defaults = _run_options(raw, "", {"epochs": None, "precision": "auto", "loader": "device", "deterministic": False,
-                                      "compile": None})
-    shared = {
+    defaults = _run_options(
+        raw, "", {"epochs": None, "precision": "auto", "loader": "device", "deterministic": False, "compile": None}
+    )
+    shared: dict[str, Any] = {
         "data_root": _path(raw.get("root", "data"), "root"),
         "verify": _bool(raw.get("verify", True), "verify"),
         "results": _path(raw.get("results", "results"), "results"),
@@ -255,7 +264,7 @@ def _grid(raw, source: str) -> Grid:
             if key in entry and (isinstance(entry[key], bool) or entry[key] not in present):
                 raise _Problem(f"{where}.{key}", f"{entry[key]!r} is not in this grid's {axis}: {present}")
 
-    runs = []
+    runs: list[tuple[dict[str, Any], str]] = []
     for combo in itertools.product(*axes.values()):
         run = {AXES[axis]: v for axis, v in zip(axes, combo)}
         if not any(_matches(run, entry) for entry in excludes):
@@ -273,7 +282,7 @@ def _grid(raw, source: str) -> Grid:
             run[key] = check[axis](entry[key], f"{where}.{key}") if key in entry else axes[axis][0]
         runs.append((run, where))
 
-    specs = {}
+    specs: dict[str, RunSpec] = {}
     for run, where in runs:
         recipe, epochs = run.pop("opt"), run.pop("epochs")
         if epochs == recipe.epochs:  # the same run as no override: keep the same run id
@@ -291,8 +300,11 @@ def _grid(raw, source: str) -> Grid:
 def _resources(raw) -> Resources:
     _keys(raw, SLURM_KEYS, "slurm")
     if isinstance(raw.get("time"), (int, float)) and not isinstance(raw["time"], bool):
-        raise _Problem("slurm.time", f"got the bare number {raw['time']!r}; YAML 1.1 reads an unquoted 1:00:00 as "
-                                     f"the base-60 integer 3600, so quote it, e.g. time: \"01:00:00\"")
+        raise _Problem(
+            "slurm.time",
+            f"got the bare number {raw['time']!r}; YAML 1.1 reads an unquoted 1:00:00 as "
+            f'the base-60 integer 3600, so quote it, e.g. time: "01:00:00"',
+        )
     fields = dict(raw)
     if "extra" in fields:
         if not isinstance(fields["extra"], dict):

@@ -2,8 +2,11 @@
 
 SLURM signals the job (``--signal=USR2@...``) before its time limit or on preemption; submitit's handler calls
 ``checkpoint`` and requeues the job. Training state is already on disk (``last.ckpt`` after every epoch), so the
-requeued job simply calls the same run again and ``train.fit`` resumes from it. Lightning's own SLURM
-auto-requeue is switched off so that only submitit handles the signal.
+requeued job simply calls the same run again and ``fit`` resumes from it. Lightning's own SLURM auto-requeue is
+switched off so that only submitit handles the signal.
+
+Importing this module does not import torch: ``cifarbench.cluster.submit`` names these classes to pickle them,
+and only a job that runs pays for the training stack.
 """
 
 from __future__ import annotations
@@ -11,20 +14,25 @@ from __future__ import annotations
 import os
 
 import submitit
-import torch
-from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-from cifarbench import records, train
-from cifarbench.spec import RunSpec
+from cifarbench.config.spec import RunSpec
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
+from cifarbench.store.locks import run_lock
 
 
 def completed_record(spec: RunSpec) -> dict | None:
-    record = records.read_record(records.record_path(spec.results, spec.run_id))
+    record = records.read_record(Layout(spec.results).record(spec.run_id))
     return record if record and record["status"] == "completed" else None
 
 
 def run_one(spec: RunSpec) -> str:
     """Train ``spec`` unless it already has a completed record (duplicate submissions then cost nothing)."""
+    import torch
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from cifarbench.train.fit import fit
+
     def waiting():
         print(f"[{spec.run_id}] another job is running this run; waiting for it", flush=True)
 
@@ -32,12 +40,12 @@ def run_one(spec: RunSpec) -> str:
     # every attempt of a run, and a rerun elsewhere with the same resources, computes the same numbers.
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
-    with records.run_lock(spec.results, spec.run_id, on_wait=waiting):
+    with run_lock(spec.results, spec.run_id, on_wait=waiting):
         if completed_record(spec):
             print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
-            return str(records.record_path(spec.results, spec.run_id))
+            return str(Layout(spec.results).record(spec.run_id))
         plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
-        return str(train.fit(spec, plugins=plugins))
+        return str(fit(spec, plugins=plugins))
 
 
 class RunJob(submitit.helpers.Checkpointable):

@@ -1,23 +1,17 @@
-"""Records -> tables: aggregate the runs that ``scan.read_records`` found over seeds, render Markdown.
-
-``collect`` is the I/O edge; everything it calls here (dedupe, select, summarize, tables, render) is pure and
-works on DataFrames.
-"""
+"""Records -> tables, all pure functions of DataFrames: dedupe, select, aggregate over seeds, pivot, render
+Markdown. ``cifarbench.report.collect`` reads and writes the files around them."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cifarbench import reference, scan
-from cifarbench.errors import UsageError
+from cifarbench.errors import UsageError, check_name
 
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
 # split by one of them only where the cell (recipe, batch size, ...) does not already decide it.
@@ -39,19 +33,13 @@ def to_frame(table: pa.Table) -> pd.DataFrame:
 
 def dedupe(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """One row per run id, the latest completed record (else the latest one); returns (kept, dropped)."""
-    order = runs.assign(_done=runs.status.eq("completed")).sort_values(
-        ["_done", "ended_at"], ascending=False, na_position="last", kind="stable").drop(columns="_done")
+    order = (
+        runs.assign(_done=runs.status.eq("completed"))
+        .sort_values(["_done", "ended_at"], ascending=False, na_position="last", kind="stable")
+        .drop(columns="_done")
+    )
     first = ~order.run_id.duplicated()
     return order[first].sort_index(), order[~first]
-
-
-def known(name: str, valid, what: str) -> str:
-    valid = list(valid)
-    if name in valid:
-        return name
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise UsageError(f"unknown {what} {name!r}{hint}; valid: {', '.join(valid)}")
 
 
 def parse_where(items) -> dict[str, list[str]]:
@@ -61,8 +49,9 @@ def parse_where(items) -> dict[str, list[str]]:
         key, eq, value = item.partition("=")
         if not eq:
             raise UsageError(f"--where {item!r}: write key=value, e.g. --where dataset=cifar100")
-        where.setdefault(known(key.strip(), (*CONFIG, "seed", "status", "run_id"), "--where key"), []).append(
-            value.strip())
+        where.setdefault(check_name(key.strip(), (*CONFIG, "seed", "status", "run_id"), "--where key"), []).append(
+            value.strip()
+        )
     return where
 
 
@@ -87,8 +76,13 @@ def model_depth(name: str) -> int:
 
 
 def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:
-    return df.sort_values(list(keys), key=lambda c: c.map(lambda m: (model_depth(m), m)) if c.name == "model" else c,
-                          kind="stable") if keys else df
+    return (
+        df.sort_values(
+            list(keys), key=lambda c: c.map(lambda m: (model_depth(m), m)) if c.name == "model" else c, kind="stable"
+        )
+        if keys
+        else df
+    )
 
 
 def summarize(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
@@ -121,7 +115,7 @@ def _group_keys(summary: pd.DataFrame, cell: list[str], always) -> list[str]:
 
 
 def title(keys: dict) -> str:
-    """"step-200 bs=64", "ResNet56 CIFAR100": the notebook's headings, then any other key=value."""
+    """ "step-200 bs=64", "ResNet56 CIFAR100": the notebook's headings, then any other key=value."""
     keys = dict(keys)
     parts = [str(keys.pop("model")).replace("resnet", "ResNet")] if "model" in keys else []
     parts += [str(keys.pop("dataset")).upper()] if "dataset" in keys else []
@@ -139,7 +133,7 @@ def cell_text(mean: float, std: float, n: int, n_failed: int, decimals: int) -> 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+    line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, body)])
 
 
@@ -161,11 +155,13 @@ def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always
     for group, cells in groups:
         if cells.empty:
             continue
-        label = lambda r, ks: " ".join(str(r[k]) for k in ks)  # noqa: E731
+        label = lambda r, ks: " ".join(str(r[k]) for k in ks)
         row_labels = list(dict.fromkeys(label(r, rows) for _, r in _sorted(cells, rows).iterrows()))
         col_labels = list(dict.fromkeys(label(r, cols) for _, r in _sorted(cells, cols).iterrows()))
-        text = {(label(r, rows), label(r, cols)): cell_text(r[f"{value}_mean"], r[f"{value}_std"], r.n, r.n_failed, d)
-                for _, r in cells.iterrows()}
+        text = {
+            (label(r, rows), label(r, cols)): cell_text(r[f"{value}_mean"], r[f"{value}_std"], r.n, r.n_failed, d)
+            for _, r in cells.iterrows()
+        }
         header = [corner or f"{' '.join(cols)} / {' '.join(rows)}", *col_labels]
         body = [[rl, *(text.get((rl, cl), "–") for cl in col_labels)] for rl in row_labels]
         fixed = dict(zip(keys, group if isinstance(group, tuple) else (group,)))  # shared by every cell
@@ -177,12 +173,27 @@ def default_tables(summary: pd.DataFrame, value: str = "final_test_acc") -> list
     """The notebook's two kinds: model x dataset per (recipe, batch size), rounded to 2 decimals, and
     recipe x batch size per (model, dataset) run with more than one of either, rounded to 4."""
     wide = 2 if value.endswith("acc") else None
-    sweeps = [t for t in tables(summary, ["recipe"], ["batch_size"], value=value, always=("model", "dataset"),
-                                corner="bs / opt") if len(t.cells) > 1]
+    sweeps = [
+        t
+        for t in tables(
+            summary, ["recipe"], ["batch_size"], value=value, always=("model", "dataset"), corner="bs / opt"
+        )
+        if len(t.cells) > 1
+    ]
     covered = {i for t in sweeps for i in t.cells.index}
-    grids = [t for t in tables(summary, ["model"], ["dataset"], value=value, decimals=wide,
-                               always=("recipe", "batch_size"), corner="ds/model")
-             if len(t.cells) > 1 or not covered.issuperset(t.cells.index)]
+    grids = [
+        t
+        for t in tables(
+            summary,
+            ["model"],
+            ["dataset"],
+            value=value,
+            decimals=wide,
+            always=("recipe", "batch_size"),
+            corner="ds/model",
+        )
+        if len(t.cells) > 1 or not covered.issuperset(t.cells.index)
+    ]
     return grids + sweeps
 
 
@@ -196,8 +207,15 @@ def comparison(table: Table, matches: pd.DataFrame) -> str:
             note += f" (a different protocol: {m.ref_recipe}, batch size {m.ref_batch_size}, {m.ref_epochs} epochs)"
         k = notes.setdefault(note, len(notes) + 1)
         ours = cell_text(m.final_test_acc_mean, m.final_test_acc_std, m.n, m.n_failed, 4)
-        body.append([*(str(m[c]) for c in table.rows + table.cols), ours, f"{m.best_test_acc_mean:.4f}",
-                     f"{m.ref_acc:.4f} [{k}]", f"{m.final_test_acc_mean - m.ref_acc:+.4f}"])
+        body.append(
+            [
+                *(str(m[c]) for c in table.rows + table.cols),
+                ours,
+                f"{m.best_test_acc_mean:.4f}",
+                f"{m.ref_acc:.4f} [{k}]",
+                f"{m.final_test_acc_mean - m.ref_acc:+.4f}",
+            ]
+        )
     header = [*table.rows, *table.cols, "final acc", "best-epoch acc†", "published", "Δ final − published"]
     foot = [f"[{k}] {note}" for note, k in notes.items()]
     foot.append("† best epoch chosen on the test set (optimistic); the cells above are final-epoch accuracy.")
@@ -215,23 +233,25 @@ def _describe(r) -> str:
     return f"`{r.run_id}` ({r.model} {r.dataset} {r.recipe} bs={r.batch_size} seed={r.seed}{compiled})"
 
 
-def incomplete(runs: pd.DataFrame, known_ids: set, no_record: list[str], unreadable: list[str], expected=None,
-               limit: int = 50) -> list[str]:
+def incomplete(
+    runs: pd.DataFrame, known_ids: set, no_record: list[str], unreadable: list[str], expected=None, limit: int = 50
+) -> list[str]:
     """Markdown lines listing failed runs (with their error), runs that asked for torch.compile but trained eagerly
     (with the reason), runs without a record or with an unreadable one and, given the grid's run specs, runs
     never submitted."""
     specs, lost = {s.run_id: s for s in expected or ()}, set(no_record)
-    desc = lambda s: f"{s.model} {s.dataset} {s.recipe.name} bs={s.batch_size} seed={s.seed}"  # noqa: E731
+    desc = lambda s: f"{s.model} {s.dataset} {s.recipe.name} bs={s.batch_size} seed={s.seed}"
     failed, fell_back = runs[runs.status.ne("completed")], runs[runs.compile_fallback.notna()]
     kinds = {
         "failed": [f"{_describe(r)}: {_first_line(r.error)}" for r in failed.itertuples()],
-        "trained eagerly, torch.compile failed": [f"{_describe(r)}: {_first_line(r.compile_fallback)}"
-                                                  for r in fell_back.itertuples()],
-        "no record (still running, or lost)": [f"`{i}`" + (f" ({desc(specs[i])})" if i in specs else "")
-                                               for i in no_record if i not in known_ids],
+        "trained eagerly, torch.compile failed": [
+            f"{_describe(r)}: {_first_line(r.compile_fallback)}" for r in fell_back.itertuples()
+        ],
+        "no record (still running, or lost)": [
+            f"`{i}`" + (f" ({desc(specs[i])})" if i in specs else "") for i in no_record if i not in known_ids
+        ],
         "unreadable record (see the warning)": [f"`{i}`" for i in unreadable if i not in known_ids],
-        "never submitted": [f"`{i}` ({desc(s)})" for i, s in specs.items()
-                            if i not in known_ids and i not in lost],
+        "never submitted": [f"`{i}` ({desc(s)})" for i, s in specs.items() if i not in known_ids and i not in lost],
     }
     lines = []
     for kind, items in kinds.items():
@@ -242,89 +262,20 @@ def incomplete(runs: pd.DataFrame, known_ids: set, no_record: list[str], unreada
 
 def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing: list[str], value: str) -> str:
     done = int(runs.status.eq("completed").sum())
-    what = {"final_test_acc": "final-epoch test accuracy", "best_test_acc": "best-epoch test accuracy (chosen on "
-            "the test set)", "images_per_s": "training images/s", "train_minutes": "training minutes"}[value]
-    out = ["# cifarbench results", "",
-           f"{len(runs)} runs: {done} completed, {len(runs) - done} failed. Cells: {what}; "
-           "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs."]
+    what = {
+        "final_test_acc": "final-epoch test accuracy",
+        "best_test_acc": "best-epoch test accuracy (chosen on the test set)",
+        "images_per_s": "training images/s",
+        "train_minutes": "training minutes",
+    }[value]
+    out = [
+        "# cifarbench results",
+        "",
+        f"{len(runs)} runs: {done} completed, {len(runs) - done} failed. Cells: {what}; "
+        "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs.",
+    ]
     for t, m in zip(tabs, matches):
         out += ["", f"## {t.title}", "", t.markdown]
         out += ["", comparison(t, m)] if m is not None and len(m) else []
     out += ["", "## Missing, failed and lost runs", ""] + (missing or ["None: every run has a completed record."])
     return "\n".join(out) + "\n"
-
-
-@dataclass(frozen=True)
-class Report:
-    markdown: str
-    warnings: list[str]  # one line each, for stderr
-    written: list[Path]
-
-
-def collect(results, *, out=None, rows=(), cols=(), value="final_test_acc", where=(), source=None,
-            expected=None, plots=True) -> Report:
-    """Read the records under ``results``, write tables.md, summary.csv, runs.parquet (and plots) to ``out``."""
-    root = Path(results)
-    if not root.is_dir():
-        why = "is not a folder" if root.exists() else "does not exist"
-        raise UsageError(f"{root} {why}; give the results folder that holds runs/<run_id>/record.parquet")
-    known(value, VALUES, "--value")
-    for key in (*rows, *cols):
-        known(key, CONFIG, "table field")
-    published = reference.load_published()
-    if source is not None:
-        known(source, reference.sources(published), "--reference source")
-    filters = parse_where(where)
-    folder = Path(out) if out is not None else root
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out {folder} is not a folder; give a folder")
-
-    found = scan.read_records(root, scan.load_runs(folder / "runs.parquet", root))
-    warnings = [f"warning: skipped {len(paths)} {why}: {', '.join(paths[:10])}"
-                + (f" and {len(paths) - 10} more" if len(paths) > 10 else "") for why, paths in found.skipped.items()]
-    all_runs, dropped = dedupe(to_frame(found.table.drop_columns("test_acc")))
-    if len(dropped):
-        ids = sorted(set(dropped.run_id))
-        warnings.append(f"note: ignored {len(dropped)} duplicate records of {len(ids)} runs (kept the latest "
-                        f"completed record of each): {', '.join(ids[:10])}" + (" …" if len(ids) > 10 else ""))
-    if all_runs.empty and not found.no_record and not expected:
-        skipped = sum(map(len, found.skipped.values()))
-        raise UsageError(f"{root}: no cifarbench records found (looked for runs/<run_id>/record.parquet"
-                         + (f"; skipped {skipped} other Parquet files)" if skipped else ")"))
-
-    runs = select(all_runs, filters)
-    fell_back = sorted(runs.run_id[runs.compile_fallback.notna()])
-    if fell_back:
-        warnings.append(f"note: {len(fell_back)} runs asked for torch.compile but trained eagerly (see the report): "
-                        f"{', '.join(fell_back[:10])}" + (" …" if len(fell_back) > 10 else ""))
-    summary, config = summarize(runs)
-    if rows or cols:
-        rows, cols = rows or ["model"], cols or ["dataset"]
-        titled = [k for k in ("model", "dataset", "recipe", "batch_size") if k not in (*rows, *cols)]
-        tabs = tables(summary, rows, cols, value=value, always=titled)
-    else:
-        tabs = default_tables(summary, value)
-    matches = [reference.match(t.cells[t.cells.n > 0], published, source) if value == "final_test_acc" else None
-               for t in tabs]
-    unreadable = [Path(p).parent.name for p in found.skipped.get(scan.UNREADABLE, ())
-                  if Path(p).name == "record.parquet" and Path(p).parent.parent.name == "runs"]
-    missing = incomplete(runs, set(all_runs.run_id), found.no_record, unreadable, expected)
-    markdown = render(runs, tabs, matches, missing, value)
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tables.md").write_text(markdown, encoding="utf-8")
-    summary.to_csv(folder / "summary.csv", index=False)
-    table = found.table
-    if plots:  # curves: read from the records' columns once, then kept in runs.parquet
-        table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
-    if found.changed or table is not found.table or not (folder / "runs.parquet").exists():
-        kept = np.zeros(table.num_rows, bool)
-        kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
-        scan.write_runs(table.filter(kept), folder / "runs.parquet", root)
-    written = [folder / "tables.md", folder / "summary.csv", folder / "runs.parquet"]
-    if plots:
-        from cifarbench.plots import write_plots
-
-        curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
-        written += write_plots(runs.assign(config=config, test_acc=curves), summary, tabs, folder / "plots")
-    return Report(markdown, warnings, written)

@@ -1,7 +1,7 @@
 """Figures of collected runs: test-accuracy curves per table, final accuracy against model size.
 
-Only ``collect`` imports this module, and only when plots are wanted: matplotlib stays out of every other
-command. ``Figure`` is used without pyplot, so there is no global backend or figure state; PNGs go
+Only ``cifarbench.report.collect`` imports this module, and only when plots are wanted: matplotlib stays out of
+every other command. ``Figure`` is used without pyplot, so there is no global backend or figure state; PNGs go
 through Agg.
 """
 
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cifarbench.collect import CONFIG, Table, model_depth, title
+from cifarbench.report.tables import CONFIG, Table, model_depth, title
 
 
 def write_plots(runs: pd.DataFrame, summary: pd.DataFrame, tabs: list[Table], folder) -> list[Path]:
@@ -54,12 +55,15 @@ def _curves(done: pd.DataFrame, table: Table, folder: Path) -> Path | None:
     fig = Figure(figsize=(1 + 5 * len(panels), 4.5), layout="constrained")
     for ax, panel in zip(fig.subplots(1, len(panels), sharey=True, squeeze=False)[0], panels):
         for line in lines:
-            curves = [np.asarray(c, float) for c in runs.test_acc[(panel_of == panel) & (line_of == line)]
-                      if c is not None and len(c)]
+            curves = [
+                np.asarray(c, float)
+                for c in runs.test_acc[(panel_of == panel) & (line_of == line)]
+                if c is not None and len(c)
+            ]
             if not curves:
                 continue
             # A run cut short by a shortened recipe has fewer epochs; the band covers the epochs all share.
-            acc = np.stack([c[:min(map(len, curves))] for c in curves])
+            acc = np.stack([c[: min(map(len, curves))] for c in curves])
             epochs, mean = np.arange(1, acc.shape[1] + 1), acc.mean(axis=0)
             ax.plot(epochs, mean, label=line if len(acc) == 1 else f"{line} (n={len(acc)})", linewidth=1.2)
             if len(acc) > 1:
@@ -87,8 +91,15 @@ def _sizes(summary: pd.DataFrame, folder: Path) -> list[Path]:
             s = s.sort_values("model", key=lambda c: c.map(model_depth))
             label = title(dict(zip(series, key if isinstance(key, tuple) else (key,))))
             for ax, x in ((ax_depth, s.model.map(model_depth)), (ax_params, s.params)):
-                ax.errorbar(x, s.final_test_acc_mean, yerr=s.final_test_acc_std.fillna(0), marker="o",
-                            linestyle="none", capsize=3, label=label)
+                ax.errorbar(
+                    x,
+                    s.final_test_acc_mean,
+                    yerr=s.final_test_acc_std.fillna(0),
+                    marker="o",
+                    linestyle="none",
+                    capsize=3,
+                    label=label,
+                )
                 for xi, yi, name in zip(x, s.final_test_acc_mean, s.model) if i == 0 else ():  # once is enough
                     ax.annotate(name, (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=7)
         depths = sorted(set(group.model.map(model_depth)))
@@ -100,7 +111,8 @@ def _sizes(summary: pd.DataFrame, folder: Path) -> list[Path]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
         fig.suptitle(f"Final test accuracy against model size: {dataset}, {recipe} (mean ± std over seeds)")
-        path = folder / f"size_{_slug(dataset)}_{_slug(recipe)}.png"
+        # groupby keys are typed Hashable; these two columns hold names
+        path = folder / f"size_{_slug(cast(str, dataset))}_{_slug(cast(str, recipe))}.png"
         fig.savefig(path, dpi=100)
         paths.append(path)
     return paths

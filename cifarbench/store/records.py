@@ -1,10 +1,5 @@
-"""The per-run Parquet record: explicit versioned schema, atomic write, tolerant read of a results folder.
-
-Layout under a results folder::
-
-    runs/<run_id>/record.parquet   one row, the run's outcome (completed or failed)
-    runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
-    runs.parquet                   what collect last read: one row per run (see ``cifarbench.scan``)
+"""The per-run Parquet record (``runs/<run_id>/record.parquet``): explicit versioned schema, atomic write,
+tolerant reads of the whole file or of its footer summary alone.
 
 A record (``record/2``) is a one-row Parquet file in SCHEMA. Its schema metadata, stored in the Parquet footer,
 holds two keys: ``cifarbench.schema`` = ``record/2`` says what the file is, and ``cifarbench.summary`` is a
@@ -21,15 +16,16 @@ not know (record/0, or a newer one) is not a record to it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
-import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cifarbench.store import atomic
+from cifarbench.store.layout import Layout
 
 RECORD_VERSION = 2
 SCHEMA_KEY = b"cifarbench.schema"
@@ -108,11 +104,41 @@ SCHEMA = pa.schema(
 
 
 # The summary: the spec, the outcome's scalars, when the run ended and why it failed.
-SUMMARY_FIELDS = ("run_id", "status", "model", "dataset", "recipe", "recipe_epochs", "lr", "momentum",
-                  "weight_decay", "schedule", "milestones", "gamma", "batch_size", "seed", "epochs", "precision",
-                  "loader", "deterministic", "compile", "compile_fallback", "params", "epochs_done",
-                  "final_test_acc", "best_test_acc", "best_epoch", "final_test_top5", "best_test_top5",
-                  "final_train_loss", "final_test_loss", "train_seconds", "images_per_s", "ended_at", "error")
+SUMMARY_FIELDS = (
+    "run_id",
+    "status",
+    "model",
+    "dataset",
+    "recipe",
+    "recipe_epochs",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "milestones",
+    "gamma",
+    "batch_size",
+    "seed",
+    "epochs",
+    "precision",
+    "loader",
+    "deterministic",
+    "compile",
+    "compile_fallback",
+    "params",
+    "epochs_done",
+    "final_test_acc",
+    "best_test_acc",
+    "best_epoch",
+    "final_test_top5",
+    "best_test_top5",
+    "final_train_loss",
+    "final_test_loss",
+    "train_seconds",
+    "images_per_s",
+    "ended_at",
+    "error",
+)
 
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
 # SCHEMA without these columns, and a summary without these keys; a reader fills them in.
@@ -126,15 +152,7 @@ READABLE_TAGS = tuple(tag.decode() for tag in _VERSIONS)
 def record_version(metadata: dict | None) -> int | None:
     """The record version that schema metadata (a Parquet footer's) is tagged with; None when it is not one
     this cifarbench reads."""
-    return _VERSIONS.get((metadata or {}).get(SCHEMA_KEY))
-
-
-def run_dir(results: str | os.PathLike, run_id: str) -> Path:
-    return Path(results) / "runs" / run_id
-
-
-def record_path(results: str | os.PathLike, run_id: str) -> Path:
-    return run_dir(results, run_id) / "record.parquet"
+    return _VERSIONS.get((metadata or {}).get(SCHEMA_KEY, b""))  # b"": no tag, which no version has
 
 
 def to_table(row: dict) -> pa.Table:
@@ -155,56 +173,15 @@ def with_summary(record: pa.Table) -> pa.Table:
     return record.replace_schema_metadata({SCHEMA_KEY: SCHEMA_TAG, SUMMARY_KEY: text.encode()})
 
 
-def atomic_write_table(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write to a unique temporary file beside ``path``, fsync, then rename over it.
-
-    Readers see the old file or the new one, never a partial one; two writers of the same path each write
-    their own temporary file and the last rename wins whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def run_lock(results: str | os.PathLike, run_id: str, *, on_wait=None):
-    """Hold an exclusive lock on a run's folder (``flock``; released by the kernel even on SIGKILL).
-
-    Two jobs of the same run (a grid submitted twice, a retry racing a requeue) then train one after the
-    other: the second finds the first's record, or resumes from its checkpoint if the first died."""
-    folder = Path(results) / "locks"  # not in the run's folder, which keeps only the record and the checkpoint
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{run_id}.lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def write_table(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write a Parquet table atomically (see ``cifarbench.store.atomic``)."""
+    with atomic.replacing(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
 
 
 def write_record(row: dict, results: str | os.PathLike) -> Path:
-    return atomic_write_table(to_table(row), record_path(results, row["run_id"]))
+    return write_table(to_table(row), Layout(results).record(row["run_id"]))
 
 
 def is_record_schema(schema: pa.Schema) -> bool:
@@ -223,3 +200,37 @@ def read_record(path: str | os.PathLike) -> dict | None:
     if version is None or table.num_rows != 1:
         return None
     return {**table.to_pylist()[0], **OLDER.get(version, {})}
+
+
+UNREADABLE = "unreadable Parquet files (corrupt or truncated)"
+MISLABELLED = "files tagged as records whose columns are not the record schema's"
+
+
+def read_summary(path: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """A record's summary from its footer alone (an older record's missing fields as OLDER says), or why the
+    file is not a record (None: not a run at all, such as runs.parquet; nothing to warn about)."""
+    reader = pq.ParquetReader()  # not ParquetFile, whose Python bookkeeping costs a fifth of a footer read
+    try:
+        reader.open(str(path))
+        meta = reader.metadata
+    except (OSError, pa.ArrowException):
+        return None, UNREADABLE
+    finally:
+        reader.close()
+    tag, version = (meta.metadata or {}).get(SCHEMA_KEY), record_version(meta.metadata)
+    if version is not None and meta.num_rows == 1:
+        lacks = OLDER.get(version, {})
+        try:
+            row = json.loads(meta.metadata[SUMMARY_KEY])
+            row["ended_at"] = row["ended_at"] and datetime.fromisoformat(row["ended_at"])
+        except (KeyError, TypeError, ValueError):
+            return None, MISLABELLED
+        ok = row.keys() == set(SUMMARY_FIELDS).difference(lacks) and meta.num_columns == len(SCHEMA) - len(lacks)
+        return ({**lacks, **row}, None) if ok else (None, MISLABELLED)
+    if tag is None:
+        return None, "Parquet files that are not cifarbench records"
+    if version is not None:
+        return None, "files in the record schema that do not hold exactly one run"
+    if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
+        return None, None
+    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {', '.join(READABLE_TAGS)})"

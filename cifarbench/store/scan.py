@@ -6,19 +6,27 @@ A collector over 10,000 records must not open 10,000 files' columns: each record
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cifarbench.records import (OLDER, READABLE_TAGS, SCHEMA, SCHEMA_KEY, SUMMARY_FIELDS, SUMMARY_KEY,
-                                atomic_write_table, record_version)
+from cifarbench.store.layout import RECORD, RUNS, Layout
+from cifarbench.store.records import (
+    MISLABELLED,
+    SCHEMA,
+    SCHEMA_KEY,
+    SUMMARY_FIELDS,
+    read_summary,
+    write_table,
+)
+from cifarbench.system import usable_cores
 
 # runs.parquet, collect's merged output, holds one row per run in RUNS_SCHEMA: the summary, the curve (test_acc;
 # null until plots have needed it, then kept) and the record's path, size, mtime and inode. That key lets a later
@@ -28,11 +36,12 @@ RUNS_TAG = b"runs/1"
 _ROOT_KEY = b"cifarbench.results"
 _FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k in ("size", "mtime_ns", "inode"))]
 RUNS_SCHEMA = pa.schema([*(SCHEMA.field(name) for name in (*SUMMARY_FIELDS, "test_acc")), *_FILE_FIELDS])
-# Arrow releases the GIL while it parses a footer: one thread more than cores keeps the cores busy.
-_WORKERS = len(os.sched_getaffinity(0)) + 1  # the cores this process may use
 _CHUNK = 256
-UNREADABLE = "unreadable Parquet files (corrupt or truncated)"
-_MISLABELLED = "files tagged as records whose columns are not the record schema's"
+
+
+def _workers() -> int:
+    # Arrow releases the GIL while it parses a footer: one thread more than cores keeps the cores busy.
+    return usable_cores() + 1
 
 
 @dataclass(frozen=True)
@@ -43,39 +52,10 @@ class Scan:
     changed: bool  # whether the records differ from the cache's (False: runs.parquet is up to date)
 
 
-def _read_summary(path: str) -> tuple[dict | None, str | None]:
-    """A record's summary from its footer alone, or why the file is not a record (None: not a run, say nothing)."""
-    reader = pq.ParquetReader()  # not ParquetFile, whose Python bookkeeping costs a fifth of a footer read
-    try:
-        reader.open(path)
-        meta = reader.metadata
-    except (OSError, pa.ArrowException):
-        return None, UNREADABLE
-    finally:
-        reader.close()
-    tag, version = (meta.metadata or {}).get(SCHEMA_KEY), record_version(meta.metadata)
-    if version is not None and meta.num_rows == 1:
-        lacks = OLDER.get(version, {})  # an older record: the fields it lacks, as they stand for its run
-        try:
-            row = json.loads(meta.metadata[SUMMARY_KEY])
-            row["ended_at"] = row["ended_at"] and datetime.fromisoformat(row["ended_at"])
-        except (KeyError, TypeError, ValueError):
-            return None, _MISLABELLED
-        ok = row.keys() == set(SUMMARY_FIELDS).difference(lacks) and meta.num_columns == len(SCHEMA) - len(lacks)
-        return ({**lacks, **row}, None) if ok else (None, _MISLABELLED)
-    if tag is None:
-        return None, "Parquet files that are not cifarbench records"
-    if version is not None:
-        return None, "files in the record schema that do not hold exactly one run"
-    if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
-        return None, None
-    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {', '.join(READABLE_TAGS)})"
-
-
 def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table, list[tuple[str, str]]]:
     rows, skipped = [], []
     for rel, size, mtime_ns, inode in files:
-        row, why = _read_summary(os.path.join(results, rel))
+        row, why = read_summary(os.path.join(results, rel))
         if row is not None:
             rows.append({**row, "path": rel, "size": size, "mtime_ns": mtime_ns, "inode": inode})
         elif why:
@@ -84,7 +64,7 @@ def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table, list[tuple
         return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA), skipped
     except (pa.ArrowException, TypeError, ValueError):  # a summary value of the wrong type: find its file
         if len(files) == 1:
-            return RUNS_SCHEMA.empty_table(), [(files[0][0], _MISLABELLED)]
+            return RUNS_SCHEMA.empty_table(), [(files[0][0], MISLABELLED)]
         parts = [_read_chunk(results, [file]) for file in files]
         return pa.concat_tables([t for t, _ in parts]), [s for _, ss in parts for s in ss]
 
@@ -101,18 +81,18 @@ def _walk(results: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
             entries = list(os.scandir(folder))
         except OSError:  # removed, or unreadable, since it was listed
             continue
-        in_runs = os.path.basename(folder) == "runs"
+        in_runs = os.path.basename(folder) == RUNS
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 if not in_runs:
                     folders.append((f"{rel}{entry.name}/", entry.path))
                     continue
                 try:
-                    st = os.stat(os.path.join(entry.path, "record.parquet"))
+                    st = os.stat(os.path.join(entry.path, RECORD))
                 except OSError:
                     no_record.append(entry.name)
                     continue
-                files.append((f"{rel}{entry.name}/record.parquet", st.st_size, st.st_mtime_ns, st.st_ino))
+                files.append((f"{rel}{entry.name}/{RECORD}", st.st_size, st.st_mtime_ns, st.st_ino))
             elif entry.name.endswith(".parquet") and not entry.name.startswith("."):  # ".record.parquet.*.tmp"
                 try:
                     st = entry.stat()
@@ -120,6 +100,16 @@ def _walk(results: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
                     continue
                 files.append((rel + entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
     return sorted(files), sorted(no_record)
+
+
+def _rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """``table.filter(mask)`` from slices: Table.filter's first call initialises pyarrow.compute, which costs
+    more than the whole scan of a cached folder (0.4 s), and the masks here are long runs of True."""
+    if mask.all():
+        return table
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], mask, [False]]).astype(np.int8)))
+    parts = [table.slice(start, stop - start) for start, stop in zip(edges[::2], edges[1::2])]
+    return pa.concat_tables(parts) if parts else table.schema.empty_table()
 
 
 def read_records(results: str | os.PathLike, cache: pa.Table | None = None) -> Scan:
@@ -133,11 +123,11 @@ def read_records(results: str | os.PathLike, cache: pa.Table | None = None) -> S
         current = set(files)
         cached = list(zip(*(cache.column(f.name).to_pylist() for f in _FILE_FIELDS)))
         keep = np.fromiter((key in current for key in cached), bool, len(cached))
-        tables.append(cache.filter(keep))
+        tables.append(_rows(cache, keep))
         gone = not keep.all()
         files = sorted(current.difference(k for k, kept in zip(cached, keep) if kept))
-    chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
-    with ThreadPoolExecutor(_WORKERS) as pool:
+    chunks = [files[i : i + _CHUNK] for i in range(0, len(files), _CHUNK)]
+    with ThreadPoolExecutor(_workers()) as pool:
         parts = list(pool.map(lambda chunk: _read_chunk(results, chunk), chunks))
     skipped: dict[str, list[str]] = {}
     for rel, why in sorted(s for _, ss in parts for s in ss):
@@ -145,6 +135,57 @@ def read_records(results: str | os.PathLike, cache: pa.Table | None = None) -> S
     table = pa.concat_tables([*tables, *(t for t, _ in parts)]) if tables or parts else RUNS_SCHEMA.empty_table()
     changed = gone or any(t.num_rows for t, _ in parts)
     return Scan(table=table.combine_chunks(), skipped=skipped, no_record=no_record, changed=changed)
+
+
+# status reads the footers of the records written since the last scan as plain dicts, without building an Arrow
+# table: the first Arrow array built from Python objects imports pandas (0.4 s), more than status may take.
+# Past this many such footers it writes runs.parquet afresh, so that the next status reads them from there.
+REFRESH_AFTER = 200
+
+
+def _pylist(table: pa.Table, fields: tuple[str, ...]) -> list[dict]:
+    """``table.select(fields).to_pylist()``, but timestamps go through their integers: pyarrow imports pandas
+    to turn a timestamp with a time zone into a datetime."""
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    columns = []
+    for name in fields:
+        column = table.column(name).combine_chunks()
+        if pa.types.is_timestamp(column.type):
+            assert column.type.unit == "us", column.type
+            micros = column.view(pa.int64()).to_pylist()
+            columns.append([None if m is None else epoch + timedelta(microseconds=m) for m in micros])
+        else:
+            columns.append(column.to_pylist())
+    return [dict(zip(fields, values)) for values in zip(*columns)]
+
+
+def summaries(results: str | os.PathLike, fields: tuple[str, ...]) -> dict[str, dict]:
+    """run id -> ``fields`` of its record's summary, for every readable record under ``results``: from
+    runs.parquet where the record is unchanged since the last scan, else from its footer."""
+    results = Path(results)
+    runs_table = Layout(results).runs_table
+    cache = load_runs(runs_table, results)
+    files, _ = _walk(results)
+    current, out = set(files), {}
+    if cache is not None:
+        keys = zip(*(cache.column(f.name).to_pylist() for f in _FILE_FIELDS))
+        rows = _pylist(cache, fields)
+        seen = set()
+        for key, row in zip(keys, rows):
+            if key in current:
+                seen.add(key)
+                out[row["run_id"]] = row
+        files = [f for f in files if f not in seen]
+    if len(files) > REFRESH_AFTER:
+        found = read_records(results, cache)
+        with contextlib.suppress(OSError):  # a folder others only read: no cache, the answer is the same
+            write_runs(found.table, runs_table, results)
+        return {row["run_id"]: row for row in _pylist(found.table, fields)}
+    with ThreadPoolExecutor(_workers()) as pool:
+        for summary, _ in pool.map(lambda f: read_summary(os.path.join(results, f[0])), files):
+            if summary is not None:
+                out[summary["run_id"]] = {key: summary[key] for key in fields}
+    return out
 
 
 def load_runs(path: str | os.PathLike, results: str | os.PathLike) -> pa.Table | None:
@@ -162,7 +203,7 @@ def load_runs(path: str | os.PathLike, results: str | os.PathLike) -> pa.Table |
 
 def write_runs(table: pa.Table, path: str | os.PathLike, results: str | os.PathLike) -> Path:
     meta = {SCHEMA_KEY: RUNS_TAG, _ROOT_KEY: str(Path(results).resolve()).encode()}
-    return atomic_write_table(table.replace_schema_metadata(meta), path)
+    return write_table(table.replace_schema_metadata(meta), path)
 
 
 def _read_curve(path: str) -> pa.Array:
@@ -186,7 +227,7 @@ def with_curves(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
     if not len(rows):
         return table
     paths = [os.path.join(results, rel) for rel in table.column("path").take(rows).to_pylist()]
-    with ThreadPoolExecutor(_WORKERS) as pool:
+    with ThreadPoolExecutor(_workers()) as pool:
         read = pa.concat_arrays(list(pool.map(_read_curve, paths)))
     index = np.arange(len(table))
     index[rows] = len(table) + np.arange(len(rows))  # the curves just read, after the table's own

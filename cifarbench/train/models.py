@@ -9,15 +9,16 @@ Two families, both built by patching torchvision's ``ResNet``:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv
 
-from cifarbench.errors import UnknownNameError, check_name  # noqa: F401 - part of this module's interface
+from cifarbench.config.spec import ARCHS, Arch
+from cifarbench.errors import check_name
 
 
 class ShortcutA(nn.Module):
@@ -62,29 +63,32 @@ def _imagenet_patched(builder: Callable[..., tv.ResNet], *, num_classes: int) ->
     return net
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class ModelInfo:
-    name: str
-    family: str  # "cifar" or "imagenet"
-    depth: int
+    arch: Arch  # the name, family and depth, known without torch
     build: Callable[..., nn.Module]
 
+    @property
+    def name(self) -> str:
+        return self.arch.name
 
-def _registry() -> dict[str, ModelInfo]:
-    models = {}
-    for depth in (20, 32, 44, 56, 110, 1202):
-        models[f"resnet{depth}"] = ModelInfo(
-            name=f"resnet{depth}", family="cifar", depth=depth,
-            build=lambda num_classes, d=depth: _cifar_native(d, num_classes=num_classes))
-    for depth in (18, 34, 50, 101, 152):
-        builder = getattr(tv, f"resnet{depth}")
-        models[f"resnet{depth}"] = ModelInfo(
-            name=f"resnet{depth}", family="imagenet", depth=depth,
-            build=lambda num_classes, b=builder: _imagenet_patched(b, num_classes=num_classes))
-    return dict(sorted(models.items(), key=lambda kv: (kv[1].family != "cifar", kv[1].depth)))
+    @property
+    def family(self) -> str:
+        return self.arch.family
+
+    @property
+    def depth(self) -> int:
+        return self.arch.depth
 
 
-MODELS: dict[str, ModelInfo] = _registry()
+def _builder(arch: Arch) -> Callable[..., nn.Module]:
+    if arch.family == "cifar":
+        return lambda num_classes: _cifar_native(arch.depth, num_classes=num_classes)
+    return lambda num_classes: _imagenet_patched(getattr(tv, arch.name), num_classes=num_classes)
+
+
+# ordered as ARCHS: the CIFAR family first, each family by depth
+MODELS: dict[str, ModelInfo] = {name: ModelInfo(arch, _builder(arch)) for name, arch in ARCHS.items()}
 
 
 def get_resnet(name: str, num_classes: int) -> nn.Module:

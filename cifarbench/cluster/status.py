@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
-from cifarbench import records, submit
-from cifarbench.spec import RunSpec
-from cifarbench.train import read_progress
+from cifarbench.cluster import queue
+from cifarbench.config.spec import RunSpec
+from cifarbench.store import scan
+from cifarbench.store.manifests import read_manifests
+from cifarbench.store.progress import read_progress
 
 ORDER = ("completed", "running", "pending", "failed", "cancelled", "lost", "not submitted")
 ENDED = {"completed", "failed", "cancelled", "lost", "not submitted"}
@@ -36,8 +39,9 @@ class RunStatus:
 GRACE_S = 120
 
 
-def classify(*, record: dict | None, entry: dict | None, job_state: str | None, alive: bool | None,
-             now: datetime | None = None) -> str:
+def classify(
+    *, record: dict | None, entry: dict | None, job_state: str | None, alive: bool | None, now: datetime | None = None
+) -> str:
     """Pure: one run's status from its record, its latest manifest entry and its job's state."""
     if record and record["status"] == "completed":
         return "completed"
@@ -48,48 +52,77 @@ def classify(*, record: dict | None, entry: dict | None, job_state: str | None, 
     if entry["executor"] == "local":
         if alive and not fresh_record:
             return "running" if job_state == "RUNNING" else "pending"
-    elif job_state in submit.ACTIVE_STATES:
-        return "running" if job_state in ("RUNNING", "COMPLETING", "SIGNALING") else "pending"
+    elif job_state in queue.ACTIVE_STATES:
+        return "running" if job_state in queue.RUNNING_STATES else "pending"
     if job_state and job_state.startswith("CANCELLED"):
         return "cancelled"
-    if job_state is None and entry["executor"] == "slurm" and not fresh_record:
-        if ((now or datetime.now(timezone.utc)) - submitted).total_seconds() < GRACE_S:
-            return "pending"
+    waited = ((now or datetime.now(timezone.utc)) - submitted).total_seconds()
+    if job_state is None and entry["executor"] == "slurm" and not fresh_record and waited < GRACE_S:
+        return "pending"
     return "failed" if fresh_record or (record and entry["executor"] == "slurm") else "lost"
 
 
-def collect_status(results: str, specs: list[RunSpec] | None = None) -> list[RunStatus]:
+def _described(spec: dict) -> dict:
+    """The fields of a run that status shows, from its spec as a manifest stores it (``RunSpec.to_dict``)."""
+    recipe = spec["recipe"]
+    return {
+        "model": spec["model"],
+        "dataset": spec["dataset"],
+        "recipe": recipe["name"],
+        "batch_size": spec["batch_size"],
+        "seed": spec["seed"],
+        "epochs": spec.get("epochs") or recipe["epochs"],
+    }
+
+
+def collect_status(results: str | os.PathLike, specs: list[RunSpec] | None = None) -> list[RunStatus]:
     """Every run submitted to ``results`` (and, with ``specs``, every run of a grid, submitted or not)."""
-    entries = submit.read_manifests(results)
-    by_id = {e["run_id"]: RunSpec.from_dict(e["spec"]) for e in entries.values()}
+    entries = read_manifests(results)
+    described = {run_id: _described(e["spec"]) for run_id, e in entries.items()}
     for spec in specs or ():
-        by_id.setdefault(spec.run_id, spec)
+        if spec.run_id not in described:
+            described[spec.run_id] = {
+                "model": spec.model,
+                "dataset": spec.dataset,
+                "recipe": spec.recipe.name,
+                "batch_size": spec.batch_size,
+                "seed": spec.seed,
+                "epochs": spec.schedule.epochs,
+            }
     slurm_jobs = {e["job_id"] for e in entries.values() if e["executor"] == "slurm"}
-    states = submit.slurm_states(slurm_jobs)
-    local_alive = {e["job_id"]: submit.local_alive(e["job_id"]) for e in entries.values() if e["executor"] == "local"}
+    states = queue.slurm_states(slurm_jobs)
+    alive = {e["job_id"]: queue.local_alive(e["job_id"]) for e in entries.values() if e["executor"] == "local"}
+    summaries = scan.summaries(results, ("run_id", "status", "ended_at", "epochs_done", "error"))
     out = []
-    for run_id, spec in by_id.items():
-        record = records.read_record(records.record_path(results, run_id))
+    for run_id, desc in described.items():
+        record = summaries.get(run_id)
         entry = entries.get(run_id)
-        progress = read_progress(RunSpec.from_dict({**spec.to_dict(), "results": str(results)}))
+        progress = None if record else read_progress(results, run_id)
         job_state = None
         if entry and entry["executor"] == "slurm":
             job_state = states.get(entry["job_id"])
         elif entry:
-            job_state = "RUNNING" if local_alive.get(entry["job_id"]) and progress and not record else None
-        status = classify(record=record, entry=entry, job_state=job_state,
-                          alive=local_alive.get(entry["job_id"]) if entry else None)
+            job_state = "RUNNING" if alive.get(entry["job_id"]) and progress else None
+        status = classify(
+            record=record, entry=entry, job_state=job_state, alive=alive.get(entry["job_id"]) if entry else None
+        )
         done = record["epochs_done"] if record else (progress or {}).get("epochs_done")
-        out.append(RunStatus(
-            run_id=run_id, model=spec.model, dataset=spec.dataset, recipe=spec.recipe.name,
-            batch_size=spec.batch_size, seed=spec.seed, status=status, epochs_done=done,
-            epochs=spec.schedule.epochs, job_id=entry["job_id"] if entry else None, slurm_state=job_state,
-            error=record["error"] if record and status == "failed" else None,
-            log=entry["stderr"] if entry and status in ("failed", "lost", "cancelled") else None))
+        out.append(
+            RunStatus(
+                run_id=run_id,
+                **desc,
+                status=status,
+                epochs_done=done,
+                job_id=entry["job_id"] if entry else None,
+                slurm_state=job_state,
+                error=record["error"] if record and status == "failed" else None,
+                log=entry["stderr"] if entry and status in ("failed", "lost", "cancelled") else None,
+            )
+        )
     return out
 
 
-def state_map(results: str, specs: list[RunSpec]) -> dict[str, str]:
+def state_map(results: str | os.PathLike, specs: list[RunSpec]) -> dict[str, str]:
     return {s.run_id: s.status for s in collect_status(results, specs)}
 
 
@@ -115,21 +148,26 @@ def as_json(statuses: list[RunStatus]) -> dict:
     return {"summary": summary(statuses), "runs": [asdict(s) for s in statuses]}
 
 
-def wait(results: str, specs: list[RunSpec], *, interval: float = 2.0, stream=sys.stderr) -> list[RunStatus]:
+def wait(
+    results: str | os.PathLike, specs: list[RunSpec], *, interval: float = 2.0, stream=sys.stderr
+) -> list[RunStatus]:
     """Follow the runs until every one has ended, with a progress line (redrawn in place on a terminal)."""
     interactive = stream.isatty()
     last = None
+    wanted = {sp.run_id for sp in specs}
     while True:
-        statuses = [s for s in collect_status(results, specs) if s.run_id in {sp.run_id for sp in specs}]
+        statuses = [s for s in collect_status(results, specs) if s.run_id in wanted]
         counts = summary(statuses)
         ended = sum(counts.get(k, 0) for k in ENDED)
         epochs_done = sum(s.epochs_done or 0 for s in statuses)
         epochs = sum(s.epochs or 0 for s in statuses)
         width = 30
         bar = "#" * (width * ended // max(len(statuses), 1))
-        line = (f"[{bar:<{width}}] {ended}/{len(statuses)} runs ended  done {counts.get('completed', 0)}  "
-                f"failed {counts.get('failed', 0) + counts.get('lost', 0) + counts.get('cancelled', 0)}  "
-                f"running {counts.get('running', 0)}  epochs {epochs_done}/{epochs}")
+        line = (
+            f"[{bar:<{width}}] {ended}/{len(statuses)} runs ended  done {counts.get('completed', 0)}  "
+            f"failed {counts.get('failed', 0) + counts.get('lost', 0) + counts.get('cancelled', 0)}  "
+            f"running {counts.get('running', 0)}  epochs {epochs_done}/{epochs}"
+        )
         if interactive:
             print("\r" + line, end="", file=stream, flush=True)
         elif line != last:

@@ -1,0 +1,130 @@
+"""What a run asks SLURM for: partition, GPUs, CPUs, memory, time limit, and the checks on each value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cifarbench.errors import check_int, check_name
+
+# sbatch options a grid may add beyond the fields of Resources. An allow-list: any other option either fights
+# one that submitit already writes (--time, --array, --gpus-per-node ...) or changes what the job is (--wrap,
+# --export, --chdir).
+SBATCH_EXTRA = (
+    "comment",
+    "exclude",
+    "exclusive",
+    "hold",
+    "mail-type",
+    "mail-user",
+    "mem-per-gpu",
+    "nodelist",
+    "reservation",
+)
+# Options that have a field of their own; the error names the field to use instead.
+_SBATCH_FIELDS = {
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "time": "time",
+    "gpus-per-node": "gpus_per_node",
+    "gpus": "gpus_per_node",
+    "gres": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "cpus-per-gpu": "cpus_per_task",
+    "mem": "mem_gb",
+    "array": "array_parallelism",
+}
+# Names and option values land on "#SBATCH --key=value" lines: sbatch splits those on whitespace, and a
+# newline would end the comment and start a shell command.
+_UNSAFE = set(";&|$`<>\\'\"() \t\r\n\x00")
+_NEWLINE = set("\r\n\x00")
+TIME_FORMATS = '"MM:SS", "HH:MM:SS" or "D-HH:MM:SS"'
+
+
+def parse_time(text: str) -> int:
+    """Seconds in a SLURM time limit written as "MM:SS", "HH:MM:SS" or "D-HH:MM:SS"."""
+    days, dash, clock = text.partition("-") if "-" in text else ("0", "", text)
+    parts = clock.split(":")
+    digits = [days, *parts]
+    if len(parts) not in ((3,) if dash else (2, 3)) or not all(p.isascii() and p.isdigit() for p in digits):
+        raise ValueError(f"time: {text!r} is not a time limit; write {TIME_FORMATS}")
+    if any(len(p) != 2 for p in parts[1:]):
+        raise ValueError(f"time: {text!r}: minutes and seconds take two digits; write {TIME_FORMATS}")
+    values = [int(p) for p in parts]
+    if any(v >= 60 for v in values[1:]) or (dash and values[0] >= 24):
+        raise ValueError(f"time: {text!r} is out of range: minutes and seconds < 60, hours < 24 after a day count")
+    seconds = int(days) * 86400 + sum(v * 60**i for i, v in enumerate(reversed(values)))
+    if seconds == 0:
+        raise ValueError(f"time: {text!r} is zero; give the job some time")
+    return seconds
+
+
+def _line(value, key: str, bad: set) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{key}: must be a non-empty string, got {value!r}")
+    if bad & set(value):
+        shown = "".join(sorted(bad & set(value)))
+        raise ValueError(f"{key}: {value!r} contains {shown!r}, which is not allowed here")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """What one SLURM array task asks for, and how the array is run. Every run of a grid gets the same.
+
+    Invalid values raise ValueError with a message that starts with the field name (``"time: ..."``)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = 1
+    cpus_per_task: int = 4
+    mem_gb: float | None = None
+    time: str = "04:00:00"
+    constraint: str | None = None
+    array_parallelism: int = 16
+    max_requeues: int = 10
+    setup: tuple[str, ...] = ()  # shell lines run before the job, e.g. "module load cuda"
+    extra: tuple[tuple[str, str | int | bool], ...] = ()  # (sbatch option, value); True: a bare flag
+
+    def __post_init__(self):
+        for key in ("partition", "account", "qos"):
+            if getattr(self, key) is not None:
+                _line(getattr(self, key), key, _UNSAFE)
+        if self.constraint is not None:
+            _line(self.constraint, "constraint", _NEWLINE)  # "a100&ib" and "[rack1|rack2]" are constraint syntax
+        check_int(self.gpus_per_node, "gpus_per_node", 0)
+        check_int(self.cpus_per_task, "cpus_per_task", 1)
+        check_int(self.array_parallelism, "array_parallelism", 1)
+        check_int(self.max_requeues, "max_requeues", 0)
+        if self.mem_gb is not None and (
+            isinstance(self.mem_gb, bool)
+            or not isinstance(self.mem_gb, (int, float))
+            or not 0 < self.mem_gb < float("inf")
+        ):
+            raise ValueError(f"mem_gb: must be a positive number of gigabytes, got {self.mem_gb!r}")
+        if not isinstance(self.time, str):
+            raise ValueError(f'time: must be a string such as "01:00:00", got {self.time!r}')
+        parse_time(self.time)
+        if isinstance(self.setup, str):
+            raise ValueError("setup: must be a list of shell lines, not one string")
+        object.__setattr__(self, "setup", tuple(self.setup))
+        for line in self.setup:
+            _line(line, "setup", _NEWLINE)
+        object.__setattr__(self, "extra", tuple(dict(self.extra).items()))
+        for key, value in self.extra:
+            if key in _SBATCH_FIELDS:
+                raise ValueError(f"extra: {key!r} has its own field; set slurm.{_SBATCH_FIELDS[key]} instead")
+            try:
+                check_name(key, SBATCH_EXTRA, "sbatch option")
+            except ValueError as e:
+                raise ValueError(f"extra: {e}") from None
+            if value is not True and type(value) is not int:
+                _line(value, f"extra.{key}", _UNSAFE)
+        if self.mem_gb is not None and "mem-per-gpu" in dict(self.extra):
+            raise ValueError("extra: mem-per-gpu and mem_gb both set the job's memory; keep one")
+
+    @property
+    def timeout_min(self) -> int:
+        """The time limit in whole minutes (rounded up), as submitit's ``timeout_min`` wants it."""
+        return -(-parse_time(self.time) // 60)

@@ -1,0 +1,1 @@
+"""Records -> tables, published references and plots (pandas, pyarrow, matplotlib; never torch)."""

@@ -1,0 +1,121 @@
+"""``cifarbench collect``: read a results folder (``scan``), make the tables (``tables``), compare with published
+figures (``reference``), write tables.md, summary.csv, runs.parquet and the plots. The I/O edge of the report
+layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cifarbench.errors import UsageError, check_name
+from cifarbench.report import reference
+from cifarbench.report.tables import (
+    CONFIG,
+    VALUES,
+    dedupe,
+    default_tables,
+    incomplete,
+    parse_where,
+    render,
+    select,
+    summarize,
+    tables,
+    to_frame,
+)
+from cifarbench.store import atomic, scan
+from cifarbench.store.layout import Layout
+from cifarbench.store.records import UNREADABLE
+
+
+@dataclass(frozen=True)
+class Report:
+    markdown: str
+    warnings: list[str]  # one line each, for stderr
+    written: list[Path]
+
+
+def collect(
+    results, *, out=None, rows=(), cols=(), value="final_test_acc", where=(), source=None, expected=None, plots=True
+) -> Report:
+    """Read the records under ``results``, write tables.md, summary.csv, runs.parquet (and plots) to ``out``."""
+    root = Path(results)
+    if not root.is_dir():
+        why = "is not a folder" if root.exists() else "does not exist"
+        raise UsageError(f"{root} {why}; give the results folder that holds runs/<run_id>/record.parquet")
+    check_name(value, VALUES, "--value")
+    for key in (*rows, *cols):
+        check_name(key, CONFIG, "table field")
+    published = reference.load_published()
+    if source is not None:
+        check_name(source, reference.sources(published), "--reference source")
+    filters = parse_where(where)
+    folder = Path(out) if out is not None else root
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {folder} is not a folder; give a folder")
+
+    out_layout = Layout(folder)
+    found = scan.read_records(root, scan.load_runs(out_layout.runs_table, root))
+    warnings = [
+        f"warning: skipped {len(paths)} {why}: {', '.join(paths[:10])}"
+        + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+        for why, paths in found.skipped.items()
+    ]
+    all_runs, dropped = dedupe(to_frame(found.table.drop_columns("test_acc")))
+    if len(dropped):
+        ids = sorted(set(dropped.run_id))
+        warnings.append(
+            f"note: ignored {len(dropped)} duplicate records of {len(ids)} runs (kept the latest "
+            f"completed record of each): {', '.join(ids[:10])}" + (" …" if len(ids) > 10 else "")
+        )
+    if all_runs.empty and not found.no_record and not expected:
+        skipped = sum(map(len, found.skipped.values()))
+        raise UsageError(
+            f"{root}: no cifarbench records found (looked for runs/<run_id>/record.parquet"
+            + (f"; skipped {skipped} other Parquet files)" if skipped else ")")
+        )
+
+    runs = select(all_runs, filters)
+    fell_back = sorted(runs.run_id[runs.compile_fallback.notna()])
+    if fell_back:
+        warnings.append(
+            f"note: {len(fell_back)} runs asked for torch.compile but trained eagerly (see the report): "
+            f"{', '.join(fell_back[:10])}" + (" …" if len(fell_back) > 10 else "")
+        )
+    summary, config = summarize(runs)
+    if rows or cols:
+        rows, cols = rows or ["model"], cols or ["dataset"]
+        titled = [k for k in ("model", "dataset", "recipe", "batch_size") if k not in (*rows, *cols)]
+        tabs = tables(summary, rows, cols, value=value, always=titled)
+    else:
+        tabs = default_tables(summary, value)
+    matches = [
+        reference.match(t.cells[t.cells.n > 0], published, source) if value == "final_test_acc" else None for t in tabs
+    ]
+    unreadable = [
+        Path(p).parent.name
+        for p in found.skipped.get(UNREADABLE, ())
+        if Path(p).name == "record.parquet" and Path(p).parent.parent.name == "runs"
+    ]
+    missing = incomplete(runs, set(all_runs.run_id), found.no_record, unreadable, expected)
+    markdown = render(runs, tabs, matches, missing, value)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(out_layout.tables, markdown)
+    atomic.write_text(out_layout.summary, summary.to_csv(index=False))
+    table = found.table
+    if plots:  # curves: read from the records' columns once, then kept in runs.parquet
+        table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
+    if found.changed or table is not found.table or not out_layout.runs_table.exists():
+        kept = np.zeros(table.num_rows, bool)
+        kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
+        scan.write_runs(table.filter(kept), out_layout.runs_table, root)
+    written = [out_layout.tables, out_layout.summary, out_layout.runs_table]
+    if plots:
+        from cifarbench.report.plots import write_plots  # matplotlib: only when plots are wanted
+
+        curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
+        written += write_plots(runs.assign(config=config, test_acc=curves), summary, tabs, out_layout.plots)
+    return Report(markdown, warnings, written)

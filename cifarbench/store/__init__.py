@@ -1,0 +1,1 @@
+"""Torch-free storage: the results folder's layout, atomic writes, records, manifests, locks and progress."""

@@ -1,0 +1,89 @@
+"""Every path of a results folder, in one place.
+
+::
+
+    runs/<run_id>/record.parquet   the run's outcome, one row (completed or failed)
+    runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
+    runs/<run_id>/progress.json    epochs done while the run trains
+    locks/<run_id>.lock            held (flock) by the one job that trains the run
+    logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
+    submissions/<time>-<pid>.json  one manifest per submission: run id -> job
+    bench/<time>-<host>.parquet    `cifarbench bench` tables
+    runs.parquet                   what collect last read: one row per run
+    tables.md, summary.csv, plots/ collect's output
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+RECORD = "record.parquet"
+CHECKPOINT = "last.ckpt"
+PROGRESS = "progress.json"
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / RUNS / run_id
+
+    def record(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / RECORD
+
+    def checkpoint(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / CHECKPOINT
+
+    def progress(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / PROGRESS
+
+    def lock(self, run_id: str) -> Path:
+        # not in the run's folder, which keeps only what the run produced
+        return self.root / "locks" / f"{run_id}.lock"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / RUNS
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def slurm_logs(self) -> Path:
+        return self.logs / "%j"  # submitit puts each job's files in a folder named after its id
+
+    @property
+    def local_logs(self) -> Path:
+        return self.logs / "local"
+
+    @property
+    def submissions(self) -> Path:
+        return self.root / "submissions"
+
+    @property
+    def bench(self) -> Path:
+        return self.root / "bench"
+
+    @property
+    def runs_table(self) -> Path:
+        return self.root / "runs.parquet"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables.md"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.csv"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"

@@ -1,0 +1,322 @@
+"""The training of one run: the fast path's settings, optional torch.compile, and ``fit``, which always leaves a
+record."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, cast
+
+import lightning as L
+import torch
+
+import cifarbench
+from cifarbench.config.spec import RunSpec
+from cifarbench.errors import UsageError
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
+from cifarbench.store.progress import clear_progress
+from cifarbench.train import data
+from cifarbench.train.models import count_parameters
+from cifarbench.train.module import AtomicLastCheckpoint, ResNetModule
+
+AUTOCAST = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}  # Lightning's precisions
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "32-true"
+    if requested == "16-mixed" and device.type != "cuda":
+        raise UsageError("precision 16-mixed needs a GPU; use 32-true or bf16-mixed on CPU")
+    return requested
+
+
+@dataclass(frozen=True, kw_only=True)
+class FastPath:
+    """The speed settings of training steps that leave the result alone (precision aside). ``for_device`` is what
+    ``fit`` uses; ``cifarbench bench --levers`` measures each field flipped."""
+
+    precision: str
+    channels_last: bool
+    cudnn_benchmark: bool
+    fused_sgd: bool
+
+    @classmethod
+    def for_device(cls, device: torch.device, precision: str = "auto") -> FastPath:
+        # channels_last measured 1.22-1.34x on CPU as well (resnet20/56, bench --levers); fused SGD on CPU
+        # 1.01-1.05x, within noise
+        cuda = device.type == "cuda"
+        return cls(
+            precision=resolve_precision(precision, device), channels_last=True, cudnn_benchmark=cuda, fused_sgd=cuda
+        )
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+def compile_for_training(
+    model: torch.nn.Module,
+    mode: str,
+    *,
+    batch_size: int,
+    precision: str,
+    device: torch.device,
+    memory_format: torch.memory_format,
+) -> str | None:
+    """Compile ``model`` in place with ``torch.compile`` (``nn.Module.compile``: its state_dict keys stay those of
+    the eager model, so checkpoints of compiled and eager attempts are interchangeable). First a training step
+    is compiled and run on a copy, so that a node without a working compiler toolchain (no C++ compiler, no
+    Triton) trains eagerly instead of failing. Returns None, or the reason the model stays eager.
+
+    The copy's compiled code is reused for ``model`` itself, so the probe costs no second compilation. Shapes are
+    static: a batch of another size (the last of an epoch, the test set's) gets its own compiled graph rather
+    than moving every batch to slower shape-generic kernels."""
+    probe = copy.deepcopy(model)
+    probe.compile(mode=mode, dynamic=False)
+    x = torch.zeros(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    dtype = AUTOCAST[precision]
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = probe(x)
+        out.float().sum().backward()
+    except Exception as exc:  # a broken toolchain fails in many types: BackendCompilerFailed, InductorError, OSError...
+        torch.compiler.reset()
+        return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
+    model.compile(mode=mode, dynamic=False)
+    return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(cifarbench.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _environment(device: torch.device) -> dict:
+    import torchvision
+
+    cuda = device.type == "cuda"
+    return {
+        "hostname": socket.gethostname(),
+        "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "device_count": torch.cuda.device_count() if cuda else 1,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "lightning_version": L.__version__,
+        "cifarbench_version": cifarbench.__version__,
+        "cuda_version": torch.version.cuda,
+        "git_commit": _git_commit(),
+        "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+    }
+
+
+def spec_fields(spec: RunSpec) -> dict:
+    """The record's columns that describe the spec."""
+    recipe = spec.schedule
+    return {
+        "run_id": spec.run_id,
+        "model": spec.model,
+        "dataset": spec.dataset,
+        "recipe": spec.recipe.name,
+        "recipe_epochs": spec.recipe.epochs,
+        "lr": recipe.lr,
+        "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay,
+        "schedule": recipe.schedule,
+        "milestones": list(recipe.milestones),
+        "gamma": recipe.gamma,
+        "batch_size": spec.batch_size,
+        "seed": spec.seed,
+        "epochs": recipe.epochs,
+        "precision": spec.precision,
+        "loader": spec.loader,
+        "deterministic": spec.deterministic,
+        "compile": spec.compile,
+        "data_root": str(spec.data_root),
+        "num_classes": spec.num_classes,
+    }
+
+
+def _outcome(module: ResNetModule) -> dict:
+    h = module.history
+    if not h["test_acc"]:
+        return {"epochs_done": 0, "attempts": module.attempts}
+    best = max(range(len(h["test_acc"])), key=h["test_acc"].__getitem__)
+    top5 = module.top5 is not None
+    return {
+        "epochs_done": len(h["test_acc"]),
+        "final_test_acc": h["test_acc"][-1],
+        "best_test_acc": h["test_acc"][best],
+        "best_epoch": best + 1,
+        "final_test_top5": h["test_top5"][-1] if top5 else None,
+        "best_test_top5": max(h["test_top5"]) if top5 else None,
+        "final_train_loss": h["train_loss"][-1],
+        "final_test_loss": h["test_loss"][-1],
+        "train_loss": h["train_loss"],
+        "test_loss": h["test_loss"],
+        "test_acc": h["test_acc"],
+        "test_top5": h["test_top5"] if top5 else None,
+        "lr_curve": h["lr"],
+        "epoch_seconds": h["epoch_seconds"],
+        "train_seconds": module._train_seconds,
+        "images_per_s": sum(h["images_per_s"]) / len(h["images_per_s"]),
+        "attempts": module.attempts,
+    }
+
+
+def _quiet_lightning() -> None:
+    """Keep job logs to our per-epoch lines: Lightning's start-up banners and tips say nothing about the run."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # submitit starts jobs with srun; outside SLURM (local execution, tests) the hint is wrong.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available")
+    # Raised inside Lightning (a torch class it uses is deprecated): nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def fit(
+    spec: RunSpec,
+    *,
+    device: torch.device | None = None,
+    num_workers: int | None = None,
+    plugins: list | None = None,
+    callbacks: list | None = None,
+) -> Path:
+    """Train one run (resuming from its last checkpoint if there is one) and write its record.
+
+    A run that raises leaves a ``failed`` record and re-raises. Returns the record's path."""
+    device = device or default_device()
+    _quiet_lightning()
+    started = datetime.now(timezone.utc)
+    layout = Layout(spec.results)
+    folder = layout.run_dir(spec.run_id)
+    ckpt = layout.checkpoint(spec.run_id)
+    row = {**spec_fields(spec), "started_at": started, **_environment(device)}
+    module = None
+    try:
+        data_verified = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
+        row["data_verified"] = data_verified
+        fast = FastPath.for_device(device, spec.precision)
+        row["precision_used"] = fast.precision
+        L.seed_everything(spec.seed, workers=True, verbose=False)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = fast.cudnn_benchmark and not spec.deterministic
+            torch.set_float32_matmul_precision("high")
+        module = ResNetModule(spec, fused_sgd=fast.fused_sgd)
+        row["params"] = count_parameters(module.model)
+        if fast.channels_last:
+            module.model.to(memory_format=torch.channels_last)
+        train_loader, test_loader = data.make_loaders(
+            dataset=spec.dataset,
+            root=spec.data_root,
+            loader=spec.loader,
+            batch_size=spec.batch_size,
+            seed=spec.seed,
+            device=device if spec.loader == "device" else "cpu",
+            num_workers=num_workers,
+            memory_format=fast.memory_format,
+        )
+        folder.mkdir(parents=True, exist_ok=True)
+        interactive = sys.stderr.isatty()
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            # resolve_precision returns one of AUTOCAST's keys, all of which the Trainer accepts
+            precision=cast(Literal["32-true", "16-mixed", "bf16-mixed"], fast.precision),
+            max_epochs=spec.schedule.epochs,
+            deterministic=spec.deterministic,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=interactive,
+            num_sanity_val_steps=0,
+            callbacks=[AtomicLastCheckpoint(ckpt), *(callbacks or [])],
+            plugins=plugins,
+            default_root_dir=str(folder),
+        )
+        if spec.compile:  # after the Trainer, which sets the deterministic-algorithms flag the compiled code assumes
+            started_compile = time.perf_counter()
+            fallback = row["compile_fallback"] = compile_for_training(
+                module.model,
+                spec.compile,
+                batch_size=spec.batch_size,
+                precision=fast.precision,
+                device=device,
+                memory_format=fast.memory_format,
+            )
+            print(
+                f"[{spec.run_id}] "
+                + (
+                    f"torch.compile failed, training eagerly: {fallback}"
+                    if fallback
+                    else f"compiled (mode {spec.compile}) in {time.perf_counter() - started_compile:.1f}s"
+                ),
+                flush=True,
+            )
+        trainer.fit(
+            module,
+            train_dataloaders=train_loader,
+            val_dataloaders=test_loader,
+            ckpt_path=str(ckpt) if ckpt.is_file() else None,
+            weights_only=True,
+        )
+        outcome = _outcome(module)
+        if outcome["epochs_done"] < spec.schedule.epochs:
+            raise RuntimeError(
+                f"training stopped after {outcome['epochs_done']} of {spec.schedule.epochs} epochs"
+                + (" (interrupted)" if trainer.interrupted else "")
+            )
+        row.update(outcome, status="completed", ended_at=datetime.now(timezone.utc))
+        path = records.write_record(row, spec.results)
+        clear_progress(spec.results, spec.run_id)
+        return path
+    except BaseException as exc:  # also SystemExit/KeyboardInterrupt: an interrupted run still leaves a record
+        row.update(
+            _outcome(module) if module else {},
+            status="failed",
+            ended_at=datetime.now(timezone.utc),
+            error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+            traceback="".join(traceback.format_exc().splitlines(keepends=True)[-30:]),
+        )
+        _write_failed(row, spec)
+        raise
+
+
+def _write_failed(row: dict, spec: RunSpec) -> None:
+    """Record a failure, unless the run already completed (a duplicate job must not undo a finished run)."""
+    existing = records.read_record(Layout(spec.results).record(spec.run_id))
+    if existing and existing["status"] == "completed":
+        return
+    try:
+        records.write_record(row, spec.results)
+    except OSError as e:
+        print(
+            f"[{spec.run_id}] cannot write the failed record to {spec.results}: {e}; failure: {row['error']}",
+            file=sys.stderr,
+            flush=True,
+        )
