@@ -1,0 +1,61 @@
+"""The control plane never pays for torch: status, submit --dry-run and collect run in a fresh interpreter
+without importing torch, torchvision, lightning or torchmetrics (the import-linter contracts in pyproject.toml
+check the same statically; this checks what really happens at run time, lazy imports included)."""
+
+import json
+import subprocess
+import sys
+
+from cifarbench.config.spec import RunSpec, get_recipe
+from cifarbench.store.manifests import write_manifest
+
+TRAINING_STACK = ("torch", "torchvision", "lightning", "torchmetrics")
+
+PROBE = """
+import json, sys
+from cifarbench.cli import main
+codes = [main(argv) for argv in json.loads(sys.argv[1])]
+loaded = [m for m in {stack} if m in sys.modules]
+print(json.dumps({{"codes": codes, "loaded": loaded}}))
+"""
+
+
+def _commands_in_a_fresh_interpreter(argvs: list[list[str]], cwd) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(stack=TRAINING_STACK), json.dumps(argvs)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_status_submit_dry_run_and_collect_never_import_the_training_stack(write_records, tmp_path):
+    results = write_records([{"seed": 0}, {"seed": 1}, {"seed": 2, "status": "failed", "error": "boom"}])
+    running = RunSpec(model="resnet20", dataset="cifar10", recipe=get_recipe("step-200"), batch_size=64, seed=3)
+    entry = {"run_id": running.run_id, "job_id": "999999", "array_job_id": "999999", "array_index": 0}
+    write_manifest(results, "local", None, [{**entry, "stderr": "x", "spec": running.to_dict()}])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"models: [resnet20, resnet56]\ndatasets: [cifar10]\nopts: [step-200]\nbatch_sizes: [64]\n"
+        f"seeds: [0, 1, 2, 3]\nresults: {results}\n"
+    )
+    found = _commands_in_a_fresh_interpreter(
+        [
+            ["status", str(results)],
+            ["status", str(results), "--grid", str(grid), "--json"],
+            ["submit", str(grid), "--dry-run"],
+            ["collect", str(results), "--no-plots"],
+            ["collect", str(results), "--out", str(tmp_path / "with-plots")],
+        ],
+        cwd=tmp_path,
+    )
+    assert found == {"codes": [0, 0, 0, 0, 0], "loaded": []}
+
+
+def test_the_training_commands_do_import_it(tmp_path):
+    # the probe can see torch when it is loaded: `models` builds the networks
+    found = _commands_in_a_fresh_interpreter([["models", "--json"]], cwd=tmp_path)
+    assert found["codes"] == [0] and "torch" in found["loaded"]
