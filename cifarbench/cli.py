@@ -89,7 +89,7 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from cifarbench.cluster import status, submit
+    from cifarbench.cluster import estimate, queue, status, submit
     from cifarbench.config.grid import load_grid
 
     grid = load_grid(args.grid)
@@ -103,6 +103,10 @@ def _cmd_submit(args) -> int:
         + (f", {len(plan.skipped_other)} not failed" if args.retry_failed else "")
         + f"; {len(plan.submit)} to submit"
     )
+    planned = estimate.plan_times(plan.submit, grid.resources, grid.results)
+    size = queue.max_array_size() if queue.slurm_available() and args.executor != "local" else len(planned) or 1
+    for line in submit.describe(planned, max_array_size=size) if planned else ():
+        print(line)
     if args.dry_run:
         skipped = {
             s.run_id: why
@@ -113,17 +117,18 @@ def _cmd_submit(args) -> int:
             )
             for s in group
         }
+        budgets = {p.spec.run_id: p for p in planned}
         for spec in specs:
             mark = f"skip ({skipped[spec.run_id]})" if spec.run_id in skipped else "submit"
+            p = budgets.get(spec.run_id)
+            estimated = f"  est {p.estimate.seconds / 60:.0f} min ({p.estimate.source})" if p else ""
             print(
                 f"  {mark:<18} {spec.run_id}  {spec.model} {spec.dataset} {spec.recipe.name} "
-                f"bs={spec.batch_size} seed={spec.seed} epochs={spec.schedule.epochs}"
+                f"bs={spec.batch_size} seed={spec.seed} epochs={spec.schedule.epochs}{estimated}"
             )
         return 0
     if plan.submit:
-        manifest = submit.submit(
-            list(plan.submit), grid.resources, grid.results, executor=args.executor, grid_source=str(args.grid)
-        )
+        manifest = submit.submit(planned, grid.results, executor=args.executor, grid_source=str(args.grid))
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
         print(f"submitted {len(plan.submit)} runs ({manifest['executor']}) as job(s) {', '.join(jobs)}")
         print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")

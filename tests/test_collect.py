@@ -161,7 +161,8 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     assert report.warnings == [
         "warning: skipped 1 files tagged as records whose columns are not the record schema's: fake.parquet",
         "warning: skipped 1 Parquet files that are not cifarbench records: foreign.parquet",
-        "warning: skipped 1 records of schema record/0 (this cifarbench reads record/1, record/2): old/r.parquet",
+        "warning: skipped 1 records of schema record/0 (this cifarbench reads record/1, record/2, record/3): "
+        "old/r.parquet",
         "warning: skipped 1 unreadable Parquet files (corrupt or truncated): runs/truncated/record.parquet",
         "warning: skipped 1 files in the record schema that do not hold exactly one run: two-rows.parquet",
         f"note: ignored 1 duplicate records of 1 runs (kept the latest completed record of each): {run_id(seed=0)}",
@@ -223,16 +224,45 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     ]
 
 
-def as_record_1(path) -> None:
-    """Rewrite a current record as cifarbench's record/1 writer wrote it: without the compile columns, tagged
-    record/1, with a summary without their keys."""
+SINCE_3 = ["test_seconds", "time_limit_s", "estimated_s", "estimate_source"]
+# what each older writer left out: columns, and keys of the footer summary
+OLD_WRITERS = {
+    1: (["compile", "compile_fallback", *SINCE_3], ["compile", "compile_fallback", "test_seconds", "device_name",
+                                                    "time_limit_s", "estimated_s"]),
+    2: (SINCE_3, ["test_seconds", "device_name", "time_limit_s", "estimated_s"]),
+}  # fmt: skip
+
+
+def as_record(version: int, path) -> None:
+    """Rewrite a current record as cifarbench's record/``version`` writer wrote it: without the columns that came
+    later, tagged record/``version``, with a summary without their keys."""
+    columns, keys = OLD_WRITERS[version]
     record = pq.read_table(path)
     summary = json.loads(record.schema.metadata[SUMMARY_KEY])
-    del summary["compile"], summary["compile_fallback"]
-    old = record.drop_columns(["compile", "compile_fallback"])
-    old = old.set_column(0, "record_version", pa.array([1], pa.int32()))
-    meta = {SCHEMA_KEY: b"record/1", SUMMARY_KEY: json.dumps(summary, separators=(",", ":")).encode()}
+    for key in keys:
+        del summary[key]
+    old = record.drop_columns(columns)
+    old = old.set_column(0, "record_version", pa.array([version], pa.int32()))
+    meta = {SCHEMA_KEY: f"record/{version}".encode(), SUMMARY_KEY: json.dumps(summary, separators=(",", ":")).encode()}
     pq.write_table(old.replace_schema_metadata(meta), path)
+
+
+def as_record_1(path) -> None:
+    as_record(1, path)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_records_read_whole_and_by_their_summary(write_records, version):
+    results = write_records([{"model": "resnet20", "final_test_acc": 0.91, "test_seconds": 12.5}])
+    path = Layout(results).record(run_id(model="resnet20"))
+    current = read_record(path)
+    as_record(version, path)
+    lacks = dict.fromkeys(OLD_WRITERS[version][0])
+    assert read_record(path) == {**current, **lacks, "record_version": version}
+    found = read_records(results)
+    assert found.skipped == {} and found.table.num_rows == 1
+    row = found.table.to_pylist()[0]
+    assert row["device_name"] is None and row["test_seconds"] is None and row["final_test_acc"] == 0.91
 
 
 def test_a_record_1_file_is_read_as_an_eager_run(write_records):
@@ -242,8 +272,8 @@ def test_a_record_1_file_is_read_as_an_eager_run(write_records):
     path = Layout(results).record(run_id(model="resnet20"))
     current = read_record(path)
     as_record_1(path)
-    assert pq.read_schema(path).names == [n for n in SCHEMA.names if n not in ("compile", "compile_fallback")]
-    assert read_record(path) == {**current, "record_version": 1}
+    assert pq.read_schema(path).names == [n for n in SCHEMA.names if n not in OLD_WRITERS[1][0]]
+    assert read_record(path) == {**current, **dict.fromkeys(OLD_WRITERS[1][0]), "record_version": 1}
     assert current["compile"] is None and current["compile_fallback"] is None
 
     report = collect(results, plots=False)

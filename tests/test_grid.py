@@ -56,14 +56,22 @@ def test_he2016():
     g = load_grid(JOBS / "he2016-cifar10.yaml")
     depths = (20, 32, 44, 56, 110, 1202)
     assert runs(g) == [(f"resnet{d}", "cifar10", "step-160", 128, 0) for d in depths]
-    assert g.resources.timeout_min == 24 * 60
+    limits = {s.model: (g.resources[s.run_id].time, g.resources[s.run_id].mem_gb) for s in g.specs}
+    short = {f"resnet{d}": ("04:00:00", 32) for d in (20, 32, 44, 56)}
+    assert limits == {**short, "resnet110": ("08:00:00", 32), "resnet1202": ("2-00:00:00", 64)}
+
+
+def test_the_notebook_grids_take_their_time_limits_from_estimates():
+    for name in ("models-step200-bs64", "models-step160-bs256", "resnet56-cifar100-recipes"):
+        g = load_grid(JOBS / f"{name}.yaml")
+        assert {r.time for r in g.resources.values()} == {"auto"}, name
 
 
 def test_smoke_is_small_and_cpu_friendly():
     g = load_grid(JOBS / "smoke.yaml")
     assert len(g.specs) == 4 and {s.dataset for s in g.specs} == {"synthetic10"}
     assert {(s.epochs, s.precision, s.data_root) for s in g.specs} == {(3, "32-true", "data")}
-    assert g.resources.gpus_per_node == 1 and g.resources.timeout_min == 20
+    assert {(r.gpus_per_node, r.timeout_min) for r in g.resources.values()} == {(1, 20)}
 
 
 @pytest.mark.parametrize("path", sorted(JOBS.glob("*.yaml")), ids=lambda p: p.name)
@@ -96,7 +104,7 @@ def test_defaults():
         True,
         "results",
     )
-    assert grid(BASE).resources == Resources()
+    assert set(grid(BASE).resources.values()) == {Resources()}
 
 
 def test_duplicates_are_dropped_keeping_the_first():
@@ -298,6 +306,7 @@ def test_resources():
   extra: {mail-type: "END,FAIL", mail-user: me@example.org, exclusive: true, exclude: "node[1-3]"}
 """
     ).resources
+    [r] = set(r.values())
     assert (r.partition, r.account, r.qos, r.gpus_per_node, r.mem_gb, r.constraint) == (
         "gpu",
         "proj-42",

@@ -348,7 +348,8 @@ def test_sbatch_from_a_grid_file(tmp_path, srun_on_path):
         'slurm:\n  partition: gpu\n  time: "00:30:00"\n  constraint: a100|h100\n'
         '  setup: ["export OMP_NUM_THREADS=1"]\n  extra: {reservation: bench, exclusive: true}\n'
     )
-    text = sbatch_text(grid.resources, tmp_path, runs=len(grid.specs) + 1)
+    [resources] = set(grid.resources.values())
+    text = sbatch_text(resources, tmp_path, runs=len(grid.specs) + 1)
     options = sbatch_options(text)
     assert (options["partition"], options["time"], options["constraint"], options["reservation"]) == (
         "gpu",

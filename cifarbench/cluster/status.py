@@ -33,6 +33,7 @@ class RunStatus:
     slurm_state: str | None = None
     error: str | None = None
     log: str | None = None
+    resources: dict | None = None  # what the run asked SLURM for (from its manifest entry)
 
 
 # sacct may not list a job in the first seconds after sbatch returned
@@ -115,11 +116,25 @@ def collect_status(results: str | os.PathLike, specs: list[RunSpec] | None = Non
                 epochs_done=done,
                 job_id=entry["job_id"] if entry else None,
                 slurm_state=job_state,
-                error=record["error"] if record and status == "failed" else None,
-                log=entry["stderr"] if entry and status in ("failed", "lost", "cancelled") else None,
+                error=record["error"] if record and status == "failed" else _never_started(entry, status),
+                log=_log(entry, status),
+                resources=entry.get("resources") if entry else None,
             )
         )
     return out
+
+
+def _log(entry: dict | None, status: str) -> str | None:
+    """The job's log, for a run that did not complete, where there is one."""
+    if entry is None or status not in ("failed", "lost", "cancelled") or not os.path.exists(entry["stderr"]):
+        return None
+    return entry["stderr"]
+
+
+def _never_started(entry: dict | None, status: str) -> str | None:
+    if entry is not None and status in ("lost", "cancelled") and not os.path.exists(entry["stderr"]):
+        return f"{status} before it started (no log was written)"
+    return None
 
 
 def state_map(results: str | os.PathLike, specs: list[RunSpec]) -> dict[str, str]:

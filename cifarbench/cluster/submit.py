@@ -4,6 +4,7 @@ per array chunk) or local jobs, and the submission manifest that maps every run 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ import submitit
 from submitit.core.utils import FailedJobError
 
 from cifarbench.cluster import queue
+from cifarbench.cluster.estimate import Planned
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError
@@ -105,15 +107,59 @@ def _slurm_executor(resources: Resources, folder: Path) -> submitit.AutoExecutor
     return executor
 
 
+# What SLURM says when sbatch refuses, and the hint that fits it.
+_HINTS = (
+    ("invalid partition", "`sinfo -s` lists the partitions; set slurm.partition"),
+    ("invalid account", "`sacctmgr show assoc user=$USER` lists your accounts; set slurm.account"),
+    ("invalid qos", "`sacctmgr show assoc user=$USER` lists your QOS; set slurm.qos"),
+    ("time limit", "the partition's MaxTime (`scontrol show partition`) caps it; lower slurm.time or use time: auto"),
+    ("node configuration is not available", "no node has that many GPUs, CPUs or that much memory (`sinfo -N -l`)"),
+    ("unable to contact slurm controller", "is the cluster up (`sinfo`)? Without SLURM use --executor local"),
+    ("memory specification", "no node has that much memory; lower slurm.mem_gb"),
+    ("gres", "no node offers those GPUs; check slurm.gpus_per_node and the partition"),
+)
+
+
+def refusal(error: str) -> str:
+    """Pure: sbatch's reason in one line, with the hint that fits it (none when nothing does)."""
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    said = [line for line in lines if "error" in line.lower()] or lines or ["no reason given"]
+    reason = said[-1].removeprefix("sbatch: error: ")
+    hint = next((h for key, h in _HINTS if key in error.lower()), None)
+    return f"sbatch refused the job: {reason}" + (f"; {hint}" if hint else "")
+
+
+def _entry(spec: RunSpec, job, index: int, planned: Planned, *, array: bool) -> dict:
+    return {
+        "run_id": spec.run_id,
+        "job_id": job.job_id,
+        "array_job_id": job.job_id.split("_")[0] if array else job.job_id,
+        "array_index": index,
+        "stdout": str(job.paths.stdout).replace("%t", "0"),
+        "stderr": str(job.paths.stderr).replace("%t", "0"),
+        "spec": spec.to_dict(),
+        "resources": planned.resources.to_dict(),
+        "budget": planned.budget.to_dict(),
+    }
+
+
+def groups(planned: list[Planned]) -> dict[Resources, list[Planned]]:
+    """Pure: the runs by the resources they ask for, in the order they first appear: one job array each."""
+    out: dict[Resources, list[Planned]] = {}
+    for p in planned:
+        out.setdefault(p.resources, []).append(p)
+    return out
+
+
 def submit(
-    specs: list[RunSpec],
-    resources: Resources,
+    planned: list[Planned],
     results: str | os.PathLike,
     *,
     executor: str = "auto",
     grid_source: str | None = None,
 ) -> dict:
-    """Queue ``specs`` and return the manifest (also written under ``results/submissions/``). Never waits."""
+    """Queue the runs, one job array per group of equal resources (chunked by MaxArraySize, one sbatch call per
+    chunk), and return the manifest (also written under ``results/submissions/``). Never waits."""
     results = Path(results)
     layout = Layout(results)
     check_results_writable(results)
@@ -122,49 +168,84 @@ def submit(
         raise UsageError("--executor slurm: sbatch is not on the PATH; use --executor local")
     entries: list[dict] = []
     if kind == "slurm":
-        ex = _slurm_executor(resources, layout.slurm_logs)
-        for chunk in chunks(specs, queue.max_array_size()):
-            try:
-                with ex.batch():
-                    jobs = [ex.submit(RunJob(spec)) for spec in chunk]
-            except (FailedJobError, OSError) as e:
-                done = f" ({len(entries)} runs were queued before; their manifest is written)" if entries else ""
-                write_manifest(results, "slurm", grid_source, entries)
-                raise UsageError(
-                    f"sbatch failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}{done}; "
-                    "is the cluster up (sinfo)? Without SLURM use --executor local"
-                ) from None
-            for index, (spec, job) in enumerate(zip(chunk, jobs)):
-                entries.append(
-                    {
-                        "run_id": spec.run_id,
-                        "job_id": job.job_id,
-                        "array_job_id": job.job_id.split("_")[0],
-                        "array_index": index,
-                        "stdout": str(job.paths.stdout).replace("%t", "0"),
-                        "stderr": str(job.paths.stderr).replace("%t", "0"),
-                        "spec": spec.to_dict(),
-                    }
-                )
+        size = queue.max_array_size()
+        for resources, members in groups(planned).items():
+            ex = _slurm_executor(resources, layout.slurm_logs)
+            for chunk in chunks(members, size):
+                jobs = _submit_chunk(ex, chunk, results, grid_source, entries)
+                entries += [_entry(p.spec, job, i, p, array=True) for i, (p, job) in enumerate(zip(chunk, jobs))]
     else:
         # One sequence of runs per device keeps a CPU-only machine to one training run at a time.
         ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local")
-        ex.update_parameters(timeout_min=max(resources.timeout_min * len(specs), 60), gpus_per_node=1)
-        n = min(max(local_gpus(), 1), len(specs))
-        for share in (specs[d::n] for d in range(n)):
-            # `job` is typed Job[str] by the SLURM branch; this one returns list[str], and only its ids and paths
-            # are read below
-            job = ex.submit(RunSequence(list(share)))  # type: ignore[arg-type]
-            for index, spec in enumerate(share):
-                entries.append(
-                    {
-                        "run_id": spec.run_id,
-                        "job_id": job.job_id,
-                        "array_job_id": job.job_id,
-                        "array_index": index,
-                        "stdout": str(job.paths.stdout),
-                        "stderr": str(job.paths.stderr),
-                        "spec": spec.to_dict(),
-                    }
-                )
+        n = min(max(local_gpus(), 1), len(planned))
+        for share in (planned[d::n] for d in range(n)):
+            minutes = sum(p.resources.timeout_min for p in share)
+            ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)
+            job = ex.submit(RunSequence([p.spec for p in share], [p.budget for p in share]))
+            entries += [_entry(p.spec, job, i, p, array=False) for i, p in enumerate(share)]
     return write_manifest(results, kind, grid_source, entries)
+
+
+def _submit_chunk(ex, chunk: list[Planned], results: Path, grid_source: str | None, entries: list[dict]) -> list:
+    """One sbatch call for ``chunk``. When sbatch refuses, the runs queued before (``entries``) keep their
+    manifest, the files submitit wrote for this chunk (the job script, one pickle per run) are removed, and the
+    error is one line."""
+    logs = Layout(results).logs
+    before = set(os.listdir(logs)) if logs.is_dir() else None
+    try:
+        with ex.batch():
+            return [ex.submit(RunJob(p.spec, p.budget)) for p in chunk]
+    except (FailedJobError, OSError) as e:
+        if before is not None:
+            for name in set(os.listdir(logs)) - before:
+                with contextlib.suppress(OSError):
+                    (logs / name).unlink()
+        elif logs.is_dir() and not any(logs.iterdir()):
+            logs.rmdir()
+        write_manifest(results, "slurm", grid_source, entries)
+        done = f" ({len(entries)} runs were queued before; their manifest is written)" if entries else ""
+        raise UsageError(refusal(str(e)) + done) from None
+
+
+def _hours(planned: list[Planned], seconds) -> tuple[float, str]:
+    """Device-hours of ``planned`` (all of one group): GPU-hours, or CPU core-hours where no GPU is asked for."""
+    r = planned[0].resources
+    per = r.gpus_per_node or r.cpus_per_task
+    return sum(seconds(p) for p in planned) * per / 3600, "GPU-h" if r.gpus_per_node else "CPU-core-h"
+
+
+def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
+    """Pure: a line per group of equal resources (runs, resources, estimated and reserved hours, where the
+    estimates came from), then the total; and a warning per group whose ``time: auto`` limit the partition's
+    MaxTime cut."""
+    lines: list[str] = []
+    totals: dict[str, float] = {}
+    arrays = 0
+    for i, (r, members) in enumerate(groups(planned).items(), 1):
+        estimated, unit = _hours(members, lambda p: p.estimate.seconds)
+        reserved, _ = _hours(members, lambda p: p.budget.time_limit_s or 0)
+        sources: dict[str, int] = {}
+        for p in members:
+            sources[p.estimate.source] = sources.get(p.estimate.source, 0) + 1
+        mem = f"{r.mem_gb:g} GB" if r.mem_gb is not None else "default memory"
+        auto = " (auto)" if members[0].auto else ""
+        n_arrays = -(-len(members) // max_array_size)
+        arrays += n_arrays
+        lines.append(
+            f"group {i}: {len(members)} run{'s' * (len(members) != 1)}, {r.gpus_per_node} GPU, "
+            f"{r.cpus_per_task} CPUs, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
+            + (f", constraint {r.constraint}" if r.constraint else "")
+            + f"; {n_arrays} array{'s' * (n_arrays != 1)}; estimated {estimated:.1f} {unit}, reserved "
+            f"{reserved:.1f} {unit}; estimates from " + ", ".join(f"{n} {src}" for src, n in sources.items())
+        )
+        if any(p.capped for p in members):
+            lines.append(
+                f"  warning: group {i}'s runs are estimated to need more than the partition's MaxTime; they are "
+                f"limited to {r.time} and carried across limits by requeue and resume"
+            )
+        for key, value in ((f"estimated {unit}", estimated), (f"reserved {unit}", reserved)):
+            totals[key] = totals.get(key, 0.0) + value
+    hours = ", ".join(f"{k} {v:.1f}" for k, v in totals.items())
+    groups_n = len(groups(planned))
+    lines.append(f"total: {len(planned)} runs in {groups_n} group{'s' * (groups_n != 1)}, {arrays} arrays; {hours}")
+    return lines

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,9 @@ from cifarbench.errors import GridError, UnknownNameError, check_int, check_name
 AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
 # per run: an include entry may override them
 RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile")
-GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "exclude", "include", "slurm")
+GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "exclude", "include", "slurm", "resources")
+# what a resources rule's `match` may name: every field of a run
+MATCH_KEYS = (*AXES.values(), *RUN_OPTIONS)
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
 SLURM_KEYS = tuple(f.name for f in dataclasses.fields(Resources))
 # Sanity bounds that catch typos such as a stray zero. No batch can be larger than the 50000-image CIFAR training
@@ -48,7 +50,7 @@ MAX_EPOCHS = 10_000
 @dataclass(frozen=True, kw_only=True)
 class Grid:
     specs: tuple[RunSpec, ...]
-    resources: Resources
+    resources: Mapping[str, Resources]  # run id -> what it asks SLURM for (time may still be "auto")
     results: str  # where records, logs and submission manifests go
     source: str  # the grid file, for messages
 
@@ -264,6 +266,14 @@ def _grid(raw, source: str) -> Grid:
             if key in entry and (isinstance(entry[key], bool) or entry[key] not in present):
                 raise _Problem(f"{where}.{key}", f"{entry[key]!r} is not in this grid's {axis}: {present}")
 
+    slurm = raw.get("slurm")
+    base = _resource_fields({} if slurm is None else slurm, "slurm", {})
+    rules = [
+        _rule(rule, f"resources[{i}]", check, known, base)
+        for i, rule in enumerate(_list(raw, "resources", empty_ok=True))
+    ]
+    own_slurm: dict[int, dict] = {}  # an include entry's own slurm: fields, by its run
+
     runs: list[tuple[dict[str, Any], str]] = []
     for combo in itertools.product(*axes.values()):
         run = {AXES[axis]: v for axis, v in zip(axes, combo)}
@@ -274,8 +284,10 @@ def _grid(raw, source: str) -> Grid:
 
     for i, entry in enumerate(_list(raw, "include", empty_ok=True)):
         where = f"include[{i}]"
-        _keys(entry, (*AXES.values(), *RUN_OPTIONS), where)
+        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm"), where)
         run = _run_options(entry, f"{where}.", defaults)
+        if "slurm" in entry:
+            own_slurm[id(run)] = _resource_fields(entry["slurm"], f"{where}.slurm", base)
         for axis, key in AXES.items():
             if key not in entry and len(axes[axis]) > 1:
                 raise _Problem(where, f"missing {key}; the grid has several {axis}, so name one")
@@ -283,7 +295,17 @@ def _grid(raw, source: str) -> Grid:
         runs.append((run, where))
 
     specs: dict[str, RunSpec] = {}
+    resources: dict[str, Resources] = {}
+    built: dict[tuple, Resources] = {}  # thousands of runs share a handful of resource sets
     for run, where in runs:
+        matched = tuple(i for i, (match, _) in enumerate(rules) if _matches_rule(run, match))
+        own = own_slurm.get(id(run), {})
+        shape = (matched, tuple(sorted((k, repr(v)) for k, v in own.items())))
+        if shape not in built:
+            fields = base.copy()
+            for i in matched:
+                fields.update(rules[i][1])
+            built[shape] = Resources(**{**fields, **own})  # each part was checked on its own where it was written
         recipe, epochs = run.pop("opt"), run.pop("epochs")
         if epochs == recipe.epochs:  # the same run as no override: keep the same run id
             epochs = None
@@ -291,29 +313,74 @@ def _grid(raw, source: str) -> Grid:
             spec = RunSpec(recipe=recipe, epochs=epochs, **run, **shared)
         except ValueError as e:
             raise _Problem(where, str(e)) from None
-        specs.setdefault(spec.run_id, spec)
-    slurm = raw.get("slurm")
-    resources = _resources({} if slurm is None else slurm)
+        if spec.run_id not in specs:
+            specs[spec.run_id] = spec
+            resources[spec.run_id] = built[shape]
     return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source)
 
 
-def _resources(raw) -> Resources:
-    _keys(raw, SLURM_KEYS, "slurm")
+def _matches_rule(run: dict, match: dict[str, list]) -> bool:
+    for key, values in match.items():
+        value = run[key]
+        if key == "opt":
+            value = value.name
+        elif key == "epochs" and value is None:
+            value = run["opt"].epochs  # the recipe's own length
+        if value not in values:
+            return False
+    return True
+
+
+def _rule(raw, where: str, check: dict, known: dict, base: dict) -> tuple[dict[str, list], dict]:
+    """A resources rule: ``match`` (run field -> accepted values) and the resource fields it sets."""
+    _keys(raw, ("match", *SLURM_KEYS), where)
+    if "match" not in raw or not isinstance(raw["match"], dict) or not raw["match"]:
+        raise _Problem(
+            f"{where}.match",
+            f"a rule needs a mapping of run fields to values, e.g. match: {{model: "
+            f"resnet110}}; fields: {', '.join(MATCH_KEYS)}",
+        )
+    _keys(raw["match"], MATCH_KEYS, f"{where}.match")
+    axes = {key: axis for axis, key in AXES.items()}
+    match = {}
+    for key, value in raw["match"].items():
+        values = value if isinstance(value, list) else [value]
+        w = f"{where}.match.{key}"
+        if not values:
+            raise _Problem(w, "an empty list matches no run; name a value or remove the key")
+        if key == "opt":
+            match[key] = [_name(v, [*RECIPES, *known], "recipe", w) for v in values]
+        elif key in axes:
+            match[key] = [check[axes[key]](v, w) for v in values]
+        else:
+            match[key] = [_run_options({key: v}, f"{where}.match.", {})[key] for v in values]
+    fields = {k: v for k, v in raw.items() if k != "match"}
+    if not fields:
+        raise _Problem(
+            where, f"a rule sets some of {', '.join(SLURM_KEYS)} for the runs it matches; this one sets none"
+        )
+    return match, _resource_fields(fields, where, base)
+
+
+def _resource_fields(raw, where: str, base: dict) -> dict:
+    """Resource fields as written at ``where`` (``slurm``, a rule, an include's ``slurm``), checked over ``base``."""
+    _keys(raw, SLURM_KEYS, where)
     if isinstance(raw.get("time"), (int, float)) and not isinstance(raw["time"], bool):
         raise _Problem(
-            "slurm.time",
+            f"{where}.time",
             f"got the bare number {raw['time']!r}; YAML 1.1 reads an unquoted 1:00:00 as "
-            f'the base-60 integer 3600, so quote it, e.g. time: "01:00:00"',
+            f'the base-60 integer 3600, so quote it, e.g. time: "01:00:00" (or time: auto)',
         )
     fields = dict(raw)
     if "extra" in fields:
         if not isinstance(fields["extra"], dict):
-            raise _Problem("slurm.extra", f"must be a mapping of sbatch options to values, got {fields['extra']!r}")
+            raise _Problem(f"{where}.extra", f"must be a mapping of sbatch options to values, got {fields['extra']!r}")
         fields["extra"] = tuple(fields["extra"].items())
     if "setup" in fields and not isinstance(fields["setup"], list):
-        raise _Problem("slurm.setup", f"must be a list of shell lines, got {fields['setup']!r}")
+        raise _Problem(f"{where}.setup", f"must be a list of shell lines, got {fields['setup']!r}")
     try:
-        return Resources(**fields)
+        Resources(**{**base, **fields})
     except ValueError as e:
         field, _, what = str(e).partition(": ")
-        raise _Problem(f"slurm.{field}", what) from None
+        raise _Problem(f"{where}.{field}", what) from None
+    return fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from cifarbench.errors import check_int, check_name
@@ -68,9 +69,14 @@ def _line(value, key: str, bad: set) -> None:
         raise ValueError(f"{key}: {value!r} contains {shown!r}, which is not allowed here")
 
 
+AUTO = "auto"  # time: a limit from the run's estimated duration (cifarbench.cluster.estimate)
+DEFAULT_TIME_MARGIN = 1.5
+
+
 @dataclass(frozen=True, kw_only=True)
 class Resources:
-    """What one SLURM array task asks for, and how the array is run. Every run of a grid gets the same.
+    """What one SLURM array task asks for, and how the array is run. A grid's ``slurm:`` block is the default;
+    its ``resources:`` rules and include entries change fields for some runs.
 
     Invalid values raise ValueError with a message that starts with the field name (``"time: ..."``)."""
 
@@ -80,7 +86,8 @@ class Resources:
     gpus_per_node: int = 1
     cpus_per_task: int = 4
     mem_gb: float | None = None
-    time: str = "04:00:00"
+    time: str = "04:00:00"  # or "auto"
+    time_margin: float = DEFAULT_TIME_MARGIN  # time: auto asks for the estimate times this
     constraint: str | None = None
     array_parallelism: int = 16
     max_requeues: int = 10
@@ -104,8 +111,15 @@ class Resources:
         ):
             raise ValueError(f"mem_gb: must be a positive number of gigabytes, got {self.mem_gb!r}")
         if not isinstance(self.time, str):
-            raise ValueError(f'time: must be a string such as "01:00:00", got {self.time!r}')
-        parse_time(self.time)
+            raise ValueError(f'time: must be a string such as "01:00:00" or "auto", got {self.time!r}')
+        if self.time != AUTO:
+            parse_time(self.time)
+        if (
+            isinstance(self.time_margin, bool)
+            or not isinstance(self.time_margin, (int, float))
+            or not 1 <= self.time_margin <= 100
+        ):
+            raise ValueError(f"time_margin: must be a number from 1 to 100, got {self.time_margin!r}")
         if isinstance(self.setup, str):
             raise ValueError("setup: must be a list of shell lines, not one string")
         object.__setattr__(self, "setup", tuple(self.setup))
@@ -125,6 +139,39 @@ class Resources:
             raise ValueError("extra: mem-per-gpu and mem_gb both set the job's memory; keep one")
 
     @property
+    def seconds(self) -> int:
+        """The time limit in seconds; a limit still "auto" has none until ``cluster.estimate`` sets it."""
+        if self.time == AUTO:
+            raise ValueError("time: auto has no limit until it is estimated")
+        return parse_time(self.time)
+
+    @property
     def timeout_min(self) -> int:
         """The time limit in whole minutes (rounded up), as submitit's ``timeout_min`` wants it."""
-        return -(-parse_time(self.time) // 60)
+        return -(-self.seconds // 60)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {
+            "setup": list(self.setup),
+            "extra": dict(self.extra),
+        }
+
+
+def format_time(seconds: int) -> str:
+    """A SLURM time limit, "HH:MM:SS" or "D-HH:MM:SS" from a day on."""
+    days, rest = divmod(int(seconds), 86400)
+    clock = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock}" if days else clock
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    """The time a run was given: its SLURM limit and, with ``time: auto``, the estimate the limit came from. The
+    job writes it into the record, so that ``collect`` can set estimates against the minutes runs took."""
+
+    time_limit_s: int | None = None
+    estimated_s: float | None = None
+    estimate_source: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -26,13 +26,19 @@ class Arch:
     name: str
     family: str
     depth: int
+    macs: int  # multiply-adds of one forward pass of a 32x32 image, 10 classes (`cifarbench models` measures it)
 
 
+# MACs as torch's flop counter measures them (tests check that they still do)
+_MACS = {
+    20: 40_551_040, 32: 68_862_592, 44: 97_174_144, 56: 125_485_696, 110: 252_887_680, 1202: 2_829_238_912,
+    18: 555_422_720, 34: 1_159_402_496, 50: 1_297_829_888, 101: 2_509_983_744, 152: 3_722_137_600,
+}  # fmt: skip
 ARCHS: dict[str, Arch] = {
     a.name: a
     for a in (
-        *(Arch(name=f"resnet{d}", family="cifar", depth=d) for d in (20, 32, 44, 56, 110, 1202)),
-        *(Arch(name=f"resnet{d}", family="imagenet", depth=d) for d in (18, 34, 50, 101, 152)),
+        *(Arch(name=f"resnet{d}", family="cifar", depth=d, macs=_MACS[d]) for d in (20, 32, 44, 56, 110, 1202)),
+        *(Arch(name=f"resnet{d}", family="imagenet", depth=d, macs=_MACS[d]) for d in (18, 34, 50, 101, 152)),
     )
 }
 

@@ -277,5 +277,31 @@ def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing:
     for t, m in zip(tabs, matches):
         out += ["", f"## {t.title}", "", t.markdown]
         out += ["", comparison(t, m)] if m is not None and len(m) else []
+    timing = time_estimates(runs)
+    out += ["", "## Time estimates", "", timing] if timing else []
     out += ["", "## Missing, failed and lost runs", ""] + (missing or ["None: every run has a completed record."])
     return "\n".join(out) + "\n"
+
+
+def time_estimates(runs: pd.DataFrame) -> str | None:
+    """How good ``time: auto``'s estimates were: per configuration of completed runs that had one, the mean
+    estimated minutes against the minutes measured (training and test passes, without start-up), and the mean
+    time limit asked for. None when no run had an estimate."""
+    done = runs[runs.status.eq("completed") & runs.estimated_s.notna()]
+    if done.empty:
+        return None
+    measured = (done.train_seconds + done.test_seconds.fillna(0)) / 60
+    keys = ["model", "dataset", "recipe", "batch_size"]
+    g = done.assign(estimated=done.estimated_s / 60, measured=measured, limit=done.time_limit_s / 60).groupby(
+        keys, sort=False
+    )
+    cells = _sorted(g.agg(runs=("run_id", "size"), estimated=("estimated", "mean"), measured=("measured", "mean"),
+                          limit=("limit", "mean")).reset_index(), keys)  # fmt: skip
+    body = [
+        [*(str(r[k]) for k in keys), str(r.runs), f"{r.estimated:.1f}", f"{r.measured:.1f}",
+         f"{r.measured / r.estimated:.2f}", f"{r.limit:.0f}"]
+        for _, r in cells.iterrows()
+    ]  # fmt: skip
+    header = [*keys, "runs", "estimated min", "measured min", "measured / estimated", "limit min"]
+    note = "Measured: the training and test passes of every epoch; an estimate also holds two minutes of start-up."
+    return markdown_table(header, body) + "\n\n" + note

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from cifarbench.store import atomic
 from cifarbench.store.layout import Layout
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 SCHEMA_KEY = b"cifarbench.schema"
 SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
 SUMMARY_KEY = b"cifarbench.summary"
@@ -80,8 +80,12 @@ SCHEMA = pa.schema(
         ("lr_curve", _floats),
         ("epoch_seconds", _floats),
         ("train_seconds", pa.float64()),
+        ("test_seconds", pa.float64()),  # spent on the test set, all epochs (record/3)
         ("images_per_s", pa.float64()),
         ("attempts", pa.int32()),
+        ("time_limit_s", pa.int64()),  # the SLURM time limit asked for, seconds; null: local or unknown (record/3)
+        ("estimated_s", pa.float64()),  # the estimated duration that `time: auto` set the limit from (record/3)
+        ("estimate_source", pa.string()),  # where that estimate came from (record/3)
         ("started_at", _ts),
         ("ended_at", _ts),
         # environment
@@ -138,13 +142,22 @@ SUMMARY_FIELDS = (
     "images_per_s",
     "ended_at",
     "error",
+    "test_seconds",
+    "device_name",
+    "time_limit_s",
+    "estimated_s",
 )
 
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
-# SCHEMA without these columns, and a summary without these keys; a reader fills them in.
+# SCHEMA without these columns, and a summary without these keys (nor those OLDER_SUMMARY names); a reader fills
+# them in.
+_SINCE_3 = {"test_seconds": None, "time_limit_s": None, "estimated_s": None, "estimate_source": None}
 OLDER = {
-    1: {"compile": None, "compile_fallback": None},  # before torch.compile: every run trained eagerly
+    1: {"compile": None, "compile_fallback": None, **_SINCE_3},  # before torch.compile: every run trained eagerly
+    2: _SINCE_3,
 }
+# Columns an older record has, but not in its summary: a summary-only reader sees them as null.
+OLDER_SUMMARY: dict[int, dict] = {1: {"device_name": None}, 2: {"device_name": None}}
 _VERSIONS = {f"record/{v}".encode(): v for v in (*OLDER, RECORD_VERSION)}  # schema tag -> version
 READABLE_TAGS = tuple(tag.decode() for tag in _VERSIONS)
 
@@ -219,13 +232,14 @@ def read_summary(path: str | os.PathLike) -> tuple[dict | None, str | None]:
         reader.close()
     tag, version = (meta.metadata or {}).get(SCHEMA_KEY), record_version(meta.metadata)
     if version is not None and meta.num_rows == 1:
-        lacks = OLDER.get(version, {})
+        lacks = OLDER.get(version, {}) | OLDER_SUMMARY.get(version, {})
         try:
             row = json.loads(meta.metadata[SUMMARY_KEY])
             row["ended_at"] = row["ended_at"] and datetime.fromisoformat(row["ended_at"])
         except (KeyError, TypeError, ValueError):
             return None, MISLABELLED
-        ok = row.keys() == set(SUMMARY_FIELDS).difference(lacks) and meta.num_columns == len(SCHEMA) - len(lacks)
+        columns = len(SCHEMA) - len(OLDER.get(version, {}))
+        ok = row.keys() == set(SUMMARY_FIELDS).difference(lacks) and meta.num_columns == columns
         return ({**lacks, **row}, None) if ok else (None, MISLABELLED)
     if tag is None:
         return None, "Parquet files that are not cifarbench records"

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 
 import cifarbench
+from cifarbench.config.resources import Budget
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError
 from cifarbench.store import records
@@ -181,6 +182,7 @@ def _outcome(module: ResNetModule) -> dict:
         "lr_curve": h["lr"],
         "epoch_seconds": h["epoch_seconds"],
         "train_seconds": module._train_seconds,
+        "test_seconds": module._test_seconds,
         "images_per_s": sum(h["images_per_s"]) / len(h["images_per_s"]),
         "attempts": module.attempts,
     }
@@ -206,17 +208,19 @@ def fit(
     num_workers: int | None = None,
     plugins: list | None = None,
     callbacks: list | None = None,
+    budget: Budget | None = None,
 ) -> Path:
     """Train one run (resuming from its last checkpoint if there is one) and write its record.
 
-    A run that raises leaves a ``failed`` record and re-raises. Returns the record's path."""
+    A run that raises leaves a ``failed`` record and re-raises. Returns the record's path. ``budget``: the time
+    the run was given on SLURM, for the record."""
     device = device or default_device()
     _quiet_lightning()
     started = datetime.now(timezone.utc)
     layout = Layout(spec.results)
     folder = layout.run_dir(spec.run_id)
     ckpt = layout.checkpoint(spec.run_id)
-    row = {**spec_fields(spec), "started_at": started, **_environment(device)}
+    row = {**spec_fields(spec), "started_at": started, **_environment(device), **(budget or Budget()).to_dict()}
     module = None
     try:
         data_verified = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)

@@ -15,6 +15,7 @@ import os
 
 import submitit
 
+from cifarbench.config.resources import Budget
 from cifarbench.config.spec import RunSpec
 from cifarbench.store import records
 from cifarbench.store.layout import Layout
@@ -26,7 +27,7 @@ def completed_record(spec: RunSpec) -> dict | None:
     return record if record and record["status"] == "completed" else None
 
 
-def run_one(spec: RunSpec) -> str:
+def run_one(spec: RunSpec, budget: Budget | None = None) -> str:
     """Train ``spec`` unless it already has a completed record (duplicate submissions then cost nothing)."""
     import torch
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -45,30 +46,32 @@ def run_one(spec: RunSpec) -> str:
             print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
             return str(Layout(spec.results).record(spec.run_id))
         plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
-        return str(fit(spec, plugins=plugins))
+        return str(fit(spec, plugins=plugins, budget=budget))
 
 
 class RunJob(submitit.helpers.Checkpointable):
     """The submitit callable for one run (one SLURM array task). Requeued as itself: state lives in last.ckpt."""
 
-    def __init__(self, spec: RunSpec):
+    def __init__(self, spec: RunSpec, budget: Budget | None = None):
         self.spec = spec
+        self.budget = budget
 
     def __call__(self) -> str:
-        return run_one(self.spec)
+        return run_one(self.spec, getattr(self, "budget", None))  # jobs pickled by earlier versions have none
 
 
 class RunSequence(submitit.helpers.Checkpointable):
     """Several runs one after another in one job: local execution keeps one run per device at a time."""
 
-    def __init__(self, specs: list[RunSpec]):
+    def __init__(self, specs: list[RunSpec], budgets: list[Budget] | None = None):
         self.specs = list(specs)
+        self.budgets = list(budgets) if budgets is not None else [None] * len(self.specs)
 
     def __call__(self) -> list[str]:
         paths, errors = [], []
-        for spec in self.specs:
+        for spec, budget in zip(self.specs, getattr(self, "budgets", [None] * len(self.specs))):
             try:
-                paths.append(run_one(spec))
+                paths.append(run_one(spec, budget))
             except Exception as exc:  # the failed record is written; go on with the other runs
                 errors.append(f"{spec.run_id}: {exc}")
         if errors:

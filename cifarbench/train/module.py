@@ -46,6 +46,7 @@ class ResNetModule(L.LightningModule):
         self._sums: torch.Tensor | None = None  # set by _zero_sums before the first step of an epoch
         self._epoch_start = 0.0
         self._train_seconds = 0.0
+        self._test_seconds = 0.0
 
     def forward(self, x):
         if self.spec.compile:
@@ -118,6 +119,7 @@ class ResNetModule(L.LightningModule):
         h["epoch_seconds"].append(now - self._epoch_start)
         h["images_per_s"].append(n_train / train_seconds)
         self._train_seconds += train_seconds
+        self._test_seconds += now - self._train_end
         self.top1.reset()
         if self.top5 is not None:
             self.top5.reset()
@@ -137,6 +139,7 @@ class ResNetModule(L.LightningModule):
             "history": self.history,
             "attempts": self.attempts,
             "train_seconds": self._train_seconds,
+            "test_seconds": self._test_seconds,
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -149,6 +152,7 @@ class ResNetModule(L.LightningModule):
         self.history = saved["history"]
         self.attempts = saved["attempts"] + 1
         self._train_seconds = saved["train_seconds"]
+        self._test_seconds = saved.get("test_seconds", 0.0)  # checkpoints of earlier versions lack it
 
 
 class AtomicLastCheckpoint(L.Callback):
