@@ -285,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run runs that already completed")
     p.add_argument("--retry-failed", action="store_true", help="re-run only failed, cancelled or lost runs")
     p.add_argument("--wait", action="store_true", help="follow the runs until all have ended")
+    p.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="skip the checks of data and cluster limits (for data that only exists on the compute nodes)",
+    )
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("status", help="what became of every run in a results folder")

@@ -5,6 +5,7 @@ per array chunk) or local jobs, and the submission manifest that maps every run 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -193,15 +194,15 @@ def _submit_chunk(ex, chunk: list[Planned], results: Path, grid_source: str | No
     logs = Layout(results).logs
     before = set(os.listdir(logs)) if logs.is_dir() else None
     try:
-        with ex.batch():
+        # submitit prints sbatch's complaint before it raises it: the error below says it once, in one line
+        with contextlib.redirect_stderr(io.StringIO()), ex.batch():
             return [ex.submit(RunJob(p.spec, p.budget)) for p in chunk]
     except (FailedJobError, OSError) as e:
-        if before is not None:
-            for name in set(os.listdir(logs)) - before:
-                with contextlib.suppress(OSError):
-                    (logs / name).unlink()
-        elif logs.is_dir() and not any(logs.iterdir()):
-            logs.rmdir()
+        with contextlib.suppress(OSError):
+            for name in set(os.listdir(logs)) - (before or set()):
+                (logs / name).unlink()
+            if before is None:  # made for this submission, which queued nothing
+                logs.rmdir()
         write_manifest(results, "slurm", grid_source, entries)
         done = f" ({len(entries)} runs were queued before; their manifest is written)" if entries else ""
         raise UsageError(refusal(str(e)) + done) from None

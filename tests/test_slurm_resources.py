@@ -1,0 +1,132 @@
+"""Resources per run on the real local cluster: one array per resource group with the limits SLURM was asked
+for, time: auto from earlier records, and sbatch refusals that leave nothing behind.
+
+Arrays are submitted held (``extra: {hold: true}``) and cancelled at the end of each test: what is checked is
+what SLURM recorded, not training."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from cifarbench.cli import main
+from cifarbench.cluster import estimate
+from cifarbench.config.resources import parse_time
+from cifarbench.store.manifests import read_manifests
+
+pytestmark = pytest.mark.slurm
+
+if (
+    not shutil.which("sbatch")
+    or "UP" not in subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout
+):
+    pytest.skip("no local SLURM cluster (bash slurm/cluster.sh up)", allow_module_level=True)
+
+GRID = """\
+models: [resnet20, resnet32]
+datasets: [synthetic10]
+opts: [step-160]
+batch_sizes: [64]
+seeds: [0, 1]
+epochs: 2
+precision: 32-true
+root: {root}
+results: {results}
+slurm:
+  gpus_per_node: 0
+  cpus_per_task: 1
+  mem_gb: 1
+  time: "00:15:00"
+  extra: {{hold: true}}
+{rules}"""
+
+
+def _queue() -> set[str]:
+    return set(subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split())
+
+
+def _job(array: str) -> dict[str, str]:
+    """``scontrol show job -o`` of a (pending) array: its fields, from the first line."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", array], capture_output=True, text=True, check=True)
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout.splitlines()[0]))
+
+
+@pytest.fixture
+def held(tmp_path, synthetic_root):
+    """Write a grid (format ``rules``), submit it, yield its manifest's arrays; cancel them afterwards."""
+    submitted: list[str] = []
+
+    def submit(rules: str = "", *extra: str) -> dict[str, list[dict]]:
+        path = tmp_path / "grid.yaml"
+        path.write_text(GRID.format(root=synthetic_root, results=tmp_path / "results", rules=rules))
+        assert main(["submit", str(path), *extra]) == 0
+        arrays: dict[str, list[dict]] = {}
+        for entry in read_manifests(tmp_path / "results").values():
+            arrays.setdefault(entry["array_job_id"], []).append(entry)
+        submitted.extend(arrays)
+        return arrays
+
+    yield submit
+    if submitted:
+        subprocess.run(["scancel", *submitted], check=False)
+
+
+def test_two_resource_groups_are_two_arrays_with_their_own_limits(held, capsys):
+    arrays = held('resources: [{match: {model: resnet32}, time: "00:25:00", mem_gb: 2}]\n')
+    out = capsys.readouterr().out
+    assert "group 1: 2 runs, 0 GPU, 1 CPUs, 1 GB, time 00:15:00" in out
+    assert "group 2: 2 runs, 0 GPU, 1 CPUs, 2 GB, time 00:25:00" in out
+    assert len(arrays) == 2
+    seen = {}
+    for array, entries in arrays.items():
+        job = _job(array)
+        models = {e["spec"]["model"] for e in entries}
+        assert len(entries) == 2 and len(models) == 1
+        seen[models.pop()] = (job["TimeLimit"], job["MinMemoryNode"], entries[0]["resources"]["time"])
+    assert seen == {"resnet20": ("00:15:00", "1G", "00:15:00"), "resnet32": ("00:25:00", "2G", "00:25:00")}
+
+
+def test_time_auto_from_earlier_records(held, write_records, tmp_path, capsys):
+    # two completed runs of resnet20 in this results folder, 2 epochs in 30 s of training and 6 s of test each
+    write_records(
+        [
+            {"model": "resnet20", "dataset": "synthetic10", "recipe": "step-160", "batch_size": 64, "seed": s,
+             "epochs": 2, "precision": "32-true", "train_seconds": 30.0, "test_seconds": 6.0, "epochs_done": 2,
+             "test_acc": [0.5, 0.6], "final_test_acc": 0.6, "device_name": "cpu"}
+            for s in (5, 6)
+        ],
+        results=tmp_path / "results",
+    )  # fmt: skip
+    arrays = held("resources: [{match: {model: resnet20}, time: auto, time_margin: 3}]\n")
+    out = capsys.readouterr().out
+    wanted, _ = estimate.time_limit(estimate.START_S + 2 * 18.0, 3, None)
+    limits = {}
+    for array, entries in arrays.items():
+        model = entries[0]["spec"]["model"]
+        limits[model] = parse_time(_job(array)["TimeLimit"])
+        if model == "resnet20":
+            budget = entries[0]["budget"]
+            assert budget["estimated_s"] == pytest.approx(estimate.START_S + 36.0)
+            assert budget["estimate_source"].startswith("records: 2 epochs; 2 records on cpu: 18.0 s/epoch")
+    assert limits == {"resnet20": wanted, "resnet32": 15 * 60}
+    assert "estimates from 2 records" in out and "estimates from 2 prior" in out
+
+
+def test_an_sbatch_refusal_is_one_line_and_leaves_nothing_behind(tmp_path, synthetic_root, capsys):
+    path = tmp_path / "grid.yaml"
+    results = tmp_path / "results"
+    path.write_text(
+        GRID.format(root=synthetic_root, results=results, rules="").replace(
+            "mem_gb: 1", "mem_gb: 1\n  partition: nosuch"
+        )
+    )
+    before = _queue()
+    assert main(["submit", str(path), "--no-preflight"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sbatch refused the job:" in err and "Invalid partition" in err, err
+    assert "sinfo -s" in err and "is the cluster up" not in err
+    assert _queue() == before
+    logs = results / "logs"
+    assert not logs.exists() or not any(logs.rglob("*")), sorted(logs.rglob("*"))
+    assert not (results / "submissions").exists()
