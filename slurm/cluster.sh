@@ -170,7 +170,8 @@ up() {
   wait_for "$TIMEOUT" "node $HOST to become idle" node_ready
   wait_for "$TIMEOUT" sacct sacct -n -X
   echo "slurm cluster '$CLUSTER' up in $((SECONDS - t0))s: node $HOST $(node_state)," \
-    "cpus=$CPUS mem=${MEMORY}M gres=gpu:2, partition debug, accounting via slurmdbd"
+    "cpus=$CPUS mem=${MEMORY}M gres=gpu:2, partitions debug (default) and short (30 min)," \
+    "accounting via slurmdbd"
 }
 
 status() {

@@ -3,12 +3,12 @@
 Every dataset is read by torchvision's own CIFAR reader from the python-pickle layout
 (``cifar-10-batches-py/``, ``cifar-100-python/``). Synthetic copies live in ``<root>/synthetic10/`` and
 ``<root>/synthetic100/`` in exactly that layout, with an ``MD5SUMS`` file that plays the role of
-torchvision's built-in checksums.
+torchvision's built-in checksums. Where the files are and the check that they are intact are in
+``cifarbench.store.datasets``, which needs no torch, so that ``submit`` can check the data before queueing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from torchvision import datasets as tvd
 from torchvision import transforms
 
 from cifarbench.config.spec import DATASETS
-from cifarbench.errors import UsageError
+from cifarbench.store.datasets import FILES, DataError, check_dataset, dataset_folder, md5, missing_message
 from cifarbench.system import usable_cores
 
 MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4867, 0.4408)}
@@ -28,84 +28,17 @@ STD = {10: (0.2023, 0.1994, 0.2010), 100: (0.2675, 0.2565, 0.2761)}
 PAD = 4
 
 
-class DataError(UsageError):
-    """Data that is missing, corrupt or fails its checksums."""
-
-
 @dataclass(frozen=True)
 class _Layout:
     reader: type[tvd.CIFAR10]  # torchvision.datasets.CIFAR10 or CIFAR100 (a subclass of it)
-    subdir: str  # folder under --root that holds reader.base_folder
     num_classes: int
-
-    @property
-    def synthetic(self) -> bool:
-        return bool(self.subdir)
+    synthetic: bool
 
 
-# a synthetic dataset lives in a folder of its own name under the root, in the layout of the real one
 LAYOUTS = {
-    name: _Layout(tvd.CIFAR10 if d.num_classes == 10 else tvd.CIFAR100, name if d.synthetic else "", d.num_classes)
+    name: _Layout(tvd.CIFAR10 if d.num_classes == 10 else tvd.CIFAR100, d.num_classes, d.synthetic)
     for name, d in DATASETS.items()
 }
-
-
-def _folder(dataset: str, root: str | Path) -> Path:
-    layout = LAYOUTS[dataset]
-    return Path(root) / layout.subdir / layout.reader.base_folder
-
-
-def _files(layout: _Layout) -> list[str]:
-    r = layout.reader
-    return [name for name, _ in r.train_list + r.test_list] + [r.meta["filename"]]
-
-
-def _expected_md5(dataset: str, root: str | Path) -> dict[str, str]:
-    layout = LAYOUTS[dataset]
-    if layout.synthetic:
-        sums = _folder(dataset, root) / "MD5SUMS"
-        if not sums.is_file():
-            raise DataError(f"{sums} is missing: re-create the data with `cifarbench data synthetic --root {root}`")
-        # each line is '<md5> <name>'; a list pair (not reversed()'s iterator) is what dict()'s stub accepts
-        return dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
-    r = layout.reader
-    return {**dict(r.train_list + r.test_list), r.meta["filename"]: r.meta["md5"]}
-
-
-def _missing_message(dataset: str, root: str | Path) -> str:
-    fix = (
-        f"cifarbench data synthetic --root {root}"
-        if LAYOUTS[dataset].synthetic
-        else f"cifarbench data download --root {root} --dataset {dataset}"
-    )
-    return f"dataset {dataset} not found in {Path(root).resolve()} (looked for {_folder(dataset, root)}); run `{fix}`"
-
-
-def check_dataset(dataset: str, root: str | Path, *, verify: bool = True) -> bool:
-    """Raise DataError unless every file is present (and, with ``verify``, has its checksum).
-
-    Returns whether the checksums were verified."""
-    folder = _folder(dataset, root)
-    missing = [name for name in _files(LAYOUTS[dataset]) if not (folder / name).is_file()]
-    if missing:
-        raise DataError(_missing_message(dataset, root) + f"; missing: {', '.join(missing)}")
-    if not verify:
-        return False
-    for name, md5 in _expected_md5(dataset, root).items():
-        if _md5(folder / name) != md5:
-            raise DataError(
-                f"checksum mismatch for {folder / name}: re-download it, or pass --no-verify "
-                "(`verify: false` in a grid) to accept a copy in the same layout"
-            )
-    return True
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_split(dataset: str, root: str | Path, *, train: bool, transform=None) -> tvd.CIFAR10:
@@ -119,14 +52,15 @@ def load_split(dataset: str, root: str | Path, *, train: bool, transform=None) -
         {"_check_integrity": lambda self: True, "meta": {**layout.reader.meta, "md5": None}},
     )
     try:
-        return reader(str(Path(root) / layout.subdir), train=train, transform=transform)
+        # torchvision's root is the folder that holds its base folder
+        return reader(str(dataset_folder(dataset, root).parent), train=train, transform=transform)
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(
-            f"cannot read {dataset} in {_folder(dataset, root)}: corrupt file ({type(exc).__name__}: "
+            f"cannot read {dataset} in {dataset_folder(dataset, root)}: corrupt file ({type(exc).__name__}: "
             f"{exc}); re-create or re-download it"
         ) from None
     except FileNotFoundError:
-        raise DataError(_missing_message(dataset, root)) from None
+        raise DataError(missing_message(dataset, root)) from None
 
 
 def load_arrays(dataset: str, root: str | Path, *, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +112,7 @@ def write_synthetic(
     k = layout.num_classes
     rng = np.random.default_rng([seed, k])
     templates = _templates(k, rng)
-    folder = _folder(dataset, root)
+    folder = dataset_folder(dataset, root)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -198,13 +132,13 @@ def write_synthetic(
             "filenames": names,
         }
 
-    r = layout.reader
-    train_files = [name for name, _ in r.train_list]
+    files = FILES[dataset].layout
+    train_files = [name for name, _ in files.train_list]
     sizes = [train_size // len(train_files) + (i < train_size % len(train_files)) for i in range(len(train_files))]
     contents = {name: batch(size, f"training batch {i + 1}") for i, (name, size) in enumerate(zip(train_files, sizes))}
-    contents[r.test_list[0][0]] = batch(test_size, "testing batch")
+    contents[files.test_list[0][0]] = batch(test_size, "testing batch")
     names = [f"class_{c:03d}" for c in range(k)]
-    contents[r.meta["filename"]] = (
+    contents[files.meta[0]] = (
         {"label_names": names, "num_cases_per_batch": sizes[0], "num_vis": 3072}
         if k == 10
         else {"fine_label_names": names, "coarse_label_names": names[: k // 5]}
@@ -212,7 +146,7 @@ def write_synthetic(
     for name, obj in contents.items():
         with open(folder / name, "wb") as fh:
             pickle.dump(obj, fh, protocol=2)
-    (folder / "MD5SUMS").write_text("".join(f"{_md5(folder / n)}  {n}\n" for n in contents))
+    (folder / "MD5SUMS").write_text("".join(f"{md5(folder / n)}  {n}\n" for n in contents))
     return folder
 
 

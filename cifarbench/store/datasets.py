@@ -1,0 +1,170 @@
+"""Where each dataset lives on disk, and the check that its files are there and intact, without torch.
+
+The real datasets use torchvision's python-pickle layout (``<root>/cifar-10-batches-py/``,
+``<root>/cifar-100-python/``) with the published checksums, file for file as torchvision's ``CIFAR10`` and
+``CIFAR100`` list them. A synthetic dataset lives in ``<root>/<name>/`` in the layout of the real one with the
+same number of classes, and its checksums are in the ``MD5SUMS`` file beside its data.
+
+Hashing CIFAR takes seconds and every run checks its data, so md5s are cached in ``.cifarbench-md5.json`` in the
+data's folder, keyed by file name, size and modification time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cifarbench.config.spec import DATASETS
+from cifarbench.errors import UsageError
+from cifarbench.store.atomic import write_text
+
+CACHE_NAME = ".cifarbench-md5.json"
+
+
+class DataError(UsageError):
+    """Data that is missing, corrupt or fails its checksums."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CifarLayout:
+    """A folder of CIFAR pickles: its name, and each file with the published md5 of the real data set."""
+
+    base_folder: str
+    train_list: tuple[tuple[str, str], ...]
+    test_list: tuple[tuple[str, str], ...]
+    meta: tuple[str, str]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.train_list + self.test_list) + (self.meta[0],)
+
+    @property
+    def md5s(self) -> dict[str, str]:
+        return dict(self.train_list + self.test_list + (self.meta,))
+
+
+CIFAR10 = CifarLayout(
+    base_folder="cifar-10-batches-py",
+    train_list=(
+        ("data_batch_1", "c99cafc152244af753f735de768cd75f"),
+        ("data_batch_2", "d4bba439e000b95fd0a9bffe97cbabec"),
+        ("data_batch_3", "54ebc095f3ab1f0389bbae665268c751"),
+        ("data_batch_4", "634d18415352ddfa80567beed471001a"),
+        ("data_batch_5", "482c414d41f54cd18b22e5b47cb7c3cb"),
+    ),
+    test_list=(("test_batch", "40351d587109b95175f43aff81a1287e"),),
+    meta=("batches.meta", "5ff9c542aee3614f3951f8cda6e48888"),
+)
+CIFAR100 = CifarLayout(
+    base_folder="cifar-100-python",
+    train_list=(("train", "16019d7e3df5f24257cddd939b257f8d"),),
+    test_list=(("test", "f0ef6b0ae62326f3e7ffdfab6717acfc"),),
+    meta=("meta", "7973b15100ade9c7d40fb424638fde48"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetFiles:
+    name: str
+    layout: CifarLayout
+    synthetic: bool
+
+    def folder(self, root: str | Path) -> Path:
+        return Path(root) / (self.name if self.synthetic else "") / self.layout.base_folder
+
+
+FILES = {
+    name: DatasetFiles(name=name, layout=CIFAR10 if d.num_classes == 10 else CIFAR100, synthetic=d.synthetic)
+    for name, d in DATASETS.items()
+}
+
+
+def dataset_folder(dataset: str, root: str | Path) -> Path:
+    return FILES[dataset].folder(root)
+
+
+def missing_message(dataset: str, root: str | Path) -> str:
+    fix = (
+        f"cifarbench data synthetic --root {root}"
+        if FILES[dataset].synthetic
+        else f"cifarbench data download --root {root} --dataset {dataset}"
+    )
+    folder = dataset_folder(dataset, root)
+    return f"dataset {dataset} not found in {Path(root).resolve()} (looked for {folder}); run `{fix}`"
+
+
+def check_dataset(dataset: str, root: str | Path, *, verify: bool = True) -> bool:
+    """Raise DataError unless every file is present (and, with ``verify``, has its checksum).
+
+    Returns whether the checksums were verified."""
+    folder = dataset_folder(dataset, root)
+    missing = [name for name in FILES[dataset].layout.files if not (folder / name).is_file()]
+    if missing:
+        raise DataError(missing_message(dataset, root) + f"; missing: {', '.join(missing)}")
+    if not verify:
+        return False
+    expected = _expected_md5(dataset, root)
+    actual = _cached_md5s(folder, list(expected))
+    for name, md5 in expected.items():
+        if actual[name] != md5:
+            raise DataError(
+                f"checksum mismatch for {folder / name}: re-download it, or pass --no-verify "
+                "(`verify: false` in a grid) to accept a copy in the same layout"
+            )
+    return True
+
+
+def _expected_md5(dataset: str, root: str | Path) -> dict[str, str]:
+    files = FILES[dataset]
+    if not files.synthetic:
+        return files.layout.md5s
+    sums = files.folder(root) / "MD5SUMS"
+    if not sums.is_file():
+        raise DataError(f"{sums} is missing: re-create the data with `cifarbench data synthetic --root {root}`")
+    # each line is '<md5> <name>'; a list pair (not reversed()'s iterator) is what dict()'s stub accepts
+    return dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
+
+
+def md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_md5s(folder: Path, names: list[str]) -> dict[str, str]:
+    """The md5 of each file in ``folder``, hashing only those whose size or modification time differ from when
+    the cache last saw them. The cache is rewritten when anything was hashed; a folder we may not write to
+    (shared, read-only data) is simply hashed every time."""
+    cache_path = folder / CACHE_NAME
+    cache = _read_cache(cache_path)
+    entries, sums = {}, {}
+    for name in names:
+        st = os.stat(folder / name)  # before hashing: a file rewritten meanwhile gets a new key, so is hashed again
+        seen = cache.get(name)
+        if (
+            isinstance(seen, dict)
+            and (seen.get("size"), seen.get("mtime_ns")) == (st.st_size, st.st_mtime_ns)
+            and isinstance(seen.get("md5"), str)
+        ):
+            sums[name] = seen["md5"]
+        else:
+            sums[name] = md5(folder / name)
+        entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "md5": sums[name]}
+    if entries != cache:
+        with contextlib.suppress(OSError):
+            write_text(cache_path, json.dumps(entries, indent=1, sort_keys=True) + "\n")
+    return sums
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
