@@ -21,7 +21,7 @@ from cifarbench.config.spec import (
     RunSpec,
     get_recipe,
 )
-from cifarbench.errors import UsageError, check_int, check_name
+from cifarbench.errors import Problems, UsageError, check_int, check_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +89,7 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from cifarbench.cluster import estimate, queue, status, submit
+    from cifarbench.cluster import estimate, preflight, queue, status, submit
     from cifarbench.config.grid import load_grid
 
     grid = load_grid(args.grid)
@@ -103,10 +103,20 @@ def _cmd_submit(args) -> int:
         + (f", {len(plan.skipped_other)} not failed" if args.retry_failed else "")
         + f"; {len(plan.submit)} to submit"
     )
-    planned = estimate.plan_times(plan.submit, grid.resources, grid.results)
-    size = queue.max_array_size() if queue.slurm_available() and args.executor != "local" else len(planned) or 1
+    on_slurm = args.executor == "slurm" or (args.executor == "auto" and queue.slurm_available())
+    limits = None
+    if on_slurm and plan.submit and not args.no_preflight:  # the cluster's limits: three calls for the whole grid
+        resources = [grid.resources[s.run_id] for s in plan.submit]
+        limits = preflight.read_limits(accounting=any(r.account or r.qos for r in resources))
+    max_time = preflight.max_times(limits) if limits else None
+    planned = estimate.plan_times(plan.submit, grid.resources, grid.results, max_time=max_time)
+    size = queue.max_array_size() if on_slurm else len(planned) or 1
     for line in submit.describe(planned, max_array_size=size) if planned else ():
         print(line)
+    if not args.no_preflight:
+        problems = preflight.problems(planned, limits)
+        if problems:
+            raise Problems([*problems, "nothing was submitted (--no-preflight skips these checks)"])
     if args.dry_run:
         skipped = {
             s.run_id: why
@@ -355,5 +365,6 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UsageError as exc:
-        print(f"cifarbench: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # several problems: one line each
+            print(f"cifarbench: error: {line}", file=sys.stderr)
         return 2

@@ -10,6 +10,14 @@ class UsageError(Exception):
     """An error the user caused; the CLI prints str(e) as one line and exits 2."""
 
 
+class Problems(UsageError):
+    """Several errors at once (each one line), found before anything was done."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
 class GridError(UsageError):
     """A grid file that cannot be turned into run specs: ``<file>: <where>: <what is wrong and what to do>``."""
 

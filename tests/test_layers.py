@@ -29,18 +29,22 @@ def _commands_in_a_fresh_interpreter(argvs: list[list[str]], cwd) -> dict:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1]) | {"stderr": out.stderr}
 
 
-def test_status_submit_dry_run_and_collect_never_import_the_training_stack(write_records, tmp_path):
-    results = write_records([{"seed": 0}, {"seed": 1}, {"seed": 2, "status": "failed", "error": "boom"}])
+def test_status_submit_dry_run_and_collect_never_import_the_training_stack(write_records, tmp_path, synthetic_root):
+    results = write_records(
+        [{"seed": 0}, {"seed": 1}, {"seed": 2, "dataset": "synthetic10", "status": "failed", "error": "boom"}]
+    )
     running = RunSpec(model="resnet20", dataset="cifar10", recipe=get_recipe("step-200"), batch_size=64, seed=3)
     entry = {"run_id": running.run_id, "job_id": "999999", "array_job_id": "999999", "array_index": 0}
     write_manifest(results, "local", None, [{**entry, "stderr": "x", "spec": running.to_dict()}])
     grid = tmp_path / "grid.yaml"
     grid.write_text(
-        f"models: [resnet20, resnet56]\ndatasets: [cifar10]\nopts: [step-200]\nbatch_sizes: [64]\n"
-        f"seeds: [0, 1, 2, 3]\nresults: {results}\n"
+        f"models: [resnet20, resnet56]\ndatasets: [cifar10, synthetic10]\nopts: [step-200]\nbatch_sizes: [64]\n"
+        f"seeds: [0, 1, 2, 3]\nresults: {results}\nroot: {synthetic_root}\nverify: false\n"
+        "exclude: [{dataset: cifar10, seed: 2}, {dataset: cifar10, seed: 3}, {model: resnet56, dataset: cifar10}]\n"
+        "slurm: {gpus_per_node: 0, cpus_per_task: 1, time: auto}\n"
     )
     found = _commands_in_a_fresh_interpreter(
         [
@@ -52,10 +56,10 @@ def test_status_submit_dry_run_and_collect_never_import_the_training_stack(write
         ],
         cwd=tmp_path,
     )
-    assert found == {"codes": [0, 0, 0, 0, 0], "loaded": []}
+    assert (found["codes"], found["loaded"]) == ([0, 0, 0, 0, 0], []), found["stderr"]
 
 
 def test_the_training_commands_do_import_it(tmp_path):
     # the probe can see torch when it is loaded: `models` builds the networks
     found = _commands_in_a_fresh_interpreter([["models", "--json"]], cwd=tmp_path)
-    assert found["codes"] == [0] and "torch" in found["loaded"]
+    assert found["codes"] == [0] and "torch" in found["loaded"], found["stderr"]

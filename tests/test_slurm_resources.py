@@ -130,3 +130,51 @@ def test_an_sbatch_refusal_is_one_line_and_leaves_nothing_behind(tmp_path, synth
     logs = results / "logs"
     assert not logs.exists() or not any(logs.rglob("*")), sorted(logs.rglob("*"))
     assert not (results / "submissions").exists()
+
+
+def test_time_auto_is_capped_at_the_partitions_max_time(held, capsys):
+    arrays = held("resources: [{match: {model: resnet32}, partition: short, time: auto, time_margin: 100}]\n")
+    out = capsys.readouterr().out
+    assert "warning: group 2's runs are estimated to need more than the partition's MaxTime" in out
+    limits = {entries[0]["spec"]["model"]: _job(array)["TimeLimit"] for array, entries in arrays.items()}
+    assert limits == {"resnet20": "00:15:00", "resnet32": "00:30:00"}
+
+
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ("root: {root}", "root: {root}/elsewhere", "dataset synthetic10 not found in"),
+        (
+            "  mem_gb: 1\n",
+            "  mem_gb: 1\n  partition: shrot\n",
+            "no partition 'shrot' on this cluster (did you mean 'short'?)",
+        ),
+        ('  time: "00:15:00"', '  partition: short\n  time: "01:00:00"', "is longer than partition 'short' allows"),
+        ("  cpus_per_task: 1", "  cpus_per_task: 64", "have at most"),
+        ("  mem_gb: 1\n", "  mem_gb: 1\n  qos: nosuchqos\n", "unknown QOS 'nosuchqos'"),
+    ],
+    ids=["missing-data", "unknown-partition", "over-max-time", "too-many-cpus", "unknown-qos"],
+)
+def test_a_grid_the_cluster_cannot_run_is_refused_before_anything_is_queued(
+    tmp_path, synthetic_root, capsys, old, new, expected
+):
+    text = GRID.replace(old, new).format(root=synthetic_root, results=tmp_path / "results", rules="")
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    before = _queue()
+    assert main(["submit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and err.rstrip().endswith("nothing was submitted (--no-preflight skips these checks)")
+    assert all(line.startswith("cifarbench: error: ") for line in err.splitlines())
+    assert _queue() == before and not (tmp_path / "results" / "submissions").exists()
+
+
+def test_a_typo_in_a_rule_is_a_did_you_mean(tmp_path, synthetic_root, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text(GRID.format(root=synthetic_root, results=tmp_path / "results",
+                                rules="resources: [{match: {modle: resnet20}, time: auto}]\n"))  # fmt: skip
+    before = _queue()
+    assert main(["submit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown key 'modle' (did you mean 'model'?)" in err
+    assert _queue() == before

@@ -12,8 +12,10 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cifarbench.cluster.estimate import Planned
 from cifarbench.config.resources import Resources, parse_time
 from cifarbench.errors import UsageError, did_you_mean
+from cifarbench.store.datasets import DataError, check_dataset
 
 # --all: hidden partitions take jobs too, and without it scontrol leaves them out
 PARTITIONS_CMD = ["scontrol", "--all", "--oneliner", "show", "partition"]
@@ -307,3 +309,32 @@ def _list(names: Iterable[str]) -> str:
     names = sorted(names)
     more = f", ... ({len(names)} in all)" if len(names) > _LISTED else ""
     return ", ".join(names[:_LISTED]) + more
+
+
+# --- a submission's checks --------------------------------------------------------------------------------------
+
+
+def max_times(limits: ClusterLimits) -> dict[str | None, int | None]:
+    """Partition name (None: the default one) -> its MaxTime in seconds (None: no limit), for ``time: auto``."""
+    out: dict[str | None, int | None] = {name: p.max_time for name, p in limits.partitions.items()}
+    default = limits.partition(None)
+    out[None] = default.max_time if default else None
+    return out
+
+
+def problems(planned: Iterable[Planned], limits: ClusterLimits | None, *, data: bool = True) -> list[str]:
+    """Everything that would make these runs fail once queued: resources this cluster refuses or cannot run
+    (with ``limits``), and data missing or corrupt under the runs' roots as this host sees them (with ``data``).
+    Each resource set and each dataset is checked once, however many runs share it."""
+    planned = list(planned)
+    out = []
+    if limits is not None:
+        for resources in dict.fromkeys(p.resources for p in planned):
+            out += [p for p in check_resources(resources, limits) if p not in out]
+    if data:
+        for dataset, root, verify in dict.fromkeys((p.spec.dataset, p.spec.data_root, p.spec.verify) for p in planned):
+            try:
+                check_dataset(dataset, root, verify=verify)
+            except DataError as e:
+                out.append(str(e))
+    return out

@@ -1,0 +1,235 @@
+"""How long the commands a researcher types all day take on a big grid: status, submit --dry-run, submit.
+
+    python scripts/bench_control.py [--runs 5040] [--repeat 3] [--submit]
+
+Builds a grid of ``--runs`` runs (8 models x 2 datasets x 3 recipes x 3 batch sizes x as many seeds as it takes)
+and a results folder in which three quarters of them have a record and all of them a SLURM manifest entry
+(array jobs that SLURM no longer knows: one sacct call answers for all). Each command runs in a fresh process,
+``--repeat`` times; the median wall time is printed beside two baselines measured in the same run: a bare
+interpreter start and the import of the training stack (torch + lightning), which the control plane no longer
+pays for.
+
+``--submit`` (needs the local cluster: ``bash slurm/cluster.sh up``) also submits the whole grid to SLURM for
+real, held (``--hold``, released never: the arrays are cancelled right after), into an empty results folder,
+and breaks the submission's wall time down: start-up (imports), expanding the grid, planning (status of every
+run), submitit writing one pickle per run and moving it into place, the sbatch calls, and the rest (cifarbench's
+own work: manifest, executor set-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_collect import BATCH_SIZES, DATASETS, MODELS, synthetic_table, write_records
+
+RECIPES = ["step-160", "step-200", "cos-200"]
+
+
+# three resource groups: the default, the deep CIFAR ResNet, and the ImageNet-style ones
+RULES = """resources:
+  - match: {model: resnet110}
+    time: "04:00:00"
+  - match: {model: [resnet18, resnet34, resnet50]}
+    mem_gb: 2
+"""
+
+
+def grid_text(runs: int, results: Path, data: Path, *, hold: bool = False) -> str:
+    configs = len(MODELS) * len(DATASETS) * len(RECIPES) * len(BATCH_SIZES)
+    seeds = math.ceil(runs / configs)
+    extra = ", extra: {hold: true}" if hold else ""
+    return (
+        f"models: [{', '.join(MODELS)}]\ndatasets: [{', '.join(DATASETS)}]\nopts: [{', '.join(RECIPES)}]\n"
+        f"batch_sizes: [{', '.join(map(str, BATCH_SIZES))}]\nseeds: [{', '.join(map(str, range(seeds)))}]\n"
+        f"results: {results}\nroot: {data}\nverify: false\n"
+        f'slurm: {{gpus_per_node: 1, cpus_per_task: 1, mem_gb: 1, time: "01:00:00"{extra}}}\n{RULES}'
+    )
+
+
+def write_data(root: Path) -> None:
+    """Tiny stand-ins of CIFAR-10 and CIFAR-100 in their real layout (the grid reads them with verify: false),
+    so that the preflight's data check finds them."""
+    from cifarbench.train import data
+
+    for name, real in (("synthetic10", "cifar-10-batches-py"), ("synthetic100", "cifar-100-python")):
+        folder = data.write_synthetic(name, root, train_size=50, test_size=10)
+        (root / real).symlink_to(folder)
+
+
+def fill_results(grid: Path, results: Path, with_records: int) -> int:
+    """Records for the first ``with_records`` runs, a manifest entry (a long-gone SLURM array) for every run."""
+    from cifarbench.config.grid import load_grid
+    from cifarbench.store.layout import Layout
+
+    specs = load_grid(grid).specs
+    table = synthetic_table(with_records)  # the same runs, in another order: the same ids
+    write_records(table, results)
+    entries = [
+        {
+            "run_id": s.run_id,
+            "job_id": f"{990000 + i // 1000}_{i % 1000}",
+            "array_job_id": str(990000 + i // 1000),
+            "array_index": i % 1000,
+            "stdout": "/dev/null",
+            "stderr": "/dev/null",
+            "spec": s.to_dict(),
+        }
+        for i, s in enumerate(specs)
+    ]
+    yesterday = (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()
+    folder = Layout(results).submissions
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"submitted_at": yesterday, "executor": "slurm", "grid": str(grid), "results": str(results)}
+    (folder / "20250101T000000000000-1.json").write_text(json.dumps({**manifest, "runs": entries}))
+    return len(specs)
+
+
+def wall(argv: list[str], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def submit_breakdown(grid: Path) -> dict[str, float]:
+    """Submit ``grid`` in this process, timing each phase; returns seconds per phase and the job ids."""
+    import submitit
+    from submitit.core import utils
+
+    spent = {"sbatch": 0.0, "pickles": 0.0, "moves": 0.0}
+
+    def timed(owner, name, key):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+
+    timed(utils.CommandFunction, "__call__", "sbatch")
+    timed(utils.DelayedSubmission, "dump", "pickles")
+    timed(utils.JobPaths, "move_temporary_file", "moves")
+    assert submitit  # imported: its import is part of start-up, measured apart
+
+    from cifarbench.cluster import estimate, preflight, status, submit
+    from cifarbench.config.grid import load_grid
+
+    t0 = time.perf_counter()
+    g = load_grid(grid)
+    t1 = time.perf_counter()
+    plan = submit.plan(list(g.specs), status.state_map(g.results, list(g.specs)))
+    limits = preflight.read_limits(accounting=False)
+    planned = estimate.plan_times(plan.submit, g.resources, g.results, max_time=preflight.max_times(limits))
+    assert not preflight.problems(planned, limits)
+    t2 = time.perf_counter()
+    manifest = submit.submit(planned, g.results, executor="slurm", grid_source=str(grid))
+    t3 = time.perf_counter()
+    arrays = sorted({e["array_job_id"] for e in manifest["runs"]})
+    subprocess.run(["scancel", *arrays], check=False)
+    rest = (t3 - t2) - sum(spent.values())
+    return {
+        "expand": t1 - t0,
+        "plan": t2 - t1,
+        "submit": t3 - t2,
+        **spent,
+        "cifarbench": rest,
+        "arrays": len(arrays),
+        "runs": len(manifest["runs"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5040)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--submit", action="store_true", help="also submit the grid for real (held, then cancelled)")
+    args = parser.parse_args()
+    py = sys.executable
+    tmp = Path(tempfile.mkdtemp(prefix="cifarbench-bench-control-"))
+    try:
+        write_data(tmp / "data")
+        results = tmp / "results"
+        grid = tmp / "grid.yaml"
+        grid.write_text(grid_text(args.runs, results, tmp / "data"))
+        n = fill_results(grid, results, with_records=args.runs * 3 // 4)
+        print(f"grid: {n} runs; results: {args.runs * 3 // 4} records, a manifest entry for every run")
+        print(
+            f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (1 min); median of "
+            f"{args.repeat} fresh processes"
+        )
+        bare = wall([py, "-c", "pass"], args.repeat)
+        stack = wall([py, "-c", "import torch, lightning"], args.repeat)
+        rows = [
+            ("python -c pass (baseline)", bare),
+            ("import torch, lightning (baseline)", stack),
+            ("cifarbench status", wall([py, "-m", "cifarbench", "status", str(results)], args.repeat)),
+            ("cifarbench status --json", wall([py, "-m", "cifarbench", "status", str(results), "--json"], args.repeat)),
+            (
+                "cifarbench submit --dry-run",
+                wall([py, "-m", "cifarbench", "submit", str(grid), "--dry-run"], args.repeat),
+            ),
+            (
+                "cifarbench collect --no-plots",
+                wall([py, "-m", "cifarbench", "collect", str(results), "--no-plots"], args.repeat),
+            ),
+        ]
+        print(f"\n{'command':<36} {'wall s':>7} {'x torch import':>15}")
+        for name, seconds in rows:
+            print(f"{name:<36} {seconds:>7.2f} {seconds / stack:>15.2f}")
+        if args.submit:
+            if not shutil.which("sbatch"):
+                sys.exit("--submit needs sbatch on the PATH (bash slurm/cluster.sh up)")
+            fresh = tmp / "fresh"
+            held = tmp / "held.yaml"
+            held.write_text(grid_text(args.runs, fresh / "results", tmp / "data", hold=True))
+            start_up = (
+                wall(
+                    [py, "-c", "import cifarbench.cli, cifarbench.cluster.submit, cifarbench.config.grid"], args.repeat
+                )
+                - bare
+            )
+            out = subprocess.run([py, __file__, "--_breakdown", str(held)], capture_output=True, text=True, check=True)
+            b = json.loads(out.stdout.strip().splitlines()[-1])
+            own = start_up + b["expand"] + b["plan"] + b["cifarbench"]
+            print(f"\nsubmit of {b['runs']} runs: {b['arrays']} arrays, {b['arrays']} sbatch calls")
+            for name, seconds in (
+                ("start-up (imports)", start_up),
+                ("expand the grid", b["expand"]),
+                ("plan (status, estimates, preflight)", b["plan"]),
+                ("submitit: one pickle per run", b["pickles"]),
+                ("submitit: move pickles into place", b["moves"]),
+                ("sbatch calls", b["sbatch"]),
+                ("cifarbench's own rest", b["cifarbench"]),
+            ):
+                print(f"  {name:<36} {seconds:>7.2f}")
+            print(f"  {'all but sbatch and submitit files':<36} {own:>7.2f}")
+    finally:
+        if os.environ.get("KEEP"):
+            print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--_breakdown":  # the submission, in a process of its own
+        print(json.dumps(submit_breakdown(Path(sys.argv[2]))))
+    else:
+        main()
