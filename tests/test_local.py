@@ -48,7 +48,7 @@ def test_local_submit_wait_status_and_resubmit(synthetic_root, tmp_path, capsys)
     assert main(["submit", str(grid), "--executor", "local"]) == 0
     assert "2 already completed" in capsys.readouterr().out and len(list((results / "submissions").glob("*.json"))) == 1
     grown = _grid(tmp_path, synthetic_root, seeds="[0, 1, 2]")
-    assert main(["submit", str(grown), "--dry-run"]) == 0
+    assert main(["submit", str(grown), "--dry-run", "--executor", "local"]) == 0
     out = capsys.readouterr().out
     assert "1 to submit" in out and out.count("skip (completed)") == 2
     assert main(["status", str(results), "--grid", str(grown)]) == 0
@@ -71,7 +71,8 @@ batch_sizes: [64]
 root: {tmp_path / "no-data-here"}
 results: {tmp_path / "results"}
 """)
-    assert main(["submit", str(grid), "--executor", "local", "--wait"]) == 1
+    # the data exists only on "compute nodes": the preflight is skipped, and the job fails with a record
+    assert main(["submit", str(grid), "--executor", "local", "--wait", "--no-preflight"]) == 1
     out = capsys.readouterr().out
     assert "failed: 1" in out and "DataError: dataset synthetic100 not found" in out
     [run] = status.collect_status(str(tmp_path / "results"))

@@ -224,7 +224,7 @@ def test_groups_describe_runs_resources_and_hours(tmp_path):
     assert [len(members) for members in submit.groups(planned).values()] == [4, 2]
     lines = submit.describe(planned, max_array_size=3)
     assert lines[0].startswith("group 1: 4 runs, 1 GPU, 4 CPUs, 16 GB, time 04:00:00, partition gpu; 2 arrays;")
-    assert "reserved 16.0 GPU-h" in lines[0] and "estimates from 4 prior" in lines[0]
+    assert "reserved 16.0 GPU-h" in lines[0] and "estimates: 4 from prior" in lines[0]
     assert lines[1].startswith("group 2: 2 runs, 2 GPU") and "reserved 192.0 GPU-h" in lines[1]
     assert lines[-1].startswith("total: 6 runs in 2 groups, 3 arrays;") and "reserved GPU-h 208.0" in lines[-1]
 

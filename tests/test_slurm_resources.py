@@ -110,7 +110,7 @@ def test_time_auto_from_earlier_records(held, write_records, tmp_path, capsys):
             assert budget["estimated_s"] == pytest.approx(estimate.START_S + 36.0)
             assert budget["estimate_source"].startswith("records: 2 epochs; 2 records on cpu: 18.0 s/epoch")
     assert limits == {"resnet20": wanted, "resnet32": 15 * 60}
-    assert "estimates from 2 records" in out and "estimates from 2 prior" in out
+    assert "estimates: 2 from records" in out and "estimates: 2 from prior" in out
 
 
 def test_an_sbatch_refusal_is_one_line_and_leaves_nothing_behind(tmp_path, synthetic_root, capsys):

@@ -208,6 +208,10 @@ def _submit_chunk(ex, chunk: list[Planned], results: Path, grid_source: str | No
         raise UsageError(refusal(str(e)) + done) from None
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 def _hours(planned: list[Planned], seconds) -> tuple[float, str]:
     """Device-hours of ``planned`` (all of one group): GPU-hours, or CPU core-hours where no GPU is asked for."""
     r = planned[0].resources
@@ -237,7 +241,7 @@ def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
             f"{r.cpus_per_task} CPUs, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
             + (f", constraint {r.constraint}" if r.constraint else "")
             + f"; {n_arrays} array{'s' * (n_arrays != 1)}; estimated {estimated:.1f} {unit}, reserved "
-            f"{reserved:.1f} {unit}; estimates from " + ", ".join(f"{n} {src}" for src, n in sources.items())
+            f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
         if any(p.capped for p in members):
             lines.append(
@@ -248,5 +252,5 @@ def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
             totals[key] = totals.get(key, 0.0) + value
     hours = ", ".join(f"{k} {v:.1f}" for k, v in totals.items())
     groups_n = len(groups(planned))
-    lines.append(f"total: {len(planned)} runs in {groups_n} group{'s' * (groups_n != 1)}, {arrays} arrays; {hours}")
+    lines.append(f"total: {_n(len(planned), 'run')} in {_n(groups_n, 'group')}, {_n(arrays, 'array')}; {hours}")
     return lines
