@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU check, unattended, in at most 8 minutes: cifarbench's throughput levers, a short real fit (fast path,
+# torchvision baseline loader, compiled with CUDA graphs), the packing and fusion benchmarks (reported as not
+# implemented until they are) and a 5-run grid through `submit --executor local --wait` and `collect`. Each part
+# runs in subprocesses with a time cap, so one that fails or hangs leaves the others. Everything lands directly
+# in OUT_DIR: summary.md, tables.parquet, env.json, log.txt.
+#
+#   bash scripts/gpu_check.sh OUT_DIR [--smoke] [--budget SECONDS] [--only levers,fit,pack,grid]
+#
+# cifarbench runs from this tree (PYTHONPATH; nothing is pip-installed) with the python3 on the PATH, which must
+# hold torch, torchvision, lightning, torchmetrics, pandas, pyarrow, matplotlib and pyyaml. submitit, which only
+# the grid part needs, is installed from wheels in .whl/ when python3 lacks it: a machine without network access
+# gets them from this tree. Prepare them once, in the repo root, on a machine that has network access:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       submitit==$(.venv/bin/python -c 'import submitit; print(submitit.__version__)')
+#
+# (add cloudpickle and typing_extensions the same way for a python3 that lacks them). Without submitit and
+# without its wheel, the grid part is skipped with a note and the others run.
+#
+# --smoke runs the same code paths at CPU size (tests/test_gpu_check.py). Exit code: 0 when the files were
+# written, whatever the parts did (summary.md says); 2 when OUT_DIR cannot be written or the arguments are wrong.
+set -u
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+    echo "usage: bash scripts/gpu_check.sh OUT_DIR [--smoke] [--budget SECONDS] [--only PARTS]" >&2
+    exit 2
+fi
+setup=$(mktemp -d "${TMPDIR:-/tmp}/cifarbench-gpu-check-setup.XXXXXX") || exit 2
+trap 'rm -rf "$setup"' EXIT
+site=$setup/site
+log=$setup/setup.log
+
+wheels=("$root"/.whl/*.whl)
+if python3 -c 'import submitit' 2>/dev/null; then
+    echo "set-up: submitit $(python3 -c 'import submitit; print(submitit.__version__)') is installed" >"$log"
+elif [ -e "${wheels[0]}" ]; then
+    if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+        "${wheels[@]}" >"$log" 2>&1; then
+        echo "set-up: installed $(cd "$root/.whl" && echo *.whl) from .whl/ into $site" >>"$log"
+    else
+        echo "set-up: pip could not install .whl/ (output above); the grid part will be skipped" >>"$log"
+    fi
+else
+    echo "set-up: submitit is not installed and .whl/ holds no wheels; the grid part will be skipped" >"$log"
+fi
+
+export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
+python3 -m cifarbench.gpu_check "$@" --setup-log "$log"
