@@ -89,29 +89,33 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from cifarbench.cluster import estimate, preflight, queue, status, submit
+    from cifarbench.cluster import estimate, plan, preflight, queue, status
     from cifarbench.config.grid import load_grid
+    from cifarbench.store import scan
 
     grid = load_grid(args.grid)
     if args.force and args.retry_failed:
         raise UsageError("--force re-runs everything; --retry-failed only failed runs: pick one")
     specs = list(grid.specs)
-    plan = submit.plan(specs, status.state_map(grid.results, specs), force=args.force, retry_failed=args.retry_failed)
+    # the records' summaries, read once for both the plan and the time estimates
+    summaries = scan.summaries(grid.results, tuple(dict.fromkeys(status.FIELDS + estimate.RECORD_FIELDS)))
+    states = status.state_map(grid.results, specs, summaries=summaries)
+    todo = plan.plan(specs, states, force=args.force, retry_failed=args.retry_failed)
     print(
-        f"{args.grid}: {len(specs)} runs; {len(plan.skipped_completed)} already completed, "
-        f"{len(plan.skipped_active)} pending or running"
-        + (f", {len(plan.skipped_other)} not failed" if args.retry_failed else "")
-        + f"; {len(plan.submit)} to submit"
+        f"{args.grid}: {len(specs)} runs; {len(todo.skipped_completed)} already completed, "
+        f"{len(todo.skipped_active)} pending or running"
+        + (f", {len(todo.skipped_other)} not failed" if args.retry_failed else "")
+        + f"; {len(todo.submit)} to submit"
     )
     on_slurm = args.executor == "slurm" or (args.executor == "auto" and queue.slurm_available())
     limits = None
-    if on_slurm and plan.submit and not args.no_preflight:  # the cluster's limits: three calls for the whole grid
-        resources = [grid.resources[s.run_id] for s in plan.submit]
+    if on_slurm and todo.submit and not args.no_preflight:  # the cluster's limits: three calls for the whole grid
+        resources = [grid.resources[s.run_id] for s in todo.submit]
         limits = preflight.read_limits(accounting=any(r.account or r.qos for r in resources))
     max_time = preflight.max_times(limits) if limits else None
-    planned = estimate.plan_times(plan.submit, grid.resources, grid.results, max_time=max_time)
+    planned = estimate.plan_times(todo.submit, grid.resources, grid.results, max_time=max_time, summaries=summaries)
     size = queue.max_array_size() if on_slurm else len(planned) or 1
-    for line in submit.describe(planned, max_array_size=size) if planned else ():
+    for line in plan.describe(planned, max_array_size=size) if planned else ():
         print(line)
     if not args.no_preflight:
         problems = preflight.problems(planned, limits)
@@ -121,9 +125,9 @@ def _cmd_submit(args) -> int:
         skipped = {
             s.run_id: why
             for why, group in (
-                ("completed", plan.skipped_completed),
-                ("active", plan.skipped_active),
-                ("not failed", plan.skipped_other),
+                ("completed", todo.skipped_completed),
+                ("active", todo.skipped_active),
+                ("not failed", todo.skipped_other),
             )
             for s in group
         }
@@ -137,10 +141,12 @@ def _cmd_submit(args) -> int:
                 f"bs={spec.batch_size} seed={spec.seed} epochs={spec.schedule.epochs}{estimated}"
             )
         return 0
-    if plan.submit:
+    if todo.submit:
+        from cifarbench.cluster import submit  # submitit: only when something is submitted
+
         manifest = submit.submit(planned, grid.results, executor=args.executor, grid_source=str(args.grid))
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
-        print(f"submitted {len(plan.submit)} runs ({manifest['executor']}) as job(s) {', '.join(jobs)}")
+        print(f"submitted {len(todo.submit)} runs ({manifest['executor']}) as job(s) {', '.join(jobs)}")
         print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")
     if args.wait:
         final = status.wait(grid.results, specs)

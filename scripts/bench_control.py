@@ -129,13 +129,13 @@ def submit_breakdown(grid: Path) -> dict[str, float]:
     timed(utils.JobPaths, "move_temporary_file", "moves")
     assert submitit  # imported: its import is part of start-up, measured apart
 
-    from cifarbench.cluster import estimate, preflight, status, submit
+    from cifarbench.cluster import estimate, plan, preflight, status, submit
     from cifarbench.config.grid import load_grid
 
     t0 = time.perf_counter()
     g = load_grid(grid)
     t1 = time.perf_counter()
-    plan = submit.plan(list(g.specs), status.state_map(g.results, list(g.specs)))
+    plan = plan.plan(list(g.specs), status.state_map(g.results, list(g.specs)))
     limits = preflight.read_limits(accounting=False)
     planned = estimate.plan_times(plan.submit, g.resources, g.results, max_time=preflight.max_times(limits))
     assert not preflight.problems(planned, limits)

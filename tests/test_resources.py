@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from cifarbench.cluster import estimate, submit
+from cifarbench.cluster import estimate, plan, submit
 from cifarbench.config.grid import parse_grid
 from cifarbench.config.resources import Resources, format_time, parse_time
 from cifarbench.config.spec import ARCHS, RunSpec, get_recipe
@@ -221,8 +221,8 @@ def test_time_auto_becomes_a_limit_and_a_budget(tmp_path):
 def test_groups_describe_runs_resources_and_hours(tmp_path):
     g = parse_grid(GRID + 'resources: [{match: {model: resnet1202}, time: "2-00:00:00", gpus_per_node: 2}]\n')
     planned = estimate.plan_times(g.specs, g.resources, tmp_path)
-    assert [len(members) for members in submit.groups(planned).values()] == [4, 2]
-    lines = submit.describe(planned, max_array_size=3)
+    assert [len(members) for members in plan.groups(planned).values()] == [4, 2]
+    lines = plan.describe(planned, max_array_size=3)
     assert lines[0].startswith("group 1: 4 runs, 1 GPU, 4 CPUs, 16 GB, time 04:00:00, partition gpu; 2 arrays;")
     assert "reserved 16.0 GPU-h" in lines[0] and "estimates: 4 from prior" in lines[0]
     assert lines[1].startswith("group 2: 2 runs, 2 GPU") and "reserved 192.0 GPU-h" in lines[1]
@@ -232,7 +232,7 @@ def test_groups_describe_runs_resources_and_hours(tmp_path):
 def test_a_capped_group_is_warned_about(tmp_path):
     g = parse_grid(GRID + "resources: [{match: {model: resnet1202}, time: auto}]\n")
     planned = estimate.plan_times(g.specs, g.resources, tmp_path, max_time={"gpu": 3600})
-    lines = submit.describe(planned, max_array_size=1000)
+    lines = plan.describe(planned, max_array_size=1000)
     assert any("warning" in line and "MaxTime" in line and "01:00:00" in line for line in lines)
 
 

@@ -10,7 +10,7 @@ import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 
 from cifarbench.cli import main
-from cifarbench.cluster import queue, status, submit
+from cifarbench.cluster import plan, queue, status, submit
 from cifarbench.config.grid import parse_grid
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import RunSpec, get_recipe
@@ -35,7 +35,7 @@ def _plan(**flags):
     specs = _specs(len(PLAN_STATES))
     # "not submitted" is what a run missing from the map means
     states = {s.run_id: state for s, state in zip(specs, PLAN_STATES) if state != "not submitted"}
-    p = submit.plan(specs, states, **flags)
+    p = plan.plan(specs, states, **flags)
     name = dict(zip((s.run_id for s in specs), PLAN_STATES))
     return {
         key: [name[s.run_id] for s in getattr(p, key)]
@@ -73,7 +73,7 @@ def test_plan_retry_failed_selects_failed_lost_and_cancelled_only():
 def test_plan_keeps_the_grid_order():
     specs = _specs(5)
     states = {specs[1].run_id: "completed", specs[3].run_id: "running"}
-    assert submit.plan(specs, states).submit == (specs[0], specs[2], specs[4])
+    assert plan.plan(specs, states).submit == (specs[0], specs[2], specs[4])
 
 
 def test_force_and_retry_failed_together_is_a_usage_error(tmp_path, capsys):
@@ -194,10 +194,10 @@ def test_expand_array_notation(job, ids):
 
 
 def test_chunks():
-    assert submit.chunks(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
-    assert submit.chunks(list(range(4)), 2) == [[0, 1], [2, 3]]
-    assert submit.chunks(list(range(3)), 1001) == [[0, 1, 2]]
-    assert submit.chunks([], 3) == []
+    assert plan.chunks(list(range(5)), 2) == [[0, 1], [2, 3], [4]]
+    assert plan.chunks(list(range(4)), 2) == [[0, 1], [2, 3]]
+    assert plan.chunks(list(range(3)), 1001) == [[0, 1, 2]]
+    assert plan.chunks([], 3) == []
 
 
 # --- the results folder --------------------------------------------------------------------------------------------

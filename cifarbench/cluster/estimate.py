@@ -143,10 +143,14 @@ def time_limit(estimate_s: float, margin: float, max_time_s: int | None) -> tupl
     return wanted, False
 
 
-def read_evidence(results: str | os.PathLike) -> tuple[dict[tuple, tuple[float, str]], dict[tuple, tuple]]:
+def read_evidence(
+    results: str | os.PathLike, summaries: dict[str, dict] | None = None
+) -> tuple[dict[tuple, tuple[float, str]], dict[tuple, tuple]]:
     """The records' and the bench tables' seconds per epoch under ``results`` (see the module's docstring)."""
     layout = Layout(results)
-    records = per_epoch_from_records(scan.summaries(results, RECORD_FIELDS).values()) if layout.runs.is_dir() else {}
+    if summaries is None:
+        summaries = scan.summaries(results, RECORD_FIELDS) if layout.runs.is_dir() else {}
+    records = per_epoch_from_records(summaries.values())
     rows: list[dict] = []
     for path in sorted(Path(layout.bench).glob("*.parquet")):
         try:
@@ -176,11 +180,13 @@ def plan_times(
     resources: Mapping[str, Resources],
     results: str | os.PathLike,
     max_time: Mapping[str | None, int | None] | None = None,
+    summaries: dict[str, dict] | None = None,
 ) -> list[Planned]:
     """Every run with an estimate, and ``time: auto`` turned into a limit. ``max_time``: partition (None: the
-    default one) -> its MaxTime in seconds (None: unlimited); empty where the cluster is not asked (local runs)."""
+    default one) -> its MaxTime in seconds (None: unlimited); empty where the cluster is not asked (local runs).
+    ``summaries``: the records' summaries (RECORD_FIELDS at least), where the caller has read them already."""
     specs = list(specs)
-    records, bench = read_evidence(results)
+    records, bench = read_evidence(results, summaries)
     out = []
     for spec in specs:
         r = resources[spec.run_id]

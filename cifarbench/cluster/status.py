@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
@@ -76,8 +77,15 @@ def _described(spec: dict) -> dict:
     }
 
 
-def collect_status(results: str | os.PathLike, specs: list[RunSpec] | None = None) -> list[RunStatus]:
-    """Every run submitted to ``results`` (and, with ``specs``, every run of a grid, submitted or not)."""
+# what status reads of each record's summary
+FIELDS = ("run_id", "status", "ended_at", "epochs_done", "error")
+
+
+def collect_status(
+    results: str | os.PathLike, specs: list[RunSpec] | None = None, *, summaries: dict[str, dict] | None = None
+) -> list[RunStatus]:
+    """Every run submitted to ``results`` (and, with ``specs``, every run of a grid, submitted or not).
+    ``summaries``: the records' summaries (FIELDS at least) where the caller has read them already."""
     entries = read_manifests(results)
     described = {run_id: _described(e["spec"]) for run_id, e in entries.items()}
     for spec in specs or ():
@@ -91,9 +99,12 @@ def collect_status(results: str | os.PathLike, specs: list[RunSpec] | None = Non
                 "epochs": spec.schedule.epochs,
             }
     slurm_jobs = {e["job_id"] for e in entries.values() if e["executor"] == "slurm"}
-    states = queue.slurm_states(slurm_jobs)
-    alive = {e["job_id"]: queue.local_alive(e["job_id"]) for e in entries.values() if e["executor"] == "local"}
-    summaries = scan.summaries(results, ("run_id", "status", "ended_at", "epochs_done", "error"))
+    with ThreadPoolExecutor(1) as pool:  # sacct answers while the records are read
+        asked = pool.submit(queue.slurm_states, slurm_jobs)
+        alive = {e["job_id"]: queue.local_alive(e["job_id"]) for e in entries.values() if e["executor"] == "local"}
+        if summaries is None:
+            summaries = scan.summaries(results, FIELDS)
+        states = asked.result()
     out = []
     for run_id, desc in described.items():
         record = summaries.get(run_id)
@@ -137,8 +148,10 @@ def _never_started(entry: dict | None, status: str) -> str | None:
     return None
 
 
-def state_map(results: str | os.PathLike, specs: list[RunSpec]) -> dict[str, str]:
-    return {s.run_id: s.status for s in collect_status(results, specs)}
+def state_map(
+    results: str | os.PathLike, specs: list[RunSpec], *, summaries: dict[str, dict] | None = None
+) -> dict[str, str]:
+    return {s.run_id: s.status for s in collect_status(results, specs, summaries=summaries)}
 
 
 def summary(statuses: list[RunStatus]) -> dict[str, int]:

@@ -9,7 +9,6 @@ import io
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import submitit
@@ -17,6 +16,7 @@ from submitit.core.utils import FailedJobError
 
 from cifarbench.cluster import queue
 from cifarbench.cluster.estimate import Planned
+from cifarbench.cluster.plan import chunks, groups
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError
@@ -27,41 +27,6 @@ from cifarbench.train.job import RunJob, RunSequence
 
 # SLURM sends USR2 this long before the time limit: enough to finish writing an epoch's checkpoint.
 SIGNAL_DELAY_S = 60
-
-
-@dataclass(frozen=True, kw_only=True)
-class Plan:
-    """What a submission would do: the runs to submit and those skipped, with why."""
-
-    submit: tuple[RunSpec, ...]
-    skipped_completed: tuple[RunSpec, ...]
-    skipped_active: tuple[RunSpec, ...]
-    skipped_other: tuple[RunSpec, ...]  # --retry-failed: runs that never failed or were never submitted
-
-
-def plan(specs, states: dict[str, str], *, force: bool = False, retry_failed: bool = False) -> Plan:
-    """Pure: ``states`` maps run id -> status (completed, failed, lost, cancelled, pending, running, ...)."""
-    buckets: dict[str, list[RunSpec]] = {"submit": [], "completed": [], "active": [], "other": []}
-    for spec in specs:
-        state = states.get(spec.run_id, "not submitted")
-        if state in ("pending", "running"):
-            buckets["active"].append(spec)
-        elif state == "completed" and not force:
-            buckets["completed"].append(spec)
-        elif retry_failed and not force and state not in ("failed", "lost", "cancelled"):
-            buckets["other"].append(spec)
-        else:
-            buckets["submit"].append(spec)
-    return Plan(
-        submit=tuple(buckets["submit"]),
-        skipped_completed=tuple(buckets["completed"]),
-        skipped_active=tuple(buckets["active"]),
-        skipped_other=tuple(buckets["other"]),
-    )
-
-
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def check_results_writable(results: str | os.PathLike, *, min_free_mb: int = 100) -> None:
@@ -144,14 +109,6 @@ def _entry(spec: RunSpec, job, index: int, planned: Planned, *, array: bool) -> 
     }
 
 
-def groups(planned: list[Planned]) -> dict[Resources, list[Planned]]:
-    """Pure: the runs by the resources they ask for, in the order they first appear: one job array each."""
-    out: dict[Resources, list[Planned]] = {}
-    for p in planned:
-        out.setdefault(p.resources, []).append(p)
-    return out
-
-
 def submit(
     planned: list[Planned],
     results: str | os.PathLike,
@@ -206,51 +163,3 @@ def _submit_chunk(ex, chunk: list[Planned], results: Path, grid_source: str | No
         write_manifest(results, "slurm", grid_source, entries)
         done = f" ({len(entries)} runs were queued before; their manifest is written)" if entries else ""
         raise UsageError(refusal(str(e)) + done) from None
-
-
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
-def _hours(planned: list[Planned], seconds) -> tuple[float, str]:
-    """Device-hours of ``planned`` (all of one group): GPU-hours, or CPU core-hours where no GPU is asked for."""
-    r = planned[0].resources
-    per = r.gpus_per_node or r.cpus_per_task
-    return sum(seconds(p) for p in planned) * per / 3600, "GPU-h" if r.gpus_per_node else "CPU-core-h"
-
-
-def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
-    """Pure: a line per group of equal resources (runs, resources, estimated and reserved hours, where the
-    estimates came from), then the total; and a warning per group whose ``time: auto`` limit the partition's
-    MaxTime cut."""
-    lines: list[str] = []
-    totals: dict[str, float] = {}
-    arrays = 0
-    for i, (r, members) in enumerate(groups(planned).items(), 1):
-        estimated, unit = _hours(members, lambda p: p.estimate.seconds)
-        reserved, _ = _hours(members, lambda p: p.budget.time_limit_s or 0)
-        sources: dict[str, int] = {}
-        for p in members:
-            sources[p.estimate.source] = sources.get(p.estimate.source, 0) + 1
-        mem = f"{r.mem_gb:g} GB" if r.mem_gb is not None else "default memory"
-        auto = " (auto)" if members[0].auto else ""
-        n_arrays = -(-len(members) // max_array_size)
-        arrays += n_arrays
-        lines.append(
-            f"group {i}: {len(members)} run{'s' * (len(members) != 1)}, {r.gpus_per_node} GPU, "
-            f"{r.cpus_per_task} CPUs, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
-            + (f", constraint {r.constraint}" if r.constraint else "")
-            + f"; {n_arrays} array{'s' * (n_arrays != 1)}; estimated {estimated:.1f} {unit}, reserved "
-            f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
-        )
-        if any(p.capped for p in members):
-            lines.append(
-                f"  warning: group {i}'s runs are estimated to need more than the partition's MaxTime; they are "
-                f"limited to {r.time} and carried across limits by requeue and resume"
-            )
-        for key, value in ((f"estimated {unit}", estimated), (f"reserved {unit}", reserved)):
-            totals[key] = totals.get(key, 0.0) + value
-    hours = ", ".join(f"{k} {v:.1f}" for k, v in totals.items())
-    groups_n = len(groups(planned))
-    lines.append(f"total: {_n(len(planned), 'run')} in {_n(groups_n, 'group')}, {_n(arrays, 'array')}; {hours}")
-    return lines

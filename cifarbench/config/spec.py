@@ -116,6 +116,11 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[check_name(name, RECIPES, "recipe")]
 
 
+@functools.cache
+def _id_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(RunSpec) if f.name not in RunSpec._id_excluded)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """One run: everything that decides its result, plus where its data and results live."""
@@ -161,7 +166,7 @@ class RunSpec:
 
     def identity(self) -> dict:
         """The fields that change the result, as plain JSON-able values."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in self._id_excluded}
+        fields = {name: getattr(self, name) for name in _id_fields()}
         fields["recipe"] = self.recipe.to_dict()
         if self.compile is None:  # compile came after v1: an eager run keeps the id it had before
             del fields["compile"]
