@@ -174,4 +174,4 @@ class Budget:
     estimate_source: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
