@@ -21,7 +21,7 @@ from cifarbench.config.spec import (
     RunSpec,
     get_recipe,
 )
-from cifarbench.errors import Problems, UsageError, check_int, check_name
+from cifarbench.errors import Problems, UsageError, check_int, check_name, plural
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,7 +98,7 @@ def _cmd_submit(args) -> int:
     specs = list(grid.specs)
     plan = submit.plan(specs, status.state_map(grid.results, specs), force=args.force, retry_failed=args.retry_failed)
     print(
-        f"{args.grid}: {len(specs)} runs; {len(plan.skipped_completed)} already completed, "
+        f"{args.grid}: {plural(len(specs), 'run')}; {len(plan.skipped_completed)} already completed, "
         f"{len(plan.skipped_active)} pending or running"
         + (f", {len(plan.skipped_other)} not failed" if args.retry_failed else "")
         + f"; {len(plan.submit)} to submit"
@@ -140,7 +140,8 @@ def _cmd_submit(args) -> int:
     if plan.submit:
         manifest = submit.submit(planned, grid.results, executor=args.executor, grid_source=str(args.grid))
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
-        print(f"submitted {len(plan.submit)} runs ({manifest['executor']}) as job(s) {', '.join(jobs)}")
+        job_word = "job" if len(jobs) == 1 else "jobs"
+        print(f"submitted {plural(len(plan.submit), 'run')} ({manifest['executor']}) as {job_word} {', '.join(jobs)}")
         print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")
     if args.wait:
         final = status.wait(grid.results, specs)

@@ -1,6 +1,7 @@
 """cifarbench collect: records on disk -> tables, reference comparison, incomplete runs, plots, CLI."""
 
 import json
+import shutil
 import statistics
 
 import pandas as pd
@@ -14,7 +15,15 @@ from cifarbench.errors import UsageError
 from cifarbench.report.collect import collect
 from cifarbench.report.tables import model_depth
 from cifarbench.store.layout import Layout
-from cifarbench.store.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, read_record
+from cifarbench.store.records import (
+    MISLABELLED,
+    SCHEMA,
+    SCHEMA_KEY,
+    SCHEMA_TAG,
+    SUMMARY_FIELDS,
+    SUMMARY_KEY,
+    read_record,
+)
 from cifarbench.store.scan import RUNS_TAG, load_runs, read_records
 
 # The seed notebook's tables, verbatim (its own uneven padding included).
@@ -159,13 +168,12 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     assert missing.strip() == "- unreadable record (see the warning): `truncated`"
     assert (tmp_path / "dirty" / "summary.csv").read_text() == (tmp_path / "clean" / "summary.csv").read_text()
     assert report.warnings == [
-        "warning: skipped 1 files tagged as records whose columns are not the record schema's: fake.parquet",
-        "warning: skipped 1 Parquet files that are not cifarbench records: foreign.parquet",
-        "warning: skipped 1 records of schema record/0 (this cifarbench reads record/1, record/2, record/3): "
-        "old/r.parquet",
-        "warning: skipped 1 unreadable Parquet files (corrupt or truncated): runs/truncated/record.parquet",
-        "warning: skipped 1 files in the record schema that do not hold exactly one run: two-rows.parquet",
-        f"note: ignored 1 duplicate records of 1 runs (kept the latest completed record of each): {run_id(seed=0)}",
+        "warning: skipped 1 file (tagged as a record, but not with the record schema's columns): fake.parquet",
+        "warning: skipped 1 file (Parquet without a cifarbench tag): foreign.parquet",
+        "warning: skipped 1 file (schema record/0; this cifarbench reads record/1, record/2, record/3): old/r.parquet",
+        "warning: skipped 1 file (unreadable Parquet: corrupt or truncated): runs/truncated/record.parquet",
+        "warning: skipped 1 file (in the record schema, but not exactly one run): two-rows.parquet",
+        f"note: ignored 1 duplicate record of 1 run (kept the latest completed record of each): {run_id(seed=0)}",
     ]
 
 
@@ -193,6 +201,32 @@ def test_the_footer_summary_holds_the_records_own_values(write_records):
     assert len(scanned) == 2 and {row["status"] for row in scanned.values()} == {"completed", "failed"}
 
 
+@pytest.mark.parametrize("n, runs, files", [(1, "1 run", "1 file"), (2, "2 runs", "2 files")])
+def test_counts_say_1_run_and_2_runs(write_records, tmp_path, n, runs, files):
+    why = "BackendCompilerFailed: backend='inductor' raised: RuntimeError: Compiler: cc is not found."
+    rows = [{"seed": s, "compile": "default", "compile_fallback": why} for s in range(n)]
+    results = write_records(rows)
+    old = pd.Timestamp("2020-01-01", tz="UTC")
+    write_records([{**row, "ended_at": old} for row in rows], results=results / "copy")
+    foreign = [f"foreign{i}.parquet" for i in range(n)]
+    for name in foreign:
+        pq.write_table(pa.table({"x": [1]}), results / name)
+    report = collect(results, plots=False)
+    assert report.markdown.splitlines()[2].startswith(f"{runs}: {n} completed, 0 failed. Cells:")
+    ids = ", ".join(sorted(run_id(seed=s, compile="default") for s in range(n)))
+    record = "1 duplicate record" if n == 1 else f"{n} duplicate records"
+    assert report.warnings == [
+        f"warning: skipped {files} (Parquet without a cifarbench tag): {', '.join(foreign)}",
+        f"note: ignored {record} of {runs} (kept the latest completed record of each): {ids}",
+        f"note: {runs} asked for torch.compile but trained eagerly (see the report): {ids}",
+    ]
+    shutil.rmtree(results / "runs")
+    shutil.rmtree(results / "copy")
+    other = "1 other Parquet file" if n == 1 else f"{n} other Parquet files"
+    with pytest.raises(UsageError, match=f"skipped {other}\\)$"):
+        collect(results, plots=False)
+
+
 def test_a_summary_with_a_value_of_the_wrong_type_costs_only_its_own_file(write_records):
     results = write_records([{"model": "resnet20", "seed": s} for s in range(3)])
     path = Layout(results).record(run_id(seed=1))
@@ -201,9 +235,7 @@ def test_a_summary_with_a_value_of_the_wrong_type_costs_only_its_own_file(write_
     pq.write_table(record.replace_schema_metadata({SCHEMA_KEY: SCHEMA_TAG, SUMMARY_KEY: json.dumps(summary)}), path)
     scan = read_records(results)
     assert sorted(scan.table.column("seed").to_pylist()) == [0, 2]
-    assert scan.skipped == {
-        "files tagged as records whose columns are not the record schema's": [f"runs/{run_id(seed=1)}/record.parquet"]
-    }
+    assert scan.skipped == {MISLABELLED: [f"runs/{run_id(seed=1)}/record.parquet"]}
 
 
 def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records):
@@ -292,11 +324,7 @@ def test_a_record_1_file_is_read_as_an_eager_run(write_records):
     record = pq.read_table(current_file)
     as_record_1(current_file)
     pq.write_table(record.replace_schema_metadata(pq.read_schema(current_file).metadata), current_file)
-    assert read_records(results).skipped == {
-        "files tagged as records whose columns are not the record schema's": [
-            f"runs/{run_id(model='resnet32')}/record.parquet"
-        ]
-    }
+    assert read_records(results).skipped == {MISLABELLED: [f"runs/{run_id(model='resnet32')}/record.parquet"]}
 
 
 def test_a_runs_parquet_from_before_the_compile_columns_is_ignored(write_records):
@@ -371,9 +399,7 @@ def test_a_run_whose_compile_fell_back_to_eager_is_listed_and_warned_about(write
     )
     report = collect(results, plots=False)
     fell_back = run_id(model="resnet32", compile="default")
-    assert report.warnings == [
-        f"note: 1 runs asked for torch.compile but trained eagerly (see the report): {fell_back}"
-    ]
+    assert report.warnings == [f"note: 1 run asked for torch.compile but trained eagerly (see the report): {fell_back}"]
     assert section(report.markdown, "Missing, failed and lost runs").splitlines() == [
         f"- trained eagerly, torch.compile failed: `{fell_back}` (resnet32 cifar10 step-200 bs=64 seed=0 "
         f"compile=default): {why}"

@@ -58,6 +58,14 @@ def test_hundred_class_run_records_top5(synthetic_root, tmp_path):
     assert 0 <= r["final_test_acc"] <= r["final_test_top5"] <= 1 and len(r["test_top5"]) == 1
 
 
+def test_a_sequence_of_runs_says_how_many_failed(tmp_path):
+    from cifarbench.train.job import RunSequence
+
+    spec = _spec(tmp_path / "nowhere", tmp_path / "results")
+    with pytest.raises(RuntimeError, match=f"^1 of 1 run failed: {spec.run_id}: dataset synthetic10 not found"):
+        RunSequence([spec])()
+
+
 class _Crash(L.Callback):
     def __init__(self, after_epoch):
         self.after_epoch = after_epoch

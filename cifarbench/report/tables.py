@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cifarbench.errors import UsageError, check_name
+from cifarbench.errors import UsageError, check_name, plural
 
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
 # split by one of them only where the cell (recipe, batch size, ...) does not already decide it.
@@ -271,7 +271,7 @@ def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing:
     out = [
         "# cifarbench results",
         "",
-        f"{len(runs)} runs: {done} completed, {len(runs) - done} failed. Cells: {what}; "
+        f"{plural(len(runs), 'run')}: {done} completed, {len(runs) - done} failed. Cells: {what}; "
         "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs.",
     ]
     for t, m in zip(tabs, matches):

@@ -215,8 +215,9 @@ def read_record(path: str | os.PathLike) -> dict | None:
     return {**table.to_pylist()[0], **OLDER.get(version, {})}
 
 
-UNREADABLE = "unreadable Parquet files (corrupt or truncated)"
-MISLABELLED = "files tagged as records whose columns are not the record schema's"
+# Why a file is not read as a record, said of one file or of many ("skipped 2 files (<why>)").
+UNREADABLE = "unreadable Parquet: corrupt or truncated"
+MISLABELLED = "tagged as a record, but not with the record schema's columns"
 
 
 def read_summary(path: str | os.PathLike) -> tuple[dict | None, str | None]:
@@ -242,9 +243,9 @@ def read_summary(path: str | os.PathLike) -> tuple[dict | None, str | None]:
         ok = row.keys() == set(SUMMARY_FIELDS).difference(lacks) and meta.num_columns == columns
         return ({**lacks, **row}, None) if ok else (None, MISLABELLED)
     if tag is None:
-        return None, "Parquet files that are not cifarbench records"
+        return None, "Parquet without a cifarbench tag"
     if version is not None:
-        return None, "files in the record schema that do not hold exactly one run"
+        return None, "in the record schema, but not exactly one run"
     if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
         return None, None
-    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {', '.join(READABLE_TAGS)})"
+    return None, f"schema {tag.decode(errors='replace')}; this cifarbench reads {', '.join(READABLE_TAGS)}"

@@ -47,7 +47,7 @@ def _workers() -> int:
 @dataclass(frozen=True)
 class Scan:
     table: pa.Table  # RUNS_SCHEMA: each readable record's summary, its curve (test_acc) if read, its file's key
-    skipped: dict[str, list[str]]  # why (plural: "unreadable Parquet files ...") -> paths relative to results
+    skipped: dict[str, list[str]]  # why (records.UNREADABLE, ...) -> paths relative to results
     no_record: list[str]  # run folders without a record: still running, or lost
     changed: bool  # whether the records differ from the cache's (False: runs.parquet is up to date)
 
