@@ -13,7 +13,8 @@ from cifarbench import cli
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import UsageError
 from cifarbench.report.collect import collect
-from cifarbench.report.tables import model_depth
+from cifarbench.report.plots import curves, sizes
+from cifarbench.report.tables import default_tables, model_depth, recipe_label, summarize, title, to_frame
 from cifarbench.store.layout import Layout
 from cifarbench.store.records import (
     MISLABELLED,
@@ -24,7 +25,7 @@ from cifarbench.store.records import (
     SUMMARY_KEY,
     read_record,
 )
-from cifarbench.store.scan import RUNS_TAG, load_runs, read_records
+from cifarbench.store.scan import RUNS_TAG, load_runs, read_records, with_curves
 
 # The seed notebook's tables, verbatim (its own uneven padding included).
 NOTEBOOK_STEP200 = """\
@@ -98,6 +99,10 @@ def section(markdown: str, heading: str) -> str:
 
 def first_table(text: str) -> str:
     return text.split("\n\n", 1)[0]
+
+
+def headings_of(markdown: str) -> list[str]:
+    return [ln[3:] for ln in markdown.splitlines() if ln.startswith("## ")]
 
 
 def run_id(**fields) -> str:
@@ -544,6 +549,87 @@ def test_plots_are_written(write_records, tmp_path):
     for png in pngs:
         assert png.parent == tmp_path / "out" / "plots"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+SHORT = "step-200, 2 of 200 epochs, milestones 1,1,2"  # step-200 as a 2-epoch run runs it
+
+
+def test_a_shortened_recipe_says_so_in_titles_and_labels(write_records):
+    budget = {"estimated_s": 300.0, "time_limit_s": 900, "test_seconds": 60.0, "train_seconds": 240.0}
+    results = write_records(
+        [{"model": m, "epochs": 2, "final_test_acc": a, **budget} for m, a in (("resnet20", 0.5), ("resnet32", 0.6))]
+        + [
+            {"model": "resnet56", "dataset": "cifar100", "recipe": r, "batch_size": bs, "epochs": 2}
+            for r in ("step-200", "cos-200")
+            for bs in (64, 128)
+        ]
+    )
+    report = collect(results, plots=False)
+    headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
+    assert headings == [f"{SHORT} bs=64", "ResNet56 CIFAR100", "Time estimates", "Missing, failed and lost runs"]
+    assert cells(first_table(section(report.markdown, f"{SHORT} bs=64"))) == [
+        ["ds/model", "cifar10", "cifar100"],
+        ["resnet20", "0.50", "–"],
+        ["resnet32", "0.60", "–"],
+        ["resnet56", "–", "0.90"],
+    ]
+    sweep = cells(first_table(section(report.markdown, "ResNet56 CIFAR100")))
+    assert [row[0] for row in sweep] == ["bs / opt", "cos-200, 2 of 200 epochs", SHORT]
+    estimates = cells(first_table(section(report.markdown, "Time estimates")))
+    assert [row[:4] for row in estimates[1:]] == [
+        ["resnet20", "cifar10", SHORT, "64"],
+        ["resnet32", "cifar10", SHORT, "64"],
+    ]
+    pivot = collect(results, rows=["recipe"], cols=["model"], where=["dataset=cifar10"], plots=False)
+    assert headings_of(pivot.markdown)[0] == "CIFAR10 bs=64"
+    assert cells(first_table(section(pivot.markdown, "CIFAR10 bs=64")))[1][0] == SHORT
+
+
+def test_a_shortened_run_beside_the_full_length_one_gets_a_table_of_its_own(write_records):
+    results = write_records([{"model": m, "epochs": e} for m in ("resnet20", "resnet32") for e in (2, None)])
+    assert headings_of(collect(results, plots=False).markdown) == [
+        f"{SHORT} bs=64",
+        "step-200 bs=64 epochs=200",
+        "Missing, failed and lost runs",
+    ]
+
+
+def test_recipe_labels():
+    full = {"recipe": "step-200", "recipe_epochs": 200, "epochs": 200, "milestones": "60,120,160"}
+    assert recipe_label(full) == "step-200" and recipe_label({"recipe": "step-200"}) == "step-200"
+    assert recipe_label({**full, "epochs": 2, "milestones": "1,1,2"}) == SHORT
+    assert recipe_label({**full, "recipe": "cos-200", "epochs": 20, "milestones": ""}) == "cos-200, 20 of 200 epochs"
+    longer = recipe_label({**full, "epochs": 400, "milestones": "120,240,320"})
+    assert longer == "step-200, 400 epochs instead of 200, milestones 120,240,320"
+    assert title({"recipe": "step-200", "batch_size": 64}, full) == "step-200 bs=64"
+    assert title({"recipe": "step-200", "batch_size": 64}, {**full, "epochs": 2, "milestones": "1,1,2"}) == (
+        f"{SHORT} bs=64"
+    )
+    assert title({"model": "resnet56", "dataset": "cifar100"}, {**full, "epochs": 2}) == "ResNet56 CIFAR100"
+
+
+def test_plot_titles_name_a_shortened_recipe_and_keep_a_full_length_ones(write_records):
+    results = write_records(
+        [{"model": m, "seed": s, "epochs": e} for m in ("resnet20", "resnet32") for s in (0, 1) for e in (2, None)]
+    )
+    found = read_records(results)
+    table = with_curves(results, found.table, range(found.table.num_rows))
+    runs = to_frame(table)
+    summary, config = summarize(runs)
+    tabs = default_tables(summary)
+    done = runs.assign(config=config)
+    figures = dict(c for c in (curves(done, t) for t in tabs) if c)
+    slug = "step-200_2_of_200_epochs_milestones_1_1_2"
+    per_epoch = "Test accuracy per epoch: {} bs=64{}\n(mean, band ± 1 std over seeds)"
+    assert {name: fig.get_suptitle() for name, fig in figures.items()} == {
+        f"curves_{slug}_bs=64.png": per_epoch.format(SHORT, ""),
+        "curves_step-200_bs=64_epochs=200.png": per_epoch.format("step-200", " epochs=200"),
+    }
+    by_size = "Final test accuracy against model size: cifar10, {} (mean ± std over seeds)"
+    assert {name: fig.get_suptitle() for name, fig in sizes(summary)} == {
+        "size_cifar10_step-200.png": by_size.format("step-200"),
+        f"size_cifar10_{slug}.png": by_size.format(SHORT),
+    }
 
 
 def test_cli_collect(write_records, tmp_path, capsys):
