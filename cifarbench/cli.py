@@ -21,7 +21,7 @@ from cifarbench.config.spec import (
     RunSpec,
     get_recipe,
 )
-from cifarbench.errors import Problems, UsageError, check_int, check_name
+from cifarbench.errors import Problems, UsageError, check_int, check_name, plural
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +102,7 @@ def _cmd_submit(args) -> int:
     states = status.state_map(grid.results, specs, summaries=summaries)
     todo = plan.plan(specs, states, force=args.force, retry_failed=args.retry_failed)
     print(
-        f"{args.grid}: {len(specs)} runs; {len(todo.skipped_completed)} already completed, "
+        f"{args.grid}: {plural(len(specs), 'run')}; {len(todo.skipped_completed)} already completed, "
         f"{len(todo.skipped_active)} pending or running"
         + (f", {len(todo.skipped_other)} not failed" if args.retry_failed else "")
         + f"; {len(todo.submit)} to submit"
@@ -146,7 +146,8 @@ def _cmd_submit(args) -> int:
 
         manifest = submit.submit(planned, grid.results, executor=args.executor, grid_source=str(args.grid))
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
-        print(f"submitted {len(todo.submit)} runs ({manifest['executor']}) as job(s) {', '.join(jobs)}")
+        job_word = "job" if len(jobs) == 1 else "jobs"
+        print(f"submitted {plural(len(todo.submit), 'run')} ({manifest['executor']}) as {job_word} {', '.join(jobs)}")
         print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")
     if args.wait:
         final = status.wait(grid.results, specs)

@@ -1,4 +1,5 @@
-"""Errors a user can cause, and the checks that produce them; the CLI prints them as one line and exits 2."""
+"""Errors a user can cause, and the checks that produce them; the CLI prints them as one line and exits 2. Also
+the wording every layer's messages share (``did_you_mean``, ``plural``)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ def did_you_mean(name: object, valid: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid name, or an empty string when none is close."""
     close = difflib.get_close_matches(str(name), list(valid), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun`` as a message says them: "1 run", "2 runs", "0 runs"."""
+    return f"{count} {noun}{'s' * (count != 1)}"
 
 
 def check_name(name: str, valid: Iterable[str], what: str) -> str:

@@ -1,7 +1,10 @@
 """cifarbench collect: records on disk -> tables, reference comparison, incomplete runs, plots, CLI."""
 
 import json
+import shutil
 import statistics
+import subprocess
+import sys
 
 import pandas as pd
 import pyarrow as pa
@@ -12,10 +15,19 @@ from cifarbench import cli
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import UsageError
 from cifarbench.report.collect import collect
-from cifarbench.report.tables import model_depth
+from cifarbench.report.plots import curves, sizes
+from cifarbench.report.tables import default_tables, model_depth, recipe_label, summarize, title, to_frame
 from cifarbench.store.layout import Layout
-from cifarbench.store.records import SCHEMA, SCHEMA_KEY, SCHEMA_TAG, SUMMARY_FIELDS, SUMMARY_KEY, read_record
-from cifarbench.store.scan import RUNS_TAG, load_runs, read_records
+from cifarbench.store.records import (
+    MISLABELLED,
+    SCHEMA,
+    SCHEMA_KEY,
+    SCHEMA_TAG,
+    SUMMARY_FIELDS,
+    SUMMARY_KEY,
+    read_record,
+)
+from cifarbench.store.scan import RUNS_TAG, load_runs, read_records, with_curves
 
 # The seed notebook's tables, verbatim (its own uneven padding included).
 NOTEBOOK_STEP200 = """\
@@ -91,6 +103,10 @@ def first_table(text: str) -> str:
     return text.split("\n\n", 1)[0]
 
 
+def headings_of(markdown: str) -> list[str]:
+    return [ln[3:] for ln in markdown.splitlines() if ln.startswith("## ")]
+
+
 def run_id(**fields) -> str:
     """The run id of a record_row with these spec fields."""
     spec = {"model": "resnet20", "dataset": "cifar10", "recipe": "step-200", "batch_size": 64, "seed": 0, **fields}
@@ -159,13 +175,12 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     assert missing.strip() == "- unreadable record (see the warning): `truncated`"
     assert (tmp_path / "dirty" / "summary.csv").read_text() == (tmp_path / "clean" / "summary.csv").read_text()
     assert report.warnings == [
-        "warning: skipped 1 files tagged as records whose columns are not the record schema's: fake.parquet",
-        "warning: skipped 1 Parquet files that are not cifarbench records: foreign.parquet",
-        "warning: skipped 1 records of schema record/0 (this cifarbench reads record/1, record/2, record/3): "
-        "old/r.parquet",
-        "warning: skipped 1 unreadable Parquet files (corrupt or truncated): runs/truncated/record.parquet",
-        "warning: skipped 1 files in the record schema that do not hold exactly one run: two-rows.parquet",
-        f"note: ignored 1 duplicate records of 1 runs (kept the latest completed record of each): {run_id(seed=0)}",
+        "warning: skipped 1 file (tagged as a record, but not with the record schema's columns): fake.parquet",
+        "warning: skipped 1 file (Parquet without a cifarbench tag): foreign.parquet",
+        "warning: skipped 1 file (schema record/0; this cifarbench reads record/1, record/2, record/3): old/r.parquet",
+        "warning: skipped 1 file (unreadable Parquet: corrupt or truncated): runs/truncated/record.parquet",
+        "warning: skipped 1 file (in the record schema, but not exactly one run): two-rows.parquet",
+        f"note: ignored 1 duplicate record of 1 run (kept the latest completed record of each): {run_id(seed=0)}",
     ]
 
 
@@ -193,6 +208,32 @@ def test_the_footer_summary_holds_the_records_own_values(write_records):
     assert len(scanned) == 2 and {row["status"] for row in scanned.values()} == {"completed", "failed"}
 
 
+@pytest.mark.parametrize("n, runs, files", [(1, "1 run", "1 file"), (2, "2 runs", "2 files")])
+def test_counts_say_1_run_and_2_runs(write_records, tmp_path, n, runs, files):
+    why = "BackendCompilerFailed: backend='inductor' raised: RuntimeError: Compiler: cc is not found."
+    rows = [{"seed": s, "compile": "default", "compile_fallback": why} for s in range(n)]
+    results = write_records(rows)
+    old = pd.Timestamp("2020-01-01", tz="UTC")
+    write_records([{**row, "ended_at": old} for row in rows], results=results / "copy")
+    foreign = [f"foreign{i}.parquet" for i in range(n)]
+    for name in foreign:
+        pq.write_table(pa.table({"x": [1]}), results / name)
+    report = collect(results, plots=False)
+    assert report.markdown.splitlines()[2].startswith(f"{runs}: {n} completed, 0 failed. Cells:")
+    ids = ", ".join(sorted(run_id(seed=s, compile="default") for s in range(n)))
+    record = "1 duplicate record" if n == 1 else f"{n} duplicate records"
+    assert report.warnings == [
+        f"warning: skipped {files} (Parquet without a cifarbench tag): {', '.join(foreign)}",
+        f"note: ignored {record} of {runs} (kept the latest completed record of each): {ids}",
+        f"note: {runs} asked for torch.compile but trained eagerly (see the report): {ids}",
+    ]
+    shutil.rmtree(results / "runs")
+    shutil.rmtree(results / "copy")
+    other = "1 other Parquet file" if n == 1 else f"{n} other Parquet files"
+    with pytest.raises(UsageError, match=f"skipped {other}\\)$"):
+        collect(results, plots=False)
+
+
 def test_a_summary_with_a_value_of_the_wrong_type_costs_only_its_own_file(write_records):
     results = write_records([{"model": "resnet20", "seed": s} for s in range(3)])
     path = Layout(results).record(run_id(seed=1))
@@ -201,9 +242,7 @@ def test_a_summary_with_a_value_of_the_wrong_type_costs_only_its_own_file(write_
     pq.write_table(record.replace_schema_metadata({SCHEMA_KEY: SCHEMA_TAG, SUMMARY_KEY: json.dumps(summary)}), path)
     scan = read_records(results)
     assert sorted(scan.table.column("seed").to_pylist()) == [0, 2]
-    assert scan.skipped == {
-        "files tagged as records whose columns are not the record schema's": [f"runs/{run_id(seed=1)}/record.parquet"]
-    }
+    assert scan.skipped == {MISLABELLED: [f"runs/{run_id(seed=1)}/record.parquet"]}
 
 
 def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records):
@@ -292,11 +331,7 @@ def test_a_record_1_file_is_read_as_an_eager_run(write_records):
     record = pq.read_table(current_file)
     as_record_1(current_file)
     pq.write_table(record.replace_schema_metadata(pq.read_schema(current_file).metadata), current_file)
-    assert read_records(results).skipped == {
-        "files tagged as records whose columns are not the record schema's": [
-            f"runs/{run_id(model='resnet32')}/record.parquet"
-        ]
-    }
+    assert read_records(results).skipped == {MISLABELLED: [f"runs/{run_id(model='resnet32')}/record.parquet"]}
 
 
 def test_a_runs_parquet_from_before_the_compile_columns_is_ignored(write_records):
@@ -371,9 +406,7 @@ def test_a_run_whose_compile_fell_back_to_eager_is_listed_and_warned_about(write
     )
     report = collect(results, plots=False)
     fell_back = run_id(model="resnet32", compile="default")
-    assert report.warnings == [
-        f"note: 1 runs asked for torch.compile but trained eagerly (see the report): {fell_back}"
-    ]
+    assert report.warnings == [f"note: 1 run asked for torch.compile but trained eagerly (see the report): {fell_back}"]
     assert section(report.markdown, "Missing, failed and lost runs").splitlines() == [
         f"- trained eagerly, torch.compile failed: `{fell_back}` (resnet32 cifar10 step-200 bs=64 seed=0 "
         f"compile=default): {why}"
@@ -520,6 +553,87 @@ def test_plots_are_written(write_records, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+SHORT = "step-200, 2 of 200 epochs, milestones 1,1,2"  # step-200 as a 2-epoch run runs it
+
+
+def test_a_shortened_recipe_says_so_in_titles_and_labels(write_records):
+    budget = {"estimated_s": 300.0, "time_limit_s": 900, "test_seconds": 60.0, "train_seconds": 240.0}
+    results = write_records(
+        [{"model": m, "epochs": 2, "final_test_acc": a, **budget} for m, a in (("resnet20", 0.5), ("resnet32", 0.6))]
+        + [
+            {"model": "resnet56", "dataset": "cifar100", "recipe": r, "batch_size": bs, "epochs": 2}
+            for r in ("step-200", "cos-200")
+            for bs in (64, 128)
+        ]
+    )
+    report = collect(results, plots=False)
+    headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
+    assert headings == [f"{SHORT} bs=64", "ResNet56 CIFAR100", "Time estimates", "Missing, failed and lost runs"]
+    assert cells(first_table(section(report.markdown, f"{SHORT} bs=64"))) == [
+        ["ds/model", "cifar10", "cifar100"],
+        ["resnet20", "0.50", "–"],
+        ["resnet32", "0.60", "–"],
+        ["resnet56", "–", "0.90"],
+    ]
+    sweep = cells(first_table(section(report.markdown, "ResNet56 CIFAR100")))
+    assert [row[0] for row in sweep] == ["bs / opt", "cos-200, 2 of 200 epochs", SHORT]
+    estimates = cells(first_table(section(report.markdown, "Time estimates")))
+    assert [row[:4] for row in estimates[1:]] == [
+        ["resnet20", "cifar10", SHORT, "64"],
+        ["resnet32", "cifar10", SHORT, "64"],
+    ]
+    pivot = collect(results, rows=["recipe"], cols=["model"], where=["dataset=cifar10"], plots=False)
+    assert headings_of(pivot.markdown)[0] == "CIFAR10 bs=64"
+    assert cells(first_table(section(pivot.markdown, "CIFAR10 bs=64")))[1][0] == SHORT
+
+
+def test_a_shortened_run_beside_the_full_length_one_gets_a_table_of_its_own(write_records):
+    results = write_records([{"model": m, "epochs": e} for m in ("resnet20", "resnet32") for e in (2, None)])
+    assert headings_of(collect(results, plots=False).markdown) == [
+        f"{SHORT} bs=64",
+        "step-200 bs=64 epochs=200",
+        "Missing, failed and lost runs",
+    ]
+
+
+def test_recipe_labels():
+    full = {"recipe": "step-200", "recipe_epochs": 200, "epochs": 200, "milestones": "60,120,160"}
+    assert recipe_label(full) == "step-200" and recipe_label({"recipe": "step-200"}) == "step-200"
+    assert recipe_label({**full, "epochs": 2, "milestones": "1,1,2"}) == SHORT
+    assert recipe_label({**full, "recipe": "cos-200", "epochs": 20, "milestones": ""}) == "cos-200, 20 of 200 epochs"
+    longer = recipe_label({**full, "epochs": 400, "milestones": "120,240,320"})
+    assert longer == "step-200, 400 epochs instead of 200, milestones 120,240,320"
+    assert title({"recipe": "step-200", "batch_size": 64}, full) == "step-200 bs=64"
+    assert title({"recipe": "step-200", "batch_size": 64}, {**full, "epochs": 2, "milestones": "1,1,2"}) == (
+        f"{SHORT} bs=64"
+    )
+    assert title({"model": "resnet56", "dataset": "cifar100"}, {**full, "epochs": 2}) == "ResNet56 CIFAR100"
+
+
+def test_plot_titles_name_a_shortened_recipe_and_keep_a_full_length_ones(write_records):
+    results = write_records(
+        [{"model": m, "seed": s, "epochs": e} for m in ("resnet20", "resnet32") for s in (0, 1) for e in (2, None)]
+    )
+    found = read_records(results)
+    table = with_curves(results, found.table, range(found.table.num_rows))
+    runs = to_frame(table)
+    summary, config = summarize(runs)
+    tabs = default_tables(summary)
+    done = runs.assign(config=config)
+    figures = dict(c for c in (curves(done, t) for t in tabs) if c)
+    slug = "step-200_2_of_200_epochs_milestones_1_1_2"
+    per_epoch = "Test accuracy per epoch: {} bs=64{}\n(mean, band ± 1 std over seeds)"
+    assert {name: fig.get_suptitle() for name, fig in figures.items()} == {
+        f"curves_{slug}_bs=64.png": per_epoch.format(SHORT, ""),
+        "curves_step-200_bs=64_epochs=200.png": per_epoch.format("step-200", " epochs=200"),
+    }
+    by_size = "Final test accuracy against model size: cifar10, {} (mean ± std over seeds)"
+    assert {name: fig.get_suptitle() for name, fig in sizes(summary)} == {
+        "size_cifar10_step-200.png": by_size.format("step-200"),
+        f"size_cifar10_{slug}.png": by_size.format(SHORT),
+    }
+
+
 def test_cli_collect(write_records, tmp_path, capsys):
     results = write_records(seed_rows())
     assert cli.main(["collect", str(results), "--no-plots", "--out", str(tmp_path / "out")]) == 0
@@ -538,6 +652,32 @@ def test_cli_collect_with_a_grid_lists_runs_never_submitted(write_records, tmp_p
     assert cli.main(["collect", str(results), "--grid", str(grid), "--no-plots"]) == 0
     out = capsys.readouterr().out
     assert f"- never submitted: `{run_id(model='resnet32')}` (resnet32 cifar10 step-200 bs=64 seed=0)" in out
+
+
+# What collect meets on a laptop: a macOS Python has no os.sched_getaffinity. The lock module (fcntl) is for
+# training jobs; collect must not need it.
+WITHOUT_AFFINITY = """
+import os, sys
+del os.sched_getaffinity
+from cifarbench.cli import main
+code = main(sys.argv[1:])
+assert "cifarbench.store.locks" not in sys.modules, "collect imported the training jobs' locks"
+sys.exit(code)
+"""
+
+
+def test_collect_works_without_sched_getaffinity_as_on_macos(write_records, tmp_path):
+    results = write_records(seed_rows())
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_AFFINITY, "collect", str(results), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert EXPECTED_STEP200 in done.stdout and EXPECTED_RESNET56 in done.stdout
+    assert (out / "tables.md").read_text() == done.stdout and list((out / "plots").glob("*.png"))
 
 
 @pytest.mark.parametrize("target", ["missing", "a-file"])

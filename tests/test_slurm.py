@@ -173,7 +173,7 @@ def array(tmp_path_factory):
 
 def test_a_grid_is_one_sbatch_of_one_array(array):
     assert "4 runs; 0 already completed, 0 pending or running; 4 to submit" in array.output
-    assert f"submitted 4 runs (slurm) as job(s) {array.job}\n" in array.output
+    assert f"submitted 4 runs (slurm) as job {array.job}\n" in array.output
     entries = array.manifest["runs"]
     assert [e["run_id"] for e in entries] == [s.run_id for s in array.specs]
     assert [(e["job_id"], e["array_job_id"], e["array_index"]) for e in entries] == [
@@ -211,7 +211,7 @@ def test_cancelled_task_shows_cancelled_and_retry_failed_resubmits_only_it(array
     assert first == array.manifest
     [entry] = retry["runs"]
     assert entry["run_id"] == spec.run_id and entry["array_job_id"] != array.job
-    assert f"submitted 1 runs (slurm) as job(s) {entry['array_job_id']}\n" in out
+    assert f"submitted 1 run (slurm) as job {entry['array_job_id']}\n" in out
     # the retry's completion is checked with the others, in test_every_run_completes_...
 
 

@@ -75,8 +75,8 @@ def held(tmp_path, synthetic_root):
 def test_two_resource_groups_are_two_arrays_with_their_own_limits(held, capsys):
     arrays = held('resources: [{match: {model: resnet32}, time: "00:25:00", mem_gb: 2}]\n')
     out = capsys.readouterr().out
-    assert "group 1: 2 runs, 0 GPU, 1 CPUs, 1 GB, time 00:15:00" in out
-    assert "group 2: 2 runs, 0 GPU, 1 CPUs, 2 GB, time 00:25:00" in out
+    assert "group 1: 2 runs, 0 GPUs, 1 CPU, 1 GB, time 00:15:00" in out
+    assert "group 2: 2 runs, 0 GPUs, 1 CPU, 2 GB, time 00:25:00" in out
     assert len(arrays) == 2
     seen = {}
     for array, entries in arrays.items():

@@ -1,6 +1,7 @@
 """Submission without a cluster: planning, job-state classification, sacct's array notation, the results-folder
 check, and the sbatch file submitit writes for a grid's resources."""
 
+import io
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from cifarbench.cluster import plan, queue, status, submit
 from cifarbench.config.grid import parse_grid
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import RunSpec, get_recipe
-from cifarbench.errors import GridError, UsageError
+from cifarbench.errors import GridError, UsageError, plural
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -86,6 +87,31 @@ def test_force_and_retry_failed_together_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pick one" in err
     assert not (tmp_path / "results").exists()
+
+
+def test_plural():
+    assert [plural(n, "run") for n in (0, 1, 2)] == ["0 runs", "1 run", "2 runs"]
+
+
+@pytest.mark.parametrize("seeds, runs", [("[0]", "1 run"), ("[0, 1]", "2 runs")])
+def test_submit_says_1_run_and_2_runs(seeds, runs, tmp_path, synthetic_root, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"models: [resnet20]\ndatasets: [synthetic10]\nopts: [step-160]\nepochs: 1\nbatch_sizes: [64]\n"
+        f"seeds: {seeds}\nroot: {synthetic_root}\nverify: false\nresults: {tmp_path / 'results'}\n"
+        "slurm: {gpus_per_node: 0, cpus_per_task: 1}\n"
+    )
+    assert main(["submit", str(grid), "--dry-run", "--executor", "local"]) == 0
+    out = capsys.readouterr().out
+    assert f"{grid}: {runs}; 0 already completed, 0 pending or running; {seeds.count(',') + 1} to submit" in out
+    assert f"group 1: {runs}, 0 GPUs, 1 CPU, default memory," in out and f"total: {runs} in 1 group, 1 array;" in out
+
+
+@pytest.mark.parametrize("n, ended", [(1, "] 1/1 run ended  done 0"), (2, "] 2/2 runs ended  done 0")])
+def test_the_wait_line_says_1_run_and_2_runs(tmp_path, n, ended):
+    stream = io.StringIO()
+    status.wait(tmp_path, _specs(n), stream=stream)  # never submitted: ended at once
+    assert ended in stream.getvalue()
 
 
 # --- classify ------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import torch
 from cifarbench.cli import main
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.store import records
+from cifarbench.store.datasets import DataError
 from cifarbench.store.layout import Layout
 from cifarbench.store.locks import run_lock
 from cifarbench.train.fit import fit
@@ -56,6 +57,26 @@ def test_hundred_class_run_records_top5(synthetic_root, tmp_path):
     r = records.read_record(fit(spec))
     assert r["status"] == "completed" and r["num_classes"] == 100
     assert 0 <= r["final_test_acc"] <= r["final_test_top5"] <= 1 and len(r["test_top5"]) == 1
+
+
+def test_a_run_that_fails_before_its_first_epoch_records_0_epochs_done(tmp_path):
+    spec = _spec(tmp_path / "nowhere", tmp_path / "results")  # no data: fails before the model is built
+    with pytest.raises(DataError, match="not found"):
+        fit(spec)
+    path = Layout(spec.results).record(spec.run_id)
+    r = records.read_record(path)
+    assert r["status"] == "failed" and r["epochs_done"] == 0 and r["final_test_acc"] is None
+    assert r["error"].startswith("DataError: dataset synthetic10 not found")
+    summary, _ = records.read_summary(path)
+    assert summary is not None and summary["epochs_done"] == 0
+
+
+def test_a_sequence_of_runs_says_how_many_failed(tmp_path):
+    from cifarbench.train.job import RunSequence
+
+    spec = _spec(tmp_path / "nowhere", tmp_path / "results")
+    with pytest.raises(RuntimeError, match=f"^1 of 1 run failed: {spec.run_id}: dataset synthetic10 not found"):
+        RunSequence([spec])()
 
 
 class _Crash(L.Callback):

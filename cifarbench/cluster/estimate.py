@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from cifarbench.config.resources import AUTO, Budget, Resources, format_time
 from cifarbench.config.spec import ARCHS, DATASETS, RunSpec
+from cifarbench.errors import plural
 from cifarbench.store import scan
 from cifarbench.store.layout import Layout
 
@@ -74,7 +75,7 @@ def per_epoch_from_records(summaries: Iterable[dict]) -> dict[tuple, tuple[float
     for key, devices in by_device.items():
         device, seconds = max(devices.items(), key=lambda kv: statistics.median(kv[1]))
         median = statistics.median(seconds)
-        out[key] = (median, f"{len(seconds)} record{'s' * (len(seconds) != 1)} on {device}: {median:.1f} s/epoch")
+        out[key] = (median, f"{plural(len(seconds), 'record')} on {device}: {median:.1f} s/epoch")
     return out
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from cifarbench.cluster.estimate import Planned
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import RunSpec
+from cifarbench.errors import plural
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,10 +55,6 @@ def groups(planned: list[Planned]) -> dict[Resources, list[Planned]]:
     return out
 
 
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'s' * (count != 1)}"
-
-
 def _hours(planned: list[Planned], seconds) -> tuple[float, str]:
     """Device-hours of ``planned`` (all of one group): GPU-hours, or CPU core-hours where no GPU is asked for."""
     r = planned[0].resources
@@ -83,10 +80,10 @@ def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
         n_arrays = -(-len(members) // max_array_size)
         arrays += n_arrays
         lines.append(
-            f"group {i}: {len(members)} run{'s' * (len(members) != 1)}, {r.gpus_per_node} GPU, "
-            f"{r.cpus_per_task} CPUs, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
+            f"group {i}: {plural(len(members), 'run')}, {plural(r.gpus_per_node, 'GPU')}, "
+            f"{plural(r.cpus_per_task, 'CPU')}, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
             + (f", constraint {r.constraint}" if r.constraint else "")
-            + f"; {n_arrays} array{'s' * (n_arrays != 1)}; estimated {estimated:.1f} {unit}, reserved "
+            + f"; {plural(n_arrays, 'array')}; estimated {estimated:.1f} {unit}, reserved "
             f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
         if any(p.capped for p in members):
@@ -98,5 +95,7 @@ def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
             totals[key] = totals.get(key, 0.0) + value
     hours = ", ".join(f"{k} {v:.1f}" for k, v in totals.items())
     groups_n = len(groups(planned))
-    lines.append(f"total: {_n(len(planned), 'run')} in {_n(groups_n, 'group')}, {_n(arrays, 'array')}; {hours}")
+    lines.append(
+        f"total: {plural(len(planned), 'run')} in {plural(groups_n, 'group')}, {plural(arrays, 'array')}; {hours}"
+    )
     return lines

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from cifarbench.cluster.estimate import Planned
 from cifarbench.config.resources import Resources, parse_time
-from cifarbench.errors import UsageError, did_you_mean
+from cifarbench.errors import UsageError, did_you_mean, plural
 from cifarbench.store.datasets import DataError, check_dataset
 
 # --all: hidden partitions take jobs too, and without it scontrol leaves them out
@@ -259,11 +259,12 @@ def _node_problems(resources: Resources, capacities: list[tuple[int, int, int]],
     most_gb = most_mb * 10 // 1024 / 10  # rounded down to 0.1 GB, so that asking for it fits
     problems = []
     if gpus > most_gpus:
-        has, fix = (f"at most {most_gpus}", f"ask for at most {most_gpus}") if most_gpus else ("no", "set it to 0")
-        problems.append(f"slurm.gpus_per_node: {gpus}, but the nodes of {where} have {has} GPUs; {fix}")
+        has = f"at most {plural(most_gpus, 'GPU')}" if most_gpus else "no GPUs"
+        fix = f"ask for at most {most_gpus}" if most_gpus else "set it to 0"
+        problems.append(f"slurm.gpus_per_node: {gpus}, but the nodes of {where} have {has}; {fix}")
     if cpus > most_cpus:
         problems.append(
-            f"slurm.cpus_per_task: {cpus}, but the nodes of {where} have at most {most_cpus} CPUs; "
+            f"slurm.cpus_per_task: {cpus}, but the nodes of {where} have at most {plural(most_cpus, 'CPU')}; "
             f"ask for at most {most_cpus}"
         )
     if mem_mb > most_mb:
@@ -272,7 +273,7 @@ def _node_problems(resources: Resources, capacities: list[tuple[int, int, int]],
             f"({most_mb} MB); ask for at most {most_gb:g}"
         )
     if not problems and not any(_within(asked, cap) for cap in capacities):
-        parts = [f"{gpus} GPUs", f"{cpus} CPUs"] + ([f"{resources.mem_gb:g} GB"] if resources.mem_gb else [])
+        parts = [plural(gpus, "GPU"), plural(cpus, "CPU")] + ([f"{resources.mem_gb:g} GB"] if resources.mem_gb else [])
         problems.append(
             f"slurm: no node of {where} has {', '.join(parts[:-1])} and {parts[-1]} at once; ask for less of one"
         )

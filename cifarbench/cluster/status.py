@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from cifarbench.cluster import queue
 from cifarbench.config.spec import RunSpec
+from cifarbench.errors import plural
 from cifarbench.store import scan
 from cifarbench.store.manifests import read_manifests
 from cifarbench.store.progress import read_progress
@@ -192,7 +193,7 @@ def wait(
         width = 30
         bar = "#" * (width * ended // max(len(statuses), 1))
         line = (
-            f"[{bar:<{width}}] {ended}/{len(statuses)} runs ended  done {counts.get('completed', 0)}  "
+            f"[{bar:<{width}}] {ended}/{plural(len(statuses), 'run')} ended  done {counts.get('completed', 0)}  "
             f"failed {counts.get('failed', 0) + counts.get('lost', 0) + counts.get('cancelled', 0)}  "
             f"running {counts.get('running', 0)}  epochs {epochs_done}/{epochs}"
         )

@@ -19,7 +19,7 @@ from cifarbench.cluster.estimate import Planned
 from cifarbench.cluster.plan import chunks, groups
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import RunSpec
-from cifarbench.errors import UsageError
+from cifarbench.errors import UsageError, plural
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import write_manifest
 from cifarbench.system import local_gpus
@@ -175,5 +175,5 @@ def _submit_chunk(ex, chunk: list[Planned], results: Path, grid_source: str | No
             if before is None:  # made for this submission, which queued nothing
                 logs.rmdir()
         write_manifest(results, "slurm", grid_source, entries)
-        done = f" ({len(entries)} runs were queued before; their manifest is written)" if entries else ""
+        done = f" (already queued, and in the manifest: {plural(len(entries), 'run')})" if entries else ""
         raise UsageError(refusal(str(e)) + done) from None

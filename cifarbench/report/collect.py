@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cifarbench.errors import UsageError, check_name
+from cifarbench.errors import UsageError, check_name, plural
 from cifarbench.report import reference
 from cifarbench.report.tables import (
     CONFIG,
@@ -59,7 +59,7 @@ def collect(
     out_layout = Layout(folder)
     found = scan.read_records(root, scan.load_runs(out_layout.runs_table, root))
     warnings = [
-        f"warning: skipped {len(paths)} {why}: {', '.join(paths[:10])}"
+        f"warning: skipped {plural(len(paths), 'file')} ({why}): {', '.join(paths[:10])}"
         + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
         for why, paths in found.skipped.items()
     ]
@@ -67,21 +67,21 @@ def collect(
     if len(dropped):
         ids = sorted(set(dropped.run_id))
         warnings.append(
-            f"note: ignored {len(dropped)} duplicate records of {len(ids)} runs (kept the latest "
-            f"completed record of each): {', '.join(ids[:10])}" + (" …" if len(ids) > 10 else "")
+            f"note: ignored {plural(len(dropped), 'duplicate record')} of {plural(len(ids), 'run')} (kept the "
+            f"latest completed record of each): {', '.join(ids[:10])}" + (" …" if len(ids) > 10 else "")
         )
     if all_runs.empty and not found.no_record and not expected:
         skipped = sum(map(len, found.skipped.values()))
         raise UsageError(
             f"{root}: no cifarbench records found (looked for runs/<run_id>/record.parquet"
-            + (f"; skipped {skipped} other Parquet files)" if skipped else ")")
+            + (f"; skipped {plural(skipped, 'other Parquet file')})" if skipped else ")")
         )
 
     runs = select(all_runs, filters)
     fell_back = sorted(runs.run_id[runs.compile_fallback.notna()])
     if fell_back:
         warnings.append(
-            f"note: {len(fell_back)} runs asked for torch.compile but trained eagerly (see the report): "
+            f"note: {plural(len(fell_back), 'run')} asked for torch.compile but trained eagerly (see the report): "
             f"{', '.join(fell_back[:10])}" + (" …" if len(fell_back) > 10 else "")
         )
     summary, config = summarize(runs)

@@ -7,7 +7,9 @@ through Agg.
 
 from __future__ import annotations
 
+import itertools
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
@@ -15,43 +17,42 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from cifarbench.report.tables import CONFIG, Table, model_depth, title
+from cifarbench.report.tables import CONFIG, RECIPE_RUN, Table, labels, model_depth, recipe_label, title
 
 
 def write_plots(runs: pd.DataFrame, summary: pd.DataFrame, tabs: list[Table], folder) -> list[Path]:
-    """One curves figure per table and one size figure per (dataset, recipe); returns the PNG paths.
+    """One curves figure per table and one size figure per (dataset, recipe as run); returns the PNG paths.
 
     ``runs`` has a ``config`` column: the row in ``summary`` (and in each table's cells) of the run's
     configuration."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     done = runs[runs.status.eq("completed")]
-    paths = [_curves(done, t, folder) for t in tabs]
-    return [p for p in paths if p] + _sizes(summary[summary.n > 0], folder)
+    paths = []
+    # saved one at a time, so that a large grid's figures are never all in memory together
+    for name, fig in itertools.chain(filter(None, (curves(done, t) for t in tabs)), sizes(summary[summary.n > 0])):
+        fig.savefig(folder / name, dpi=100)
+        paths.append(folder / name)
+    return paths
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9=.-]+", "_", text).strip("_")
 
 
-def _label(df: pd.DataFrame, keys: list[str]) -> pd.Series:
-    label = df[keys[0]].astype(str)
-    for k in keys[1:]:
-        label = label.str.cat(df[k].astype(str), sep=" ")
-    return label
-
-
 def _ordered(df: pd.DataFrame, keys: list[str]) -> list[str]:
     order = df.sort_values(keys, key=lambda c: c.map(lambda m: (model_depth(m), m)) if c.name == "model" else c)
-    return list(dict.fromkeys(_label(order, keys)))
+    return list(dict.fromkeys(labels(order, keys)))
 
 
-def _curves(done: pd.DataFrame, table: Table, folder: Path) -> Path | None:
+def curves(done: pd.DataFrame, table: Table) -> tuple[str, Figure] | None:
+    """The test-accuracy curves of a table's completed runs (``done``), one panel per column, and the PNG's name;
+    None when none of its runs completed."""
     runs = done[done.config.isin(table.cells.index)]
     if runs.empty:
         return None
     panels, lines = _ordered(runs, table.cols), _ordered(runs, table.rows)
-    panel_of, line_of = _label(runs, table.cols), _label(runs, table.rows)
+    panel_of, line_of = labels(runs, table.cols), labels(runs, table.rows)
     fig = Figure(figsize=(1 + 5 * len(panels), 4.5), layout="constrained")
     for ax, panel in zip(fig.subplots(1, len(panels), sharey=True, squeeze=False)[0], panels):
         for line in lines:
@@ -75,14 +76,14 @@ def _curves(done: pd.DataFrame, table: Table, folder: Path) -> Path | None:
         ax.legend(title=" ".join(table.rows), fontsize="small")
     # two lines: one narrow panel cannot hold the whole title on one
     fig.suptitle(f"Test accuracy per epoch: {table.title}\n(mean, band ± 1 std over seeds)")
-    path = folder / f"curves_{_slug(table.title)}.png"
-    fig.savefig(path, dpi=100)
-    return path
+    return f"curves_{_slug(table.title)}.png", fig
 
 
-def _sizes(summary: pd.DataFrame, folder: Path) -> list[Path]:
-    paths = []
-    for (dataset, recipe), group in summary.groupby(["dataset", "recipe"], sort=True):
+def sizes(summary: pd.DataFrame) -> Iterator[tuple[str, Figure]]:
+    """Final accuracy against depth and parameters, one figure per dataset and recipe as run (a shortened one
+    apart from the full length), each with its PNG's name."""
+    for (dataset, *recipe), group in summary.groupby(["dataset", "recipe", *RECIPE_RUN], sort=True):
+        run = recipe_label(dict(zip(["recipe", *RECIPE_RUN], recipe)))
         varying = [k for k in CONFIG if k not in ("dataset", "recipe", "model") and group[k].nunique(dropna=False) > 1]
         series = ["batch_size", *(k for k in varying if k != "batch_size")]
         fig = Figure(figsize=(12, 4.5), layout="constrained")
@@ -110,9 +111,6 @@ def _sizes(summary: pd.DataFrame, folder: Path) -> list[Path]:
         for ax in (ax_depth, ax_params):
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
-        fig.suptitle(f"Final test accuracy against model size: {dataset}, {recipe} (mean ± std over seeds)")
-        # groupby keys are typed Hashable; these two columns hold names
-        path = folder / f"size_{_slug(cast(str, dataset))}_{_slug(cast(str, recipe))}.png"
-        fig.savefig(path, dpi=100)
-        paths.append(path)
-    return paths
+        fig.suptitle(f"Final test accuracy against model size: {dataset}, {run} (mean ± std over seeds)")
+        # groupby keys are typed Hashable; the dataset column holds names
+        yield f"size_{_slug(cast(str, dataset))}_{_slug(run)}.png", fig

@@ -3,7 +3,9 @@ Markdown. ``cifarbench.report.collect`` reads and writes the files around them."
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,13 +13,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cifarbench.errors import UsageError, check_name
+from cifarbench.errors import UsageError, check_name, plural
 
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
 # split by one of them only where the cell (recipe, batch size, ...) does not already decide it.
 _DERIVED = ("recipe_epochs", "lr", "momentum", "weight_decay", "schedule", "milestones", "gamma", "epochs")
 CONFIG = ("dataset", "model", "recipe", "batch_size", "precision", "loader", "deterministic", "compile", *_DERIVED)
 EAGER = "eager"  # how a null compile (eager, as requested) reads in tables, labels and --where
+RECIPE_RUN = ("recipe_epochs", "epochs", "milestones")  # how a recipe was run: what a shortened one's name adds
 VALUES = {"final_test_acc": 4, "best_test_acc": 4, "images_per_s": 0, "train_minutes": 1}  # -> decimals
 
 
@@ -114,12 +117,50 @@ def _group_keys(summary: pd.DataFrame, cell: list[str], always) -> list[str]:
     return keys
 
 
-def title(keys: dict) -> str:
-    """ "step-200 bs=64", "ResNet56 CIFAR100": the notebook's headings, then any other key=value."""
+def _shortened(config: Mapping) -> bool:
+    epochs, own = config.get("epochs"), config.get("recipe_epochs")
+    return epochs is not None and own is not None and epochs != own
+
+
+def recipe_label(config: Mapping) -> str:
+    """A configuration's recipe as titles and labels name it: "step-200" where it ran the recipe's own length;
+    where ``--epochs`` changed that, "step-200, 2 of 200 epochs, milestones 1,1,2" (the milestones as run), so
+    that a smoke run never reads as the real recipe. ``config``: ``recipe`` and, where known, the RECIPE_RUN
+    fields (milestones joined, as ``to_frame`` makes them)."""
+    name = str(config["recipe"])
+    if not _shortened(config):
+        return name
+    epochs, own, milestones = config["epochs"], config["recipe_epochs"], config.get("milestones")
+    length = f"{epochs} of {own} epochs" if epochs < own else f"{epochs} epochs instead of {own}"
+    return f"{name}, {length}" + (f", milestones {milestones}" if milestones else "")
+
+
+def labels(frame: pd.DataFrame, keys) -> pd.Series:
+    """Each row's values of ``keys``, joined by spaces, its recipe as ``recipe_label`` names it: the labels of a
+    table's rows and columns and of a plot's panels and lines."""
+    parts = []
+    for k in keys:
+        if k == "recipe":
+            fields = ["recipe", *RECIPE_RUN]
+            configs = list(zip(*(frame[f] for f in fields)))
+            named = {c: recipe_label(dict(zip(fields, c))) for c in set(configs)}  # a few recipes, many rows
+            parts.append(pd.Series([named[c] for c in configs], index=frame.index, dtype=object))
+        else:
+            parts.append(frame[k].astype(str))
+    return functools.reduce(lambda a, b: a.str.cat(b, sep=" "), parts)
+
+
+def title(keys: Mapping, run: Mapping | None = None) -> str:
+    """ "step-200 bs=64", "ResNet56 CIFAR100": the notebook's headings, then any other key=value. The recipe is
+    named as ``recipe_label`` says, from ``keys`` and ``run`` (the RECIPE_RUN fields every cell shares)."""
     keys = dict(keys)
     parts = [str(keys.pop("model")).replace("resnet", "ResNet")] if "model" in keys else []
     parts += [str(keys.pop("dataset")).upper()] if "dataset" in keys else []
-    parts += [str(keys.pop("recipe"))] if "recipe" in keys else []
+    if "recipe" in keys:
+        config = {**(run or {}), **keys}
+        parts.append(recipe_label(config))
+        for k in ("recipe", *RECIPE_RUN) if _shortened(config) else ("recipe",):  # said by the label
+            keys.pop(k, None)
     parts += [f"bs={keys.pop('batch_size')}"] if "batch_size" in keys else []
     return " ".join(parts + [f"{k}={v}" for k, v in keys.items()]) or "all runs"
 
@@ -155,17 +196,18 @@ def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always
     for group, cells in groups:
         if cells.empty:
             continue
-        label = lambda r, ks: " ".join(str(r[k]) for k in ks)
-        row_labels = list(dict.fromkeys(label(r, rows) for _, r in _sorted(cells, rows).iterrows()))
-        col_labels = list(dict.fromkeys(label(r, cols) for _, r in _sorted(cells, cols).iterrows()))
+        row_of, col_of = labels(cells, rows), labels(cells, cols)
+        row_labels = list(dict.fromkeys(row_of[_sorted(cells, rows).index]))
+        col_labels = list(dict.fromkeys(col_of[_sorted(cells, cols).index]))
         text = {
-            (label(r, rows), label(r, cols)): cell_text(r[f"{value}_mean"], r[f"{value}_std"], r.n, r.n_failed, d)
-            for _, r in cells.iterrows()
+            (rl, cl): cell_text(r[f"{value}_mean"], r[f"{value}_std"], r.n, r.n_failed, d)
+            for rl, cl, (_, r) in zip(row_of, col_of, cells.iterrows())
         }
         header = [corner or f"{' '.join(cols)} / {' '.join(rows)}", *col_labels]
         body = [[rl, *(text.get((rl, cl), "–") for cl in col_labels)] for rl in row_labels]
         fixed = dict(zip(keys, group if isinstance(group, tuple) else (group,)))  # shared by every cell
-        out.append(Table(title(fixed), rows, cols, cells, markdown_table(header, body)))
+        run = {k: cells[k].iloc[0] for k in RECIPE_RUN if cells[k].nunique(dropna=False) == 1}
+        out.append(Table(title(fixed, run), rows, cols, cells, markdown_table(header, body)))
     return out
 
 
@@ -201,7 +243,8 @@ def comparison(table: Table, matches: pd.DataFrame) -> str:
     """The table's cells that have a published figure: ours, the reference, the difference, footnotes."""
     notes: dict[str, int] = {}
     body = []
-    for _, m in matches.iterrows():
+    shown = zip(*(labels(matches, [c]) for c in table.rows + table.cols))
+    for named, (_, m) in zip(shown, matches.iterrows()):
         note = f"{m.source}: {m.protocol_note}"
         if not m.exact:
             note += f" (a different protocol: {m.ref_recipe}, batch size {m.ref_batch_size}, {m.ref_epochs} epochs)"
@@ -209,7 +252,7 @@ def comparison(table: Table, matches: pd.DataFrame) -> str:
         ours = cell_text(m.final_test_acc_mean, m.final_test_acc_std, m.n, m.n_failed, 4)
         body.append(
             [
-                *(str(m[c]) for c in table.rows + table.cols),
+                *named,
                 ours,
                 f"{m.best_test_acc_mean:.4f}",
                 f"{m.ref_acc:.4f} [{k}]",
@@ -271,7 +314,7 @@ def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing:
     out = [
         "# cifarbench results",
         "",
-        f"{len(runs)} runs: {done} completed, {len(runs) - done} failed. Cells: {what}; "
+        f"{plural(len(runs), 'run')}: {done} completed, {len(runs) - done} failed. Cells: {what}; "
         "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs.",
     ]
     for t, m in zip(tabs, matches):
@@ -292,15 +335,17 @@ def time_estimates(runs: pd.DataFrame) -> str | None:
         return None
     measured = (done.train_seconds + done.test_seconds.fillna(0)) / 60
     keys = ["model", "dataset", "recipe", "batch_size"]
+    # a run shortened by --epochs takes less than its recipe's time: a row of its own
     g = done.assign(estimated=done.estimated_s / 60, measured=measured, limit=done.time_limit_s / 60).groupby(
-        keys, sort=False
+        [*keys, *RECIPE_RUN], sort=False
     )
     cells = _sorted(g.agg(runs=("run_id", "size"), estimated=("estimated", "mean"), measured=("measured", "mean"),
-                          limit=("limit", "mean")).reset_index(), keys)  # fmt: skip
+                          limit=("limit", "mean")).reset_index(), [*keys, *RECIPE_RUN])  # fmt: skip
+    shown = zip(*(labels(cells, [k]) for k in keys))
     body = [
-        [*(str(r[k]) for k in keys), str(r.runs), f"{r.estimated:.1f}", f"{r.measured:.1f}",
-         f"{r.measured / r.estimated:.2f}", f"{r.limit:.0f}"]
-        for _, r in cells.iterrows()
+        [*named, str(r.runs), f"{r.estimated:.1f}", f"{r.measured:.1f}", f"{r.measured / r.estimated:.2f}",
+         f"{r.limit:.0f}"]
+        for named, (_, r) in zip(shown, cells.iterrows())
     ]  # fmt: skip
     header = [*keys, "runs", "estimated min", "measured min", "measured / estimated", "limit min"]
     note = "Measured: the training and test passes of every epoch; an estimate also holds two minutes of start-up."

@@ -1,13 +1,13 @@
 """The per-run Parquet record (``runs/<run_id>/record.parquet``): explicit versioned schema, atomic write,
 tolerant reads of the whole file or of its footer summary alone.
 
-A record (``record/2``) is a one-row Parquet file in SCHEMA. Its schema metadata, stored in the Parquet footer,
-holds two keys: ``cifarbench.schema`` = ``record/2`` says what the file is, and ``cifarbench.summary`` is a
-compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables are made of, with the columns' values
-(null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its first line only; NaN as Python's json
-writes it; no curves). The summary is the footer index: reading a footer costs half of reading even a few
-columns of a one-row file, so a collector that reads footers only gets through 10,000 records in seconds. The
-columns stay the source of truth: curves, and everything else, are read from them.
+A record (``record/3``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
+schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/3`` says what the
+file is, and ``cifarbench.summary`` is a compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables
+are made of, with the columns' values (null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its
+first line only; NaN as Python's json writes it; no curves). The summary is the footer index: reading a footer
+costs half of reading even a few columns of a one-row file, so a collector that reads footers only gets through
+10,000 records in seconds. The columns stay the source of truth: curves, and everything else, are read from them.
 
 Records of an older version stay readable: OLDER says which columns (and summary keys) each one lacks and what
 they stand for, and every reader (``read_record``, ``scan``) fills them in from it. A tag this cifarbench does
@@ -35,74 +35,206 @@ SUMMARY_KEY = b"cifarbench.summary"
 _floats = pa.list_(pa.float64())
 _ts = pa.timestamp("us", tz="UTC")
 
+# Every column with what it holds, stored as its Parquet field's "description" metadata (so a record describes
+# itself to any Parquet reader) and rendered into README by schema_markdown. Descriptions are documentation: they
+# do not change the record version, and records written without them read the same.
+DESCRIPTION = b"description"
+_COLUMNS = [
+    (
+        "record_version",
+        pa.int32(),
+        "The record schema's version (3: `record/3`); files of versions 1 and 2 are read with the columns they lack "
+        "filled in.",
+    ),
+    (
+        "run_id",
+        pa.string(),
+        "The run id, `<model>-<dataset>-v<spec version>-<12 hex digits>`: a hash of the fields that change the "
+        "result; the run's folder under `runs/`.",
+    ),
+    ("status", pa.string(), "`completed` (every epoch ran) or `failed` (see `error`)."),
+    ("model", pa.string(), "Model name, e.g. `resnet56` (`cifarbench models` lists them)."),
+    ("dataset", pa.string(), "`cifar10`, `cifar100`, or their synthetic stand-ins `synthetic10`, `synthetic100`."),
+    (
+        "recipe",
+        pa.string(),
+        "Name of the optimisation recipe (`step-160`, `step-200`, `cos-200`, or one defined in a grid).",
+    ),
+    (
+        "recipe_epochs",
+        pa.int32(),
+        "The recipe's own length in epochs; differs from `epochs` where the run was shortened.",
+    ),
+    ("lr", pa.float64(), "SGD's initial learning rate."),
+    ("momentum", pa.float64(), "SGD momentum."),
+    ("weight_decay", pa.float64(), "SGD weight decay (L2 penalty)."),
+    (
+        "schedule",
+        pa.string(),
+        "Learning-rate schedule: `step` (MultiStepLR: times `gamma` at each milestone) or `cos` (CosineAnnealingLR, "
+        "T_max = `epochs`).",
+    ),
+    (
+        "milestones",
+        pa.list_(pa.int32()),
+        "Epochs after which a `step` schedule multiplies the learning rate by `gamma`, as run (scaled where the run "
+        "was shortened; a repeated one applies twice); empty for `cos`.",
+    ),
+    ("gamma", pa.float64(), "The factor a `step` schedule multiplies the learning rate by at each milestone."),
+    ("batch_size", pa.int32(), "Training images per step (the test set is read 1,000 images at a time)."),
+    ("seed", pa.int64(), "Random seed of the weight initialisation, the data order and the augmentation."),
+    (
+        "epochs",
+        pa.int32(),
+        "Epochs the run was set to train: the recipe's length, or the shorter one `--epochs` / `epochs:` asked for.",
+    ),
+    ("precision", pa.string(), "Precision as requested: `auto`, `32-true`, `16-mixed` or `bf16-mixed`."),
+    (
+        "precision_used",
+        pa.string(),
+        "Precision the run trained in (`auto` resolved: `bf16-mixed` or `16-mixed` on a GPU, `32-true` on a CPU); "
+        "null if the run failed before training began.",
+    ),
+    (
+        "loader",
+        pa.string(),
+        "`device` (the whole split on the training device, crops and flips as batched tensor operations) or "
+        "`torchvision` (per-image PIL transforms in a DataLoader).",
+    ),
+    (
+        "deterministic",
+        pa.bool_(),
+        "Whether deterministic algorithms were required (identical results when rerun or resumed on a CPU).",
+    ),
+    ("compile", pa.string(), "The torch.compile mode requested; null: eager."),
+    (
+        "compile_fallback",
+        pa.string(),
+        "Null, or why a run that asked for torch.compile trained eagerly (compiling a training step failed).",
+    ),
+    ("data_root", pa.string(), "The data folder the run read, as the job saw it."),
+    (
+        "data_verified",
+        pa.bool_(),
+        "Whether the data files' checksums were checked and matched; false: `verify: false` (a copy in the same "
+        "layout accepted).",
+    ),
+    ("num_classes", pa.int32(), "Classes of the dataset: 10 or 100."),
+    ("params", pa.int64(), "Parameters of the model (all trainable)."),
+    (
+        "epochs_done",
+        pa.int32(),
+        "Epochs finished (training pass and test pass), over all attempts; 0 when the run failed before its first "
+        "epoch ended.",
+    ),
+    (
+        "final_test_acc",
+        pa.float64(),
+        "Top-1 test accuracy after the last epoch done, a fraction from 0 to 1; null when no epoch was done.",
+    ),
+    (
+        "best_test_acc",
+        pa.float64(),
+        "The highest top-1 test accuracy of any epoch, 0 to 1 (chosen on the test set, so optimistic).",
+    ),
+    ("best_epoch", pa.int32(), "The epoch of `best_test_acc`, counted from 1 (the first of equals)."),
+    (
+        "final_test_top5",
+        pa.float64(),
+        "Top-5 test accuracy after the last epoch done, 0 to 1; null for datasets of fewer than 100 classes, where "
+        "top-5 says little.",
+    ),
+    (
+        "best_test_top5",
+        pa.float64(),
+        "The highest top-5 test accuracy of any epoch, 0 to 1 (not necessarily at `best_epoch`); null below 100 "
+        "classes.",
+    ),
+    (
+        "final_train_loss",
+        pa.float64(),
+        "Mean cross-entropy over the training images of the last epoch (augmented, while the weights changed).",
+    ),
+    ("final_test_loss", pa.float64(), "Mean cross-entropy over the test set after the last epoch."),
+    ("train_loss", _floats, "Mean training cross-entropy of each epoch, epoch 1 first."),
+    ("test_loss", _floats, "Mean test cross-entropy after each epoch, epoch 1 first."),
+    ("test_acc", _floats, "Top-1 test accuracy (0 to 1) after each epoch, epoch 1 first."),
+    ("test_top5", _floats, "Top-5 test accuracy (0 to 1) after each epoch, epoch 1 first; null below 100 classes."),
+    ("lr_curve", _floats, "The learning rate each epoch trained with, epoch 1 first."),
+    (
+        "epoch_seconds",
+        _floats,
+        "Wall-clock seconds of each epoch, from the start of its training pass to the end of its test pass, epoch 1 "
+        "first.",
+    ),
+    (
+        "train_seconds",
+        pa.float64(),
+        "Seconds in training passes, summed over every epoch and attempt (start-up, the compile probe and checkpoint "
+        "writes not counted).",
+    ),
+    (
+        "test_seconds",
+        pa.float64(),
+        "Seconds in test passes, summed over every epoch and attempt (record/3; null before).",
+    ),
+    (
+        "images_per_s",
+        pa.float64(),
+        "Training throughput: the mean over epochs of each epoch's training images divided by its training-pass "
+        "seconds (test passes not counted).",
+    ),
+    (
+        "attempts",
+        pa.int32(),
+        "How often the run was started: 1, plus one for each time it resumed from its checkpoint (requeue, retry).",
+    ),
+    (
+        "time_limit_s",
+        pa.int64(),
+        "The time limit `submit` gave the run, in seconds (on SLURM, the job's `--time`); null: started by "
+        "`cifarbench run`, or written before record/3.",
+    ),
+    (
+        "estimated_s",
+        pa.float64(),
+        "The run's duration as `submit` estimated it, in seconds: two minutes of start-up plus epochs times seconds "
+        "per epoch; `time: auto` sets the limit from this times `time_margin`. Null: started by `cifarbench run`, "
+        "or written before record/3.",
+    ),
+    (
+        "estimate_source",
+        pa.string(),
+        "Where that estimate came from: `records: ...`, `bench: ...` or `prior: ...`, with the detail (e.g. `records: "
+        "2 epochs; 3 records on cpu: 18.0 s/epoch`).",
+    ),
+    (
+        "started_at",
+        _ts,
+        "When the attempt that wrote this record started (UTC); earlier attempts of a resumed run started before.",
+    ),
+    ("ended_at", _ts, "When this record was written (UTC)."),
+    ("hostname", pa.string(), "Host of the attempt that wrote this record."),
+    ("device_name", pa.string(), "The GPU's name, or `cpu`."),
+    ("device_count", pa.int32(), "GPUs visible to the job; 1 on a CPU."),
+    ("torch_version", pa.string(), "PyTorch's version."),
+    ("torchvision_version", pa.string(), "torchvision's version."),
+    ("lightning_version", pa.string(), "Lightning's version."),
+    ("cifarbench_version", pa.string(), "cifarbench's version."),
+    ("cuda_version", pa.string(), "The CUDA version PyTorch was built with; null for a CPU-only build."),
+    ("git_commit", pa.string(), "The commit of the cifarbench checkout that ran; null outside a git checkout."),
+    ("slurm_job_id", pa.string(), "The SLURM job id (an array task's array job id); null outside SLURM."),
+    ("slurm_array_task_id", pa.string(), "The task's index in its SLURM job array; null outside an array."),
+    (
+        "error",
+        pa.string(),
+        "Why a failed run failed: the exception as `Type: message`, its first line, at most 500 characters; null when "
+        "completed.",
+    ),
+    ("traceback", pa.string(), "A failed run's traceback, its last 30 lines; null when completed."),
+]
 SCHEMA = pa.schema(
-    [
-        ("record_version", pa.int32()),
-        ("run_id", pa.string()),
-        ("status", pa.string()),  # completed | failed
-        # the spec
-        ("model", pa.string()),
-        ("dataset", pa.string()),
-        ("recipe", pa.string()),
-        ("recipe_epochs", pa.int32()),
-        ("lr", pa.float64()),
-        ("momentum", pa.float64()),
-        ("weight_decay", pa.float64()),
-        ("schedule", pa.string()),
-        ("milestones", pa.list_(pa.int32())),  # as run (scaled when epochs overrides the recipe)
-        ("gamma", pa.float64()),
-        ("batch_size", pa.int32()),
-        ("seed", pa.int64()),
-        ("epochs", pa.int32()),  # as run
-        ("precision", pa.string()),  # as requested
-        ("precision_used", pa.string()),  # as resolved on the device
-        ("loader", pa.string()),
-        ("deterministic", pa.bool_()),
-        ("compile", pa.string()),  # a torch.compile mode as requested; null: eager
-        ("compile_fallback", pa.string()),  # null, or why a run that asked for compile trained eagerly
-        ("data_root", pa.string()),
-        ("data_verified", pa.bool_()),
-        ("num_classes", pa.int32()),
-        ("params", pa.int64()),
-        # outcome
-        ("epochs_done", pa.int32()),
-        ("final_test_acc", pa.float64()),
-        ("best_test_acc", pa.float64()),
-        ("best_epoch", pa.int32()),
-        ("final_test_top5", pa.float64()),
-        ("best_test_top5", pa.float64()),
-        ("final_train_loss", pa.float64()),
-        ("final_test_loss", pa.float64()),
-        ("train_loss", _floats),
-        ("test_loss", _floats),
-        ("test_acc", _floats),
-        ("test_top5", _floats),
-        ("lr_curve", _floats),
-        ("epoch_seconds", _floats),
-        ("train_seconds", pa.float64()),
-        ("test_seconds", pa.float64()),  # spent on the test set, all epochs (record/3)
-        ("images_per_s", pa.float64()),
-        ("attempts", pa.int32()),
-        ("time_limit_s", pa.int64()),  # the SLURM time limit asked for, seconds; null: local or unknown (record/3)
-        ("estimated_s", pa.float64()),  # the estimated duration that `time: auto` set the limit from (record/3)
-        ("estimate_source", pa.string()),  # where that estimate came from (record/3)
-        ("started_at", _ts),
-        ("ended_at", _ts),
-        # environment
-        ("hostname", pa.string()),
-        ("device_name", pa.string()),
-        ("device_count", pa.int32()),
-        ("torch_version", pa.string()),
-        ("torchvision_version", pa.string()),
-        ("lightning_version", pa.string()),
-        ("cifarbench_version", pa.string()),
-        ("cuda_version", pa.string()),
-        ("git_commit", pa.string()),
-        ("slurm_job_id", pa.string()),
-        ("slurm_array_task_id", pa.string()),
-        ("error", pa.string()),
-        ("traceback", pa.string()),
-    ],
+    [pa.field(name, type_, metadata={DESCRIPTION: text.encode()}) for name, type_, text in _COLUMNS],
     metadata={SCHEMA_KEY: SCHEMA_TAG},
 )
 
@@ -162,6 +294,13 @@ _VERSIONS = {f"record/{v}".encode(): v for v in (*OLDER, RECORD_VERSION)}  # sch
 READABLE_TAGS = tuple(tag.decode() for tag in _VERSIONS)
 
 
+def schema_markdown() -> str:
+    """SCHEMA as a Markdown table of column, type and description: README's record schema section
+    (``scripts/record_schema.py`` writes it there)."""
+    rows = [f"| `{f.name}` | `{f.type}` | {f.metadata[DESCRIPTION].decode()} |" for f in SCHEMA]
+    return "\n".join(["| column | type | description |", "|---|---|---|", *rows])
+
+
 def record_version(metadata: dict | None) -> int | None:
     """The record version that schema metadata (a Parquet footer's) is tagged with; None when it is not one
     this cifarbench reads."""
@@ -215,8 +354,9 @@ def read_record(path: str | os.PathLike) -> dict | None:
     return {**table.to_pylist()[0], **OLDER.get(version, {})}
 
 
-UNREADABLE = "unreadable Parquet files (corrupt or truncated)"
-MISLABELLED = "files tagged as records whose columns are not the record schema's"
+# Why a file is not read as a record, said of one file or of many ("skipped 2 files (<why>)").
+UNREADABLE = "unreadable Parquet: corrupt or truncated"
+MISLABELLED = "tagged as a record, but not with the record schema's columns"
 
 
 def read_summary(path: str | os.PathLike) -> tuple[dict | None, str | None]:
@@ -242,9 +382,9 @@ def read_summary(path: str | os.PathLike) -> tuple[dict | None, str | None]:
         ok = row.keys() == set(SUMMARY_FIELDS).difference(lacks) and meta.num_columns == columns
         return ({**lacks, **row}, None) if ok else (None, MISLABELLED)
     if tag is None:
-        return None, "Parquet files that are not cifarbench records"
+        return None, "Parquet without a cifarbench tag"
     if version is not None:
-        return None, "files in the record schema that do not hold exactly one run"
+        return None, "in the record schema, but not exactly one run"
     if not tag.startswith(b"record/"):  # cifarbench's other tables (runs.parquet, bench/): not runs, no warning
         return None, None
-    return None, f"records of schema {tag.decode(errors='replace')} (this cifarbench reads {', '.join(READABLE_TAGS)})"
+    return None, f"schema {tag.decode(errors='replace')}; this cifarbench reads {', '.join(READABLE_TAGS)}"

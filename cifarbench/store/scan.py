@@ -47,7 +47,7 @@ def _workers() -> int:
 @dataclass(frozen=True)
 class Scan:
     table: pa.Table  # RUNS_SCHEMA: each readable record's summary, its curve (test_acc) if read, its file's key
-    skipped: dict[str, list[str]]  # why (plural: "unreadable Parquet files ...") -> paths relative to results
+    skipped: dict[str, list[str]]  # why (records.UNREADABLE, ...) -> paths relative to results
     no_record: list[str]  # run folders without a record: still running, or lost
     changed: bool  # whether the records differ from the cache's (False: runs.parquet is up to date)
 
@@ -198,7 +198,9 @@ def load_runs(path: str | os.PathLike, results: str | os.PathLike) -> pa.Table |
             table = pf.read()
     except (OSError, pa.ArrowException):
         return None
-    return table.replace_schema_metadata(None) if table.schema.equals(RUNS_SCHEMA) else None
+    # Columns and types decide whether the cache is current; the columns' descriptions do not (a runs.parquet from
+    # before them stays valid), and the table gets RUNS_SCHEMA's, which a rewritten runs.parquet then carries.
+    return table.cast(RUNS_SCHEMA) if table.schema.equals(RUNS_SCHEMA) else None
 
 
 def write_runs(table: pa.Table, path: str | os.PathLike, results: str | os.PathLike) -> Path:

@@ -301,7 +301,7 @@ def fit(
         return path
     except BaseException as exc:  # also SystemExit/KeyboardInterrupt: an interrupted run still leaves a record
         row.update(
-            _outcome(module) if module else {},
+            _outcome(module) if module else {"epochs_done": 0},  # failed before the model existed: no epoch ran
             status="failed",
             ended_at=datetime.now(timezone.utc),
             error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],

@@ -17,6 +17,7 @@ import submitit
 
 from cifarbench.config.resources import Budget
 from cifarbench.config.spec import RunSpec
+from cifarbench.errors import plural
 from cifarbench.store import records
 from cifarbench.store.layout import Layout
 from cifarbench.store.locks import run_lock
@@ -75,5 +76,5 @@ class RunSequence(submitit.helpers.Checkpointable):
             except Exception as exc:  # the failed record is written; go on with the other runs
                 errors.append(f"{spec.run_id}: {exc}")
         if errors:
-            raise RuntimeError(f"{len(errors)} of {len(self.specs)} runs failed: " + "; ".join(errors))
+            raise RuntimeError(f"{len(errors)} of {plural(len(self.specs), 'run')} failed: " + "; ".join(errors))
         return paths
