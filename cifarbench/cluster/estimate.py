@@ -71,12 +71,10 @@ def per_epoch_from_records(summaries: Iterable[dict]) -> dict[tuple, tuple[float
         key = _key(r["model"], r["dataset"], r["batch_size"], r["precision"], r["loader"], r["compile"])
         device = r["device_name"] or "an unrecorded device"
         by_device.setdefault(key, {}).setdefault(device, []).append((r["train_seconds"] + test) / r["epochs_done"])
-    out = {}
-    for key, devices in by_device.items():
-        device, seconds = max(devices.items(), key=lambda kv: statistics.median(kv[1]))
-        median = statistics.median(seconds)
-        out[key] = (median, f"{plural(len(seconds), 'record')} on {device}: {median:.1f} s/epoch")
-    return out
+    return {
+        key: (median, f"{plural(n, 'record')} on {device}: {median:.1f} s/epoch")
+        for key, (median, device, n) in _slowest(by_device).items()
+    }
 
 
 def per_epoch_from_bench(rows: Iterable[dict]) -> dict[tuple, tuple[float, str]]:
@@ -93,11 +91,19 @@ def per_epoch_from_bench(rows: Iterable[dict]) -> dict[tuple, tuple[float, str]]
         key = (r["model"], DATASETS[r["dataset"]].num_classes, r["batch_size"], r["precision"], mode)
         seconds = TRAIN_IMAGES / r["images_per_s"] + TEST_IMAGES / r["eval_images_per_s"]
         by_device.setdefault(key, {}).setdefault(r.get("device") or "an unrecorded device", []).append(seconds)
+    return {
+        key: (median, f"bench on {device}: {median:.1f} s/epoch of 50,000 + 10,000 images")
+        for key, (median, device, _) in _slowest(by_device).items()
+    }
+
+
+def _slowest(by_device: dict[tuple, dict[str, list[float]]]) -> dict[tuple, tuple[float, str, int]]:
+    """key -> (the median seconds per epoch of the slowest device, that device, how many figures it had): a grid
+    does not know which node a run will get."""
     out = {}
     for key, devices in by_device.items():
         device, seconds = max(devices.items(), key=lambda kv: statistics.median(kv[1]))
-        median = statistics.median(seconds)
-        out[key] = (median, f"bench on {device}: {median:.1f} s/epoch of 50,000 + 10,000 images")
+        out[key] = (statistics.median(seconds), device, len(seconds))
     return out
 
 
