@@ -97,3 +97,20 @@ def write_records(tmp_path):
         return results
 
     return write
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--extended",
+        action="store_true",
+        help="also run the tests marked `extended` (long end-to-end variants; CI keeps one path of each feature)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--extended"):
+        return
+    skip = pytest.mark.skip(reason="extended test: run with --extended")
+    for item in items:
+        if "extended" in item.keywords:
+            item.add_marker(skip)
