@@ -5,7 +5,7 @@
 Builds a grid of ``--runs`` runs (8 models x 2 datasets x 3 recipes x 3 batch sizes x as many seeds as it takes)
 and a results folder in which three quarters of them have a record and all of them a SLURM manifest entry
 (array jobs that SLURM no longer knows: one sacct call answers for all). Each command runs in a fresh process,
-``--repeat`` times; the median wall time is printed beside two baselines measured in the same run: a bare
+``--repeat`` times; the median wall and CPU times are printed beside two baselines measured in the same run: a bare
 interpreter start and the import of the training stack (torch + lightning), which the control plane no longer
 pays for.
 
@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -96,13 +97,22 @@ def fill_results(grid: Path, results: Path, with_records: int) -> int:
     return len(specs)
 
 
-def wall(argv: list[str], repeat: int) -> float:
-    times = []
+def measure(argv: list[str], repeat: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (user + system, the process and its children) of ``argv`` run
+    ``repeat`` times in fresh processes. CPU time hardly moves with the load of a shared machine; wall time does."""
+    walls, cpus = [], []
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def wall(argv: list[str], repeat: int) -> float:
+    return measure(argv, repeat)[0]
 
 
 def submit_breakdown(grid: Path) -> dict[str, float]:
@@ -176,24 +186,20 @@ def main() -> None:
             f"{args.repeat} fresh processes"
         )
         bare = wall([py, "-c", "pass"], args.repeat)
-        stack = wall([py, "-c", "import torch, lightning"], args.repeat)
         rows = [
-            ("python -c pass (baseline)", bare),
-            ("import torch, lightning (baseline)", stack),
-            ("cifarbench status", wall([py, "-m", "cifarbench", "status", str(results)], args.repeat)),
-            ("cifarbench status --json", wall([py, "-m", "cifarbench", "status", str(results), "--json"], args.repeat)),
-            (
-                "cifarbench submit --dry-run",
-                wall([py, "-m", "cifarbench", "submit", str(grid), "--dry-run"], args.repeat),
-            ),
-            (
-                "cifarbench collect --no-plots",
-                wall([py, "-m", "cifarbench", "collect", str(results), "--no-plots"], args.repeat),
-            ),
+            ("python -c pass (baseline)", [py, "-c", "pass"]),
+            ("import torch, lightning (baseline)", [py, "-c", "import torch, lightning"]),
+            ("cifarbench status", [py, "-m", "cifarbench", "status", str(results)]),
+            ("cifarbench status --json", [py, "-m", "cifarbench", "status", str(results), "--json"]),
+            ("cifarbench submit --dry-run", [py, "-m", "cifarbench", "submit", str(grid), "--dry-run"]),
+            ("cifarbench collect --no-plots", [py, "-m", "cifarbench", "collect", str(results), "--no-plots"]),
         ]
-        print(f"\n{'command':<36} {'wall s':>7} {'x torch import':>15}")
-        for name, seconds in rows:
-            print(f"{name:<36} {seconds:>7.2f} {seconds / stack:>15.2f}")
+        measured = [(name, *measure(argv, args.repeat)) for name, argv in rows]
+        stack = measured[1][1]
+        print(f"\n{'command':<36} {'wall s':>7} {'cpu s':>6} {'x torch import':>15}")
+        for name, seconds, cpu in measured:
+            print(f"{name:<36} {seconds:>7.2f} {cpu:>6.2f} {seconds / stack:>15.2f}")
+        print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
         if args.submit:
             if not shutil.which("sbatch"):
                 sys.exit("--submit needs sbatch on the PATH (bash slurm/cluster.sh up)")
