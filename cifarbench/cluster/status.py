@@ -13,6 +13,7 @@ from cifarbench.cluster import queue
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
 from cifarbench.store import scan
+from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import read_manifests
 from cifarbench.store.progress import read_progress
 
@@ -106,11 +107,15 @@ def collect_status(
         if summaries is None:
             summaries = scan.summaries(results, FIELDS)
         states = asked.result()
+    try:  # one listing instead of a failed open per run that never started (most of a fresh grid)
+        started = set(os.listdir(Layout(results).runs))
+    except OSError:
+        started = set()
     out = []
     for run_id, desc in described.items():
         record = summaries.get(run_id)
         entry = entries.get(run_id)
-        progress = None if record else read_progress(results, run_id)
+        progress = None if record or run_id not in started else read_progress(results, run_id)
         job_state = None
         if entry and entry["executor"] == "slurm":
             job_state = states.get(entry["job_id"])

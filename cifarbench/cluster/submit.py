@@ -5,6 +5,7 @@ per array chunk) or local jobs, and the submission manifest that maps every run 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -17,7 +18,7 @@ from submitit.core.utils import FailedJobError, JobPaths
 from cifarbench.cluster import queue
 from cifarbench.cluster.estimate import Planned
 from cifarbench.cluster.plan import chunks, groups
-from cifarbench.config.resources import Resources
+from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
 from cifarbench.store.layout import Layout
@@ -109,9 +110,16 @@ def _entry(spec: RunSpec, job, index: int, planned: Planned, *, array: bool, log
         "stdout": logs[0].replace(_ID, job.job_id),
         "stderr": logs[1].replace(_ID, job.job_id),
         "spec": spec.to_dict(),
-        "resources": planned.resources.to_dict(),
-        "budget": planned.budget.to_dict(),
+        "resources": _as_dict(planned.resources),
+        "budget": _as_dict(planned.budget),
     }
+
+
+@functools.lru_cache(maxsize=1024)
+def _as_dict(value: Resources | Budget) -> dict:
+    """``value.to_dict()``, made once per distinct value: thousands of runs share a handful (the manifest is
+    written from these dicts and never changes them)."""
+    return value.to_dict()
 
 
 def _log_paths(folder: Path) -> tuple[str, str]:
