@@ -44,6 +44,7 @@ def _spec(root, results, **kw):
     return RunSpec(**{**fields, **kw})
 
 
+@pytest.mark.extended  # the compiled run below is the suite's end-to-end path of compile
 def test_the_compiled_model_computes_the_eager_models_training_and_test_steps():
     torch.manual_seed(0)
     compiled = get_resnet("resnet20", 10).to(memory_format=torch.channels_last)
@@ -105,6 +106,7 @@ def test_a_compiled_run_learns_and_resumes_exactly(small_root, tmp_path):
         assert resumed[key] == straight[key], key
 
 
+@pytest.mark.extended
 def test_a_broken_compiler_toolchain_trains_eagerly_and_says_why(small_root, tmp_path):
     # A fresh process with an empty kernel cache, so that inductor must build its C++ kernels, and a C++
     # compiler that does not exist: what a node without a toolchain does.
