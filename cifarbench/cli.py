@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="records -> tables (Markdown, CSV), merged runs.parquet and plots")
     p.add_argument("results", help="the results folder (the one holding runs/)")
-    p.add_argument("--out", help="where tables.md, summary.csv, runs.parquet and plots/ go (default: RESULTS)")
+    p.add_argument(
+        "--out", help="where tables.md, summary.csv, runs.parquet, report.html and plots/ go (default: RESULTS)"
+    )
     p.add_argument("--rows", type=_fields, default=[], help="one pivot instead of the default tables, e.g. model")
     p.add_argument("--cols", type=_fields, default=[], help="columns of that pivot, e.g. dataset or recipe,batch_size")
     p.add_argument(

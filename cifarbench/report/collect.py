@@ -1,6 +1,6 @@
 """``cifarbench collect``: read a results folder (``scan``), make the tables (``tables``), compare with published
-figures (``reference``), write tables.md, summary.csv, runs.parquet and the plots. The I/O edge of the report
-layer.
+figures (``reference``), write tables.md, summary.csv, runs.parquet, the plots and report.html (``html``). The
+I/O edge of the report layer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarbench.errors import UsageError, check_name, plural
-from cifarbench.report import reference
+from cifarbench.report import html, reference
 from cifarbench.report.tables import (
     CONFIG,
     VALUES,
@@ -22,6 +22,7 @@ from cifarbench.report.tables import (
     render,
     select,
     summarize,
+    summary_line,
     tables,
     to_frame,
 )
@@ -40,7 +41,8 @@ class Report:
 def collect(
     results, *, out=None, rows=(), cols=(), value="final_test_acc", where=(), source=None, expected=None, plots=True
 ) -> Report:
-    """Read the records under ``results``, write tables.md, summary.csv, runs.parquet (and plots) to ``out``."""
+    """Read the records under ``results``, write tables.md, summary.csv, runs.parquet, report.html (and plots) to
+    ``out``."""
     root = Path(results)
     if not root.is_dir():
         why = "is not a folder" if root.exists() else "does not exist"
@@ -118,4 +120,17 @@ def collect(
 
         curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
         written += write_plots(runs.assign(config=config, test_acc=curves), summary, tabs, out_layout.plots)
+    written.append(
+        html.write_report(
+            out_layout.report,
+            root,
+            runs=runs,
+            summary=summary_line(runs, value),
+            tabs=tabs,
+            matches=matches,
+            missing=missing,
+            no_record=found.no_record,
+            images=[p for p in written if p.suffix == ".png"],
+        )
+    )
     return Report(markdown, warnings, written)

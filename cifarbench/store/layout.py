@@ -11,6 +11,7 @@
     bench/<time>-<host>.parquet    `cifarbench bench` tables
     runs.parquet                   what collect last read: one row per run
     tables.md, summary.csv, plots/ collect's output
+    report.html                    collect's output in one self-contained page
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ class Layout:
     @property
     def tables(self) -> Path:
         return self.root / "tables.md"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
 
     @property
     def summary(self) -> Path:

@@ -235,3 +235,21 @@ def with_curves(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
     index[rows] = len(table) + np.arange(len(rows))  # the curves just read, after the table's own
     filled = pa.concat_arrays([curves, read]).take(index)
     return table.set_column(table.schema.get_field_index("test_acc"), "test_acc", filled)
+
+
+def _read_row(path: str, columns: tuple[str, ...]) -> dict:
+    try:
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            names = [c for c in columns if c in pf.schema_arrow.names]  # an older record lacks some
+            rows = pf.read(columns=names, use_threads=False).to_pylist()
+        return rows[0] if len(rows) == 1 else {}
+    except (OSError, pa.ArrowException):  # gone or damaged since the scan
+        return {}
+
+
+def read_columns(results: str | os.PathLike, paths: list[str], columns: tuple[str, ...]) -> list[dict]:
+    """``columns`` of the records at ``paths`` (relative to ``results``, as a scan's table has them), one dict each:
+    what the summary leaves out (versions, host, traceback, curves). A column a record lacks is left out of its
+    dict; a record gone since the scan gives an empty one."""
+    with ThreadPoolExecutor(_workers()) as pool:
+        return list(pool.map(lambda rel: _read_row(os.path.join(results, rel), columns), paths))
