@@ -215,6 +215,25 @@ def test_cancelled_task_shows_cancelled_and_retry_failed_resubmits_only_it(array
     # the retry's completion is checked with the others, in test_every_run_completes_...
 
 
+def test_status_of_a_running_run_has_an_eta_that_shrinks_as_epochs_complete(array):
+    spec = array.specs[0]  # the long one: many epochs to watch
+    seen: list[tuple[status.RunStatus, str]] = []  # the run, and what `status` printed then
+
+    def three_epochs_watched():
+        statuses = array.statuses()
+        s = statuses[spec.run_id]
+        if s.status == "running" and s.epochs_done and (not seen or s.epochs_done != seen[-1][0].epochs_done):
+            seen.append((s, status.render(list(statuses.values()))))
+        return len(seen) >= 3 or (s.status == "completed" and seen)
+
+    array.wait("three epochs of task 0 seen running", three_epochs_watched, timeout=300)
+    for s, text in seen:
+        assert s.eta_s is not None and s.elapsed_s is not None and s.epoch_s and 0 <= s.test_acc <= 1, s
+        assert "ETA of the runs left: about" in text and f"test acc {s.test_acc:.4f}" in text, text
+    left = [s.epochs - s.epochs_done for s, _ in seen]
+    assert left == sorted(left, reverse=True) and len(set(left)) == len(left)
+
+
 def test_requeued_task_resumes_from_its_checkpoint(array):
     spec, job = array.specs[1], f"{array.job}_1"
     # On a loaded machine the task may also meet its time limit and be requeued by submitit; then it is briefly

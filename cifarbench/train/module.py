@@ -166,6 +166,12 @@ class AtomicLastCheckpoint(L.Callback):
         with atomic.replacing(self.path) as tmp:
             trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimiser, scheduler, loops
         spec = pl_module.spec
+        h = pl_module.history
         write_progress(
-            spec.results, spec.run_id, epochs_done=len(pl_module.history["test_acc"]), epochs=spec.schedule.epochs
+            spec.results,
+            spec.run_id,
+            epochs_done=len(h["test_acc"]),
+            epochs=spec.schedule.epochs,
+            epoch_seconds=h["epoch_seconds"],
+            test_acc=h["test_acc"][-1] if h["test_acc"] else None,
         )
