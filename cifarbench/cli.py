@@ -149,6 +149,14 @@ def _cmd_submit(args) -> int:
         job_word = "job" if len(jobs) == 1 else "jobs"
         print(f"submitted {plural(len(todo.submit), 'run')} ({manifest['executor']}) as {job_word} {', '.join(jobs)}")
         print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")
+        if args.collect:
+            from cifarbench.cluster import after
+
+            queued = after.queue_collect(manifest, grid=str(args.grid))
+            print(
+                f"collect: job {queued['job_id']} writes tables.md and report.html once {job_word} "
+                f"{', '.join(queued['after'])} {'has' if len(jobs) == 1 else 'have'} ended; log: {queued['log']}"
+            )
     if args.wait:
         final = status.wait(grid.results, specs)
         print(status.render(final))
@@ -302,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-run runs that already completed")
     p.add_argument("--retry-failed", action="store_true", help="re-run only failed, cancelled or lost runs")
     p.add_argument("--wait", action="store_true", help="follow the runs until all have ended")
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="also queue a small job that runs `collect` (tables.md, report.html) once every run has ended",
+    )
     p.add_argument(
         "--no-preflight",
         action="store_true",

@@ -315,6 +315,50 @@ def test_every_run_completes_and_resubmitting_submits_nothing(array, capsys):
 
 # --- bad input never reaches the queue -----------------------------------------------------------------------------
 
+
+@pytest.mark.slow
+def test_submit_collect_queues_a_collect_job_that_starts_after_the_array(tmp_path):
+    data.write_synthetic("synthetic10", tmp_path / "data", train_size=200, test_size=100)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+models: [resnet20]
+datasets: [synthetic10]
+opts: [step-160]
+batch_sizes: [64]
+seeds: [0, 1]
+epochs: 1
+precision: 32-true
+root: {tmp_path / "data"}
+results: {tmp_path / "results"}
+slurm: {{gpus_per_node: 0, cpus_per_task: 1, time: "00:05:00", setup: ["export OMP_NUM_THREADS=1"]}}
+""")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["submit", str(grid), "--collect"]) == 0
+    [manifest] = _manifests(tmp_path / "results")
+    array = manifest["runs"][0]["array_job_id"]
+    collect_job = re.search(r"collect: job (\d+) ", out.getvalue())
+    try:
+        assert collect_job, out.getvalue()
+        job = collect_job.group(1)
+        shown = _out("scontrol", "show", "job", job)
+        # queued behind the array (or, on a fast machine, already released: the array then ended first)
+        assert f"Dependency=afterany:{array}" in shown or "Dependency=(null)" in shown, shown
+        layout = Layout(tmp_path / "results")
+        deadline = time.monotonic() + 480
+        while not (layout.report.exists() and _ended(job)):
+            assert time.monotonic() < deadline, _out("squeue", "-h", "-r", "-o", "%i %T %M %R")
+            time.sleep(2)
+    finally:
+        subprocess.run(["scancel", array, *(collect_job.groups() if collect_job else ())], timeout=60)
+    assert _history(job) == ["COMPLETED"]
+    ends = _out("sacct", "-n", "-P", "-X", "-o", "End", "-j", array).split()
+    [start] = _out("sacct", "-n", "-P", "-X", "-o", "Start", "-j", job).split()
+    assert len(ends) == 2 and start >= max(ends)  # ISO times: as strings, in time order
+    assert layout.tables.exists() and "2 runs: 2 completed, 0 failed." in layout.report.read_text()
+    assert "report.html" in layout.collect_log(job).read_text()  # collect's "wrote ..." lines
+
+
 VALID = {
     "models": "[resnet20]",
     "datasets": "[synthetic10]",

@@ -7,6 +7,7 @@
     runs/<run_id>/progress.json    epochs done while the run trains
     locks/<run_id>.lock            held (flock) by the one job that trains the run
     logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
+    logs/collect-<job>.out         the log of the job `submit --collect` queues after the runs
     submissions/<time>-<pid>.json  one manifest per submission: run id -> job
     bench/<time>-<host>.parquet    `cifarbench bench` tables
     runs.parquet                   what collect last read: one row per run
@@ -64,6 +65,9 @@ class Layout:
     @property
     def local_logs(self) -> Path:
         return self.logs / "local"
+
+    def collect_log(self, job: str) -> Path:
+        return self.logs / f"collect-{job}.out"
 
     @property
     def submissions(self) -> Path:
