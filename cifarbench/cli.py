@@ -9,11 +9,13 @@ import argparse
 import json
 import sys
 
+from cifarbench.config.extras import missing_logger
 from cifarbench.config.spec import (
     ARCHS,
     COMPILE_MODES,
     DATASETS,
     LOADERS,
+    LOGGERS,
     PRECISIONS,
     REAL_DATASETS,
     RECIPES,
@@ -46,6 +48,8 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    if why := missing_logger(args.logger):
+        raise UsageError(why)
     from cifarbench.train import fit
 
     try:
@@ -63,6 +67,7 @@ def _cmd_run(args) -> int:
             data_root=args.data_root,
             verify=not args.no_verify,
             results=args.results,
+            logger=args.logger,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -94,6 +99,9 @@ def _cmd_submit(args) -> int:
     from cifarbench.store import scan
 
     grid = load_grid(args.grid)
+    for logger in sorted({s.logger for s in grid.specs if s.logger}):
+        if why := missing_logger(logger):
+            raise UsageError(why)
     if args.force and args.retry_failed:
         raise UsageError("--force re-runs everything; --retry-failed only failed runs: pick one")
     specs = list(grid.specs)
@@ -284,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader workers for --loader torchvision")
     p.add_argument("--results", default="results")
+    p.add_argument("--logger", choices=LOGGERS, help="also log the curves live, under the run's folder")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("data", help="download CIFAR or write synthetic copies")

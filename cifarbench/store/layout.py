@@ -5,6 +5,7 @@
     runs/<run_id>/record.parquet   the run's outcome, one row (completed or failed)
     runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
     runs/<run_id>/progress.json    epochs done while the run trains
+    runs/<run_id>/loggers/<name>/  what a grid's `logger:` (tensorboard, csv, wandb, mlflow) writes
     locks/<run_id>.lock            held (flock) by the one job that trains the run
     logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
     logs/collect-<job>.out         the log of the job `submit --collect` queues after the runs
@@ -45,6 +46,9 @@ class Layout:
 
     def progress(self, run_id: str) -> Path:
         return self.run_dir(run_id) / PROGRESS
+
+    def loggers(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "loggers"
 
     def lock(self, run_id: str) -> Path:
         # not in the run's folder, which keeps only what the run produced

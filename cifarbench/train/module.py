@@ -124,6 +124,16 @@ class ResNetModule(L.LightningModule):
         if self.top5 is not None:
             self.top5.reset()
         self._sums = None
+        for logger in self.trainer.loggers:  # a grid's `logger:`; none by default
+            logger.log_metrics(
+                {
+                    k: h[k][-1]
+                    for k in ("train_loss", "test_loss", "test_acc", "test_top5", "lr", "epoch_seconds", "images_per_s")
+                    if h[k][-1] == h[k][-1]  # not NaN: top-5 below 100 classes
+                },
+                step=len(h["test_acc"]),
+            )
+            logger.save()
         if not self.trainer.progress_bar_callback:
             epoch = len(h["test_acc"])
             print(
