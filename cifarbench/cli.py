@@ -210,6 +210,7 @@ def _cmd_collect(args) -> int:
         source=args.reference,
         expected=specs,
         plots=not args.no_plots,
+        report=not args.no_report,
     )
     for line in report.warnings:
         print(line, file=sys.stderr)
@@ -359,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="published figures to compare with: seed-notebook (default), he2016, akamaster")
     p.add_argument("--grid", help="also list the grid's runs that were never submitted")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip report.html (which reads every record's environment columns, not only its footer)",
+    )
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")

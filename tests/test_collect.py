@@ -249,10 +249,11 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     results = write_records(
         [{"model": "resnet20", "final_test_acc": 0.90}, {"model": "resnet32", "final_test_acc": 0.91}]
     )
-    first = collect(results, plots=False)
+    first = collect(results, plots=False, report=False)
     assert pq.read_schema(results / "runs.parquet").metadata[SCHEMA_KEY] == RUNS_TAG
     runs = pq.read_table(results / "runs.parquet")
-    assert runs.num_rows == 2 and runs.column("test_acc").null_count == 2  # curves: read for plots only
+    assert runs.num_rows == 2 and runs.column("test_acc").null_count == 2  # curves: read for plots, report only
+    assert not any(runs.column("details_read").fill_null(False).to_pylist())
     again = collect(results, plots=False)  # reads runs.parquet back as the cache of unchanged records
     assert again.warnings == [] and again.markdown == first.markdown
     write_records([{"model": "resnet20", "final_test_acc": 0.95}], results=results)  # a rerun replaced the record

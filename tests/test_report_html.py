@@ -15,7 +15,7 @@ from cifarbench.report.html import curve_svg, log_tail
 from cifarbench.report.tables import default_tables, summarize, to_frame
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import write_manifest
-from cifarbench.store.scan import read_records
+from cifarbench.store.scan import load_runs, read_records
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -100,6 +100,8 @@ def test_report_html_is_self_contained_and_complete(write_records, tmp_path):
     assert "models: [resnet32, resnet44]  # &lt;the grid&gt;" in text  # the grid file, kept in the manifest
     assert "4242_" not in text and ">4242<" in text  # SLURM job of the completed runs (no array task)
     assert "RuntimeError: out of memory" in text  # the failed run's traceback, from its record
+    cached = load_runs(Layout(results).runs_table, results)  # read once, then kept for the next collect
+    assert all(cached.column("details_read").to_pylist()) and set(cached.column("hostname").to_pylist()) == {"node01"}
 
 
 @pytest.mark.slow

@@ -39,7 +39,17 @@ class Report:
 
 
 def collect(
-    results, *, out=None, rows=(), cols=(), value="final_test_acc", where=(), source=None, expected=None, plots=True
+    results,
+    *,
+    out=None,
+    rows=(),
+    cols=(),
+    value="final_test_acc",
+    where=(),
+    source=None,
+    expected=None,
+    plots=True,
+    report=True,
 ) -> Report:
     """Read the records under ``results``, write tables.md, summary.csv, runs.parquet, report.html (and plots) to
     ``out``."""
@@ -65,7 +75,7 @@ def collect(
         + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
         for why, paths in found.skipped.items()
     ]
-    all_runs, dropped = dedupe(to_frame(found.table.drop_columns("test_acc")))
+    all_runs, dropped = dedupe(to_frame(found.table.drop_columns(["test_acc", *scan.DETAILS, scan.DETAILS_READ])))
     if len(dropped):
         ids = sorted(set(dropped.run_id))
         warnings.append(
@@ -110,6 +120,8 @@ def collect(
     table = found.table
     if plots:  # curves: read from the records' columns once, then kept in runs.parquet
         table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
+    if report:  # every run's curve and details (environment, traceback): the same
+        table = scan.with_details(root, scan.with_curves(root, table, runs.index), runs.index)
     if found.changed or table is not found.table or not out_layout.runs_table.exists():
         kept = np.zeros(table.num_rows, bool)
         kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
@@ -120,17 +132,21 @@ def collect(
 
         curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
         written += write_plots(runs.assign(config=config, test_acc=curves), summary, tabs, out_layout.plots)
-    written.append(
-        html.write_report(
-            out_layout.report,
-            root,
-            runs=runs,
-            summary=summary_line(runs, value),
-            tabs=tabs,
-            matches=matches,
-            missing=missing,
-            no_record=found.no_record,
-            images=[p for p in written if p.suffix == ".png"],
+    if report:
+        written.append(
+            html.write_report(
+                out_layout.report,
+                root,
+                runs=runs,
+                summary=summary_line(runs, value),
+                tabs=tabs,
+                matches=matches,
+                missing=missing,
+                no_record=found.no_record,
+                details=dict(
+                    zip(runs.run_id, table.select([*scan.DETAILS, "test_acc"]).take(runs.index.to_numpy()).to_pylist())
+                ),
+                images=[p for p in written if p.suffix == ".png"],
+            )
         )
-    )
     return Report(markdown, warnings, written)

@@ -19,27 +19,9 @@ import pandas as pd
 
 from cifarbench.errors import plural
 from cifarbench.report.tables import Table, comparison_parts, labels, time_estimate_parts
-from cifarbench.store import atomic, scan
+from cifarbench.store import atomic
 from cifarbench.store.manifests import list_manifests, read_manifests
 
-# What the summary leaves out, read from each record's columns.
-ENVIRONMENT = (
-    "precision_used",
-    "device_name",
-    "device_count",
-    "hostname",
-    "torch_version",
-    "torchvision_version",
-    "lightning_version",
-    "cuda_version",
-    "cifarbench_version",
-    "git_commit",
-    "slurm_job_id",
-    "slurm_array_task_id",
-    "attempts",
-    "data_root",
-    "data_verified",
-)
 DETAILS_LIMIT = 50  # failed and lost runs shown with their logs; the rest are listed
 LOG_LINES = 40
 _LOG_BYTES = 16_384
@@ -144,7 +126,9 @@ def _tables(tabs: list[Table], matches: list[pd.DataFrame | None]) -> str:
             header, body, foot = comparison_parts(t, m)
             first = len(t.rows) + len(t.cols)
             out.append(
-                _table(header, body, numeric_from=first) + "".join(f'<p class="foot">{_e(line)}</p>' for line in foot)
+                "<p>Beside published figures:</p>"
+                + _table(header, body, numeric_from=first)
+                + "".join(f'<p class="foot">{_e(line)}</p>' for line in foot)
             )
     return "".join(out) or "<p>No table: no run to show.</p>"
 
@@ -153,6 +137,7 @@ def _failures(root: Path, runs: pd.DataFrame, details: dict[str, dict], no_recor
     """Each failed run's error, traceback and log tail, and each lost run's log tail (the first DETAILS_LIMIT)."""
     entries = read_manifests(root)
     failed, known = set(runs.run_id[runs.status.ne("completed")]), set(runs.run_id)
+    errors = dict(zip(runs.run_id, runs.error))  # the first line; the traceback has the rest
     shown = [*sorted(failed), *(i for i in no_record if i not in known)]
     out = []
     for run_id in shown[:DETAILS_LIMIT]:
@@ -160,8 +145,8 @@ def _failures(root: Path, runs: pd.DataFrame, details: dict[str, dict], no_recor
         entry = entries.get(run_id)
         kind = "failed" if run_id in failed else "no record (still running, or lost)"
         parts = [f"<summary><code>{_e(run_id)}</code>: {_e(kind)}</summary>"]
-        if record.get("error"):
-            parts.append(f"<p>{_e(record['error'].strip().splitlines()[0])}</p>")
+        if isinstance(errors.get(run_id), str):
+            parts.append(f"<p>{_e(errors[run_id])}</p>")
         if record.get("traceback"):
             parts.append(f"<p>Traceback (from the record):</p><pre>{_e(record['traceback'])}</pre>")
         if entry is None:
@@ -214,7 +199,7 @@ def _runs(runs: pd.DataFrame, details: dict[str, dict]) -> str:
         job = d.get("slurm_job_id")
         job = f"{job}_{d['slurm_array_task_id']}" if job and d.get("slurm_array_task_id") else job
         versions = "<br>".join(f"{name} {_e(d[k])}" for k, name in _VERSIONS.items() if d.get(k))
-        device = d.get("device_name") or "–"
+        device = r.device_name if isinstance(r.device_name, str) else "–"
         device += f" ×{d['device_count']}" if (d.get("device_count") or 1) > 1 else ""
         config = f"{r.model} {r.dataset} {recipe} bs={r.batch_size}"
         where = "<br>".join(_e(v) for v in (device, d.get("precision_used") or r.precision, d.get("hostname")) if v)
@@ -265,12 +250,12 @@ def render(
     matches: list[pd.DataFrame | None],
     missing: list[str],
     no_record: list[str],
+    details: dict[str, dict],
     images: list[Path],
 ) -> str:
-    """The page. ``runs``: the records collected (with ``path``, as a scan's table has it); ``summary``, ``tabs``,
-    ``matches`` and ``missing`` as the Markdown report has them; ``images``: the plots' PNGs."""
-    read = scan.read_columns(root, list(runs.path), (*ENVIRONMENT, "error", "traceback", "test_acc"))
-    details = dict(zip(runs.run_id, read))
+    """The page. ``runs``: the records collected; ``summary``, ``tabs``, ``matches`` and ``missing`` as the
+    Markdown report has them; ``details``: run id -> what the summary leaves out (``scan.DETAILS`` and the curve,
+    ``test_acc``); ``images``: the plots' PNGs."""
     timing = time_estimate_parts(runs)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
