@@ -72,7 +72,7 @@ def test_the_grid_eta_shares_the_work_among_the_runs_running(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "seconds, text", [(5, "5s"), (125, "2m"), (3 * 3600 + 300, "3h05m"), (2 * 86400 + 4 * 3600, "2d04h")]
+    "seconds, text", [(5, "5s"), (125, "2m05s"), (3 * 3600 + 300, "3h05m"), (2 * 86400 + 4 * 3600, "2d04h")]
 )
 def test_durations(seconds, text):
     assert duration(seconds) == text

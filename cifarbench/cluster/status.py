@@ -221,12 +221,12 @@ def summary(statuses: list[RunStatus]) -> dict[str, int]:
 
 
 def duration(seconds: float) -> str:
-    """``45s``, ``12m``, ``3h05m``, ``2d04h``."""
+    """``45s``, ``12m05s``, ``3h05m``, ``2d04h``."""
     s = round(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:
-        return f"{s // 60}m"
+        return f"{s // 60}m{s % 60:02d}s"
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
@@ -245,11 +245,11 @@ def render(statuses: list[RunStatus]) -> str:
     lines = ["  ".join(f"{k}: {v}" for k, v in summary(statuses).items()) or "no runs", ""]
     eta = grid_eta(statuses)
     if eta:
-        lines[1:1] = [
+        lines.insert(
+            1,
             f"ETA of the runs left: about {duration(eta['eta_s'])} ({plural(eta['run_epochs_left'], 'run-epoch')} "
             f"at {duration(eta['epoch_s'])} each, {eta['parallel']} at a time)",
-            "",
-        ]
+        )
     header = f"{'run id':<40} {'status':<13} {'epochs':>9} {'job':<12} detail"
     lines.append(header)
     for s in sorted(statuses, key=lambda s: (ORDER.index(s.status), s.run_id)):
