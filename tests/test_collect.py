@@ -623,8 +623,10 @@ def test_plot_titles_name_a_shortened_recipe_and_keep_a_full_length_ones(write_r
     done = runs.assign(config=config)
     figures = dict(c for c in (curves(done, t) for t in tabs) if c)
     slug = "step-200_2_of_200_epochs_milestones_1_1_2"
-    per_epoch = "Test accuracy per epoch: {} bs=64{}\n(mean, band ± 1 std over seeds)"
-    assert {name: fig.get_suptitle() for name, fig in figures.items()} == {
+    per_epoch = "Test accuracy per epoch: {} bs=64{} (mean, band ± 1 std over seeds)"
+    # wrapped to the width of the figure's one panel
+    assert max(len(line) for fig in figures.values() for line in fig.get_suptitle().splitlines()) <= 66
+    assert {name: fig.get_suptitle().replace("\n", " ") for name, fig in figures.items()} == {
         f"curves_{slug}_bs=64.png": per_epoch.format(SHORT, ""),
         "curves_step-200_bs=64_epochs=200.png": per_epoch.format("step-200", " epochs=200"),
     }

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from cifarbench.errors import plural
-from cifarbench.report.tables import Table, comparison_parts, labels, time_estimate_parts
+from cifarbench.report.tables import EAGER, Table, comparison_parts, labels, time_estimate_parts
 from cifarbench.store import atomic
 from cifarbench.store.manifests import list_manifests, read_manifests
 
@@ -37,7 +37,7 @@ tr.failed td{background:#fff1f0}code,pre{font:12px/1.4 ui-monospace,SFMono-Regul
 pre{background:#f6f8fa;border:1px solid #d0d7de;padding:8px;overflow-x:auto;max-height:420px}
 .foot{color:#57606a;font-size:12px}img{max-width:100%;border:1px solid #d0d7de;margin:6px 0}
 nav a{margin-right:14px}details{margin:6px 0}summary{cursor:pointer}.runs td{font-size:12px}
-svg.curve{display:block}td.id{white-space:nowrap}section{overflow-x:auto}
+svg.curve{display:block}td.id{white-space:nowrap}td.cfg{min-width:300px}section{overflow-x:auto}
 """
 
 
@@ -202,10 +202,17 @@ def _runs(runs: pd.DataFrame, details: dict[str, dict]) -> str:
         device = r.device_name if isinstance(r.device_name, str) else "–"
         device += f" ×{d['device_count']}" if (d.get("device_count") or 1) > 1 else ""
         config = f"{r.model} {r.dataset} {recipe} bs={r.batch_size}"
+        schedule = f"{r.schedule} {r.milestones} ×{r.gamma:g}" if r.schedule == "step" else r.schedule
+        spec = (
+            f"SGD lr {r.lr:g}, momentum {r.momentum:g}, wd {r.weight_decay:g}, {schedule}; loader {r.loader}, "
+            f"{r.compile if r.compile != EAGER else 'eager'}{', deterministic' if r.deterministic else ''}"
+        )
         where = "<br>".join(_e(v) for v in (device, d.get("precision_used") or r.precision, d.get("hostname")) if v)
         cells = [
             f'<td class="id"><code>{_e(r.run_id)}</code></td>',
-            *(f"<td>{_e(v)}</td>" for v in (r.status, config, r.seed, f"{r.epochs_done}/{r.epochs}")),
+            f"<td>{_e(r.status)}</td>",
+            f'<td class="cfg">{_e(config)}<br><span class="foot">{_e(spec)}</span></td>',
+            *(f"<td>{_e(v)}</td>" for v in (r.seed, f"{r.epochs_done}/{r.epochs}")),
             f'<td class="num">{acc(r.final_test_acc)}</td>',
             f'<td class="num">{acc(r.best_test_acc)}</td>',
             f"<td>{curve_svg(d.get('test_acc'))}</td>",
