@@ -121,7 +121,7 @@ def collect(
     if plots:  # curves: read from the records' columns once, then kept in runs.parquet
         table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
     if report:  # every run's curve and details (environment, traceback): the same
-        table = scan.with_details(root, scan.with_curves(root, table, runs.index), runs.index)
+        table = scan.with_details(root, table, runs.index)
     if found.changed or table is not found.table or not out_layout.runs_table.exists():
         kept = np.zeros(table.num_rows, bool)
         kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column

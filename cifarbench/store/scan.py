@@ -266,7 +266,8 @@ def with_curves(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
 def _read_details(path: str) -> dict:
     try:
         with pq.ParquetFile(path, pre_buffer=False) as pf:
-            names = [c for c in DETAILS if c in pf.schema_arrow.names]  # an older record may lack some
+            # with the curve: one read of the file for both
+            names = [c for c in (*DETAILS, "test_acc") if c in pf.schema_arrow.names]  # an older record lacks some
             rows = pf.read(columns=names, use_threads=False).to_pylist()
         if len(rows) == 1:
             return {**rows[0], DETAILS_READ: True}
@@ -276,8 +277,9 @@ def _read_details(path: str) -> dict:
 
 
 def with_details(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
-    """A scan's ``table`` where each of ``rows`` (positions) has its DETAILS, read from its record's columns where
-    the table has not read them yet; ``table`` itself when it has them all (then from runs.parquet)."""
+    """A scan's ``table`` where each of ``rows`` (positions) has its DETAILS and its curve (test_acc), read from its
+    record's columns where the table has not read the details yet; ``table`` itself when it has them all (then
+    from runs.parquet)."""
     rows = np.asarray(rows, dtype=np.int64)
     read_already = table.column(DETAILS_READ).fill_null(False).to_numpy(zero_copy_only=False)
     rows = rows[~read_already[rows]]
@@ -286,7 +288,7 @@ def with_details(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
     paths = [os.path.join(results, rel) for rel in table.column("path").take(rows).to_pylist()]
     with ThreadPoolExecutor(_workers()) as pool:
         read = list(pool.map(_read_details, paths))
-    fields = [RUNS_SCHEMA.field(name) for name in (*DETAILS, DETAILS_READ)]
+    fields = [RUNS_SCHEMA.field(name) for name in ("test_acc", *DETAILS, DETAILS_READ)]
     new = pa.Table.from_pylist(read, schema=pa.schema(fields))
     index = np.arange(len(table))
     index[rows] = len(table) + np.arange(len(rows))  # the values just read, after the table's own
