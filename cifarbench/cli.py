@@ -9,11 +9,13 @@ import argparse
 import json
 import sys
 
+from cifarbench.config.extras import missing_logger
 from cifarbench.config.spec import (
     ARCHS,
     COMPILE_MODES,
     DATASETS,
     LOADERS,
+    LOGGERS,
     PRECISIONS,
     REAL_DATASETS,
     RECIPES,
@@ -46,6 +48,8 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    if why := missing_logger(args.logger):
+        raise UsageError(why)
     from cifarbench.train import fit
 
     try:
@@ -63,6 +67,7 @@ def _cmd_run(args) -> int:
             data_root=args.data_root,
             verify=not args.no_verify,
             results=args.results,
+            logger=args.logger,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -94,6 +99,9 @@ def _cmd_submit(args) -> int:
     from cifarbench.store import scan
 
     grid = load_grid(args.grid)
+    for logger in sorted({s.logger for s in grid.specs if s.logger}):
+        if why := missing_logger(logger):
+            raise UsageError(why)
     if args.force and args.retry_failed:
         raise UsageError("--force re-runs everything; --retry-failed only failed runs: pick one")
     specs = list(grid.specs)
@@ -149,6 +157,14 @@ def _cmd_submit(args) -> int:
         job_word = "job" if len(jobs) == 1 else "jobs"
         print(f"submitted {plural(len(todo.submit), 'run')} ({manifest['executor']}) as {job_word} {', '.join(jobs)}")
         print(f"logs: {grid.results}/logs/  manifest: {manifest['path']}")
+        if args.collect:
+            from cifarbench.cluster import after
+
+            queued = after.queue_collect(manifest, grid=str(args.grid))
+            print(
+                f"collect: job {queued['job_id']} writes tables.md and report.html once {job_word} "
+                f"{', '.join(queued['after'])} {'has' if len(jobs) == 1 else 'have'} ended; log: {queued['log']}"
+            )
     if args.wait:
         final = status.wait(grid.results, specs)
         print(status.render(final))
@@ -194,6 +210,7 @@ def _cmd_collect(args) -> int:
         source=args.reference,
         expected=specs,
         plots=not args.no_plots,
+        report=not args.no_report,
     )
     for line in report.warnings:
         print(line, file=sys.stderr)
@@ -276,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader workers for --loader torchvision")
     p.add_argument("--results", default="results")
+    p.add_argument("--logger", choices=LOGGERS, help="also log the curves live, under the run's folder")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("data", help="download CIFAR or write synthetic copies")
@@ -303,6 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="re-run only failed, cancelled or lost runs")
     p.add_argument("--wait", action="store_true", help="follow the runs until all have ended")
     p.add_argument(
+        "--collect",
+        action="store_true",
+        help="also queue a small job that runs `collect` (tables.md, report.html) once every run has ended",
+    )
+    p.add_argument(
         "--no-preflight",
         action="store_true",
         help="skip the checks of data and cluster limits (for data that only exists on the compute nodes)",
@@ -317,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collect", help="records -> tables (Markdown, CSV), merged runs.parquet and plots")
     p.add_argument("results", help="the results folder (the one holding runs/)")
-    p.add_argument("--out", help="where tables.md, summary.csv, runs.parquet and plots/ go (default: RESULTS)")
+    p.add_argument(
+        "--out", help="where tables.md, summary.csv, runs.parquet, report.html and plots/ go (default: RESULTS)"
+    )
     p.add_argument("--rows", type=_fields, default=[], help="one pivot instead of the default tables, e.g. model")
     p.add_argument("--cols", type=_fields, default=[], help="columns of that pivot, e.g. dataset or recipe,batch_size")
     p.add_argument(
@@ -335,6 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="published figures to compare with: seed-notebook (default), he2016, akamaster")
     p.add_argument("--grid", help="also list the grid's runs that were never submitted")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip report.html (which reads every record's environment columns, not only its footer)",
+    )
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")

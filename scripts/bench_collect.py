@@ -9,7 +9,10 @@ fresh process each time and prints how long the call took:
 - cold: no runs.parquet yet, every record's footer is read (the records are in the page cache: just written);
   ``--repeat`` times, then the median;
 - warm: runs.parquet from the previous collect, nothing changed (what a second collect costs);
-- warm, tables + plots: the same with the PNGs, which first read the curves of every completed run from its record;
+- warm, tables + report: the same with report.html, which first reads every record's environment columns;
+- warm, report again: these now come from runs.parquet (the ratio to the tables alone follows);
+- warm, tables + plots: tables, report.html and the PNGs, which first read the curves of every completed run from
+  its record;
 - warm, plots again: the curves now come from runs.parquet.
 
 Records are written with pyarrow as ``write_record`` writes them (record schema, summary in the footer), without
@@ -188,31 +191,33 @@ import os, sys, time
 t0 = time.perf_counter()
 from cifarbench.report.collect import collect
 t1, c1 = time.perf_counter(), os.times()
-report = collect(sys.argv[1], plots=sys.argv[2] == "plots")
+report = collect(sys.argv[1], plots=sys.argv[2] == "plots", report=sys.argv[3] == "report")
 t2, c2 = time.perf_counter(), os.times()
 cpu = c2.user - c1.user + c2.system - c1.system
-print(t1 - t0, t2 - t1, cpu, len(report.warnings), sum(p.suffix == ".png" for p in report.written))
+print(t1 - t0, t2 - t1, cpu, len(report.warnings), sum(p.suffix == ".png" for p in report.written),
+      max((p.stat().st_size for p in report.written if p.suffix == ".html"), default=0))
 """
 
 
-def measure(results: Path, plots: bool) -> tuple[float, float, float, int, int]:
-    """(import seconds, collect seconds, collect CPU seconds, warning lines, PNGs), in a fresh process."""
+def measure(results: Path, plots: bool, page: bool) -> tuple[float, float, float, int, int, int]:
+    """(import seconds, collect seconds, collect CPU seconds, warning lines, PNGs, report.html bytes), in a fresh
+    process."""
     out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(results), "plots" if plots else "tables"],
+        [sys.executable, "-c", _MEASURE, str(results), "plots" if plots else "tables", "report" if page else "-"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.split()
-    return float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4])
+    return float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4]), int(out[5])
 
 
-def report(name: str, results: Path, plots: bool) -> float:
+def report(name: str, results: Path, plots: bool, page: bool = True) -> float:
     # The machine may be shared: the load average and CPU time say how much of the wall time was waiting.
     load = os.getloadavg()[0]
-    imports, seconds, cpu, warnings, pngs = measure(results, plots)
+    imports, seconds, cpu, warnings, pngs, size = measure(results, plots, page)
     print(
         f"{name:22s} {seconds:7.2f} s wall {cpu:7.2f} s CPU  (+{imports:.2f} s imports; {warnings} warning "
-        f"lines, {pngs} PNGs; load {load:.1f})",
+        f"lines, {pngs} PNGs, report.html {size / 1e6:.1f} MB; load {load:.1f})",
         flush=True,
     )
     return seconds
@@ -246,10 +251,13 @@ def main(argv=None) -> int:
         cold = []
         for _ in range(args.repeat):
             (results / "runs.parquet").unlink(missing_ok=True)
-            cold.append(report("cold, tables", results, plots=False))
+            cold.append(report("cold, tables", results, plots=False, page=False))
         if args.repeat > 1:
             print(f"{'cold, median':22s} {statistics.median(cold):7.2f} s wall")
-        report("warm, tables", results, plots=False)
+        tables = report("warm, tables", results, plots=False, page=False)
+        report("warm, tables + report", results, plots=False)
+        again = report("warm, report again", results, plots=False)
+        print(f"{'report again / tables':22s} {again / tables:7.2f} x")
         report("warm, tables + plots", results, plots=True)
         report("warm, plots again", results, plots=True)
     finally:

@@ -249,10 +249,11 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     results = write_records(
         [{"model": "resnet20", "final_test_acc": 0.90}, {"model": "resnet32", "final_test_acc": 0.91}]
     )
-    first = collect(results, plots=False)
+    first = collect(results, plots=False, report=False)
     assert pq.read_schema(results / "runs.parquet").metadata[SCHEMA_KEY] == RUNS_TAG
     runs = pq.read_table(results / "runs.parquet")
-    assert runs.num_rows == 2 and runs.column("test_acc").null_count == 2  # curves: read for plots only
+    assert runs.num_rows == 2 and runs.column("test_acc").null_count == 2  # curves: read for plots, report only
+    assert not any(runs.column("details_read").fill_null(False).to_pylist())
     again = collect(results, plots=False)  # reads runs.parquet back as the cache of unchanged records
     assert again.warnings == [] and again.markdown == first.markdown
     write_records([{"model": "resnet20", "final_test_acc": 0.95}], results=results)  # a rerun replaced the record
@@ -622,8 +623,10 @@ def test_plot_titles_name_a_shortened_recipe_and_keep_a_full_length_ones(write_r
     done = runs.assign(config=config)
     figures = dict(c for c in (curves(done, t) for t in tabs) if c)
     slug = "step-200_2_of_200_epochs_milestones_1_1_2"
-    per_epoch = "Test accuracy per epoch: {} bs=64{}\n(mean, band ± 1 std over seeds)"
-    assert {name: fig.get_suptitle() for name, fig in figures.items()} == {
+    per_epoch = "Test accuracy per epoch: {} bs=64{} (mean, band ± 1 std over seeds)"
+    # wrapped to the width of the figure's one panel
+    assert max(len(line) for fig in figures.values() for line in fig.get_suptitle().splitlines()) <= 66
+    assert {name: fig.get_suptitle().replace("\n", " ") for name, fig in figures.items()} == {
         f"curves_{slug}_bs=64.png": per_epoch.format(SHORT, ""),
         "curves_step-200_bs=64_epochs=200.png": per_epoch.format("step-200", " epochs=200"),
     }

@@ -215,6 +215,25 @@ def test_cancelled_task_shows_cancelled_and_retry_failed_resubmits_only_it(array
     # the retry's completion is checked with the others, in test_every_run_completes_...
 
 
+def test_status_of_a_running_run_has_an_eta_that_shrinks_as_epochs_complete(array):
+    spec = array.specs[0]  # the long one: many epochs to watch
+    seen: list[tuple[status.RunStatus, str]] = []  # the run, and what `status` printed then
+
+    def three_epochs_watched():
+        statuses = array.statuses()
+        s = statuses[spec.run_id]
+        if s.status == "running" and s.epochs_done and (not seen or s.epochs_done != seen[-1][0].epochs_done):
+            seen.append((s, status.render(list(statuses.values()))))
+        return len(seen) >= 3 or (s.status == "completed" and seen)
+
+    array.wait("three epochs of task 0 seen running", three_epochs_watched, timeout=300)
+    for s, text in seen:
+        assert s.eta_s is not None and s.elapsed_s is not None and s.epoch_s and 0 <= s.test_acc <= 1, s
+        assert "ETA of the runs left: about" in text and f"test acc {s.test_acc:.4f}" in text, text
+    left = [s.epochs - s.epochs_done for s, _ in seen]
+    assert left == sorted(left, reverse=True) and len(set(left)) == len(left)
+
+
 def test_requeued_task_resumes_from_its_checkpoint(array):
     spec, job = array.specs[1], f"{array.job}_1"
     # On a loaded machine the task may also meet its time limit and be requeued by submitit; then it is briefly
@@ -295,6 +314,50 @@ def test_every_run_completes_and_resubmitting_submits_nothing(array, capsys):
 
 
 # --- bad input never reaches the queue -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_submit_collect_queues_a_collect_job_that_starts_after_the_array(tmp_path):
+    data.write_synthetic("synthetic10", tmp_path / "data", train_size=200, test_size=100)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+models: [resnet20]
+datasets: [synthetic10]
+opts: [step-160]
+batch_sizes: [64]
+seeds: [0, 1]
+epochs: 1
+precision: 32-true
+root: {tmp_path / "data"}
+results: {tmp_path / "results"}
+slurm: {{gpus_per_node: 0, cpus_per_task: 1, time: "00:05:00", setup: ["export OMP_NUM_THREADS=1"]}}
+""")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["submit", str(grid), "--collect"]) == 0
+    [manifest] = _manifests(tmp_path / "results")
+    array = manifest["runs"][0]["array_job_id"]
+    collect_job = re.search(r"collect: job (\d+) ", out.getvalue())
+    try:
+        assert collect_job, out.getvalue()
+        job = collect_job.group(1)
+        shown = _out("scontrol", "show", "job", job)
+        # queued behind the array (or, on a fast machine, already released: the array then ended first)
+        assert f"Dependency=afterany:{array}" in shown or "Dependency=(null)" in shown, shown
+        layout = Layout(tmp_path / "results")
+        deadline = time.monotonic() + 480
+        while not (layout.report.exists() and _ended(job)):
+            assert time.monotonic() < deadline, _out("squeue", "-h", "-r", "-o", "%i %T %M %R")
+            time.sleep(2)
+    finally:
+        subprocess.run(["scancel", array, *(collect_job.groups() if collect_job else ())], timeout=60)
+    assert _history(job) == ["COMPLETED"]
+    ends = _out("sacct", "-n", "-P", "-X", "-o", "End", "-j", array).split()
+    [start] = _out("sacct", "-n", "-P", "-X", "-o", "Start", "-j", job).split()
+    assert len(ends) == 2 and start >= max(ends)  # ISO times: as strings, in time order
+    assert layout.tables.exists() and "2 runs: 2 completed, 0 failed." in layout.report.read_text()
+    assert "report.html" in layout.collect_log(job).read_text()  # collect's "wrote ..." lines
+
 
 VALID = {
     "models": "[resnet20]",

@@ -37,6 +37,12 @@ class RunStatus:
     error: str | None = None
     log: str | None = None
     resources: dict | None = None  # what the run asked SLURM for (from its manifest entry)
+    # a running run, from its progress file: seconds trained (and of the epoch in progress), the latest test
+    # accuracy, mean seconds an epoch, and seconds until it ends at that pace
+    elapsed_s: float | None = None
+    test_acc: float | None = None
+    epoch_s: float | None = None
+    eta_s: float | None = None
 
 
 # sacct may not list a job in the first seconds after sbatch returned
@@ -80,7 +86,54 @@ def _described(spec: dict) -> dict:
 
 
 # what status reads of each record's summary
-FIELDS = ("run_id", "status", "ended_at", "epochs_done", "error")
+FIELDS = ("run_id", "status", "ended_at", "epochs_done", "error", "train_seconds", "test_seconds")
+
+
+def epoch_time(seconds: list[float]) -> float | None:
+    """Mean seconds an epoch takes, the first left out where there are later ones (it also warms up, compiles)."""
+    kept = seconds[1:] if len(seconds) > 1 else seconds
+    return sum(kept) / len(kept) if kept else None
+
+
+def progress_times(progress: dict, now: float) -> dict:
+    """Pure: a running run's ``elapsed_s``, ``test_acc``, ``epoch_s`` and ``eta_s`` from its progress file (those
+    it cannot tell are None): the epochs' seconds so far plus the time since the last one ended, and the epochs
+    left at the mean pace, less the part of the current epoch already spent."""
+    seconds = [float(x) for x in progress.get("epoch_seconds") or ()]
+    updated = progress.get("updated_at")
+    since = max(0.0, now - updated) if isinstance(updated, (int, float)) else 0.0
+    per = epoch_time(seconds)
+    left = max(0, int(progress.get("epochs", 0)) - int(progress.get("epochs_done", 0)))
+    return {
+        "elapsed_s": sum(seconds) + since if seconds or updated else None,
+        "test_acc": progress.get("test_acc"),
+        "epoch_s": per,
+        "eta_s": None if per is None else max(0.0, left * per - since),
+    }
+
+
+def grid_eta(statuses: list[RunStatus]) -> dict | None:
+    """Pure: when the runs still running or pending should all have ended, from the runs' progress and how many
+    run at once. Each running run needs its own ETA; a pending one its epochs at the mean epoch time of the runs
+    measured (running, or completed); that work is shared by as many runs as run now, or, while none does, by
+    the arrays' parallelism (``%limit``). None when nothing is left or no epoch time is known."""
+    active = [s for s in statuses if s.status in ("running", "pending")]
+    measured = [s.epoch_s for s in statuses if s.epoch_s]
+    if not active or not measured:
+        return None
+    mean = sum(measured) / len(measured)
+    running = [s for s in active if s.status == "running"]
+    work, epochs = 0.0, 0
+    for s in active:
+        left = max(0, (s.epochs or 0) - (s.epochs_done or 0))
+        epochs += left
+        work += s.eta_s if s.status == "running" and s.eta_s is not None else left * (s.epoch_s or mean)
+    limit = sum(
+        {(s.job_id or "").split("_")[0]: (s.resources or {}).get("array_parallelism") or 1 for s in active}.values()
+    )
+    slots = len(running) or min(limit, len(active)) or 1
+    longest = max((s.eta_s or 0.0 for s in running), default=0.0)
+    return {"eta_s": max(work / slots, longest), "run_epochs_left": epochs, "epoch_s": mean, "parallel": slots}
 
 
 def collect_status(
@@ -112,6 +165,7 @@ def collect_status(
     except OSError:
         started = set()
     out = []
+    now = time.time()
     for run_id, desc in described.items():
         record = summaries.get(run_id)
         entry = entries.get(run_id)
@@ -125,6 +179,9 @@ def collect_status(
             record=record, entry=entry, job_state=job_state, alive=alive.get(entry["job_id"]) if entry else None
         )
         done = record["epochs_done"] if record else (progress or {}).get("epochs_done")
+        times = progress_times(progress, now) if progress and status == "running" else {}
+        if record and record["status"] == "completed" and record.get("train_seconds") and record["epochs_done"]:
+            times = {"epoch_s": (record["train_seconds"] + (record.get("test_seconds") or 0)) / record["epochs_done"]}
         out.append(
             RunStatus(
                 run_id=run_id,
@@ -136,6 +193,7 @@ def collect_status(
                 error=record["error"] if record and status == "failed" else _never_started(entry, status),
                 log=_log(entry, status),
                 resources=entry.get("resources") if entry else None,
+                **times,
             )
         )
     return out
@@ -167,19 +225,48 @@ def summary(statuses: list[RunStatus]) -> dict[str, int]:
     return {k: v for k, v in counts.items() if v}
 
 
+def duration(seconds: float) -> str:
+    """``45s``, ``12m05s``, ``3h05m``, ``2d04h``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _running(s: RunStatus) -> str | None:
+    parts = [
+        f"elapsed {duration(s.elapsed_s)}" if s.elapsed_s is not None else None,
+        f"test acc {s.test_acc:.4f}" if s.test_acc is not None else None,
+        f"ETA {duration(s.eta_s)} ({duration(s.epoch_s or 0)}/epoch)" if s.eta_s is not None else None,
+    ]
+    return ", ".join(p for p in parts if p) or None
+
+
 def render(statuses: list[RunStatus]) -> str:
     lines = ["  ".join(f"{k}: {v}" for k, v in summary(statuses).items()) or "no runs", ""]
+    eta = grid_eta(statuses)
+    if eta:
+        lines.insert(
+            1,
+            f"ETA of the runs left: about {duration(eta['eta_s'])} ({plural(eta['run_epochs_left'], 'run-epoch')} "
+            f"at {duration(eta['epoch_s'])} each, {eta['parallel']} at a time)",
+        )
     header = f"{'run id':<40} {'status':<13} {'epochs':>9} {'job':<12} detail"
     lines.append(header)
     for s in sorted(statuses, key=lambda s: (ORDER.index(s.status), s.run_id)):
         epochs = f"{s.epochs_done or 0}/{s.epochs}"
-        detail = "; ".join(x for x in (s.error, f"log: {s.log}" if s.log else None) if x)
+        live = _running(s) if s.status == "running" else None
+        detail = "; ".join(x for x in (live, s.error, f"log: {s.log}" if s.log else None) if x)
         lines.append(f"{s.run_id:<40} {s.status:<13} {epochs:>9} {s.job_id or '-':<12} {detail}".rstrip())
     return "\n".join(lines)
 
 
 def as_json(statuses: list[RunStatus]) -> dict:
-    return {"summary": summary(statuses), "runs": [asdict(s) for s in statuses]}
+    return {"summary": summary(statuses), "eta": grid_eta(statuses), "runs": [asdict(s) for s in statuses]}
 
 
 def wait(

@@ -24,6 +24,7 @@ from cifarbench.config.spec import (
     COMPILE_MODES,
     DATASETS,
     LOADERS,
+    LOGGERS,
     MAX_SEED,
     PRECISIONS,
     RECIPES,
@@ -36,7 +37,7 @@ from cifarbench.errors import GridError, UnknownNameError, check_int, check_name
 AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
 # per run: an include entry may override them
 RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile")
-GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "exclude", "include", "slurm", "resources")
+GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "logger", "exclude", "include", "slurm", "resources")
 # what a resources rule's `match` may name: every field of a run
 MATCH_KEYS = (*AXES.values(), *RUN_OPTIONS)
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
@@ -253,6 +254,7 @@ def _grid(raw, source: str) -> Grid:
         "data_root": _path(raw.get("root", "data"), "root"),
         "verify": _bool(raw.get("verify", True), "verify"),
         "results": _path(raw.get("results", "results"), "results"),
+        "logger": None if raw.get("logger") is None else _name(raw["logger"], LOGGERS, "logger", "logger"),
     }
 
     excludes = _list(raw, "exclude", empty_ok=True)

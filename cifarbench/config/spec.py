@@ -116,6 +116,11 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES[check_name(name, RECIPES, "recipe")]
 
 
+# Lightning loggers a grid may turn on (``logger:``), each writing under its run's folder; all but csv need an
+# optional extra (cifarbench.config.extras).
+LOGGERS = ("tensorboard", "csv", "wandb", "mlflow")
+
+
 @functools.cache
 def _id_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(RunSpec) if f.name not in RunSpec._id_excluded)
@@ -138,8 +143,9 @@ class RunSpec:
     data_root: str = "data"
     verify: bool = True
     results: str = "results"
+    logger: str | None = None  # one of LOGGERS: live curves beside the record, which stays the source of truth
     # Not part of the run id: bookkeeping that never changes the numbers.
-    _id_excluded = ("data_root", "verify", "results")
+    _id_excluded = ("data_root", "verify", "results", "logger")
 
     def __post_init__(self):
         if self.epochs == self.recipe.epochs:  # the recipe's own length: the same run, so the same id
@@ -150,6 +156,8 @@ class RunSpec:
         check_name(self.precision, PRECISIONS, "precision")
         if self.compile is not None:
             check_name(self.compile, COMPILE_MODES, "compile mode")
+        if self.logger is not None:
+            check_name(self.logger, LOGGERS, "logger")
         check_int(self.batch_size, "batch_size", 1)
         if self.epochs is not None:
             check_int(self.epochs, "epochs", 1)

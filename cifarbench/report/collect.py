@@ -1,6 +1,6 @@
 """``cifarbench collect``: read a results folder (``scan``), make the tables (``tables``), compare with published
-figures (``reference``), write tables.md, summary.csv, runs.parquet and the plots. The I/O edge of the report
-layer.
+figures (``reference``), write tables.md, summary.csv, runs.parquet, the plots and report.html (``html``). The
+I/O edge of the report layer.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cifarbench.errors import UsageError, check_name, plural
-from cifarbench.report import reference
+from cifarbench.report import html, reference
 from cifarbench.report.tables import (
     CONFIG,
     VALUES,
@@ -22,6 +22,7 @@ from cifarbench.report.tables import (
     render,
     select,
     summarize,
+    summary_line,
     tables,
     to_frame,
 )
@@ -38,9 +39,20 @@ class Report:
 
 
 def collect(
-    results, *, out=None, rows=(), cols=(), value="final_test_acc", where=(), source=None, expected=None, plots=True
+    results,
+    *,
+    out=None,
+    rows=(),
+    cols=(),
+    value="final_test_acc",
+    where=(),
+    source=None,
+    expected=None,
+    plots=True,
+    report=True,
 ) -> Report:
-    """Read the records under ``results``, write tables.md, summary.csv, runs.parquet (and plots) to ``out``."""
+    """Read the records under ``results``, write tables.md, summary.csv, runs.parquet, report.html (and plots) to
+    ``out``."""
     root = Path(results)
     if not root.is_dir():
         why = "is not a folder" if root.exists() else "does not exist"
@@ -63,7 +75,7 @@ def collect(
         + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
         for why, paths in found.skipped.items()
     ]
-    all_runs, dropped = dedupe(to_frame(found.table.drop_columns("test_acc")))
+    all_runs, dropped = dedupe(to_frame(found.table.drop_columns(["test_acc", *scan.DETAILS, scan.DETAILS_READ])))
     if len(dropped):
         ids = sorted(set(dropped.run_id))
         warnings.append(
@@ -108,6 +120,8 @@ def collect(
     table = found.table
     if plots:  # curves: read from the records' columns once, then kept in runs.parquet
         table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
+    if report:  # every run's curve and details (environment, traceback): the same
+        table = scan.with_details(root, table, runs.index)
     if found.changed or table is not found.table or not out_layout.runs_table.exists():
         kept = np.zeros(table.num_rows, bool)
         kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
@@ -118,4 +132,21 @@ def collect(
 
         curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
         written += write_plots(runs.assign(config=config, test_acc=curves), summary, tabs, out_layout.plots)
+    if report:
+        written.append(
+            html.write_report(
+                out_layout.report,
+                root,
+                runs=runs,
+                summary=summary_line(runs, value),
+                tabs=tabs,
+                matches=matches,
+                missing=missing,
+                no_record=found.no_record,
+                details=dict(
+                    zip(runs.run_id, table.select([*scan.DETAILS, "test_acc"]).take(runs.index.to_numpy()).to_pylist())
+                ),
+                images=[p for p in written if p.suffix == ".png"],
+            )
+        )
     return Report(markdown, warnings, written)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
@@ -75,7 +76,9 @@ def curves(done: pd.DataFrame, table: Table) -> tuple[str, Figure] | None:
         ax.grid(alpha=0.3)
         ax.legend(title=" ".join(table.rows), fontsize="small")
     # two lines: one narrow panel cannot hold the whole title on one
-    fig.suptitle(f"Test accuracy per epoch: {table.title}\n(mean, band ± 1 std over seeds)")
+    # as many lines as the panels' width needs: a shortened recipe's title is long, one panel is narrow
+    heading = textwrap.wrap(f"Test accuracy per epoch: {table.title}", width=11 * (1 + 5 * len(panels)))
+    fig.suptitle("\n".join([*heading, "(mean, band ± 1 std over seeds)"]))
     return f"curves_{_slug(table.title)}.png", fig
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -185,6 +185,8 @@ class Table:
     cols: list[str]
     cells: pd.DataFrame  # the summary rows shown
     markdown: str
+    header: list[str] = field(default_factory=list)  # the markdown's cells, for other renderings (HTML)
+    body: list[list[str]] = field(default_factory=list)
 
 
 def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always=(), corner=None) -> list[Table]:
@@ -207,7 +209,7 @@ def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always
         body = [[rl, *(text.get((rl, cl), "–") for cl in col_labels)] for rl in row_labels]
         fixed = dict(zip(keys, group if isinstance(group, tuple) else (group,)))  # shared by every cell
         run = {k: cells[k].iloc[0] for k in RECIPE_RUN if cells[k].nunique(dropna=False) == 1}
-        out.append(Table(title(fixed, run), rows, cols, cells, markdown_table(header, body)))
+        out.append(Table(title(fixed, run), rows, cols, cells, markdown_table(header, body), header, body))
     return out
 
 
@@ -241,6 +243,12 @@ def default_tables(summary: pd.DataFrame, value: str = "final_test_acc") -> list
 
 def comparison(table: Table, matches: pd.DataFrame) -> str:
     """The table's cells that have a published figure: ours, the reference, the difference, footnotes."""
+    header, body, foot = comparison_parts(table, matches)
+    return markdown_table(header, body) + "\n\n" + "  \n".join(foot)
+
+
+def comparison_parts(table: Table, matches: pd.DataFrame) -> tuple[list[str], list[list[str]], list[str]]:
+    """``comparison``'s header, rows and footnotes."""
     notes: dict[str, int] = {}
     body = []
     shown = zip(*(labels(matches, [c]) for c in table.rows + table.cols))
@@ -262,7 +270,7 @@ def comparison(table: Table, matches: pd.DataFrame) -> str:
     header = [*table.rows, *table.cols, "final acc", "best-epoch acc†", "published", "Δ final − published"]
     foot = [f"[{k}] {note}" for note, k in notes.items()]
     foot.append("† best epoch chosen on the test set (optimistic); the cells above are final-epoch accuracy.")
-    return markdown_table(header, body) + "\n\n" + "  \n".join(foot)
+    return header, body, foot
 
 
 def _first_line(error) -> str:
@@ -303,7 +311,8 @@ def incomplete(
     return lines
 
 
-def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing: list[str], value: str) -> str:
+def summary_line(runs: pd.DataFrame, value: str) -> str:
+    """The report's first line: how many runs, how many completed, what the cells hold."""
     done = int(runs.status.eq("completed").sum())
     what = {
         "final_test_acc": "final-epoch test accuracy",
@@ -311,12 +320,14 @@ def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing:
         "images_per_s": "training images/s",
         "train_minutes": "training minutes",
     }[value]
-    out = [
-        "# cifarbench results",
-        "",
+    return (
         f"{plural(len(runs), 'run')}: {done} completed, {len(runs) - done} failed. Cells: {what}; "
-        "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs.",
-    ]
+        "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs."
+    )
+
+
+def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing: list[str], value: str) -> str:
+    out = ["# cifarbench results", "", summary_line(runs, value)]
     for t, m in zip(tabs, matches):
         out += ["", f"## {t.title}", "", t.markdown]
         out += ["", comparison(t, m)] if m is not None and len(m) else []
@@ -327,6 +338,12 @@ def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing:
 
 
 def time_estimates(runs: pd.DataFrame) -> str | None:
+    """``time_estimate_parts`` as Markdown."""
+    parts = time_estimate_parts(runs)
+    return None if parts is None else markdown_table(parts[0], parts[1]) + "\n\n" + parts[2]
+
+
+def time_estimate_parts(runs: pd.DataFrame) -> tuple[list[str], list[list[str]], str] | None:
     """How good ``time: auto``'s estimates were: per configuration of completed runs that had one, the mean
     estimated minutes against the minutes measured (training and test passes, without start-up), and the mean
     time limit asked for. None when no run had an estimate."""
@@ -349,4 +366,4 @@ def time_estimates(runs: pd.DataFrame) -> str | None:
     ]  # fmt: skip
     header = [*keys, "runs", "estimated min", "measured min", "measured / estimated", "limit min"]
     note = "Measured: the training and test passes of every epoch; an estimate also holds two minutes of start-up."
-    return markdown_table(header, body) + "\n\n" + note
+    return header, body, note

@@ -5,12 +5,15 @@
     runs/<run_id>/record.parquet   the run's outcome, one row (completed or failed)
     runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
     runs/<run_id>/progress.json    epochs done while the run trains
+    runs/<run_id>/loggers/<name>/  what a grid's `logger:` (tensorboard, csv, wandb, mlflow) writes
     locks/<run_id>.lock            held (flock) by the one job that trains the run
     logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
+    logs/collect-<job>.out         the log of the job `submit --collect` queues after the runs
     submissions/<time>-<pid>.json  one manifest per submission: run id -> job
     bench/<time>-<host>.parquet    `cifarbench bench` tables
     runs.parquet                   what collect last read: one row per run
     tables.md, summary.csv, plots/ collect's output
+    report.html                    collect's output in one self-contained page
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ class Layout:
     def progress(self, run_id: str) -> Path:
         return self.run_dir(run_id) / PROGRESS
 
+    def loggers(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "loggers"
+
     def lock(self, run_id: str) -> Path:
         # not in the run's folder, which keeps only what the run produced
         return self.root / "locks" / f"{run_id}.lock"
@@ -64,6 +70,9 @@ class Layout:
     def local_logs(self) -> Path:
         return self.logs / "local"
 
+    def collect_log(self, job: str) -> Path:
+        return self.logs / f"collect-{job}.out"
+
     @property
     def submissions(self) -> Path:
         return self.root / "submissions"
@@ -79,6 +88,10 @@ class Layout:
     @property
     def tables(self) -> Path:
         return self.root / "tables.md"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
 
     @property
     def summary(self) -> Path:

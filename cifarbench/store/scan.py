@@ -35,7 +35,33 @@ from cifarbench.system import usable_cores
 RUNS_TAG = b"runs/1"
 _ROOT_KEY = b"cifarbench.results"
 _FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k in ("size", "mtime_ns", "inode"))]
-RUNS_SCHEMA = pa.schema([*(SCHEMA.field(name) for name in (*SUMMARY_FIELDS, "test_acc")), *_FILE_FIELDS])
+# What report.html shows beyond the summary: a run's environment, a failed run's traceback. Like the curve, null
+# until the report has read them from the record's columns, then kept; DETAILS_READ says whether they were read.
+DETAILS = (
+    "precision_used",
+    "device_count",
+    "hostname",
+    "torch_version",
+    "torchvision_version",
+    "lightning_version",
+    "cuda_version",
+    "cifarbench_version",
+    "git_commit",
+    "slurm_job_id",
+    "slurm_array_task_id",
+    "attempts",
+    "data_root",
+    "data_verified",
+    "traceback",
+)
+DETAILS_READ = "details_read"
+RUNS_SCHEMA = pa.schema(
+    [
+        *(SCHEMA.field(name) for name in (*SUMMARY_FIELDS, "test_acc", *DETAILS)),
+        pa.field(DETAILS_READ, pa.bool_()),
+        *_FILE_FIELDS,
+    ]
+)
 _CHUNK = 256
 
 
@@ -237,3 +263,38 @@ def with_curves(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
     index[rows] = len(table) + np.arange(len(rows))  # the curves just read, after the table's own
     filled = pa.concat_arrays([curves, read]).take(index)
     return table.set_column(table.schema.get_field_index("test_acc"), "test_acc", filled)
+
+
+def _read_details(path: str) -> dict:
+    try:
+        with pq.ParquetFile(path, pre_buffer=False) as pf:
+            # with the curve: one read of the file for both
+            names = [c for c in (*DETAILS, "test_acc") if c in pf.schema_arrow.names]  # an older record lacks some
+            rows = pf.read(columns=names, use_threads=False).to_pylist()
+        if len(rows) == 1:
+            return {**rows[0], DETAILS_READ: True}
+    except (OSError, pa.ArrowException):  # gone or damaged since the scan: read again by the next report
+        pass
+    return {DETAILS_READ: False}
+
+
+def with_details(results: str | os.PathLike, table: pa.Table, rows) -> pa.Table:
+    """A scan's ``table`` where each of ``rows`` (positions) has its DETAILS and its curve (test_acc), read from its
+    record's columns where the table has not read the details yet; ``table`` itself when it has them all (then
+    from runs.parquet)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    read_already = table.column(DETAILS_READ).fill_null(False).to_numpy(zero_copy_only=False)
+    rows = rows[~read_already[rows]]
+    if not len(rows):
+        return table
+    paths = [os.path.join(results, rel) for rel in table.column("path").take(rows).to_pylist()]
+    with ThreadPoolExecutor(_workers()) as pool:
+        read = list(pool.map(_read_details, paths))
+    fields = [RUNS_SCHEMA.field(name) for name in ("test_acc", *DETAILS, DETAILS_READ)]
+    new = pa.Table.from_pylist(read, schema=pa.schema(fields))
+    index = np.arange(len(table))
+    index[rows] = len(table) + np.arange(len(rows))  # the values just read, after the table's own
+    for field in fields:
+        merged = pa.concat_arrays([table.column(field.name).combine_chunks(), new.column(field.name).combine_chunks()])
+        table = table.set_column(table.schema.get_field_index(field.name), field, merged.take(index))
+    return table

@@ -28,6 +28,7 @@ from cifarbench.store import records
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import clear_progress
 from cifarbench.train import data
+from cifarbench.train.loggers import make_logger
 from cifarbench.train.models import count_parameters
 from cifarbench.train.module import AtomicLastCheckpoint, ResNetModule
 
@@ -254,7 +255,7 @@ def fit(
             precision=cast(Literal["32-true", "16-mixed", "bf16-mixed"], fast.precision),
             max_epochs=spec.schedule.epochs,
             deterministic=spec.deterministic,
-            logger=False,
+            logger=make_logger(spec) or False,
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=interactive,

@@ -124,6 +124,16 @@ class ResNetModule(L.LightningModule):
         if self.top5 is not None:
             self.top5.reset()
         self._sums = None
+        for logger in self.trainer.loggers:  # a grid's `logger:`; none by default
+            logger.log_metrics(
+                {
+                    k: h[k][-1]
+                    for k in ("train_loss", "test_loss", "test_acc", "test_top5", "lr", "epoch_seconds", "images_per_s")
+                    if h[k][-1] == h[k][-1]  # not NaN: top-5 below 100 classes
+                },
+                step=len(h["test_acc"]),
+            )
+            logger.save()
         if not self.trainer.progress_bar_callback:
             epoch = len(h["test_acc"])
             print(
@@ -166,6 +176,12 @@ class AtomicLastCheckpoint(L.Callback):
         with atomic.replacing(self.path) as tmp:
             trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimiser, scheduler, loops
         spec = pl_module.spec
+        h = pl_module.history
         write_progress(
-            spec.results, spec.run_id, epochs_done=len(pl_module.history["test_acc"]), epochs=spec.schedule.epochs
+            spec.results,
+            spec.run_id,
+            epochs_done=len(h["test_acc"]),
+            epochs=spec.schedule.epochs,
+            epoch_seconds=h["epoch_seconds"],
+            test_acc=h["test_acc"][-1] if h["test_acc"] else None,
         )

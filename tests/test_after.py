@@ -1,0 +1,56 @@
+"""submit --collect: the collect job's sbatch call (pure), and the local path end to end."""
+
+import shlex
+import time
+
+import pytest
+
+from cifarbench.cli import main
+from cifarbench.cluster.after import collect_command, sbatch_command
+from cifarbench.store.layout import Layout
+
+
+def test_the_collect_job_waits_for_every_array_and_runs_in_the_grids_partition(tmp_path):
+    command = collect_command(tmp_path / "results", str(tmp_path / "grid.yaml"))
+    assert command[1:4] == ["-m", "cifarbench", "collect"] and command[-2:] == ["--grid", str(tmp_path / "grid.yaml")]
+    args = sbatch_command(
+        ["12", "13"],
+        command,
+        log="/r/logs/collect-%j.out",
+        resources={"partition": "gpu", "account": "lab", "qos": None, "setup": ["module load python"]},
+    )
+    assert "--dependency=afterany:12:13" in args and "--cpus-per-task=1" in args
+    assert "--partition=gpu" in args and "--account=lab" in args and not any(a.startswith("--qos") for a in args)
+    assert "--output=/r/logs/collect-%j.out" in args and "--parsable" in args
+    assert args[-2:] == ["--wrap", "module load python; exec " + shlex.join(command)]
+    assert not any("gpu" in a for a in args if a.startswith(("--gres", "--gpus")))  # one CPU, no GPU
+
+
+@pytest.mark.slow
+def test_local_submit_collect_writes_the_report_after_the_last_run(synthetic_root, tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    results = tmp_path / "results"
+    grid.write_text(f"""
+models: [resnet20]
+datasets: [synthetic10]
+opts: [cos-200]
+epochs: 1
+batch_sizes: [128]
+seeds: [0]
+precision: 32-true
+root: {synthetic_root}
+results: {results}
+""")
+    assert main(["submit", str(grid), "--executor", "local", "--collect"]) == 0
+    out = capsys.readouterr().out
+    assert "collect: job " in out and "writes tables.md and report.html once job " in out
+    layout = Layout(results)
+    deadline = time.monotonic() + 300
+    while not (layout.report.exists() and layout.tables.exists()):
+        assert time.monotonic() < deadline, "no report.html after 5 minutes"
+        time.sleep(1)
+    [record] = layout.runs.glob("*/record.parquet")
+    assert layout.report.stat().st_mtime >= record.stat().st_mtime  # collected after the run ended
+    assert "1 run: 1 completed, 0 failed." in layout.tables.read_text()
+    [log] = layout.logs.glob("collect-local-*.out")
+    assert "has ended: " in log.read_text()

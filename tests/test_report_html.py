@@ -1,0 +1,165 @@
+"""report.html: one self-contained page, checked in a real browser (headless Chromium) where one is installed."""
+
+import re
+import shutil
+import subprocess
+from html import escape
+
+import numpy as np
+import pytest
+from matplotlib import image
+
+from cifarbench.config.spec import RunSpec, get_recipe
+from cifarbench.report.collect import collect
+from cifarbench.report.html import curve_svg, log_tail
+from cifarbench.report.tables import default_tables, summarize, to_frame
+from cifarbench.store.layout import Layout
+from cifarbench.store.manifests import write_manifest
+from cifarbench.store.scan import load_runs, read_records
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)"
+)
+
+
+def chromium(tmp_path, *args) -> str:
+    """Chromium, headless, on its own profile folder (tests may run it side by side); returns stdout."""
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def spec(model: str, seed: int = 0) -> RunSpec:
+    return RunSpec(model=model, dataset="cifar10", recipe=get_recipe("step-200"), batch_size=64, seed=seed)
+
+
+def grid_of_runs(write_records, tmp_path):
+    """Completed runs of two models on two datasets, a failed run with its job log, and a run with a manifest and
+    a log but no record (lost), submitted from a grid file."""
+    results = write_records(
+        [
+            {"model": m, "dataset": d, "seed": s, "final_test_acc": 0.9 - 0.02 * s, "slurm_job_id": "4242"}
+            for m in ("resnet20", "resnet56")
+            for d in ("cifar10", "cifar100")
+            for s in range(2)
+        ]
+        + [
+            {
+                "model": "resnet32",
+                "status": "failed",
+                "final_test_acc": None,
+                "test_acc": [0.1, 0.3],
+                "epochs_done": 2,
+                "error": "RuntimeError: <script>alert('x')</script> & out of memory",
+                "traceback": "Traceback (most recent call last):\n  File fit.py\nRuntimeError: out of memory",
+            }
+        ]
+    )
+    logs = Layout(results).logs
+    logs.mkdir()
+    entries = []
+    for run in (spec("resnet32"), spec("resnet44")):
+        (logs / f"{run.model}.err").write_text("".join(f"line {i}\n" for i in range(100)) + f"{run.model} died\n")
+        (logs / f"{run.model}.out").write_text("starting\n")
+        entries.append(
+            {
+                "run_id": run.run_id,
+                "job_id": "4243_0",
+                "array_job_id": "4243",
+                "array_index": 0,
+                "stdout": str(logs / f"{run.model}.out"),
+                "stderr": str(logs / f"{run.model}.err"),
+                "spec": run.to_dict(),
+            }
+        )
+    (Layout(results).run_dir(spec("resnet44").run_id)).mkdir()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("results: results\nmodels: [resnet32, resnet44]  # <the grid>\n")
+    write_manifest(results, "slurm", str(grid), entries)
+    return results
+
+
+def test_report_html_is_self_contained_and_complete(write_records, tmp_path):
+    results = grid_of_runs(write_records, tmp_path)
+    report = collect(results)
+    page = Layout(results).report
+    assert page in report.written
+    text = page.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", text)  # nothing to fetch
+    assert "<script" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; out of memory" in text
+    assert text.count("data:image/png;base64,") == 3  # the curves of the table, one size plot per dataset
+    assert "<svg" in text
+    assert "line 99\nresnet32 died" in text and "line 50" not in text  # the tail of the failed run's log
+    assert "resnet44 died" in text  # the lost run's
+    assert "models: [resnet32, resnet44]  # &lt;the grid&gt;" in text  # the grid file, kept in the manifest
+    assert "4242_" not in text and ">4242<" in text  # SLURM job of the completed runs (no array task)
+    assert "RuntimeError: out of memory" in text  # the failed run's traceback, from its record
+    cached = load_runs(Layout(results).runs_table, results)  # read once, then kept for the next collect
+    assert all(cached.column("details_read").to_pylist()) and set(cached.column("hostname").to_pylist()) == {"node01"}
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_report_html_renders_in_headless_chromium(write_records, tmp_path):
+    results = grid_of_runs(write_records, tmp_path)
+    collect(results)
+    url = Layout(results).report.resolve().as_uri()
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1400,2400", url)
+    pixels = image.imread(shot)
+    assert pixels.shape[:2] == (2400, 1400)
+    colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 100  # text, tables, plots: not a blank or single-colour page
+
+    dom = chromium(tmp_path, "--dump-dom", url)
+    found = read_records(results)
+    runs = to_frame(found.table.drop_columns("test_acc"))
+    for table in default_tables(summarize(runs)[0]):
+        assert escape(table.title) in dom
+        for cell in [*table.header, *(c for row in table.body for c in row)]:
+            assert f">{escape(cell)}<" in dom
+    for run_id in (spec("resnet32").run_id, spec("resnet44").run_id):
+        assert run_id in dom
+    assert "cifarbench results" in dom and "9 runs: 8 completed, 1 failed." in dom
+
+
+@needs_chromium
+def test_report_html_with_no_completed_run(write_records, tmp_path):
+    results = write_records(
+        [
+            {
+                "model": m,
+                "status": "failed",
+                "final_test_acc": None,
+                "test_acc": [0.1],
+                "epochs_done": 1,
+                "error": "boom",
+            }
+            for m in ("resnet20", "resnet56")
+        ]
+    )
+    collect(results)
+    text = Layout(results).report.read_text()
+    assert "data:image/png" not in text and "No plots" in text
+    dom = chromium(tmp_path, "--dump-dom", Layout(results).report.resolve().as_uri())
+    assert "2 runs: 0 completed, 2 failed." in dom
+    for model in ("resnet20", "resnet56"):
+        assert spec(model).run_id in dom
+
+
+def test_curve_svg_and_log_tail(tmp_path):
+    assert curve_svg(None) == "–" and curve_svg([]) == "–"
+    one = curve_svg([0.5])
+    assert "<polyline" in one and "1 epoch: last 0.5000" in one
+    long = curve_svg(list(np.linspace(0.1, 0.9, 1000)), width=100)
+    assert long.count(",") <= 2 + 100 // 2 + 1  # a point every two pixels at most, the last epoch, two in its title
+    assert log_tail(tmp_path / "missing.log") is None
+    log = tmp_path / "job.err"
+    log.write_bytes(b"x" * 100_000 + b"\nlast \xff line\n")
+    assert log_tail(log, lines=1) == "last \ufffd line"
