@@ -71,9 +71,10 @@ def write_data(root: Path) -> None:
 def fill_results(grid: Path, results: Path, with_records: int) -> int:
     """Records for the first ``with_records`` runs, a manifest entry (a long-gone SLURM array) for every run."""
     from cifarbench.config.grid import load_grid
+    from cifarbench.store.datasets import fingerprint
     from cifarbench.store.layout import Layout
 
-    specs = load_grid(grid).specs
+    specs = load_grid(grid, fingerprint=fingerprint).specs
     table = synthetic_table(with_records)  # the same runs, in another order: the same ids
     write_records(table, results)
     entries = [
@@ -131,9 +132,10 @@ def submit_breakdown(grid: Path) -> dict[str, float]:
 
     from cifarbench.cluster import estimate, plan, preflight, status, submit
     from cifarbench.config.grid import load_grid
+    from cifarbench.store.datasets import fingerprint
 
     t0 = time.perf_counter()
-    g = load_grid(grid)
+    g = load_grid(grid, fingerprint=fingerprint)
     t1 = time.perf_counter()
     plan = plan.plan(list(g.specs), status.state_map(g.results, list(g.specs)))
     limits = preflight.read_limits(accounting=False)

@@ -92,7 +92,8 @@ def collect(
     else:
         tabs = default_tables(summary, value)
     matches = [
-        reference.match(t.cells[t.cells.n > 0], published, source) if value == "final_test_acc" else None for t in tabs
+        reference.match(t.cells[t.cells.n > 0], published, source) if value in reference.COMPARED else None
+        for t in tabs
     ]
     unreadable = [
         Path(p).parent.name
