@@ -193,6 +193,8 @@ def title(keys: Mapping, run: Mapping | None = None) -> str:
 def cell_text(mean: float, std: float, n: int, n_failed: int, decimals: int) -> str:
     if n == 0:
         return "failed" if n_failed else "–"
+    if pd.isna(mean):  # completed, without this value (a run without a validation split has no test acc at best val)
+        return "–"
     text = f"{mean:.{decimals}f}"
     return text if n == 1 else f"{text} ± {std:.{decimals}f} ({n})"
 
