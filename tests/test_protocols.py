@@ -294,3 +294,25 @@ def test_a_run_refuses_data_that_changed_since_it_was_submitted(synthetic_root, 
     spec = dataclasses.replace(spec, dataset="synthetic10", data_root=str(synthetic_root), results=str(tmp_path))
     with pytest.raises(DataError, match="not the data this run was submitted with"):
         fit(spec)
+
+
+def test_collect_compares_he2016_runs_with_the_paper_on_its_own_protocol(write_records):
+    he = {"recipe": "he2016", "batch_size": 128, "recipe_epochs": 182, "val_split": 5000}
+    results = write_records(
+        [
+            {**he, "model": "resnet20", "final_test_acc": 0.9150, "test_acc_at_best_val": 0.9160},
+            {**he, "model": "resnet110", "final_test_acc": 0.9300, "test_acc_at_best_val": 0.9290},
+        ]
+    )
+    markdown = collect(results, source="he2016", plots=False).markdown
+    assert "## he2016 bs=128" in markdown  # 182 epochs are the recipe's own: not a shortened run
+    table = markdown.split("## he2016 bs=128\n", 1)[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines() if "|" in line]
+    assert rows[0] == [
+        "model", "dataset", "final test acc", "test acc at best val epoch", "published",
+        "Δ final test acc − published",
+    ]  # fmt: skip
+    assert ["resnet20", "cifar10", "0.9150", "0.9160", "0.9125 [1]", "+0.0025"] in rows
+    assert ["resnet110", "cifar10", "0.9300", "0.9290", "0.9357 [2]", "-0.0057"] in rows
+    assert "(the same protocol: recipe, batch size and epochs as published)" in markdown
+    assert "a different protocol" not in markdown and "selected on the test set" not in markdown
