@@ -62,6 +62,14 @@ def test_he2016():
     assert limits == {**short, "resnet110": ("08:00:00", 32), "resnet1202": ("2-00:00:00", 64)}
 
 
+def test_akamaster():
+    g = load_grid(JOBS / "akamaster-cifar10.yaml")
+    depths = (20, 32, 44, 56, 110, 1202)
+    assert runs(g) == [(f"resnet{d}", "cifar10", "akamaster", 128, 0) for d in depths]
+    # the first epoch at lr 0.01 for resnet110 and resnet1202 only
+    assert [s.steps(391).warmup_steps for s in g.specs] == [0, 0, 0, 0, 391, 391]
+
+
 def test_the_notebook_grids_take_their_time_limits_from_estimates():
     for name in ("models-step200-bs64", "models-step160-bs256", "resnet56-cifar100-recipes"):
         g = load_grid(JOBS / f"{name}.yaml")
