@@ -24,6 +24,7 @@ from cifarbench.config.spec import (
     get_recipe,
 )
 from cifarbench.errors import Problems, UsageError, check_int, check_name, plural
+from cifarbench.store.datasets import SYNTHETIC_SIZES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,9 +48,18 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _load_grid(path):
+    """The grid, each run's id knowing which data it reads (``store.datasets.fingerprint``)."""
+    from cifarbench.config.grid import load_grid
+    from cifarbench.store.datasets import fingerprint
+
+    return load_grid(path, fingerprint=fingerprint)
+
+
 def _cmd_run(args) -> int:
     if why := missing_logger(args.logger):
         raise UsageError(why)
+    from cifarbench.store.datasets import fingerprint
     from cifarbench.train import fit
 
     try:
@@ -64,6 +74,8 @@ def _cmd_run(args) -> int:
             loader=args.loader,
             deterministic=args.deterministic,
             compile=args.compile,
+            val_split=args.val_split,
+            data_fingerprint=fingerprint(args.dataset, args.data_root),
             data_root=args.data_root,
             verify=not args.no_verify,
             results=args.results,
@@ -88,17 +100,18 @@ def _cmd_data(args) -> int:
     else:
         names = list(SYNTHETIC_DATASETS) if args.dataset == "all" else [args.dataset]
         for name in names:
-            folder = data.write_synthetic(name, args.root, train_size=args.train_size, test_size=args.test_size)
+            folder = data.write_synthetic(
+                name, args.root, train_size=args.train_size, test_size=args.test_size, force=args.force
+            )
             print(f"{name}: {args.train_size} train / {args.test_size} test images in {folder}")
     return 0
 
 
 def _cmd_submit(args) -> int:
     from cifarbench.cluster import estimate, plan, preflight, queue, status
-    from cifarbench.config.grid import load_grid
     from cifarbench.store import scan
 
-    grid = load_grid(args.grid)
+    grid = _load_grid(args.grid)
     for logger in sorted({s.logger for s in grid.specs if s.logger}):
         if why := missing_logger(logger):
             raise UsageError(why)
@@ -181,9 +194,7 @@ def _cmd_status(args) -> int:
         raise UsageError(f"results folder {args.results} does not exist or is not a folder")
     specs = None
     if args.grid:
-        from cifarbench.config.grid import load_grid
-
-        specs = list(load_grid(args.grid).specs)
+        specs = list(_load_grid(args.grid).specs)
     statuses = status.collect_status(args.results, specs)
     if args.json:
         print(json.dumps(status.as_json(statuses), indent=1))
@@ -197,9 +208,7 @@ def _cmd_collect(args) -> int:
 
     specs = None
     if args.grid:
-        from cifarbench.config.grid import load_grid
-
-        specs = list(load_grid(args.grid).specs)
+        specs = list(_load_grid(args.grid).specs)
     report = collect.collect(
         args.results,
         out=args.out,
@@ -277,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", required=True, type=_positive_int)
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--epochs", type=_positive_int, help="shorten the recipe (milestones / T_max scale with it)")
+    p.add_argument(
+        "--val-split",
+        type=_non_negative_int,
+        metavar="N",
+        help="hold N training images out for validation (the same ones for every run); default: the recipe's own "
+        "(he2016: 5000, others 0)",
+    )
     p.add_argument("--data-root", default="data")
     p.add_argument("--no-verify", action="store_true", help="accept a copy of the data that fails the checksums")
     p.add_argument("--loader", choices=LOADERS, default="device")
@@ -302,10 +318,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--root", required=True)
     d.add_argument("--dataset", choices=[*REAL_DATASETS, "all"], default="all")
     d = dsub.add_parser("synthetic", help="write synthetic datasets in the CIFAR layout")
-    d.add_argument("--root", required=True)
-    d.add_argument("--dataset", choices=[*SYNTHETIC_DATASETS, "all"], default="all")
-    d.add_argument("--train-size", type=_positive_int, default=50_000)
-    d.add_argument("--test-size", type=_positive_int, default=10_000)
+    d.add_argument("--root", required=True, help="the data root (a dataset goes to ROOT/<dataset>/)")
+    d.add_argument(
+        "--dataset", choices=[*SYNTHETIC_DATASETS, "all"], default="all", help="which to write (default: %(default)s)"
+    )
+    d.add_argument(
+        "--train-size",
+        type=_positive_int,
+        default=SYNTHETIC_SIZES["train_size"],
+        help="training images (default: %(default)s)",
+    )
+    d.add_argument(
+        "--test-size",
+        type=_positive_int,
+        default=SYNTHETIC_SIZES["test_size"],
+        help="test images (default: %(default)s)",
+    )
+    d.add_argument(
+        "--force", action="store_true", help="replace a dataset of another size (runs on it no longer match it)"
+    )
     p.set_defaults(func=_cmd_data)
 
     p = sub.add_parser("submit", help="submit a grid as SLURM job arrays (or run it locally); returns at once")
@@ -348,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--value",
         default="final_test_acc",
-        help="final_test_acc (default), best_test_acc, images_per_s or train_minutes",
+        help="final_test_acc (default), test_acc_at_best_val (runs with a validation split), best_test_acc (the "
+        "epoch selected on the test set), images_per_s or train_minutes",
     )
     p.add_argument(
         "--where",

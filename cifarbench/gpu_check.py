@@ -57,6 +57,7 @@ from cifarbench.config.grid import load_grid
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import check_name
 from cifarbench.store import atomic, records
+from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.system import usable_cores
 
@@ -291,6 +292,7 @@ def part_fit(check: Check, part: Part) -> None:
             epochs=3,
             loader=loader,
             compile=mode,
+            data_fingerprint=fingerprint("synthetic100", check.data),  # as `cifarbench run` names the run
             data_root=str(check.data),
             results=str(results),
         )
@@ -397,7 +399,7 @@ def part_grid(check: Check, part: Part) -> None:
         )
     )
     check.step(part, "submit --wait", ["submit", str(grid), "--executor", "local", "--wait"])
-    for spec in load_grid(grid).specs:
+    for spec in load_grid(grid, fingerprint=fingerprint).specs:
         record = records.read_record(Layout(results).record(spec.run_id)) or {}
         row = {"run_id": spec.run_id, "model": spec.model, "dataset": spec.dataset, "seed": spec.seed}
         keys = ("status", "epochs_done", "final_test_acc", "images_per_s", "device_name", "error")

@@ -152,6 +152,27 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "slurm_array_task_id": [str(i % 1000) for i in range(n)],
         "error": np.where(failed, "RuntimeError: CUDA error: an illegal memory access was encountered", None).tolist(),
         "traceback": [None] * n,
+        "milestone_unit": ["epochs"] * n,
+        "iterations": [e * -(-50_000 // s.batch_size) for e, s in zip(epochs.tolist(), specs)],
+        "warmup_iterations": [0] * n,
+        "val_split": [0] * n,
+        "train_images": [50_000] * n,
+        "val_images": [0] * n,
+        "test_images": [10_000] * n,
+        # no warm-up, verified CIFAR, no validation split: these are null
+        **dict.fromkeys(
+            (
+                "warmup_lr",
+                "warmup_mode",
+                "data_fingerprint",
+                "val_loss",
+                "val_acc",
+                "best_val_acc",
+                "best_val_epoch",
+                "test_acc_at_best_val",
+            ),
+            [None] * n,
+        ),
     }
     # failed runs have no final accuracy: NaN above is null in a record
     for key in ("final_test_acc", "best_test_acc"):

@@ -19,6 +19,7 @@ own work: manifest, executor set-up).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,8 @@ import tempfile
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_collect import BATCH_SIZES, DATASETS, MODELS, synthetic_table, write_records
@@ -72,10 +75,15 @@ def write_data(root: Path) -> None:
 def fill_results(grid: Path, results: Path, with_records: int) -> int:
     """Records for the first ``with_records`` runs, a manifest entry (a long-gone SLURM array) for every run."""
     from cifarbench.config.grid import load_grid
+    from cifarbench.store.datasets import fingerprint
     from cifarbench.store.layout import Layout
 
-    specs = load_grid(grid).specs
-    table = synthetic_table(with_records)  # the same runs, in another order: the same ids
+    specs = load_grid(grid, fingerprint=fingerprint).specs
+    table = synthetic_table(with_records)  # the same runs, in another order
+    # made without data, the records get the ids that the grid's data (a fingerprinted copy) gives its runs
+    renamed = {dataclasses.replace(s, data_fingerprint=None).run_id: s.run_id for s in specs}
+    ids = pa.array([renamed[i] for i in table.column("run_id").to_pylist()])
+    table = table.set_column(table.schema.get_field_index("run_id"), "run_id", ids)
     write_records(table, results)
     entries = [
         {
@@ -142,9 +150,10 @@ def submit_breakdown(grid: Path) -> dict[str, float]:
 
     from cifarbench.cluster import estimate, plan, preflight, status, submit
     from cifarbench.config.grid import load_grid
+    from cifarbench.store.datasets import fingerprint
 
     t0 = time.perf_counter()
-    g = load_grid(grid)
+    g = load_grid(grid, fingerprint=fingerprint)
     t1 = time.perf_counter()
     plan = plan.plan(list(g.specs), status.state_map(g.results, list(g.specs)))
     limits = preflight.read_limits(accounting=False)

@@ -27,6 +27,7 @@ from pathlib import Path
 from cifarbench.cluster import status
 from cifarbench.config.grid import load_grid
 from cifarbench.store import records
+from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import read_manifests
 from cifarbench.store.progress import read_progress
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     data.write_synthetic("synthetic10", root, train_size=256, test_size=100)
     grid_path = work / "grid.yaml"
     grid_path.write_text(GRID.format(seeds=list(range(args.runs // 2)), root=root, results=results))
-    specs = list(load_grid(grid_path).specs)
+    specs = list(load_grid(grid_path, fingerprint=fingerprint).specs)
 
     # The uninterrupted reference, in its own process, one thread like the jobs (cpus_per_task: 1).
     ref_results = work / "reference"
@@ -117,7 +118,9 @@ def main(argv=None) -> int:
             "import sys, torch; torch.set_num_threads(1)\n"
             "from cifarbench.train.fit import fit; from cifarbench.config.grid import load_grid\n"
             "import dataclasses\n"
-            "for s in load_grid(sys.argv[1]).specs: fit(dataclasses.replace(s, results=sys.argv[2]))",
+            "from cifarbench.store.datasets import fingerprint\n"
+            "for s in load_grid(sys.argv[1], fingerprint=fingerprint).specs:\n"
+            "    fit(dataclasses.replace(s, results=sys.argv[2]))",
             str(grid_path),
             str(ref_results),
         ],

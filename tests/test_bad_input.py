@@ -196,9 +196,16 @@ def test_a_checkpoint_of_another_run_is_one_clear_error(workspace, capsys):
     capsys.readouterr()
     [other] = (workspace["results"] / "runs").iterdir()
     from cifarbench.config.spec import RunSpec, get_recipe
+    from cifarbench.store.datasets import fingerprint
 
     spec = RunSpec(
-        model="resnet20", dataset="synthetic10", recipe=get_recipe("step-160"), batch_size=64, seed=0, epochs=1
+        model="resnet20",
+        dataset="synthetic10",
+        recipe=get_recipe("step-160"),
+        batch_size=64,
+        seed=0,
+        epochs=1,
+        data_fingerprint=fingerprint("synthetic10", workspace["root"]),  # as `cifarbench run` names the run
     )
     target = Layout(workspace["results"]).run_dir(spec.run_id)
     target.mkdir(parents=True)

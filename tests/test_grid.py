@@ -55,10 +55,19 @@ def test_resnet56_recipes_loops_batch_sizes_outermost():
 def test_he2016():
     g = load_grid(JOBS / "he2016-cifar10.yaml")
     depths = (20, 32, 44, 56, 110, 1202)
-    assert runs(g) == [(f"resnet{d}", "cifar10", "step-160", 128, 0) for d in depths]
+    assert runs(g) == [(f"resnet{d}", "cifar10", "he2016", 128, 0) for d in depths]
+    assert {s.held_out for s in g.specs} == {5000} and {s.schedule.epochs for s in g.specs} == {182}
     limits = {s.model: (g.resources[s.run_id].time, g.resources[s.run_id].mem_gb) for s in g.specs}
     short = {f"resnet{d}": ("04:00:00", 32) for d in (20, 32, 44, 56)}
     assert limits == {**short, "resnet110": ("08:00:00", 32), "resnet1202": ("2-00:00:00", 64)}
+
+
+def test_akamaster():
+    g = load_grid(JOBS / "akamaster-cifar10.yaml")
+    depths = (20, 32, 44, 56, 110, 1202)
+    assert runs(g) == [(f"resnet{d}", "cifar10", "akamaster", 128, 0) for d in depths]
+    # the first epoch at lr 0.01 for resnet110 and resnet1202 only
+    assert [s.steps(391).warmup_steps for s in g.specs] == [0, 0, 0, 0, 391, 391]
 
 
 def test_the_notebook_grids_take_their_time_limits_from_estimates():
@@ -179,12 +188,16 @@ def test_inline_recipe():
 @pytest.mark.parametrize(
     "old, new, message",
     [
-        ("lr: 0.05", "lr: 0.05, warmup: 5", "opts[0]: unknown key 'warmup'; valid keys: name, epochs, lr,"),
+        (
+            "lr: 0.05",
+            "lr: 0.05, warmup: 5",
+            "opts[0]: unknown key 'warmup' (did you mean 'warmup_lr'?); valid keys: name, epochs, iterations, lr,",
+        ),
         ("lr: 0.05", "lr: 0.05, gama: 0.2", "(did you mean 'gamma'?)"),
         (
             "schedule: step, ",
             "",
-            "opts[0]: inline recipe lacks schedule; it needs name, epochs, weight_decay, schedule",
+            "opts[0]: inline recipe lacks schedule; it needs name, epochs or iterations, weight_decay, schedule",
         ),
         ("[10, 20]", "[10, 30]", "opts[0].milestones[1]: must be between 1 and 29 (a milestone at or after the end"),
         ("[10, 20]", "[20, 10]", "opts[0].milestones: must increase strictly"),

@@ -6,6 +6,7 @@ from cifarbench.cli import main
 from cifarbench.cluster import status
 from cifarbench.config.grid import load_grid
 from cifarbench.store import records
+from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 
 
@@ -36,7 +37,7 @@ def test_local_submit_wait_status_and_resubmit(synthetic_root, tmp_path, capsys)
     assert len(manifests) == 1
     manifest = json.loads(manifests[0].read_text())
     assert manifest["executor"] == "local" and len({e["job_id"] for e in manifest["runs"]}) == 1
-    specs = list(load_grid(grid).specs)
+    specs = list(load_grid(grid, fingerprint=fingerprint).specs)
     for spec in specs:
         assert records.read_record(Layout(results).record(spec.run_id))["status"] == "completed"
 

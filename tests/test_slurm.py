@@ -23,6 +23,7 @@ from cifarbench.cluster import queue, status
 from cifarbench.config.grid import load_grid
 from cifarbench.config.spec import RunSpec
 from cifarbench.store import records
+from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import read_manifests
 from cifarbench.store.progress import read_progress
@@ -160,7 +161,11 @@ def array(tmp_path_factory):
             assert main(["submit", str(grid)]) == 0
         [manifest] = _manifests(results)
         yield Array(
-            grid=grid, results=results, specs=list(load_grid(grid).specs), manifest=manifest, output=out.getvalue()
+            grid=grid,
+            results=results,
+            specs=list(load_grid(grid, fingerprint=fingerprint).specs),
+            manifest=manifest,
+            output=out.getvalue(),
         )
     finally:
         jobs = {r["array_job_id"] for m in _manifests(results) for r in m["runs"]} if results.is_dir() else set()

@@ -81,7 +81,8 @@ def _described(spec: dict) -> dict:
         "recipe": recipe["name"],
         "batch_size": spec["batch_size"],
         "seed": spec["seed"],
-        "epochs": spec.get("epochs") or recipe["epochs"],
+        # a recipe counted in iterations has no epochs of its own (0): its run's spec says how many they take
+        "epochs": spec.get("epochs") or recipe["epochs"] or RunSpec.from_dict(spec).schedule.epochs,
     }
 
 

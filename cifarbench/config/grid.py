@@ -29,6 +29,8 @@ from cifarbench.config.spec import (
     PRECISIONS,
     RECIPES,
     SCHEDULES,
+    TRAIN_IMAGES,
+    WARMUP_MODES,
     Recipe,
     RunSpec,
 )
@@ -36,7 +38,7 @@ from cifarbench.errors import GridError, UnknownNameError, check_int, check_name
 
 AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
 # per run: an include entry may override them
-RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile")
+RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile", "val_split")
 GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "logger", "exclude", "include", "slurm", "resources")
 # what a resources rule's `match` may name: every field of a run
 MATCH_KEYS = (*AXES.values(), *RUN_OPTIONS)
@@ -46,6 +48,10 @@ SLURM_KEYS = tuple(f.name for f in dataclasses.fields(Resources))
 # set, and a schedule of more than 10000 epochs is not a CIFAR recipe.
 MAX_BATCH_SIZE = 50_000
 MAX_EPOCHS = 10_000
+MAX_ITERATIONS = 10_000_000
+# What a data folder is, for the run id: (dataset, data root) -> None for checksum-verified CIFAR, else a
+# fingerprint of the files (``cifarbench.store.datasets.fingerprint``, which the commands pass in).
+Fingerprint = Callable[[str, str], "str | None"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,17 +66,19 @@ class _Problem(Exception):
     """(where, what): parse_grid prefixes the file name."""
 
 
-def load_grid(path) -> Grid:
+def load_grid(path, *, fingerprint: Fingerprint | None = None) -> Grid:
+    """The grid in the file ``path``. ``fingerprint``: what each run's data is, for its id (without it, every
+    data folder counts as the checksum-verified CIFAR)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise GridError(f"{path}: cannot read the grid file: {getattr(e, 'strerror', None) or e}") from None
-    return parse_grid(text, source=str(path))
+    return parse_grid(text, source=str(path), fingerprint=fingerprint)
 
 
-def parse_grid(text: str, *, source: str = "<grid>") -> Grid:
+def parse_grid(text: str, *, source: str = "<grid>", fingerprint: Fingerprint | None = None) -> Grid:
     try:
-        return _grid(_load_yaml(text), source)
+        return _grid(_load_yaml(text), source, fingerprint)
     except _Problem as p:
         where, what = p.args
         raise GridError(f"{source}: {where}: {what}") from None
@@ -193,20 +201,45 @@ def _recipe(value, where: str, known: dict[str, Recipe]) -> Recipe:
     required = [f.name for f in dataclasses.fields(Recipe) if f.default is dataclasses.MISSING]
     missing = [key for key in required if key not in value]
     if missing:
-        raise _Problem(where, f"inline recipe lacks {', '.join(missing)}; it needs {', '.join(required)}")
+        needs = ", ".join(required).replace("name, ", "name, epochs or iterations, ")
+        raise _Problem(where, f"inline recipe lacks {', '.join(missing)}; it needs {needs}")
     name = value["name"]
     if not isinstance(name, str) or not name or not all(c.isascii() and (c.isalnum() or c in "._-") for c in name):
         raise _Problem(f"{where}.name", f"must be letters, digits, '.', '_' or '-', got {name!r}")
-    fields: dict[str, Any] = {"name": name, "epochs": _int(value["epochs"], f"{where}.epochs", 1, MAX_EPOCHS)}
+    if ("epochs" in value) == ("iterations" in value):
+        raise _Problem(where, "an inline recipe needs its length as epochs or as iterations (one of the two)")
+    unit = "epochs" if "epochs" in value else "iterations"
+    length = _int(value[unit], f"{where}.{unit}", 1, MAX_EPOCHS if unit == "epochs" else MAX_ITERATIONS)
+    fields: dict[str, Any] = {"name": name, unit: length}
     fields["schedule"] = _name(value["schedule"], SCHEDULES, "schedule", f"{where}.schedule")
-    for key, lo, above in (("lr", 0, True), ("momentum", 0, False), ("weight_decay", 0, False), ("gamma", 0, True)):
+    for key, lo, above in (
+        ("lr", 0, True),
+        ("momentum", 0, False),
+        ("weight_decay", 0, False),
+        ("gamma", 0, True),
+        ("warmup_lr", 0, True),
+    ):
         if key in value:
             fields[key] = _number(value[key], f"{where}.{key}", lo, above=above)
+    for key, hi in (
+        ("warmup_epochs", length - 1 if unit == "epochs" else MAX_EPOCHS),
+        ("warmup_iterations", length - 1 if unit == "iterations" else MAX_ITERATIONS),
+        ("warmup_min_depth", 10_000),
+        ("val_split", TRAIN_IMAGES - 1),
+    ):
+        if key in value:
+            fields[key] = _int(value[key], f"{where}.{key}", 0, hi)
+    if "warmup_mode" in value:
+        fields["warmup_mode"] = _name(value["warmup_mode"], WARMUP_MODES, "warm-up mode", f"{where}.warmup_mode")
+    if fields.get("warmup_epochs") and fields.get("warmup_iterations"):
+        raise _Problem(where, "give the warm-up as warmup_epochs or as warmup_iterations, not both")
+    if (fields.get("warmup_epochs") or fields.get("warmup_iterations")) and "warmup_lr" not in fields:
+        raise _Problem(where, "a warm-up needs warmup_lr, the learning rate it starts at")
     milestones = value.get("milestones", [])
     if not isinstance(milestones, list):
-        raise _Problem(f"{where}.milestones", f"must be a list of epochs, got {milestones!r}")
+        raise _Problem(f"{where}.milestones", f"must be a list of {unit}, got {milestones!r}")
     for i, m in enumerate(milestones):
-        _int(m, f"{where}.milestones[{i}]", 1, fields["epochs"] - 1, " (a milestone at or after the end never fires)")
+        _int(m, f"{where}.milestones[{i}]", 1, length - 1, " (a milestone at or after the end never fires)")
     if milestones != sorted(set(milestones)):
         raise _Problem(f"{where}.milestones", f"must increase strictly, got {milestones}")
     if milestones and fields["schedule"] != "step":
@@ -226,11 +259,12 @@ def _run_options(raw: dict, where: str, defaults: dict) -> dict:
         "loader": lambda v, w: _name(v, LOADERS, "loader", w),
         "deterministic": _bool,
         "compile": _compile,
+        "val_split": lambda v, w: None if v is None else _int(v, w, 0, TRAIN_IMAGES - 1),  # null: the recipe's
     }
     return defaults | {key: check[key](raw[key], f"{where}{key}") for key in RUN_OPTIONS if key in raw}
 
 
-def _grid(raw, source: str) -> Grid:
+def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
     if raw is None:
         raise _Problem("top level", "the grid is empty; it needs models, datasets, opts and batch_sizes")
     _keys(raw, GRID_KEYS, "top level")
@@ -248,7 +282,16 @@ def _grid(raw, source: str) -> Grid:
     }
     axes = {key: [check[key](v, f"{key}[{i}]") for i, v in enumerate(_list(raw, key))] for key in raw if key in AXES}
     defaults = _run_options(
-        raw, "", {"epochs": None, "precision": "auto", "loader": "device", "deterministic": False, "compile": None}
+        raw,
+        "",
+        {
+            "epochs": None,
+            "precision": "auto",
+            "loader": "device",
+            "deterministic": False,
+            "compile": None,
+            "val_split": None,
+        },
     )
     shared: dict[str, Any] = {
         "data_root": _path(raw.get("root", "data"), "root"),
@@ -296,6 +339,7 @@ def _grid(raw, source: str) -> Grid:
             run[key] = check[axis](entry[key], f"{where}.{key}") if key in entry else axes[axis][0]
         runs.append((run, where))
 
+    data: dict[str, str | None] = {}  # dataset -> its fingerprint: once per dataset, not once per run
     specs: dict[str, RunSpec] = {}
     resources: dict[str, Resources] = {}
     built: dict[tuple, Resources] = {}  # thousands of runs share a handful of resource sets
@@ -311,8 +355,10 @@ def _grid(raw, source: str) -> Grid:
         recipe, epochs = run.pop("opt"), run.pop("epochs")
         if epochs == recipe.epochs:  # the same run as no override: keep the same run id
             epochs = None
+        if fingerprint is not None and run["dataset"] not in data:
+            data[run["dataset"]] = fingerprint(run["dataset"], shared["data_root"])
         try:
-            spec = RunSpec(recipe=recipe, epochs=epochs, **run, **shared)
+            spec = RunSpec(recipe=recipe, epochs=epochs, data_fingerprint=data.get(run["dataset"]), **run, **shared)
         except ValueError as e:
             raise _Problem(where, str(e)) from None
         if spec.run_id not in specs:

@@ -6,10 +6,12 @@ importing the training layer, which builds the models these names stand for.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 from cifarbench.errors import check_int, check_name
@@ -64,6 +66,7 @@ SYNTHETIC_DATASETS = tuple(name for name, d in DATASETS.items() if d.synthetic)
 LOADERS = ("device", "torchvision")
 PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed")
 SCHEDULES = ("step", "cos")
+WARMUP_MODES = ("constant", "linear")
 MAX_SEED = 2**32 - 1
 # torch.compile's modes; "reduce-overhead" also captures CUDA graphs on a GPU.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -71,45 +74,185 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
-    """SGD with momentum and an epoch-wise LR schedule ("step": MultiStepLR, "cos": CosineAnnealingLR)."""
+    """SGD with momentum and a learning-rate schedule ("step": times ``gamma`` at each milestone, "cos": cosine
+    annealing to 0), counted in epochs, or in optimizer steps where ``iterations`` is set (the run then stops after
+    that many steps, and milestones and the cosine's period are steps too).
+
+    An optional warm-up trains the first ``warmup_epochs`` epochs or ``warmup_iterations`` steps at ``warmup_lr``
+    ("constant") or rising from it to ``lr`` ("linear"), then the schedule goes on where it would have been; with
+    ``warmup_min_depth`` only models at least that deep warm up (He et al. warm up resnet110 and resnet1202 only).
+    """
 
     name: str
-    epochs: int
+    # 0: counted in iterations. With ``iterations`` set, epochs (if given) is only how many epochs those take on
+    # the canonical data: see RunSpec.schedule.
+    epochs: int = 0
+    iterations: int | None = None
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float
     schedule: str
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
+    warmup_epochs: int = 0
+    warmup_iterations: int = 0
+    warmup_lr: float | None = None
+    warmup_mode: str = "constant"
+    warmup_min_depth: int = 0
+    val_split: int = 0  # training images the recipe's protocol holds out for validation (a run may override it)
 
     def __post_init__(self):
         check_name(self.schedule, SCHEDULES, "schedule")
-        if self.epochs < 1:
+        check_name(self.warmup_mode, WARMUP_MODES, "warm-up mode")
+        if self.iterations is None and self.epochs < 1:
             raise ValueError(f"recipe {self.name!r}: epochs must be >= 1, got {self.epochs}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"recipe {self.name!r}: iterations must be >= 1, got {self.iterations}")
+        if self.warmup_epochs and self.warmup_iterations:
+            raise ValueError(f"recipe {self.name!r}: give the warm-up as epochs or as iterations, not both")
+        if (self.warmup_epochs or self.warmup_iterations) and self.warmup_lr is None:
+            raise ValueError(f"recipe {self.name!r}: a warm-up needs warmup_lr")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
+    @property
+    def unit(self) -> str:
+        """What the recipe's length and milestones count."""
+        return "iterations" if self.iterations is not None else "epochs"
+
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} | {"milestones": list(self.milestones)}
+        # A field added after v1 enters the dict (and so the run id) only where it is set: every recipe that does
+        # not use it keeps the id it had.
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in _RECIPE_SINCE_V1 or getattr(self, f.name) != f.default
+        } | {"milestones": list(self.milestones)}
 
     def shortened(self, epochs: int) -> Recipe:
         """The same recipe over ``epochs`` epochs: milestones (and T_max, which is ``epochs``) scale
-        proportionally, rounded, so a 2-epoch smoke run keeps the shape of the 200-epoch schedule."""
+        proportionally, rounded, so a 2-epoch smoke run keeps the shape of the 200-epoch schedule. A recipe
+        counted in iterations keeps them: ``plan_steps`` compresses it into ``epochs`` once the run knows its
+        steps per epoch."""
         if epochs == self.epochs:
             return self
+        if self.iterations is not None:
+            return dataclasses.replace(self, epochs=epochs)
         scale = epochs / self.epochs
         # Repeats are kept: MultiStepLR applies gamma once per repeat, so no decay is lost when two collide.
         milestones = tuple(sorted(max(1, round(m * scale)) for m in self.milestones))
         return dataclasses.replace(self, epochs=epochs, milestones=milestones)
 
 
+_RECIPE_SINCE_V1 = (
+    "iterations",
+    "warmup_epochs",
+    "warmup_iterations",
+    "warmup_lr",
+    "warmup_mode",
+    "warmup_min_depth",
+    "val_split",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Steps:
+    """A run's schedule as it trains, step by step: what the recipe becomes for one model, one number of steps
+    per epoch and one length. ``lr(step)`` is the learning rate of optimizer step ``step`` (from 0)."""
+
+    lr0: float
+    schedule: str
+    gamma: float
+    steps_per_epoch: int
+    total: int  # optimizer steps the run takes
+    milestones: tuple[int, ...]  # in steps: the lr is multiplied by gamma from each of these steps on
+    cos_period: int  # in steps; the cosine moves once per epoch where the recipe counts epochs
+    cos_per_epoch: bool
+    warmup_steps: int
+    warmup_lr: float
+    warmup_mode: str
+
+    @property
+    def epochs(self) -> int:
+        return -(-self.total // self.steps_per_epoch)
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            if self.warmup_mode == "constant":
+                return self.warmup_lr
+            return self.warmup_lr + (self.lr0 - self.warmup_lr) * step / self.warmup_steps
+        if self.schedule == "step":
+            return self.lr0 * self.gamma ** bisect.bisect_right(self.milestones, step)
+        t = step // self.steps_per_epoch if self.cos_per_epoch else step
+        period = self.cos_period // self.steps_per_epoch if self.cos_per_epoch else self.cos_period
+        return self.lr0 * (1 + math.cos(math.pi * t / period)) / 2
+
+
+def plan_steps(recipe: Recipe, *, depth: int, steps_per_epoch: int, epochs: int | None = None) -> Steps:
+    """``recipe`` for a model of ``depth`` layers whose epochs take ``steps_per_epoch`` steps, over ``epochs``
+    epochs where the run is shortened (None: the recipe's own length). A recipe counted in iterations, shortened,
+    is compressed into that many whole epochs: its milestones and warm-up scale with it."""
+    spe = steps_per_epoch
+    warm = depth >= recipe.warmup_min_depth
+    if recipe.iterations is None:
+        r = recipe.shortened(epochs) if epochs else recipe
+        total = r.epochs * spe
+        milestones = tuple(m * spe for m in r.milestones)
+        warmup = r.warmup_epochs * spe or r.warmup_iterations
+    else:
+        total = epochs * spe if epochs else recipe.iterations
+        scale = total / recipe.iterations
+        milestones = tuple(sorted(max(1, round(m * scale)) for m in recipe.milestones))
+        w = recipe.warmup_epochs * spe or recipe.warmup_iterations
+        warmup = max(1, round(w * scale)) if w and epochs else w
+    return Steps(
+        lr0=recipe.lr,
+        schedule=recipe.schedule,
+        gamma=recipe.gamma,
+        steps_per_epoch=spe,
+        total=total,
+        milestones=milestones,
+        cos_period=total,
+        cos_per_epoch=recipe.iterations is None,
+        warmup_steps=min(warmup, total) if warm else 0,
+        warmup_lr=recipe.warmup_lr if recipe.warmup_lr is not None else recipe.lr,
+        warmup_mode=recipe.warmup_mode,
+    )
+
+
+# He et al. 2016, section 4.2: 45k/5k split, batch size 128, lr 0.1 divided by 10 at 32k and 48k iterations, stop
+# at 64k; resnet110 (and resnet1202) start at lr 0.01 "until the training error is below 80% (about 400
+# iterations)". akamaster/pytorch_resnet_cifar10's trainer: 200 epochs, milestones 100 and 150, wd 1e-4, the
+# first epoch of resnet110 and resnet1202 at lr 0.01.
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
         Recipe(name="step-160", epochs=160, weight_decay=1e-4, schedule="step", milestones=(80, 120), gamma=0.1),
         Recipe(name="step-200", epochs=200, weight_decay=5e-4, schedule="step", milestones=(60, 120, 160), gamma=0.2),
         Recipe(name="cos-200", epochs=200, weight_decay=5e-4, schedule="cos"),
+        Recipe(
+            name="he2016",
+            iterations=64_000,
+            weight_decay=1e-4,
+            schedule="step",
+            milestones=(32_000, 48_000),
+            warmup_iterations=400,
+            warmup_lr=0.01,
+            warmup_min_depth=110,
+            val_split=5_000,
+        ),
+        Recipe(
+            name="akamaster",
+            epochs=200,
+            weight_decay=1e-4,
+            schedule="step",
+            milestones=(100, 150),
+            warmup_epochs=1,
+            warmup_lr=0.01,
+            warmup_min_depth=110,
+        ),
     )
 }
+TRAIN_IMAGES = 50_000  # CIFAR-10's and CIFAR-100's training sets
 
 
 def get_recipe(name: str) -> Recipe:
@@ -140,6 +283,9 @@ class RunSpec:
     loader: str = "device"
     deterministic: bool = False
     compile: str | None = None  # a torch.compile mode, or None: eager
+    val_split: int | None = None  # training images held out for validation; None: the recipe's own (often 0)
+    # Where the data is not the checksum-verified CIFAR: what it is (``store.datasets.fingerprint``). None: CIFAR.
+    data_fingerprint: str | None = None
     data_root: str = "data"
     verify: bool = True
     results: str = "results"
@@ -150,6 +296,8 @@ class RunSpec:
     def __post_init__(self):
         if self.epochs == self.recipe.epochs:  # the recipe's own length: the same run, so the same id
             object.__setattr__(self, "epochs", None)
+        if self.val_split == self.recipe.val_split:  # the recipe's own split: the same run
+            object.__setattr__(self, "val_split", None)
         check_name(self.model, ARCHS, "model")
         check_name(self.dataset, DATASETS, "dataset")
         check_name(self.loader, LOADERS, "loader")
@@ -162,22 +310,42 @@ class RunSpec:
         if self.epochs is not None:
             check_int(self.epochs, "epochs", 1)
         check_int(self.seed, "seed", 0, MAX_SEED)
+        check_int(self.held_out, "val_split", 0, TRAIN_IMAGES - 1)
 
     @property
     def num_classes(self) -> int:
         return DATASETS[self.dataset].num_classes
 
     @property
+    def held_out(self) -> int:
+        """Training images held out for validation."""
+        return self.recipe.val_split if self.val_split is None else self.val_split
+
+    @property
     def schedule(self) -> Recipe:
-        """The recipe as it is actually run (shortened when ``epochs`` overrides it)."""
-        return self.recipe.shortened(self.epochs) if self.epochs else self.recipe
+        """The recipe as it is actually run (shortened when ``epochs`` overrides it). A recipe counted in iterations
+        gets the epochs they take on CIFAR's 50,000 training images less the validation split; on data of another
+        size the run trains the same iterations in another number of epochs (``plan_steps``)."""
+        recipe = self.recipe
+        if recipe.iterations is not None and not self.epochs:
+            steps_per_epoch = -(-(TRAIN_IMAGES - self.held_out) // self.batch_size)
+            recipe = dataclasses.replace(recipe, epochs=-(-recipe.iterations // steps_per_epoch))
+        return recipe.shortened(self.epochs) if self.epochs else recipe
+
+    def steps(self, steps_per_epoch: int) -> Steps:
+        """The schedule step by step, for a training set of ``steps_per_epoch`` batches."""
+        return plan_steps(
+            self.recipe, depth=ARCHS[self.model].depth, steps_per_epoch=steps_per_epoch, epochs=self.epochs
+        )
 
     def identity(self) -> dict:
         """The fields that change the result, as plain JSON-able values."""
         fields = {name: getattr(self, name) for name in _id_fields()}
         fields["recipe"] = self.recipe.to_dict()
-        if self.compile is None:  # compile came after v1: an eager run keeps the id it had before
-            del fields["compile"]
+        # Fields that came after v1 enter only where set: a run that does not use them keeps the id it had.
+        for name in ("compile", "val_split", "data_fingerprint"):
+            if fields[name] is None:
+                del fields[name]
         return {"spec_version": SPEC_VERSION, **fields}
 
     @functools.cached_property

@@ -104,7 +104,8 @@ def collect(
     else:
         tabs = default_tables(summary, value)
     matches = [
-        reference.match(t.cells[t.cells.n > 0], published, source) if value == "final_test_acc" else None for t in tabs
+        reference.match(t.cells[t.cells.n > 0], published, source) if value in reference.COMPARED else None
+        for t in tabs
     ]
     unreadable = [
         Path(p).parent.name
@@ -147,6 +148,7 @@ def collect(
                     zip(runs.run_id, table.select([*scan.DETAILS, "test_acc"]).take(runs.index.to_numpy()).to_pylist())
                 ),
                 images=[p for p in written if p.suffix == ".png"],
+                value=value,
             )
         )
     return Report(markdown, warnings, written)

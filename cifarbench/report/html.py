@@ -118,12 +118,12 @@ def _plots(images: list[Path]) -> str:
     return "".join(out) or "<p>No plots (no completed run, or collect ran with --no-plots).</p>"
 
 
-def _tables(tabs: list[Table], matches: list[pd.DataFrame | None]) -> str:
+def _tables(tabs: list[Table], matches: list[pd.DataFrame | None], value: str) -> str:
     out = []
     for t, m in zip(tabs, matches):
         out.append(f"<h3>{_e(t.title)}</h3>" + _table(t.header, t.body))
         if m is not None and len(m):
-            header, body, foot = comparison_parts(t, m)
+            header, body, foot = comparison_parts(t, m, value)
             first = len(t.rows) + len(t.cols)
             out.append(
                 "<p>Beside published figures:</p>"
@@ -259,14 +259,16 @@ def render(
     no_record: list[str],
     details: dict[str, dict],
     images: list[Path],
+    value: str = "final_test_acc",
 ) -> str:
     """The page. ``runs``: the records collected; ``summary``, ``tabs``, ``matches`` and ``missing`` as the
     Markdown report has them; ``details``: run id -> what the summary leaves out (``scan.DETAILS`` and the curve,
-    ``test_acc``); ``images``: the plots' PNGs."""
+    ``test_acc``); ``images``: the plots' PNGs; ``value``: what the cells
+    show, as ``collect --value`` says."""
     timing = time_estimate_parts(runs)
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
-        ("tables", "Tables", _tables(tabs, matches)),
+        ("tables", "Tables", _tables(tabs, matches, value)),
         (
             "timing",
             "Time estimates",

@@ -7,6 +7,7 @@ from importlib import resources
 import pandas as pd
 
 DEFAULT_SOURCE = "seed-notebook"
+COMPARED = ("final_test_acc", "test_acc_at_best_val", "best_test_acc")  # the values a published figure is set against
 # Everything is compared as accuracy; the papers publish test error.
 _AS_ACCURACY = {"final_test_acc": lambda v: v, "test_error": lambda v: 1 - v}
 

@@ -7,6 +7,10 @@ same number of classes, and its checksums are in the ``MD5SUMS`` file beside its
 
 Hashing CIFAR takes seconds and every run checks its data, so md5s are cached in ``.cifarbench-md5.json`` in the
 data's folder, keyed by file name, size and modification time.
+
+A run's id says which data it trained on wherever that is not the checksum-verified CIFAR: ``fingerprint`` hashes
+the files' names, sizes and md5s (from that cache), so the same files in two folders are the same data, and a
+synthetic copy of another size is other data.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from cifarbench.errors import UsageError
 from cifarbench.store.atomic import write_text
 
 CACHE_NAME = ".cifarbench-md5.json"
+SYNTHETIC_SIZES = {"train_size": 50_000, "test_size": 10_000}  # what `cifarbench data synthetic` writes by default
 
 
 class DataError(UsageError):
@@ -87,9 +92,17 @@ def dataset_folder(dataset: str, root: str | Path) -> Path:
     return FILES[dataset].folder(root)
 
 
+def recreate_command(dataset: str, root: str | Path) -> str:
+    """The command that writes (or downloads) exactly ``dataset`` under ``root``, and nothing else."""
+    if FILES[dataset].synthetic:
+        sizes = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC_SIZES.items())
+        return f"cifarbench data synthetic --root {root} --dataset {dataset} {sizes}"
+    return f"cifarbench data download --root {root} --dataset {dataset}"
+
+
 def missing_message(dataset: str, root: str | Path) -> str:
     fix = (
-        f"cifarbench data synthetic --root {root}"
+        recreate_command(dataset, root)
         if FILES[dataset].synthetic
         else f"cifarbench data download --root {root} --dataset {dataset}"
     )
@@ -124,7 +137,7 @@ def _expected_md5(dataset: str, root: str | Path) -> dict[str, str]:
         return files.layout.md5s
     sums = files.folder(root) / "MD5SUMS"
     if not sums.is_file():
-        raise DataError(f"{sums} is missing: re-create the data with `cifarbench data synthetic --root {root}`")
+        raise DataError(f"{sums} is missing: re-create the data with `{recreate_command(dataset, root)} --force`")
     # each line is '<md5> <name>'; a list pair (not reversed()'s iterator) is what dict()'s stub accepts
     return dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
 
@@ -168,3 +181,45 @@ def _read_cache(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return cache if isinstance(cache, dict) else {}
+
+
+_fingerprints: dict[tuple, str | None] = {}  # (folder, the files' sizes and times) -> fingerprint, for this process
+
+
+def fingerprint(dataset: str, root: str | Path) -> str | None:
+    """None where ``root`` holds the checksum-verified ``dataset`` (real CIFAR, every md5 the published one), else
+    16 hex digits of a hash of its files' names, sizes and md5s; also None where a file is missing (``submit``
+    reports missing data). Hashes only what the md5 cache beside the data does not know, once per process."""
+    files = FILES[dataset]
+    folder = files.folder(root)
+    try:
+        stats = tuple((name, *_size_and_time(folder / name)) for name in files.layout.files)
+    except OSError:
+        return None
+    key = (str(folder.resolve()), files, stats)
+    if key not in _fingerprints:
+        sums = _cached_md5s(folder, list(files.layout.files))
+        if not files.synthetic and sums == files.layout.md5s:
+            _fingerprints[key] = None
+        else:
+            text = "".join(f"{name} {size} {sums[name]}\n" for name, size, _ in sorted(stats))
+            _fingerprints[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _fingerprints[key]
+
+
+# The validation split is drawn with this key, not the run's seed: every run of a grid holds out the same images.
+VAL_SPLIT_KEY = b"cifarbench validation split"
+
+
+def val_indices(train_images: int, val_split: int) -> list[int]:
+    """The indices (ascending) of the ``val_split`` training images held out for validation: those whose keyed
+    BLAKE2b hashes come first, the same for every run, seed, process and version of numpy or torch."""
+    if not 0 < val_split < train_images:
+        raise DataError(f"val_split {val_split}: the training set has {train_images} images; hold out fewer")
+    rank = lambda i: hashlib.blake2b(i.to_bytes(4, "little"), key=VAL_SPLIT_KEY, digest_size=8).digest()
+    return sorted(sorted(range(train_images), key=rank)[:val_split])
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns

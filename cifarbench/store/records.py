@@ -77,10 +77,34 @@ _COLUMNS = [
     (
         "milestones",
         pa.list_(pa.int32()),
-        "Epochs after which a `step` schedule multiplies the learning rate by `gamma`, as run (scaled where the run "
-        "was shortened; a repeated one applies twice); empty for `cos`.",
+        "Epochs (iterations where `milestone_unit` says so) after which a `step` schedule multiplies the learning "
+        "rate by `gamma`, as run (scaled where the run was shortened; a repeated one applies twice); empty for `cos`.",
     ),
     ("gamma", pa.float64(), "The factor a `step` schedule multiplies the learning rate by at each milestone."),
+    (
+        "milestone_unit",
+        pa.string(),
+        "What the recipe's length and `milestones` count: `epochs`, or `iterations` (optimizer steps; the cosine's "
+        "period too); null in records written before it existed (epochs).",
+    ),
+    (
+        "iterations",
+        pa.int64(),
+        "Optimizer steps the run was set to train (epochs times batches per epoch, or a recipe's `iterations`, "
+        "where the last epoch may stop part-way).",
+    ),
+    (
+        "warmup_iterations",
+        pa.int64(),
+        "Optimizer steps of warm-up as run: 0 where the recipe has none or this model is shallower than it warms "
+        "up (e.g. he2016 and akamaster: depth 110 and more).",
+    ),
+    ("warmup_lr", pa.float64(), "The learning rate the warm-up starts at; null without warm-up."),
+    (
+        "warmup_mode",
+        pa.string(),
+        "`constant` (the whole warm-up at `warmup_lr`) or `linear` (rising from it to `lr`); null without warm-up.",
+    ),
     ("batch_size", pa.int32(), "Training images per step (the test set is read 1,000 images at a time)."),
     ("seed", pa.int64(), "Random seed of the weight initialisation, the data order and the augmentation."),
     (
@@ -112,13 +136,27 @@ _COLUMNS = [
         pa.string(),
         "Null, or why a run that asked for torch.compile trained eagerly (compiling a training step failed).",
     ),
-    ("data_root", pa.string(), "The data folder the run read, as the job saw it."),
+    ("data_root", pa.string(), "The data folder the run read, as an absolute path on the host that ran it."),
     (
         "data_verified",
         pa.bool_(),
-        "Whether the data files' checksums were checked and matched; false: `verify: false` (a copy in the same "
-        "layout accepted).",
+        "Whether the data files matched the published CIFAR checksums; false: `verify: false` (a copy in the same "
+        "layout accepted); null for synthetic data, which has no published checksums.",
     ),
+    (
+        "data_fingerprint",
+        pa.string(),
+        "Null for the checksum-verified CIFAR; otherwise a hash of the data files' names, sizes and md5s (16 hex "
+        "digits), which is also part of the run id.",
+    ),
+    (
+        "val_split",
+        pa.int32(),
+        "Training images held out for validation (chosen from a fixed seed, the same for every run); 0: none.",
+    ),
+    ("train_images", pa.int32(), "Images the run trained on (the training set less the validation split)."),
+    ("val_images", pa.int32(), "Images in the validation split; 0: none."),
+    ("test_images", pa.int32(), "Images in the test set."),
     ("num_classes", pa.int32(), "Classes of the dataset: 10 or 100."),
     ("params", pa.int64(), "Parameters of the model (all trainable)."),
     (
@@ -160,6 +198,21 @@ _COLUMNS = [
     ("test_loss", _floats, "Mean test cross-entropy after each epoch, epoch 1 first."),
     ("test_acc", _floats, "Top-1 test accuracy (0 to 1) after each epoch, epoch 1 first."),
     ("test_top5", _floats, "Top-5 test accuracy (0 to 1) after each epoch, epoch 1 first; null below 100 classes."),
+    ("val_loss", _floats, "Mean cross-entropy on the validation split after each epoch; null without one."),
+    ("val_acc", _floats, "Top-1 accuracy on the validation split after each epoch, epoch 1 first; null without one."),
+    ("best_val_acc", pa.float64(), "The highest validation accuracy of any epoch; null without a validation split."),
+    (
+        "best_val_epoch",
+        pa.int32(),
+        "The epoch of `best_val_acc`, counted from 1 (the first of equals): the epoch a protocol with a validation "
+        "split selects; null without one.",
+    ),
+    (
+        "test_acc_at_best_val",
+        pa.float64(),
+        "Top-1 test accuracy at `best_val_epoch`: the model selected without looking at the test set; null without "
+        "a validation split.",
+    ),
     ("lr_curve", _floats, "The learning rate each epoch trained with, epoch 1 first."),
     (
         "epoch_seconds",
@@ -261,6 +314,11 @@ SUMMARY_FIELDS = (
     "deterministic",
     "compile",
     "compile_fallback",
+    "milestone_unit",
+    "iterations",
+    "warmup_iterations",
+    "val_split",
+    "data_fingerprint",
     "params",
     "epochs_done",
     "final_test_acc",
@@ -268,6 +326,9 @@ SUMMARY_FIELDS = (
     "best_epoch",
     "final_test_top5",
     "best_test_top5",
+    "best_val_acc",
+    "best_val_epoch",
+    "test_acc_at_best_val",
     "final_train_loss",
     "final_test_loss",
     "train_seconds",

@@ -9,18 +9,28 @@ torchvision's built-in checksums. Where the files are and the check that they ar
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Subset
 from torchvision import datasets as tvd
 from torchvision import transforms
 
 from cifarbench.config.spec import DATASETS
-from cifarbench.store.datasets import FILES, DataError, check_dataset, dataset_folder, md5, missing_message
+from cifarbench.store.datasets import (
+    FILES,
+    DataError,
+    check_dataset,
+    dataset_folder,
+    md5,
+    missing_message,
+    val_indices,
+)
 from cifarbench.system import usable_cores
 
 MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4867, 0.4408)}
@@ -100,15 +110,47 @@ def _templates(num_classes: int, rng: np.random.Generator) -> np.ndarray:
     return (20 * smooth / smooth.std(dim=(1, 2, 3), keepdim=True)).numpy()
 
 
+def synthetic_sizes(dataset: str, root: str | Path) -> tuple[int, int] | None:
+    """(training images, test images) of the synthetic ``dataset`` under ``root``; None where there is none."""
+    files = FILES[dataset].layout
+    folder = dataset_folder(dataset, root)
+    try:
+        counts = []
+        for names in ([name for name, _ in files.train_list], [files.test_list[0][0]]):
+            total = 0
+            for name in names:
+                with open(folder / name, "rb") as fh:
+                    batch = pickle.load(fh, encoding="latin1")
+                total += len(batch["labels" if "labels" in batch else "fine_labels"])
+            counts.append(total)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError):
+        return None
+    return counts[0], counts[1]
+
+
 def write_synthetic(
-    dataset: str, root: str | Path, *, train_size: int = 50_000, test_size: int = 10_000, seed: int = 0
+    dataset: str,
+    root: str | Path,
+    *,
+    train_size: int = 50_000,
+    test_size: int = 10_000,
+    seed: int = 0,
+    force: bool = False,
 ) -> Path:
-    """Write a deterministic, learnable synthetic dataset in the exact CIFAR on-disk layout."""
+    """Write a deterministic, learnable synthetic dataset in the exact CIFAR on-disk layout. A dataset of another
+    size already there is only replaced with ``force``: runs that trained on it would no longer match their
+    data."""
     layout = LAYOUTS[dataset]
     if not layout.synthetic:
         raise DataError(f"{dataset} is a real dataset; synthetic ones are: synthetic10, synthetic100")
     if train_size < 1 or test_size < 1:
         raise DataError("--train-size and --test-size must be positive")
+    existing = synthetic_sizes(dataset, root)
+    if existing is not None and existing != (train_size, test_size) and not force:
+        raise DataError(
+            f"{dataset_folder(dataset, root)} already holds {dataset} with {existing[0]} training and {existing[1]} "
+            f"test images; pass --force to replace it with {train_size} and {test_size}, or choose another --root"
+        )
     k = layout.num_classes
     rng = np.random.default_rng([seed, k])
     templates = _templates(k, rng)
@@ -264,7 +306,20 @@ def torchvision_transforms(num_classes: int, *, train: bool) -> transforms.Compo
     )
 
 
-def make_loaders(
+class Loaders(NamedTuple):
+    train: Any
+    test: Any
+    val: Any  # None without a validation split
+    sizes: dict[str, int]  # images in each split: train_images, val_images, test_images
+
+
+def make_loaders(**kwargs):
+    """(train, test) iterables of normalised batches for ``loader`` = "device" or "torchvision"."""
+    loaders = make_run_loaders(**kwargs)
+    return loaders.train, loaders.test
+
+
+def make_run_loaders(
     *,
     dataset: str,
     root: str | Path,
@@ -275,35 +330,45 @@ def make_loaders(
     num_workers: int | None = None,
     memory_format: torch.memory_format = torch.contiguous_format,
     eval_batch_size: int = 1000,
-):
-    """(train, test) iterables of normalised batches for ``loader`` = "device" or "torchvision"."""
+    val_split: int = 0,
+) -> Loaders:
+    """The training, test and (with ``val_split`` images held out of the training set) validation loaders."""
     k = LAYOUTS[dataset].num_classes
+    train: Any
+    test: Any
+    val: Any
     if loader == "device":
-        train = DeviceLoader(
-            *load_arrays(dataset, root, train=True),
-            num_classes=k,
-            batch_size=batch_size,
-            train=True,
-            seed=seed,
-            device=device,
-            memory_format=memory_format,
+        images, labels = load_arrays(dataset, root, train=True)
+        test_images, test_labels = load_arrays(dataset, root, train=False)
+        held = None
+        if val_split:
+            val_idx = torch.tensor(val_indices(len(labels), val_split))
+            keep = torch.ones(len(labels), dtype=torch.bool)
+            keep[val_idx] = False
+            held = (images[val_idx], labels[val_idx])
+            images, labels = images[keep], labels[keep]
+        device_loader = functools.partial(
+            DeviceLoader, num_classes=k, device=device, memory_format=memory_format, batch_size=eval_batch_size
         )
-        test = DeviceLoader(
-            *load_arrays(dataset, root, train=False),
-            num_classes=k,
-            batch_size=eval_batch_size,
-            train=False,
-            device=device,
-            memory_format=memory_format,
+        train = device_loader(images, labels, train=True, seed=seed, batch_size=batch_size)
+        test = device_loader(test_images, test_labels, train=False)
+        val = device_loader(*held, train=False) if held else None
+        sizes = (len(labels), len(held[1]) if held else 0, len(test_labels))
+    else:
+        workers = usable_cores() if num_workers is None else num_workers
+        common: dict[str, Any] = dict(
+            num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0
         )
-        return train, test
-    workers = usable_cores() if num_workers is None else num_workers
-    common: dict[str, Any] = dict(
-        num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0
-    )
-    train_ds = load_split(dataset, root, train=True, transform=torchvision_transforms(k, train=True))
-    test_ds = load_split(dataset, root, train=False, transform=torchvision_transforms(k, train=False))
-    return (
-        torch.utils.data.DataLoader(train_ds, batch_size=batch_size, shuffle=True, **common),
-        torch.utils.data.DataLoader(test_ds, batch_size=eval_batch_size, **common),
-    )
+        train_ds: Any = load_split(dataset, root, train=True, transform=torchvision_transforms(k, train=True))
+        test_ds = load_split(dataset, root, train=False, transform=torchvision_transforms(k, train=False))
+        val_ds = None
+        if val_split:
+            held_idx = val_indices(len(train_ds), val_split)
+            kept = sorted(set(range(len(train_ds))) - set(held_idx))
+            plain = load_split(dataset, root, train=True, transform=torchvision_transforms(k, train=False))
+            train_ds, val_ds = Subset(train_ds, kept), Subset(plain, held_idx)
+        train = DataLoader(train_ds, batch_size=batch_size, shuffle=True, **common)
+        test = DataLoader(test_ds, batch_size=eval_batch_size, **common)
+        val = DataLoader(val_ds, batch_size=eval_batch_size, **common) if val_ds is not None else None
+        sizes = (len(train_ds), len(val_ds) if val_ds is not None else 0, len(test_ds))
+    return Loaders(train, test, val, dict(zip(("train_images", "val_images", "test_images"), sizes)))

@@ -4,6 +4,7 @@ record."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import socket
@@ -22,9 +23,9 @@ import torch
 
 import cifarbench
 from cifarbench.config.resources import Budget
-from cifarbench.config.spec import RunSpec
+from cifarbench.config.spec import DATASETS, RunSpec, Steps
 from cifarbench.errors import UsageError
-from cifarbench.store import records
+from cifarbench.store import datasets, records
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import clear_progress
 from cifarbench.train import data
@@ -135,14 +136,14 @@ def _environment(device: torch.device) -> dict:
 
 
 def spec_fields(spec: RunSpec) -> dict:
-    """The record's columns that describe the spec."""
+    """The record's columns that describe the spec, its schedule as planned (``schedule_fields``: as run)."""
     recipe = spec.schedule
     return {
         "run_id": spec.run_id,
         "model": spec.model,
         "dataset": spec.dataset,
         "recipe": spec.recipe.name,
-        "recipe_epochs": spec.recipe.epochs,
+        "recipe_epochs": dataclasses.replace(spec, epochs=None).schedule.epochs,
         "lr": recipe.lr,
         "momentum": recipe.momentum,
         "weight_decay": recipe.weight_decay,
@@ -156,8 +157,27 @@ def spec_fields(spec: RunSpec) -> dict:
         "loader": spec.loader,
         "deterministic": spec.deterministic,
         "compile": spec.compile,
-        "data_root": str(spec.data_root),
+        "val_split": spec.held_out,
+        "milestone_unit": spec.recipe.unit,
+        "data_root": str(Path(spec.data_root).resolve()),
         "num_classes": spec.num_classes,
+    }
+
+
+def schedule_fields(spec: RunSpec, steps: Steps) -> dict:
+    """The schedule as the run trains it on its data: epochs and iterations, milestones in the recipe's unit, the
+    warm-up in steps (0 where this model does not warm up)."""
+    own = dataclasses.replace(spec, epochs=None).steps(steps.steps_per_epoch)
+    milestones = spec.schedule.milestones if spec.recipe.iterations is None else steps.milestones
+    warm = steps.warmup_steps > 0
+    return {
+        "recipe_epochs": own.epochs,
+        "epochs": steps.epochs,
+        "iterations": steps.total,
+        "milestones": list(milestones),
+        "warmup_iterations": steps.warmup_steps,
+        "warmup_lr": steps.warmup_lr if warm else None,
+        "warmup_mode": steps.warmup_mode if warm else None,
     }
 
 
@@ -167,7 +187,18 @@ def _outcome(module: ResNetModule) -> dict:
         return {"epochs_done": 0, "attempts": module.attempts}
     best = max(range(len(h["test_acc"])), key=h["test_acc"].__getitem__)
     top5 = module.top5 is not None
+    validated = {}
+    if module.validation and h["val_acc"]:
+        by_val = max(range(len(h["val_acc"])), key=h["val_acc"].__getitem__)  # the first of equals
+        validated = {
+            "val_loss": h["val_loss"],
+            "val_acc": h["val_acc"],
+            "best_val_acc": h["val_acc"][by_val],
+            "best_val_epoch": by_val + 1,
+            "test_acc_at_best_val": h["test_acc"][by_val],
+        }
     return {
+        **validated,
         "epochs_done": len(h["test_acc"]),
         "final_test_acc": h["test_acc"][-1],
         "best_test_acc": h["test_acc"][best],
@@ -224,19 +255,22 @@ def fit(
     row = {**spec_fields(spec), "started_at": started, **_environment(device), **(budget or Budget()).to_dict()}
     module = None
     try:
-        data_verified = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
-        row["data_verified"] = data_verified
+        checked = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
+        # "verified": matched the published checksums, which synthetic data does not have
+        row["data_verified"] = None if DATASETS[spec.dataset].synthetic else checked
+        found = row["data_fingerprint"] = datasets.fingerprint(spec.dataset, spec.data_root)
+        if spec.data_fingerprint is not None and found != spec.data_fingerprint:
+            raise datasets.DataError(
+                f"the data in {Path(spec.data_root).resolve()} is not the data this run was submitted with "
+                f"(fingerprint {found}, not {spec.data_fingerprint}): restore it, or submit the grid again"
+            )
         fast = FastPath.for_device(device, spec.precision)
         row["precision_used"] = fast.precision
         L.seed_everything(spec.seed, workers=True, verbose=False)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = fast.cudnn_benchmark and not spec.deterministic
             torch.set_float32_matmul_precision("high")
-        module = ResNetModule(spec, fused_sgd=fast.fused_sgd)
-        row["params"] = count_parameters(module.model)
-        if fast.channels_last:
-            module.model.to(memory_format=torch.channels_last)
-        train_loader, test_loader = data.make_loaders(
+        loaders = data.make_run_loaders(
             dataset=spec.dataset,
             root=spec.data_root,
             loader=spec.loader,
@@ -245,7 +279,14 @@ def fit(
             device=device if spec.loader == "device" else "cpu",
             num_workers=num_workers,
             memory_format=fast.memory_format,
+            val_split=spec.held_out,
         )
+        steps = spec.steps(len(loaders.train))
+        row.update(loaders.sizes, **schedule_fields(spec, steps))
+        module = ResNetModule(spec, steps=steps, fused_sgd=fast.fused_sgd, validation=loaders.val is not None)
+        row["params"] = count_parameters(module.model)
+        if fast.channels_last:
+            module.model.to(memory_format=torch.channels_last)
         folder.mkdir(parents=True, exist_ok=True)
         interactive = sys.stderr.isatty()
         trainer = L.Trainer(
@@ -253,7 +294,7 @@ def fit(
             devices=1,
             # resolve_precision returns one of AUTOCAST's keys, all of which the Trainer accepts
             precision=cast(Literal["32-true", "16-mixed", "bf16-mixed"], fast.precision),
-            max_epochs=spec.schedule.epochs,
+            max_epochs=steps.epochs,
             deterministic=spec.deterministic,
             logger=make_logger(spec) or False,
             enable_checkpointing=False,
@@ -285,15 +326,15 @@ def fit(
             )
         trainer.fit(
             module,
-            train_dataloaders=train_loader,
-            val_dataloaders=test_loader,
+            train_dataloaders=loaders.train,
+            val_dataloaders=[loaders.test, loaders.val] if loaders.val is not None else loaders.test,
             ckpt_path=str(ckpt) if ckpt.is_file() else None,
             weights_only=True,
         )
         outcome = _outcome(module)
-        if outcome["epochs_done"] < spec.schedule.epochs:
+        if outcome["epochs_done"] < steps.epochs:
             raise RuntimeError(
-                f"training stopped after {outcome['epochs_done']} of {spec.schedule.epochs} epochs"
+                f"training stopped after {outcome['epochs_done']} of {steps.epochs} epochs"
                 + (" (interrupted)" if trainer.interrupted else "")
             )
         row.update(outcome, status="completed", ended_at=datetime.now(timezone.utc))
