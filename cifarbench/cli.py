@@ -178,6 +178,8 @@ def _cmd_submit(args) -> int:
                 f"collect: job {queued['job_id']} writes tables.md and report.html once {job_word} "
                 f"{', '.join(queued['after'])} {'has' if len(jobs) == 1 else 'have'} ended; log: {queued['log']}"
             )
+    elif args.collect:
+        print(f"collect: nothing was submitted, so no collect job was queued (`cifarbench collect {grid.results}`)")
     if args.wait:
         final = status.wait(grid.results, specs)
         print(status.render(final))

@@ -9,6 +9,16 @@ from cifarbench.cli import main
 from cifarbench.cluster.after import collect_command, sbatch_command
 from cifarbench.store.layout import Layout
 
+GRID = """
+models: [resnet20]
+datasets: [synthetic10]
+opts: [cos-200]
+epochs: 1
+batch_sizes: [128]
+root: {root}
+results: {results}
+"""
+
 
 def test_the_collect_job_waits_for_every_array_and_runs_in_the_grids_partition(tmp_path):
     command = collect_command(tmp_path / "results", str(tmp_path / "grid.yaml"))
@@ -27,21 +37,12 @@ def test_the_collect_job_waits_for_every_array_and_runs_in_the_grids_partition(t
 
 
 @pytest.mark.slow
-def test_local_submit_collect_writes_the_report_after_the_last_run(synthetic_root, tmp_path, capsys):
+def test_local_submit_collect_writes_the_report_after_the_last_run(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     results = tmp_path / "results"
-    grid.write_text(f"""
-models: [resnet20]
-datasets: [synthetic10]
-opts: [cos-200]
-epochs: 1
-batch_sizes: [128]
-seeds: [0]
-precision: 32-true
-root: {synthetic_root}
-results: {results}
-""")
-    assert main(["submit", str(grid), "--executor", "local", "--collect"]) == 0
+    # the data exists only on "compute nodes": the run fails at once in its job, leaving a record to collect
+    grid.write_text(GRID.format(root=tmp_path / "no-data-here", results=results))
+    assert main(["submit", str(grid), "--executor", "local", "--collect", "--no-preflight"]) == 0
     out = capsys.readouterr().out
     assert "collect: job " in out and "writes tables.md and report.html once job " in out
     layout = Layout(results)
@@ -51,6 +52,17 @@ results: {results}
         time.sleep(1)
     [record] = layout.runs.glob("*/record.parquet")
     assert layout.report.stat().st_mtime >= record.stat().st_mtime  # collected after the run ended
-    assert "1 run: 1 completed, 0 failed." in layout.tables.read_text()
+    assert "1 run: 0 completed, 1 failed." in layout.tables.read_text()
+    assert "DataError: dataset synthetic10 not found" in layout.report.read_text()
     [log] = layout.logs.glob("collect-local-*.out")
     assert "has ended: " in log.read_text()
+
+
+def test_nothing_to_submit_queues_no_collect_job(write_records, tmp_path, capsys):
+    results = write_records([{"dataset": "synthetic10", "recipe": "cos-200", "epochs": 1, "batch_size": 128}])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(GRID.format(root=tmp_path / "data", results=results))
+    assert main(["submit", str(grid), "--executor", "local", "--collect", "--no-preflight"]) == 0
+    out = capsys.readouterr().out
+    assert "1 already completed" in out and "collect: nothing was submitted, so no collect job was queued" in out
+    assert not Layout(results).logs.exists()

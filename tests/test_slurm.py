@@ -350,7 +350,7 @@ slurm: {{gpus_per_node: 0, cpus_per_task: 1, time: "00:05:00", setup: ["export O
         # queued behind the array (or, on a fast machine, already released: the array then ended first)
         assert f"Dependency=afterany:{array}" in shown or "Dependency=(null)" in shown, shown
         layout = Layout(tmp_path / "results")
-        deadline = time.monotonic() + 480
+        deadline = time.monotonic() + 900  # the shared cluster may run other jobs first
         while not (layout.report.exists() and _ended(job)):
             assert time.monotonic() < deadline, _out("squeue", "-h", "-r", "-o", "%i %T %M %R")
             time.sleep(2)

@@ -50,7 +50,8 @@ def _code(text: str) -> str:
     return re.sub(r"`([^`]*)`", r"<code>\1</code>", escape(text))
 
 
-def _table(header: list[str], body: list[list[str]], *, numeric_from: int = 1, cls: str = "") -> str:
+def _table(header: list[str], body: list[list[str]], *, numeric_from: int = 1) -> str:
+    """A table of escaped cells; those from column ``numeric_from`` on right-aligned."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     rows = "".join(
         "<tr>"
@@ -60,7 +61,7 @@ def _table(header: list[str], body: list[list[str]], *, numeric_from: int = 1, c
         + "</tr>"
         for r in body
     )
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def curve_svg(curve, *, width: int = 140, height: int = 30) -> str:
