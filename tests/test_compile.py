@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.store import records
+from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.train import data
 from cifarbench.train.fit import compile_for_training, fit
@@ -141,7 +142,10 @@ def test_a_broken_compiler_toolchain_trains_eagerly_and_says_why(small_root, tmp
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    spec = _spec(small_root, results, epochs=1, compile="default")
+    # named as `cifarbench run` names it: with the fingerprint of its synthetic data
+    spec = _spec(
+        small_root, results, epochs=1, compile="default", data_fingerprint=fingerprint("synthetic10", small_root)
+    )
     assert f"[{spec.run_id}] torch.compile failed, training eagerly: " in out.stdout
     record = records.read_record(Layout(results).record(spec.run_id))
     assert record["status"] == "completed" and record["compile"] == "default"
