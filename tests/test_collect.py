@@ -20,6 +20,7 @@ from cifarbench.report.tables import default_tables, model_depth, recipe_label, 
 from cifarbench.store.layout import Layout
 from cifarbench.store.records import (
     MISLABELLED,
+    OLDER,
     SCHEMA,
     SCHEMA_KEY,
     SCHEMA_TAG,
@@ -177,7 +178,8 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     assert report.warnings == [
         "warning: skipped 1 file (tagged as a record, but not with the record schema's columns): fake.parquet",
         "warning: skipped 1 file (Parquet without a cifarbench tag): foreign.parquet",
-        "warning: skipped 1 file (schema record/0; this cifarbench reads record/1, record/2, record/3): old/r.parquet",
+        "warning: skipped 1 file (schema record/0; this cifarbench reads record/1, record/2, record/3, record/4): "
+        "old/r.parquet",
         "warning: skipped 1 file (unreadable Parquet: corrupt or truncated): runs/truncated/record.parquet",
         "warning: skipped 1 file (in the record schema, but not exactly one run): two-rows.parquet",
         f"note: ignored 1 duplicate record of 1 run (kept the latest completed record of each): {run_id(seed=0)}",
@@ -264,13 +266,46 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     ]
 
 
-SINCE_3 = ["test_seconds", "time_limit_s", "estimated_s", "estimate_source"]
+SINCE_4 = [
+    "milestone_unit",
+    "iterations",
+    "warmup_iterations",
+    "warmup_lr",
+    "warmup_mode",
+    "data_fingerprint",
+    "val_split",
+    "train_images",
+    "val_images",
+    "test_images",
+    "val_loss",
+    "val_acc",
+    "best_val_acc",
+    "best_val_epoch",
+    "test_acc_at_best_val",
+]
+SINCE_4_SUMMARY = [
+    "milestone_unit",
+    "iterations",
+    "warmup_iterations",
+    "val_split",
+    "data_fingerprint",
+    "best_val_acc",
+    "best_val_epoch",
+    "test_acc_at_best_val",
+]
+SINCE_3 = ["test_seconds", "time_limit_s", "estimated_s", "estimate_source", *SINCE_4]
 # what each older writer left out: columns, and keys of the footer summary
 OLD_WRITERS = {
     1: (["compile", "compile_fallback", *SINCE_3], ["compile", "compile_fallback", "test_seconds", "device_name",
-                                                    "time_limit_s", "estimated_s"]),
-    2: (SINCE_3, ["test_seconds", "device_name", "time_limit_s", "estimated_s"]),
+                                                    "time_limit_s", "estimated_s", *SINCE_4_SUMMARY]),
+    2: (SINCE_3, ["test_seconds", "device_name", "time_limit_s", "estimated_s", *SINCE_4_SUMMARY]),
+    3: (SINCE_4, SINCE_4_SUMMARY),
 }  # fmt: skip
+
+
+def stood_for(version: int) -> dict:
+    """The values a reader gives the columns a record/``version`` file lacks (None unless OLDER says otherwise)."""
+    return {column: OLDER[version].get(column) for column in OLD_WRITERS[version][0]}
 
 
 def as_record(version: int, path) -> None:
@@ -291,18 +326,21 @@ def as_record_1(path) -> None:
     as_record(1, path)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_older_records_read_whole_and_by_their_summary(write_records, version):
     results = write_records([{"model": "resnet20", "final_test_acc": 0.91, "test_seconds": 12.5}])
     path = Layout(results).record(run_id(model="resnet20"))
     current = read_record(path)
     as_record(version, path)
-    lacks = dict.fromkeys(OLD_WRITERS[version][0])
-    assert read_record(path) == {**current, **lacks, "record_version": version}
+    assert read_record(path) == {**current, **stood_for(version), "record_version": version}
     found = read_records(results)
     assert found.skipped == {} and found.table.num_rows == 1
     row = found.table.to_pylist()[0]
-    assert row["device_name"] is None and row["test_seconds"] is None and row["final_test_acc"] == 0.91
+    assert row["final_test_acc"] == 0.91 and row["milestone_unit"] == "epochs" and row["val_split"] == 0
+    if version < 3:
+        assert row["device_name"] is None and row["test_seconds"] is None
+    else:
+        assert row["test_seconds"] == 12.5
 
 
 def test_a_record_1_file_is_read_as_an_eager_run(write_records):
@@ -313,7 +351,7 @@ def test_a_record_1_file_is_read_as_an_eager_run(write_records):
     current = read_record(path)
     as_record_1(path)
     assert pq.read_schema(path).names == [n for n in SCHEMA.names if n not in OLD_WRITERS[1][0]]
-    assert read_record(path) == {**current, **dict.fromkeys(OLD_WRITERS[1][0]), "record_version": 1}
+    assert read_record(path) == {**current, **stood_for(1), "record_version": 1}
     assert current["compile"] is None and current["compile_fallback"] is None
 
     report = collect(results, plots=False)

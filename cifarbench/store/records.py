@@ -1,8 +1,8 @@
 """The per-run Parquet record (``runs/<run_id>/record.parquet``): explicit versioned schema, atomic write,
 tolerant reads of the whole file or of its footer summary alone.
 
-A record (``record/3``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
-schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/3`` says what the
+A record (``record/4``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
+schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/4`` says what the
 file is, and ``cifarbench.summary`` is a compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables
 are made of, with the columns' values (null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its
 first line only; NaN as Python's json writes it; no curves). The summary is the footer index: reading a footer
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from cifarbench.store import atomic
 from cifarbench.store.layout import Layout
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 SCHEMA_KEY = b"cifarbench.schema"
 SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
 SUMMARY_KEY = b"cifarbench.summary"
@@ -43,7 +43,7 @@ _COLUMNS = [
     (
         "record_version",
         pa.int32(),
-        "The record schema's version (3: `record/3`); files of versions 1 and 2 are read with the columns they lack "
+        "The record schema's version (4: `record/4`); files of versions 1 to 3 are read with the columns they lack "
         "filled in.",
     ),
     (
@@ -344,13 +344,33 @@ SUMMARY_FIELDS = (
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
 # SCHEMA without these columns, and a summary without these keys (nor those OLDER_SUMMARY names); a reader fills
 # them in.
-_SINCE_3 = {"test_seconds": None, "time_limit_s": None, "estimated_s": None, "estimate_source": None}
+# record/4: protocols (warm-up, iterations, a validation split), the data's identity and size, packing, fusion.
+# Before it, every run counted epochs, warmed up for no step, held nothing out and trained alone.
+_SINCE_4 = {
+    "milestone_unit": "epochs",
+    "iterations": None,
+    "warmup_iterations": 0,
+    "warmup_lr": None,
+    "warmup_mode": None,
+    "data_fingerprint": None,
+    "val_split": 0,
+    "train_images": None,
+    "val_images": 0,
+    "test_images": None,
+    "val_loss": None,
+    "val_acc": None,
+    "best_val_acc": None,
+    "best_val_epoch": None,
+    "test_acc_at_best_val": None,
+}
+_SINCE_3 = {"test_seconds": None, "time_limit_s": None, "estimated_s": None, "estimate_source": None, **_SINCE_4}
 OLDER = {
     1: {"compile": None, "compile_fallback": None, **_SINCE_3},  # before torch.compile: every run trained eagerly
     2: _SINCE_3,
+    3: _SINCE_4,
 }
 # Columns an older record has, but not in its summary: a summary-only reader sees them as null.
-OLDER_SUMMARY: dict[int, dict] = {1: {"device_name": None}, 2: {"device_name": None}}
+OLDER_SUMMARY: dict[int, dict] = {1: {"device_name": None}, 2: {"device_name": None}, 3: {}}
 _VERSIONS = {f"record/{v}".encode(): v for v in (*OLDER, RECORD_VERSION)}  # schema tag -> version
 READABLE_TAGS = tuple(tag.decode() for tag in _VERSIONS)
 
