@@ -302,6 +302,33 @@ def test_a_requeued_packed_task_resumes_both_runs(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster")
+def test_the_time_limit_signal_stops_the_workers_and_requeues_the_packed_task(tmp_path):
+    # a 2-minute limit with the signal 60 s ahead (submit.SIGNAL_DELAY_S): the first attempt is signalled after
+    # 30-60 s, well before 50 epochs of ~1-2 s each
+    epochs = 50
+    grid, results, specs = _grid(tmp_path, epochs=epochs, seeds=[0, 1])
+    grid.write_text(grid.read_text().replace('"00:10:00"', '"00:02:00"').replace("max_requeues: 3", "max_requeues: 10"))
+    reference = _reference(specs, tmp_path / "alone")
+    try:
+        _submit(grid)
+        _wait("2 completed records", _completed(results, specs), timeout=900)
+    finally:
+        _cancel(results)
+    assert reference.wait(timeout=600) == 0
+    _same_as_alone(results, tmp_path / "alone", specs)
+    entry = _manifests(results)[0]["runs"][0]
+    assert Path(entry["stderr"]).read_text().count("Caught signal SIGUSR2") >= 1
+    log = Path(entry["stdout"]).read_text()
+    for spec in specs:
+        record = _record(results, spec)
+        assert record["attempts"] >= 2 and len(record["test_acc"]) == epochs
+        assert log.count(f"[{spec.run_id}] epoch 1/{epochs} ") == 1
+
+
+@pytest.mark.extended
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster")
 def test_a_killed_worker_fails_alone_and_retry_failed_resubmits_only_it(tmp_path):
     grid, results, specs = _grid(tmp_path, epochs=10, seeds=[0, 1])
     killed, other = specs

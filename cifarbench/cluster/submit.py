@@ -157,7 +157,7 @@ def submit(
             minutes = sum(pack[0].resources.timeout_min for pack in share)
             ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)
             runs = [p for pack in share for p in pack]
-            if all(len(pack) == 1 for pack in share):
+            if all(pack[0].resources.pack == 1 for pack in share):
                 job = ex.submit(RunSequence([p.spec for p in runs], [p.budget for p in runs]))
             else:
                 cpus = max(usable_cores() // n, 1)
@@ -175,7 +175,8 @@ def _task(pack: list[Planned], *, cpus: int | None = None):
     """What one array task runs: a run as before, or a pack of runs trained concurrently."""
     if pack[0].resources.pack == 1:
         return RunJob(pack[0].spec, pack[0].budget)
-    return PackJob([p.spec for p in pack], [p.budget for p in pack], mps=pack[0].resources.mps, cpus=cpus)
+    r = pack[0].resources
+    return PackJob([p.spec for p in pack], [p.budget for p in pack], pack=r.pack, mps=r.mps, cpus=cpus)
 
 
 def _packed(pack: list[Planned], p: Planned) -> dict:

@@ -40,9 +40,10 @@ from pathlib import Path
 
 import submitit
 
-from cifarbench.config.resources import Budget, Packing
+from cifarbench.config.resources import STOPPED, Budget, Packing
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
+from cifarbench.store import records
 from cifarbench.store.layout import Layout
 from cifarbench.system import local_gpus, usable_cores
 from cifarbench.train.job import completed_record
@@ -117,9 +118,20 @@ def _relay(stream, out, run_id: str) -> None:
 class PackJob(submitit.helpers.Checkpointable):
     """The submitit callable of one packed array task: its runs, trained concurrently in one allocation."""
 
-    def __init__(self, specs: list[RunSpec], budgets: list[Budget], *, mps: str = "auto", cpus: int | None = None):
+    def __init__(
+        self,
+        specs: list[RunSpec],
+        budgets: list[Budget],
+        *,
+        pack: int | None = None,
+        mps: str = "auto",
+        cpus: int | None = None,
+    ):
         self.specs = list(specs)
         self.budgets = list(budgets)
+        # The CPUs are split in `pack` shares however many runs are left to train (a smaller last pack, a retry,
+        # runs already completed): a run's thread count, and so its numbers, never depend on its company.
+        self.pack = pack or len(self.specs)
         self.mps = mps
         self.cpus = cpus  # None: the job's (job_cpus); local execution gives each device's share
         self._workers: list[_Worker] = []
@@ -151,12 +163,12 @@ class PackJob(submitit.helpers.Checkpointable):
 
     def _start(self, packing: Packing, env: dict[str, str]) -> None:
         self._packing = packing
-        todo = [(s, b) for s, b in zip(self.specs, self.budgets) if not completed_record(s)]
+        todo = [(s, b) for s, b in zip(self.specs, self.budgets) if not completed_record(s) and not _failed_here(s)]
         if not todo:
             return
-        threads, cores = shares(len(todo), self.cpus or job_cpus(), allowed_cores())
+        threads, cores = shares(max(self.pack, len(todo)), self.cpus or job_cpus(), allowed_cores())
         print(
-            f"packed job: {plural(len(todo), 'run')} to train ({len(self.specs) - len(todo)} already completed), "
+            f"packed job: {plural(len(todo), 'run')} to train ({len(self.specs) - len(todo)} completed or failed), "
             f"{threads} threads each" + (f", GPU shared with MPS {packing.mps}" if packing.mps else ""),
             flush=True,
         )
@@ -231,7 +243,7 @@ class PackJob(submitit.helpers.Checkpointable):
         left += [(s, b) for s, b in zip(self.specs, self.budgets) if s.run_id not in started]
         if not left:
             return None  # every run ended: nothing to requeue
-        job = PackJob([s for s, _ in left], [b for _, b in left], mps=self.mps, cpus=self.cpus)
+        job = PackJob([s for s, _ in left], [b for _, b in left], pack=self.pack, mps=self.mps, cpus=self.cpus)
         return submitit.helpers.DelayedSubmission(job)
 
 
@@ -254,6 +266,20 @@ class PackSequence(submitit.helpers.Checkpointable):
         if errors:
             raise RuntimeError("; ".join(errors))
         return paths
+
+
+def _failed_here(spec: RunSpec) -> bool:
+    """Whether the run failed in an earlier attempt of this very array task (``scontrol requeue`` starts the
+    task's first callable again): it waits for ``submit --retry-failed`` rather than running again here."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    record = records.read_record(Layout(spec.results).record(spec.run_id))
+    return bool(
+        job
+        and record
+        and record["status"] == "failed"
+        and not (record["error"] or "").startswith(STOPPED)
+        and (record["slurm_job_id"], record["slurm_array_task_id"]) == (job, os.environ.get("SLURM_ARRAY_TASK_ID"))
+    )
 
 
 def allowed_cores() -> list[int]:
