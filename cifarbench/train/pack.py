@@ -126,9 +126,11 @@ class PackJob(submitit.helpers.Checkpointable):
         pack: int | None = None,
         mps: str = "auto",
         cpus: int | None = None,
+        members: tuple[str, ...] | None = None,
     ):
         self.specs = list(specs)
         self.budgets = list(budgets)
+        self.members = members or tuple(s.run_id for s in self.specs)  # the task's runs, for the records
         # The CPUs are split in `pack` shares however many runs are left to train (a smaller last pack, a retry,
         # runs already completed): a run's thread count, and so its numbers, never depend on its company.
         self.pack = pack or len(self.specs)
@@ -146,7 +148,7 @@ class PackJob(submitit.helpers.Checkpointable):
     def __call__(self) -> list[str]:
         with tempfile.TemporaryDirectory(prefix="cifarbench-pack-") as tmp, mps_server(self.mps, Path(tmp)) as mps:
             label, env = mps
-            self._start(Packing(runs=tuple(s.run_id for s in self.specs), mps=label), env)
+            self._start(Packing(runs=self.members, mps=label), env)
             try:
                 while any(w.outcome is None for w in self._workers):
                     for worker in self._workers:
@@ -196,18 +198,18 @@ class PackJob(submitit.helpers.Checkpointable):
                 worker.readers.append(reader)
             self._workers.append(worker)
 
-    def _ended(self, worker: _Worker) -> None:
+    def _ended(self, worker: _Worker, *, stopping: bool = False) -> None:
         code = worker.proc.wait()
         for reader in worker.readers:
             reader.join(timeout=10)
         run_id = worker.spec.run_id
         if code == 0:
             worker.outcome = "completed"
-        elif code == EXIT_STOPPED:
+        elif code == EXIT_STOPPED or stopping:  # stopping: one that outlived STOP_WAIT_S was killed, not failed
             worker.outcome = "stopped"
         else:
             worker.outcome = "failed"
-        if code < 0:  # killed by a signal: nothing in the worker could write its record
+        if worker.outcome == "failed" and code < 0:  # killed by a signal: nothing in it could write its record
             name = signal.Signals(-code).name
             print(f"[{run_id}] its process was killed by {name}; the other runs go on", file=sys.stderr, flush=True)
             from cifarbench.train.fit import record_death
@@ -232,7 +234,7 @@ class PackJob(submitit.helpers.Checkpointable):
                 worker.proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 worker.proc.kill()
-            self._ended(worker)
+            self._ended(worker, stopping=True)
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:  # type: ignore[override]
         """Called by submitit on SLURM's USR2 (time limit, preemption): stop the workers, then requeue the runs
@@ -243,7 +245,8 @@ class PackJob(submitit.helpers.Checkpointable):
         left += [(s, b) for s, b in zip(self.specs, self.budgets) if s.run_id not in started]
         if not left:
             return None  # every run ended: nothing to requeue
-        job = PackJob([s for s, _ in left], [b for _, b in left], pack=self.pack, mps=self.mps, cpus=self.cpus)
+        specs, budgets = [s for s, _ in left], [b for _, b in left]
+        job = PackJob(specs, budgets, pack=self.pack, mps=self.mps, cpus=self.cpus, members=self.members)
         return submitit.helpers.DelayedSubmission(job)
 
 
