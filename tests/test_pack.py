@@ -302,27 +302,31 @@ def test_a_requeued_packed_task_resumes_both_runs(tmp_path):
 @pytest.mark.slurm
 @pytest.mark.slow
 @pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster")
-def test_the_time_limit_signal_stops_the_workers_and_requeues_the_packed_task(tmp_path):
-    # a 2-minute limit with the signal 60 s ahead (submit.SIGNAL_DELAY_S): the first attempt is signalled after
-    # 30-60 s, well before 50 epochs of ~1-2 s each
-    epochs = 50
+def test_the_preemption_signal_stops_the_workers_and_requeues_the_packed_task(tmp_path):
+    # USR2 is what SLURM sends ahead of a time limit or a preemption (--signal=USR2@60); sent by hand it comes
+    # once both runs have a checkpoint, whatever the machine's speed
+    epochs = 12
     grid, results, specs = _grid(tmp_path, epochs=epochs, seeds=[0, 1])
-    grid.write_text(grid.read_text().replace('"00:10:00"', '"00:02:00"').replace("max_requeues: 3", "max_requeues: 10"))
     reference = _reference(specs, tmp_path / "alone")
     try:
         _submit(grid)
-        _wait("2 completed records", _completed(results, specs), timeout=900)
+        entry = _manifests(results)[0]["runs"][0]
+        _wait("both runs training with a checkpoint", _training(results, specs, entry["job_id"]), timeout=300)
+        subprocess.run(["scancel", "--signal=USR2", entry["job_id"]], check=True, timeout=60)
+        _wait("2 completed records", _completed(results, specs), timeout=600)
     finally:
         _cancel(results)
-    assert reference.wait(timeout=600) == 0
+    assert reference.wait(timeout=300) == 0
     _same_as_alone(results, tmp_path / "alone", specs)
-    entry = _manifests(results)[0]["runs"][0]
-    assert Path(entry["stderr"]).read_text().count("Caught signal SIGUSR2") >= 1
+    err = Path(entry["stderr"]).read_text()
+    assert "Caught signal SIGUSR2" in err and "Requeued job" in Path(entry["stdout"]).read_text() + err
     log = Path(entry["stdout"]).read_text()
     for spec in specs:
         record = _record(results, spec)
         assert record["attempts"] >= 2 and len(record["test_acc"]) == epochs
+        assert record["packed_with"] == [s.run_id for s in specs if s is not spec]
         assert log.count(f"[{spec.run_id}] epoch 1/{epochs} ") == 1
+        assert f"[{spec.run_id}] stopped by its job (SIGTERM)" in err
 
 
 @pytest.mark.extended
