@@ -11,7 +11,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import multiprocessing
 import os
+import queue
+import resource
 import socket
 import statistics
 import tempfile
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from cifarbench.config.spec import DATASETS, RunSpec, get_recipe
+from cifarbench.errors import plural
 from cifarbench.store import records
 from cifarbench.store.layout import Layout
 from cifarbench.system import usable_cores
@@ -34,6 +38,7 @@ from cifarbench.train import data
 from cifarbench.train import fit as fitting
 from cifarbench.train.fit import FastPath
 from cifarbench.train.models import get_resnet, init_weights
+from cifarbench.train.pack import allowed_cores, mps_server, shares
 
 BENCH_TAG = b"bench/2"
 _str, _int = pa.string(), pa.int32()
@@ -65,6 +70,11 @@ SCHEMA = pa.schema(
         ("cpu_cores", _int),
         ("torch_threads", _int),
         ("load_avg", pa.float64()),  # 1-minute load average at the end, ours included
+        # what: pack. images_per_s is the aggregate of `pack` concurrent runs; ratio: over one run alone
+        ("pack", _int),
+        ("per_run_images_per_s", pa.float64()),  # the median run's own images/s
+        ("slowdown", pa.float64()),  # one run alone's images/s over the median packed run's
+        ("peak_memory_mb", pa.float64()),  # summed over the runs; the note says which memory
         ("created_at", pa.timestamp("us", tz="UTC")),
     ],
     metadata={records.SCHEMA_KEY: BENCH_TAG},
@@ -531,11 +541,173 @@ def bench_train(
     )
 
 
+def _packed_run(task: dict, barrier, out) -> None:
+    """One of the concurrent runs of ``bench_pack``, in a process of its own: warm up, wait for the others, then
+    time ``steps`` fast-path training steps."""
+    torch.set_num_threads(task["threads"])
+    if task["cores"]:
+        os.sched_setaffinity(0, task["cores"])
+    device = torch.device(task["device"])
+    fast = FastPath.for_device(device, task["precision"])
+    if device.type == "cuda":  # as a run sets them
+        torch.backends.cudnn.benchmark = fast.cudnn_benchmark
+        torch.set_float32_matmul_precision("high")
+    loader, _ = data.make_loaders(
+        dataset=task["dataset"],
+        root=task["root"],
+        loader="device",
+        batch_size=task["batch_size"],
+        seed=task["index"],
+        device=device,
+        memory_format=fast.memory_format,
+    )
+    classes = DATASETS[task["dataset"]].num_classes
+    net, opt = _model_and_optimiser(
+        task["model"], classes, device, channels_last=fast.channels_last, fused=fast.fused_sgd
+    )
+    step, batches = _step(net, opt, fast.precision, device), _batches(loader)
+    for _ in range(task["warmup"]):
+        step(*next(batches))
+    _sync(device)
+    barrier.wait()
+    start, images = time.monotonic(), 0
+    for _ in range(task["steps"]):
+        x, y = next(batches)
+        step(x, y)
+        images += len(y)
+    _sync(device)
+    end = time.monotonic()
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device), "device memory allocated by torch"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "resident memory (RSS)"
+    out.put({"start": start, "end": end, "images": images, "peak": peak, "kind": kind, "precision": fast.precision})
+
+
+def _gather(procs: list, out) -> list[dict]:
+    """Each run's figures; a run whose process died stops the others (they would wait for it forever)."""
+    runs: list[dict] = []
+    try:
+        while len(runs) < len(procs):
+            try:
+                runs.append(out.get(timeout=5))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"a run of the packing benchmark died (exit {dead[0]})") from None
+    finally:
+        for proc in procs:
+            if len(runs) < len(procs):
+                proc.terminate()
+            proc.join()
+    return runs
+
+
+def bench_pack(
+    *,
+    model: str,
+    dataset: str,
+    root: str | Path,
+    batch_size: int,
+    device: torch.device,
+    packs: list[int],
+    precision: str = "auto",
+    mps: str = "auto",
+    steps: int = 20,
+    warmup: int = 5,
+    repeats: int = 3,
+) -> list[dict]:
+    """Aggregate training images/s of K fast-path runs at once on ``device``, each in a process of its own as a
+    packed job trains them (on a CPU each with its share of the cores), against one run alone (K = 1, always
+    measured): all runs warm up, then start their ``steps * repeats`` timed steps together; the aggregate is all
+    their images over the time from the first start to the last end. Also each run's own images/s (the median
+    run's), its slowdown against the run alone, and the peak memory of the runs together."""
+    packs = sorted({1, *packs})
+    spawn = multiprocessing.get_context("spawn")  # a CUDA context does not survive fork
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cifarbench-bench-pack-") as tmp, mps_server(mps, Path(tmp)) as shared:
+        label, env = shared
+        os.environ.update(env)  # the spawned runs are clients of the MPS server
+        for k in packs:
+            threads, cores = shares(k, usable_cores(), allowed_cores())
+            barrier, out = spawn.Barrier(k), spawn.Queue()
+            common = dict(model=model, dataset=dataset, root=str(root), batch_size=batch_size, precision=precision)
+            procs = [
+                spawn.Process(
+                    target=_packed_run,
+                    args=(
+                        {
+                            **common,
+                            "device": str(device),
+                            "index": i,
+                            "threads": threads,
+                            "cores": cores[i] if cores else None,
+                            "warmup": warmup,
+                            "steps": steps * repeats,
+                        },
+                        barrier,
+                        out,
+                    ),
+                )
+                for i in range(k)
+            ]
+            for proc in procs:
+                proc.start()
+            runs = _gather(procs, out)
+            rates = [r["images"] / (r["end"] - r["start"]) for r in runs]
+            aggregate = sum(r["images"] for r in runs) / (max(r["end"] for r in runs) - min(r["start"] for r in runs))
+            rows.append(
+                {
+                    "variant": f"{plural(k, 'run')} at once" + (f", MPS {label}" if label and k > 1 else ""),
+                    "baseline": k == 1,
+                    "pack": k,
+                    "loader": "device",
+                    "workers": 0,
+                    "precision": runs[0]["precision"],
+                    "images_per_s": aggregate,
+                    "per_run_images_per_s": statistics.median(rates),
+                    "peak_memory_mb": sum(r["peak"] for r in runs) / 2**20,
+                    "torch_threads": threads,
+                    "note": f"{threads} threads per run; peak: {runs[0]['kind']}, summed over the runs",
+                }
+            )
+    alone = rows[0]["per_run_images_per_s"]
+    for row in rows:
+        row["slowdown"] = alone / row["per_run_images_per_s"]
+    finished = _finish(
+        rows,
+        device=device,
+        what="pack",
+        model=model,
+        dataset=dataset,
+        batch_size=batch_size,
+        steps=steps,
+        warmup=warmup,
+        repeats=repeats,
+    )
+    return [{**r, "torch_threads": row["torch_threads"]} for r, row in zip(finished, rows)]
+
+
 def write_rows(rows: list[dict], results: str | Path) -> Path:
     host = socket.gethostname()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     table = pa.Table.from_pylist([{name: row.get(name) for name in SCHEMA.names} for row in rows], schema=SCHEMA)
     return records.write_table(table, Layout(results).bench / f"{stamp}-{host}.parquet")
+
+
+def render_pack(rows: list[dict]) -> str:
+    """A plain-text table of ``bench_pack``'s rows."""
+    lines = [
+        f"{'runs at once':>12} {'images/s':>10} {'x one run':>9} {'per run':>9} {'slowdown':>8} {'peak MB':>9}"
+        "  device / torch, threads per run"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['pack']:>12} {r['images_per_s']:>10,.0f} {r['ratio']:>9.2f} {r['per_run_images_per_s']:>9,.0f} "
+            f"{r['slowdown']:>8.2f} {r['peak_memory_mb']:>9,.0f}  {r['device']} / {r['torch_version']}, "
+            f"{r['torch_threads']}" + (f"  ({r['variant']})" if "MPS" in r["variant"] else "")
+        )
+    return "\n".join(lines + [f"peak: {rows[0]['note'].partition('peak: ')[2]}"])
 
 
 def render(rows: list[dict]) -> str:

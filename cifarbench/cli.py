@@ -10,6 +10,7 @@ import json
 import sys
 
 from cifarbench.config.extras import missing_logger
+from cifarbench.config.resources import MPS_MODES
 from cifarbench.config.spec import (
     ARCHS,
     COMPILE_MODES,
@@ -243,6 +244,11 @@ def _cmd_bench(args) -> int:
     timing = {key: getattr(args, key) for key in ("steps", "warmup", "repeats") if getattr(args, key) is not None}
     common = dict(dataset=args.dataset, root=args.data_root, batch_size=args.batch_size, device=device, **timing)
     rows = []
+    if args.what == "pack":
+        rows = bench.bench_pack(model=args.model, packs=args.pack, precision=args.precision, mps=args.mps, **common)
+        print(bench.render_pack(rows))
+        print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
+        return 0
     if args.what in ("pipeline", "all"):
         rows += bench.bench_pipeline(**common)
     if args.what in ("train", "all"):
@@ -271,6 +277,11 @@ def _int_at_least(lo: int):
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers >= 1."""
+    return [_positive_int(part.strip()) for part in text.split(",")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,7 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")
-    p.add_argument("--what", choices=["pipeline", "train", "all"], default="all")
+    p.add_argument(
+        "--what",
+        choices=["pipeline", "train", "all", "pack"],
+        default="all",
+        help="all: pipeline and train; pack: K runs at once on the device against one alone (--pack)",
+    )
+    p.add_argument(
+        "--pack",
+        type=_int_list,
+        default=[1, 2, 4, 8],
+        help="with --what pack: how many runs at once, e.g. 1,2,4,8 (one run alone is always measured)",
+    )
+    p.add_argument(
+        "--mps",
+        choices=MPS_MODES,
+        default="auto",
+        help="with --what pack on a GPU: share it through a CUDA MPS server (auto: where one can be started)",
+    )
     p.add_argument("--model", default="resnet56", help="a model name (`cifarbench models`)")
     p.add_argument(
         "--dataset",

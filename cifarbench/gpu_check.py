@@ -8,7 +8,8 @@ leaves the others standing:
   torch.compile (default and reduce-overhead), projected minutes of a 200-epoch run;
 - ``fit``: three 3-epoch runs through ``cifarbench run`` (the code a job runs): the fast path, the torchvision
   baseline loader (does the fast path keep the accuracy?) and the fast path compiled with CUDA graphs;
-- ``pack``: the packing and fusion benchmarks, reported as not implemented until ``bench`` offers them;
+- ``pack``: ``cifarbench bench --what pack`` (1, 2, 4 and 8 resnet20 runs at once on the device against one alone;
+  1 and 2 in --smoke); fusion is reported as not implemented until ``bench`` offers it;
 - ``grid``: a 5-run grid through ``cifarbench submit --executor local --wait`` and ``cifarbench collect``.
 
 Everything lands directly in OUT_DIR, in four files (the GPU machine returns one folder of at most 8 files):
@@ -100,7 +101,7 @@ GPU = Size(
     compile=True,
     grid_train_size=1000,
     grid_test_size=200,
-    budgets={"levers": 215, "fit": 165, "pack": 10, "grid": 75},
+    budgets={"levers": 185, "fit": 150, "pack": 70, "grid": 75},
 )
 SMOKE = Size(  # two batches an epoch: on a busy 2-core CPU resnet20 trains at a few dozen images/s
     model="resnet20",
@@ -110,7 +111,7 @@ SMOKE = Size(  # two batches an epoch: on a busy 2-core CPU resnet20 trains at a
     compile=False,
     grid_train_size=128,
     grid_test_size=64,
-    budgets={"levers": 160, "fit": 160, "pack": 10, "grid": 150},
+    budgets={"levers": 145, "fit": 145, "pack": 70, "grid": 120},
 )
 
 
@@ -349,6 +350,11 @@ def _fit_row(label: str, step: Step, record: dict | None, size: Size) -> dict:
     return row
 
 
+PACKS = {"gpu": "1,2,4,8", "smoke": "1,2"}  # runs at once, part pack
+PACK_GOAL = 3.0  # aggregate images/s of packed runs over one run alone, on a GPU
+NO_FUSION = "Fusion: not implemented yet (bench --what offers no fuse)."
+
+
 def part_pack(check: Check, part: Part) -> None:
     step = check.step(part, "bench --help", ["bench", "--help"])
     if step.status != "ok":
@@ -358,15 +364,50 @@ def part_pack(check: Check, part: Part) -> None:
         part.problems.append("bench --help shows no --what {...} choices to look for pack and fuse in")
         return
     choices = found.group(1).split(",")
-    offered = [c for c in choices if c.startswith(("pack", "fuse"))]
-    if offered:
+    unknown = [c for c in choices if c.startswith("fuse")]
+    if unknown:
         part.problems.append(
-            f"bench --what offers {', '.join(offered)}, which this check does not run yet: add it to "
+            f"bench --what offers {', '.join(unknown)}, which this check does not run yet: add it to "
             "cifarbench/gpu_check.py"
         )
+    if "pack" not in choices:
+        if not unknown:
+            part.status = "skipped"
+            part.note = f"not implemented yet: bench --what offers {', '.join(choices)}, no pack or fuse"
         return
-    part.status = "skipped"
-    part.note = f"not implemented yet: bench --what offers {', '.join(choices)}, no pack or fuse"
+    size = check.size
+    if not check.dataset(part, "synthetic10", size.grid_train_size, size.grid_test_size):
+        return
+    packs = PACKS["smoke" if size is SMOKE else "gpu"]
+    results = check.work / "bench-pack"
+    args = ["bench", "--what", "pack", "--pack", packs, "--model", "resnet20", "--dataset", "synthetic10"]
+    args += ["--batch-size", str(BATCH_SIZE), "--data-root", str(check.data), *size.bench_timing]
+    check.step(part, "bench pack", [*args, "--results", str(results)])
+    for path in sorted(Layout(results).bench.glob("*.parquet")):
+        part.rows += pq.read_table(path).to_pylist()
+    if not unknown:
+        part.sections.append(NO_FUSION)
+    if part.rows:
+        first = part.rows[0]
+        part.sections.append(
+            f"`cifarbench bench --what pack --pack {packs}`: resnet20, batch {BATCH_SIZE}, on {first['device']} "
+            f"(torch {first['torch_version']}); 1-minute load average at the end {_cell(first['load_avg'], '.2f')}. "
+            "images/s: all runs together; `x one run`: over one run alone; `slowdown`: one run alone's images/s "
+            f"over each packed run's (median); peak: {first['note'].partition('peak: ')[2]}.\n\n"
+            + markdown_table(
+                part.rows,
+                [
+                    ("pack", "runs at once", ""),
+                    ("variant", "variant", ""),
+                    ("images_per_s", "images/s", ",.0f"),
+                    ("ratio", "x one run", ".2f"),
+                    ("per_run_images_per_s", "per run", ",.0f"),
+                    ("slowdown", "slowdown", ".2f"),
+                    ("peak_memory_mb", "peak MB", ",.0f"),
+                    ("torch_threads", "threads", ""),
+                ],
+            )
+        )
 
 
 def installed(module: str) -> bool:
@@ -702,7 +743,23 @@ def verdicts(parts: dict[str, Part], env: dict) -> list[tuple[str, str, str]]:
         )
 
     pack = parts["pack"]
-    out.append(("packing and fusion benchmarks", "not measured", f"part pack: {pack.state}: {pack.note}"))
+    goal = f"{PACK_GOAL:g}x the aggregate training images/s with runs packed onto one GPU (resnet20, batch 64)"
+    measured = [r for r in pack.rows if r.get("ratio") is not None]
+    top = max(measured, key=lambda r: r["ratio"]) if measured else None
+    if top is None or top["pack"] == 1:
+        out.append((goal, "not measured", f"part pack: {pack.state}" + (f": {pack.note}" if pack.note else "")))
+    else:
+        out.append(
+            (
+                goal,
+                "met" if top["ratio"] >= PACK_GOAL and gpu else "not met",
+                f"{top['ratio']:.2f}x with {top['pack']} runs at once ({top['variant']}): "
+                f"{top['images_per_s']:,.0f} vs {pack.rows[0]['images_per_s']:,.0f} images/s, each run "
+                f"{top['slowdown']:.2f}x slower, on {top['device']}" + where,
+            )
+        )
+    fusion = NO_FUSION if NO_FUSION in pack.sections else f"part pack: {pack.state}: {pack.note}"
+    out.append(("fusion benchmark", "not measured", fusion))
     return out
 
 
@@ -776,7 +833,7 @@ def table(parts: dict[str, Part]) -> pa.Table:
         | {"budget_s": p.budget_s, "note": p.note}
         for p in parts.values()
     ]
-    kinds = {"levers": "bench", "fit": "fit", "grid": "grid"}
+    kinds = {"levers": "bench", "fit": "fit", "pack": "bench", "grid": "grid"}
     rows += [{"part": p.name, "table": kinds[p.name], **row} for p in parts.values() for row in p.rows]
     names = list(dict.fromkeys(key for row in rows for key in row))
     columns = {}

@@ -1,13 +1,14 @@
 """Chaos run on the local SLURM cluster: faults while a grid trains, then check that nothing was lost.
 
-    python scripts/chaos.py [--workdir DIR] [--runs 24] [--faults 12] [--seconds 300] [--json]
+    python scripts/chaos.py [--workdir DIR] [--runs 24] [--faults 12] [--seconds 300] [--pack K] [--json]
 
-A grid of short deterministic CPU runs on synthetic data is submitted; meanwhile a driver repeatedly picks a
-random running array task and requeues it (scontrol requeue), cancels it (scancel) or SIGKILLs its training
-process, and a second submission of the same grid is made concurrently. Afterwards failed, cancelled and lost runs
-are resubmitted with --retry-failed until every run has ended. Checks: every run has exactly one readable,
-completed record; its final metrics equal those of the same run trained uninterrupted (computed in a separate
-process with the same thread count); `status` accounts for every run. The driver is bounded in faults and time.
+A grid of short deterministic CPU runs on synthetic data is submitted (with --pack K, K runs to an array task);
+meanwhile a driver repeatedly picks a random running array task and requeues it (scontrol requeue), cancels it
+(scancel) or SIGKILLs its training process (in a packed task, one run's worker process), and a second submission
+of the same grid is made concurrently. Afterwards failed, cancelled and lost runs are resubmitted with
+--retry-failed until every run has ended. Checks: every run has exactly one readable, completed record; its final
+metrics equal those of the same run trained uninterrupted (computed in a separate process with the same thread
+count); `status` accounts for every run. The driver is bounded in faults and time.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ precision: 32-true
 deterministic: true
 root: {root}
 results: {results}
+pack: {pack}
 slurm:
   gpus_per_node: 0
-  cpus_per_task: 1
+  cpus_per_task: {pack}
   time: "00:10:00"
   array_parallelism: 2
   max_requeues: 5
@@ -64,20 +66,24 @@ def running_tasks(array_ids: set[str]) -> list[str]:
 
 
 def training_pid(task: str) -> int | None:
-    """The python process of an array task ("12_3"), found by its SLURM environment."""
+    """The python process that trains a run of an array task ("12_3"), found by its SLURM environment: a packed
+    task's first run's worker, else the job process itself."""
     job, _, index = task.partition("_")
+    found: dict[bytes, int] = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if b"submitit.core._submit" not in (proc / "cmdline").read_bytes():
+            cmdline = (proc / "cmdline").read_bytes()
+            kind = next((k for k in (b"cifarbench.train.pack", b"submitit.core._submit") if k in cmdline), None)
+            if kind is None:
                 continue
             env = dict(kv.split(b"=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
         except OSError:
             continue
         if env.get(b"SLURM_ARRAY_JOB_ID") == job.encode() and env.get(b"SLURM_ARRAY_TASK_ID") == index.encode():
-            return int(proc.name)
-    return None
+            found.setdefault(kind, int(proc.name))
+    return found.get(b"cifarbench.train.pack", found.get(b"submitit.core._submit"))
 
 
 def inject(task: str, kind: str) -> bool:
@@ -98,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=24, help="even: two batch sizes x runs/2 seeds")
     p.add_argument("--faults", type=int, default=12)
     p.add_argument("--seconds", type=float, default=600, help="overall bound")
+    p.add_argument("--pack", type=int, default=1, help="runs per array task, each task with a CPU per run")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     start = time.monotonic()
@@ -106,10 +113,10 @@ def main(argv=None) -> int:
     root, results = work / "data", work / "results"
     data.write_synthetic("synthetic10", root, train_size=256, test_size=100)
     grid_path = work / "grid.yaml"
-    grid_path.write_text(GRID.format(seeds=list(range(args.runs // 2)), root=root, results=results))
+    grid_path.write_text(GRID.format(seeds=list(range(args.runs // 2)), root=root, results=results, pack=args.pack))
     specs = list(load_grid(grid_path, fingerprint=fingerprint).specs)
 
-    # The uninterrupted reference, in its own process, one thread like the jobs (cpus_per_task: 1).
+    # The uninterrupted reference, in its own process, one thread like the jobs (a CPU per run).
     ref_results = work / "reference"
     reference = subprocess.Popen(
         [

@@ -199,3 +199,33 @@ def test_bench_command_rejects_a_bad_model_or_precision_before_measuring(synthet
         assert main(args + ["--precision", "16-mixed"]) == 2
         assert "16-mixed needs a GPU" in capsys.readouterr().err
     assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.parametrize("packs", ["0", "-1", "two", "1,,2"])
+def test_bench_pack_rejects_a_bad_pack_list_before_measuring(synthetic_root, tmp_path, capsys, packs):
+    args = ["bench", "--what", "pack", "--pack", packs, "--dataset", "synthetic10", "--data-root", str(synthetic_root)]
+    assert main(args + ["--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --pack: must be an integer >= 1" in err
+    assert not (tmp_path / "bench").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.extended
+def test_bench_pack_measures_runs_at_once_against_one_alone(synthetic_root, tmp_path, capsys):
+    args = ["bench", "--what", "pack", "--pack", "2", "--model", "resnet20", "--dataset", "synthetic10"]
+    args += ["--data-root", str(synthetic_root), "--batch-size", "32", "--steps", "2", "--warmup", "1"]
+    assert main(args + ["--repeats", "1", "--results", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == "peak: resident memory (RSS), summed over the runs"
+    (path,) = (tmp_path / "bench").glob("*.parquet")
+    rows = pq.read_table(path).to_pylist()
+    assert [(r["what"], r["pack"], r["baseline"]) for r in rows] == [("pack", 1, True), ("pack", 2, False)]
+    alone, packed = rows
+    assert alone["ratio"] == pytest.approx(1.0) and alone["slowdown"] == pytest.approx(1.0)
+    assert packed["ratio"] == pytest.approx(packed["images_per_s"] / alone["images_per_s"])
+    assert packed["slowdown"] == pytest.approx(alone["per_run_images_per_s"] / packed["per_run_images_per_s"])
+    threads = max(usable_cores() // 2, 1)
+    assert (alone["torch_threads"], packed["torch_threads"]) == (usable_cores(), threads)
+    assert all(r["peak_memory_mb"] > 0 and r["images_per_s"] > 0 for r in rows)
+    assert packed["peak_memory_mb"] > alone["peak_memory_mb"]  # two processes' memory, summed

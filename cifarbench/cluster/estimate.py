@@ -198,6 +198,9 @@ def plan_times(
     for spec in specs:
         r = resources[spec.run_id]
         est = estimate(spec, r, records, bench)
+        if r.pack > 1:  # no gain assumed: each of K runs at once as slow as K runs one after another
+            epochs_s = (est.seconds - START_S) * r.pack
+            est = replace(est, seconds=START_S + epochs_s, detail=f"{est.detail}; x{r.pack}, packed {r.pack} per task")
         capped, auto = False, r.time == AUTO
         if auto:
             seconds, capped = time_limit(est.seconds, r.time_margin, (max_time or {}).get(r.partition))

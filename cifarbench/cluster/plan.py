@@ -55,11 +55,18 @@ def groups(planned: list[Planned]) -> dict[Resources, list[Planned]]:
     return out
 
 
+def packs(members: list[Planned]) -> list[list[Planned]]:
+    """Pure: the runs of one group of equal resources, ``pack`` at a time (the last pack may be smaller): one
+    array task each."""
+    return chunks(members, members[0].resources.pack)
+
+
 def _hours(planned: list[Planned], seconds) -> tuple[float, str]:
-    """Device-hours of ``planned`` (all of one group): GPU-hours, or CPU core-hours where no GPU is asked for."""
+    """Device-hours of ``planned`` (all of one group): GPU-hours, or CPU core-hours where no GPU is asked for. A
+    packed task's runs share its allocation: each counts for its share."""
     r = planned[0].resources
     per = r.gpus_per_node or r.cpus_per_task
-    return sum(seconds(p) for p in planned) * per / 3600, "GPU-h" if r.gpus_per_node else "CPU-core-h"
+    return sum(seconds(p) for p in planned) * per / r.pack / 3600, "GPU-h" if r.gpus_per_node else "CPU-core-h"
 
 
 def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
@@ -77,12 +84,14 @@ def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
             sources[p.estimate.source] = sources.get(p.estimate.source, 0) + 1
         mem = f"{r.mem_gb:g} GB" if r.mem_gb is not None else "default memory"
         auto = " (auto)" if members[0].auto else ""
-        n_arrays = -(-len(members) // max_array_size)
+        tasks = len(packs(members))
+        n_arrays = -(-tasks // max_array_size)
         arrays += n_arrays
         lines.append(
             f"group {i}: {plural(len(members), 'run')}, {plural(r.gpus_per_node, 'GPU')}, "
             f"{plural(r.cpus_per_task, 'CPU')}, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
             + (f", constraint {r.constraint}" if r.constraint else "")
+            + (f", packed {r.pack} per task: {plural(tasks, 'task')}" if r.pack > 1 else "")
             + f"; {plural(n_arrays, 'array')}; estimated {estimated:.1f} {unit}, reserved "
             f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
@@ -90,6 +99,11 @@ def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
             lines.append(
                 f"  warning: group {i}'s runs are estimated to need more than the partition's MaxTime; they are "
                 f"limited to {r.time} and carried across limits by requeue and resume"
+            )
+        if r.pack > 1 and len(members) % r.pack:
+            lines.append(
+                f"  note: group {i}'s last task packs {plural(len(members) % r.pack, 'run')}, not {r.pack}: "
+                f"{plural(len(members), 'run')} do not divide into packs of {r.pack}"
             )
         for key, value in ((f"estimated {unit}", estimated), (f"reserved {unit}", reserved)):
             totals[key] = totals.get(key, 0.0) + value

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from cifarbench.cluster import queue
+from cifarbench.config.resources import STOPPED
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
 from cifarbench.store import scan
@@ -59,6 +60,13 @@ def classify(
         return "failed" if record else "not submitted"
     submitted = datetime.fromisoformat(entry["submitted_at"])
     fresh_record = record is not None and record["ended_at"] >= submitted
+    if (
+        record is not None
+        and fresh_record
+        and entry.get("packed_with")
+        and not (record["error"] or "").startswith(STOPPED)
+    ):
+        return "failed"  # its packed task goes on with the other runs, and will not run it again
     if entry["executor"] == "local":
         if alive and not fresh_record:
             return "running" if job_state == "RUNNING" else "pending"

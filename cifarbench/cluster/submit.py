@@ -17,14 +17,15 @@ from submitit.core.utils import FailedJobError, JobPaths
 
 from cifarbench.cluster import queue
 from cifarbench.cluster.estimate import Planned
-from cifarbench.cluster.plan import chunks, groups
+from cifarbench.cluster.plan import chunks, groups, packs
 from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import write_manifest
-from cifarbench.system import local_gpus
+from cifarbench.system import local_gpus, usable_cores
 from cifarbench.train.job import RunJob, RunSequence
+from cifarbench.train.pack import PackJob, PackSequence
 
 # SLURM sends USR2 this long before the time limit: enough to finish writing an epoch's checkpoint.
 SIGNAL_DELAY_S = 60
@@ -147,35 +148,62 @@ def submit(
         size = queue.max_array_size()
         for resources, members in groups(planned).items():
             ex = _slurm_executor(resources, layout.slurm_logs)
-            for chunk in chunks(members, size):
-                jobs = _submit_chunk(ex, chunk, results, grid_source, entries)
+            for chunk in chunks(packs(members), size):  # one array task per pack (of one run where pack is 1)
+                jobs = _submit_chunk(ex, [_task(pack) for pack in chunk], results, grid_source, entries)
                 logs = _log_paths(layout.slurm_logs)
                 entries += [
-                    _entry(p.spec, job, i, p, array=True, logs=logs) for i, (p, job) in enumerate(zip(chunk, jobs))
+                    _entry(p.spec, job, i, p, array=True, logs=logs) | _packed(pack, p)
+                    for i, (pack, job) in enumerate(zip(chunk, jobs))
+                    for p in pack
                 ]
     else:
-        # One sequence of runs per device keeps a CPU-only machine to one training run at a time.
+        # One sequence of runs (or of packs) per device keeps a CPU-only machine to one training task at a time.
         ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local")
-        n = min(max(local_gpus(), 1), len(planned))
-        for share in (planned[d::n] for d in range(n)):
-            minutes = sum(p.resources.timeout_min for p in share)
+        tasks = [pack for members in groups(planned).values() for pack in packs(members)]
+        n = min(max(local_gpus(), 1), len(tasks))
+        for share in (tasks[d::n] for d in range(n)):
+            minutes = sum(pack[0].resources.timeout_min for pack in share)
             ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)
-            job = ex.submit(RunSequence([p.spec for p in share], [p.budget for p in share]))
+            runs = [p for pack in share for p in pack]
+            if all(pack[0].resources.pack == 1 for pack in share):
+                job = ex.submit(RunSequence([p.spec for p in runs], [p.budget for p in runs]))
+            else:
+                cpus = max(usable_cores() // n, 1)
+                job = ex.submit(PackSequence([_task(pack, cpus=cpus) for pack in share]))
             logs = _log_paths(layout.local_logs)
-            entries += [_entry(p.spec, job, i, p, array=False, logs=logs) for i, p in enumerate(share)]
+            pack_of = {p.spec.run_id: pack for pack in share for p in pack}
+            entries += [
+                _entry(p.spec, job, i, p, array=False, logs=logs) | _packed(pack_of[p.spec.run_id], p)
+                for i, p in enumerate(runs)
+            ]
     return write_manifest(results, kind, grid_source, entries)
 
 
-def _submit_chunk(ex, chunk: list[Planned], results: Path, grid_source: str | None, entries: list[dict]) -> list:
-    """One sbatch call for ``chunk``. When sbatch refuses, the runs queued before (``entries``) keep their
-    manifest, the files submitit wrote for this chunk (the job script, one pickle per run) are removed, and the
-    error is one line."""
+def _task(pack: list[Planned], *, cpus: int | None = None):
+    """What one array task runs: a run as before, or a pack of runs trained concurrently."""
+    if pack[0].resources.pack == 1:
+        return RunJob(pack[0].spec, pack[0].budget)
+    r = pack[0].resources
+    return PackJob([p.spec for p in pack], [p.budget for p in pack], pack=r.pack, mps=r.mps, cpus=cpus)
+
+
+def _packed(pack: list[Planned], p: Planned) -> dict:
+    """A manifest entry's packing: the runs its task trains beside it."""
+    if p.resources.pack == 1:
+        return {}
+    return {"pack_size": len(pack), "packed_with": [q.spec.run_id for q in pack if q is not p]}
+
+
+def _submit_chunk(ex, chunk: list, results: Path, grid_source: str | None, entries: list[dict]) -> list:
+    """One sbatch call for ``chunk``, the callables of its array tasks. When sbatch refuses, the runs queued
+    before (``entries``) keep their manifest, the files submitit wrote for this chunk (the job script, one pickle
+    per task) are removed, and the error is one line."""
     logs = Layout(results).logs
     before = set(os.listdir(logs)) if logs.is_dir() else None
     try:
         # submitit prints sbatch's complaint before it raises it: the error below says it once, in one line
         with contextlib.redirect_stderr(io.StringIO()), ex.batch():
-            return [ex.submit(RunJob(p.spec, p.budget)) for p in chunk]
+            return [ex.submit(task) for task in chunk]
     except (FailedJobError, OSError) as e:
         with contextlib.suppress(OSError):
             for name in set(os.listdir(logs)) - (before or set()):

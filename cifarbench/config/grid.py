@@ -34,12 +34,18 @@ from cifarbench.config.spec import (
     Recipe,
     RunSpec,
 )
-from cifarbench.errors import GridError, UnknownNameError, check_int, check_name, did_you_mean
+from cifarbench.errors import GridError, UnknownNameError, check_int, check_name, did_you_mean, plural
 
 AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
 # per run: an include entry may override them
 RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile", "val_split")
-GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "logger", "exclude", "include", "slurm", "resources")
+# pack and mps: SLURM fields that may also be written at the top level (and pack in an include entry), since they
+# say how runs train together rather than what a node is asked for
+PACKING_KEYS = ("pack", "mps")
+GRID_KEYS = (
+    *AXES, *RUN_OPTIONS, "root", "verify", "results", "logger", "exclude", "include", "slurm", "resources",
+    *PACKING_KEYS,
+)  # fmt: skip
 # what a resources rule's `match` may name: every field of a run
 MATCH_KEYS = (*AXES.values(), *RUN_OPTIONS)
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
@@ -313,6 +319,7 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
 
     slurm = raw.get("slurm")
     base = _resource_fields({} if slurm is None else slurm, "slurm", {})
+    base.update(_packing_fields(raw, "", base))
     rules = [
         _rule(rule, f"resources[{i}]", check, known, base)
         for i, rule in enumerate(_list(raw, "resources", empty_ok=True))
@@ -329,10 +336,11 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
 
     for i, entry in enumerate(_list(raw, "include", empty_ok=True)):
         where = f"include[{i}]"
-        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm"), where)
+        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm", "pack"), where)
         run = _run_options(entry, f"{where}.", defaults)
-        if "slurm" in entry:
-            own_slurm[id(run)] = _resource_fields(entry["slurm"], f"{where}.slurm", base)
+        if "slurm" in entry or "pack" in entry:
+            own = _resource_fields(entry.get("slurm", {}), f"{where}.slurm", base)
+            own_slurm[id(run)] = own | _packing_fields({**entry, "slurm": own}, f"{where}.", {**base, **own})
         for axis, key in AXES.items():
             if key not in entry and len(axes[axis]) > 1:
                 raise _Problem(where, f"missing {key}; the grid has several {axis}, so name one")
@@ -364,7 +372,36 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
         if spec.run_id not in specs:
             specs[spec.run_id] = spec
             resources[spec.run_id] = built[shape]
+    _check_packs(resources.values())
     return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source)
+
+
+def _packing_fields(raw: dict, where: str, base: dict) -> dict:
+    """``pack`` and ``mps`` written beside ``slurm`` (at the top level, or ``pack`` in an include entry)."""
+    fields = {key: raw[key] for key in PACKING_KEYS if key in raw}
+    for key in fields:
+        if key in (raw.get("slurm") or {}):
+            raise _Problem(f"{where}{key}", f"set both here and in {where}slurm; keep one")
+    try:
+        Resources(**{**base, **fields})
+    except ValueError as e:
+        field, _, what = str(e).partition(": ")
+        raise _Problem(f"{where}{field}", what) from None
+    return fields
+
+
+def _check_packs(resources) -> None:
+    """A pack larger than the runs that share its resources could never fill one task: most likely a typo."""
+    counts: dict[Resources, int] = {}
+    for r in resources:
+        counts[r] = counts.get(r, 0) + 1
+    for r, n in counts.items():
+        if r.pack > n:
+            raise _Problem(
+                "pack",
+                f"{r.pack} runs per task, but the grid has only {plural(n, 'run')} with these resources; "
+                f"set pack to at most {n}",
+            )
 
 
 def _matches_rule(run: dict, match: dict[str, list]) -> bool:

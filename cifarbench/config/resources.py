@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cifarbench.errors import check_int, check_name
+from cifarbench.errors import check_int, check_name, plural
 
 # sbatch options a grid may add beyond the fields of Resources. An allow-list: any other option either fights
 # one that submitit already writes (--time, --array, --gpus-per-node ...) or changes what the job is (--wrap,
@@ -71,6 +71,9 @@ def _line(value, key: str, bad: set) -> None:
 
 AUTO = "auto"  # time: a limit from the run's estimated duration (cifarbench.cluster.estimate)
 DEFAULT_TIME_MARGIN = 1.5
+# mps: whether the runs packed onto one GPU share it through a CUDA MPS server that the job starts (auto: where the
+# node has nvidia-cuda-mps-control), or time-slice it
+MPS_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +95,8 @@ class Resources:
     array_parallelism: int = 16
     max_requeues: int = 10
     setup: tuple[str, ...] = ()  # shell lines run before the job, e.g. "module load cuda"
+    pack: int = 1  # runs trained concurrently in one array task, sharing its GPU (or splitting its CPUs)
+    mps: str = "auto"
     extra: tuple[tuple[str, str | int | bool], ...] = ()  # (sbatch option, value); True: a bare flag
 
     def __post_init__(self):
@@ -104,6 +109,16 @@ class Resources:
         check_int(self.cpus_per_task, "cpus_per_task", 1)
         check_int(self.array_parallelism, "array_parallelism", 1)
         check_int(self.max_requeues, "max_requeues", 0)
+        check_int(self.pack, "pack", 1)
+        if isinstance(self.mps, bool):  # YAML 1.1 reads an unquoted on/off as true/false
+            object.__setattr__(self, "mps", "on" if self.mps else "off")
+        if self.mps not in MPS_MODES:
+            raise ValueError(f"mps: must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
+        if self.pack > self.cpus_per_task and not self.gpus_per_node:
+            raise ValueError(
+                f"pack: {self.pack} runs on {plural(self.cpus_per_task, 'CPU')} leaves some run without a CPU of its "
+                f"own; ask for cpus_per_task >= {self.pack} or pack fewer runs"
+            )
         if self.mem_gb is not None and (
             isinstance(self.mem_gb, bool)
             or not isinstance(self.mem_gb, (int, float))
@@ -175,3 +190,24 @@ class Budget:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Packing:
+    """How a run shared its allocation, for its record: the runs of its array task (itself included, in order)
+    and whether a GPU was shared through MPS ("on"), time-sliced ("off"), or not shared at all (None)."""
+
+    runs: tuple[str, ...] = ()  # empty: trained alone
+    mps: str | None = None
+
+    def to_dict(self, run_id: str, *, on_gpu: bool) -> dict:
+        return {
+            "pack_size": max(len(self.runs), 1),
+            "packed_with": [r for r in self.runs if r != run_id],
+            "mps": self.mps if on_gpu and len(self.runs) > 1 else None,
+        }
+
+
+# The error a packed run's record holds when its job stopped it (time limit, preemption, requeue, cancel) rather
+# than the run failing: it resumes when the job is requeued. The worker's exception class is named so.
+STOPPED = "Stopped"

@@ -262,6 +262,23 @@ _COLUMNS = [
         "2 epochs; 3 records on cpu: 18.0 s/epoch`).",
     ),
     (
+        "pack_size",
+        pa.int32(),
+        "How many runs trained concurrently in the run's job (`pack:`), sharing its GPU or splitting its CPUs; 1: "
+        "alone. Null: written by an earlier cifarbench.",
+    ),
+    (
+        "packed_with",
+        pa.list_(pa.string()),
+        "The run ids of the other runs of the same packed job (the last attempt's); empty when trained alone.",
+    ),
+    (
+        "mps",
+        pa.string(),
+        "How packed runs shared the GPU: `on` (through a CUDA MPS server the job started) or `off` (time-sliced); "
+        "null when no GPU was shared (trained alone, or packed on CPUs).",
+    ),
+    (
         "started_at",
         _ts,
         "When the attempt that wrote this record started (UTC); earlier attempts of a resumed run started before.",
@@ -339,6 +356,8 @@ SUMMARY_FIELDS = (
     "device_name",
     "time_limit_s",
     "estimated_s",
+    "pack_size",
+    "mps",
 )
 
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
@@ -362,6 +381,9 @@ _SINCE_4 = {
     "best_val_acc": None,
     "best_val_epoch": None,
     "test_acc_at_best_val": None,
+    "pack_size": 1,
+    "packed_with": [],
+    "mps": None,
 }
 _SINCE_3 = {"test_seconds": None, "time_limit_s": None, "estimated_s": None, "estimate_source": None, **_SINCE_4}
 OLDER = {

@@ -22,12 +22,12 @@ import lightning as L
 import torch
 
 import cifarbench
-from cifarbench.config.resources import Budget
+from cifarbench.config.resources import Budget, Packing
 from cifarbench.config.spec import DATASETS, RunSpec, Steps
 from cifarbench.errors import UsageError
 from cifarbench.store import datasets, records
 from cifarbench.store.layout import Layout
-from cifarbench.store.progress import clear_progress
+from cifarbench.store.progress import clear_progress, read_progress
 from cifarbench.train import data
 from cifarbench.train.loggers import make_logger
 from cifarbench.train.models import count_parameters
@@ -241,11 +241,12 @@ def fit(
     plugins: list | None = None,
     callbacks: list | None = None,
     budget: Budget | None = None,
+    packing: Packing | None = None,
 ) -> Path:
     """Train one run (resuming from its last checkpoint if there is one) and write its record.
 
     A run that raises leaves a ``failed`` record and re-raises. Returns the record's path. ``budget``: the time
-    the run was given on SLURM, for the record."""
+    the run was given on SLURM, for the record; ``packing``: the runs it trained beside, for the record."""
     device = device or default_device()
     _quiet_lightning()
     started = datetime.now(timezone.utc)
@@ -253,6 +254,7 @@ def fit(
     folder = layout.run_dir(spec.run_id)
     ckpt = layout.checkpoint(spec.run_id)
     row = {**spec_fields(spec), "started_at": started, **_environment(device), **(budget or Budget()).to_dict()}
+    row.update((packing or Packing()).to_dict(spec.run_id, on_gpu=device.type == "cuda"))
     module = None
     try:
         checked = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
@@ -351,6 +353,26 @@ def fit(
         )
         _write_failed(row, spec)
         raise
+
+
+def record_death(spec: RunSpec, error: str, *, started: datetime, budget: Budget, packing: Packing) -> None:
+    """A failed record for a run whose process died without writing one (killed by a signal, by the kernel for
+    memory): what is known without it, and its epochs done from the progress file."""
+    progress = read_progress(spec.results, spec.run_id) or {}
+    row = {
+        **spec_fields(spec),
+        **_environment(torch.device("cpu")),
+        **budget.to_dict(),
+        **packing.to_dict(spec.run_id, on_gpu=False),
+        "device_name": None,  # the process that knew it is gone
+        "device_count": None,
+        "started_at": started,
+        "ended_at": datetime.now(timezone.utc),
+        "status": "failed",
+        "epochs_done": progress.get("epochs_done", 0),
+        "error": error,
+    }
+    _write_failed(row, spec)
 
 
 def _write_failed(row: dict, spec: RunSpec) -> None:

@@ -15,7 +15,7 @@ import os
 
 import submitit
 
-from cifarbench.config.resources import Budget
+from cifarbench.config.resources import Budget, Packing
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
 from cifarbench.store import records
@@ -28,8 +28,11 @@ def completed_record(spec: RunSpec) -> dict | None:
     return record if record and record["status"] == "completed" else None
 
 
-def run_one(spec: RunSpec, budget: Budget | None = None) -> str:
-    """Train ``spec`` unless it already has a completed record (duplicate submissions then cost nothing)."""
+def run_one(
+    spec: RunSpec, budget: Budget | None = None, *, packing: Packing | None = None, threads: int | None = None
+) -> str:
+    """Train ``spec`` unless it already has a completed record (duplicate submissions then cost nothing).
+    ``threads``: torch's threads where the run gets a share of the job's CPUs (packed runs)."""
     import torch
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
@@ -40,14 +43,16 @@ def run_one(spec: RunSpec, budget: Budget | None = None) -> str:
 
     # CPU results depend on the number of threads (summation order): pin it to the CPUs SLURM granted, so
     # every attempt of a run, and a rerun elsewhere with the same resources, computes the same numbers.
-    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
     with run_lock(spec.results, spec.run_id, on_wait=waiting):
         if completed_record(spec):
             print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
             return str(Layout(spec.results).record(spec.run_id))
         plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
-        return str(fit(spec, plugins=plugins, budget=budget))
+        return str(fit(spec, plugins=plugins, budget=budget, packing=packing))
 
 
 class RunJob(submitit.helpers.Checkpointable):
