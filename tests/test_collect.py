@@ -282,6 +282,9 @@ SINCE_4 = [
     "best_val_acc",
     "best_val_epoch",
     "test_acc_at_best_val",
+    "pack_size",
+    "packed_with",
+    "mps",
 ]
 SINCE_4_SUMMARY = [
     "milestone_unit",
@@ -292,6 +295,8 @@ SINCE_4_SUMMARY = [
     "best_val_acc",
     "best_val_epoch",
     "test_acc_at_best_val",
+    "pack_size",
+    "mps",
 ]
 SINCE_3 = ["test_seconds", "time_limit_s", "estimated_s", "estimate_source", *SINCE_4]
 # what each older writer left out: columns, and keys of the footer summary
