@@ -117,6 +117,12 @@ def _cmd_submit(args) -> int:
     size = queue.max_array_size() if on_slurm else len(planned) or 1
     for line in plan.describe(planned, max_array_size=size) if planned else ():
         print(line)
+    fused = [task for task in plan.tasks(planned, grid.fuse) if len(task) > 1]
+    if fused:
+        print(
+            f"fused: {plural(sum(map(len, fused)), 'run')} in {plural(len(fused), 'group')} of up to "
+            f"{max(map(len, fused))} (one array task each)"
+        )
     if not args.no_preflight:
         problems = preflight.problems(planned, limits)
         if problems:
@@ -144,7 +150,9 @@ def _cmd_submit(args) -> int:
     if todo.submit:
         from cifarbench.cluster import submit  # submitit: only when something is submitted
 
-        manifest = submit.submit(planned, grid.results, executor=args.executor, grid_source=str(args.grid))
+        manifest = submit.submit(
+            planned, grid.results, executor=args.executor, grid_source=str(args.grid), fuse=grid.fuse
+        )
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
         job_word = "job" if len(jobs) == 1 else "jobs"
         print(f"submitted {plural(len(todo.submit), 'run')} ({manifest['executor']}) as {job_word} {', '.join(jobs)}")

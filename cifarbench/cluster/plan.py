@@ -4,6 +4,8 @@ them. Nothing here imports submitit: a dry run never pays for it."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cifarbench.cluster.estimate import Planned
@@ -52,6 +54,26 @@ def groups(planned: list[Planned]) -> dict[Resources, list[Planned]]:
     out: dict[Resources, list[Planned]] = {}
     for p in planned:
         out.setdefault(p.resources, []).append(p)
+    return out
+
+
+def tasks(planned: list[Planned], fuse: Mapping[str, int]) -> list[list[Planned]]:
+    """Pure: the array tasks of ``planned``. Runs with fusion on (``fuse``: run id -> the largest group) that
+    differ only in their seed and ask for the same resources share a task, up to that many, in the order they
+    come; every other run is a task of its own."""
+    out: list[list[Planned]] = []
+    filling: dict[tuple, list[Planned]] = {}
+    for p in planned:
+        most = fuse.get(p.spec.run_id, 0)
+        if most < 2:
+            out.append([p])
+            continue
+        key = (dataclasses.replace(p.spec, seed=0), p.resources, most)
+        task = filling.get(key)
+        if task is None or len(task) >= most:
+            task = filling[key] = []
+            out.append(task)
+        task.append(p)
     return out
 
 

@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import submitit
@@ -16,14 +17,14 @@ from submitit.core.utils import FailedJobError, JobPaths
 
 from cifarbench.cluster import queue
 from cifarbench.cluster.estimate import Planned
-from cifarbench.cluster.plan import chunks, groups
+from cifarbench.cluster.plan import chunks, groups, tasks
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import write_manifest
 from cifarbench.system import local_gpus
-from cifarbench.train.job import RunJob, RunSequence
+from cifarbench.train.job import FusedJob, RunJob, TaskSequence
 
 # SLURM sends USR2 this long before the time limit: enough to finish writing an epoch's checkpoint.
 SIGNAL_DELAY_S = 60
@@ -125,9 +126,12 @@ def submit(
     *,
     executor: str = "auto",
     grid_source: str | None = None,
+    fuse: Mapping[str, int] | None = None,
 ) -> dict:
     """Queue the runs, one job array per group of equal resources (chunked by MaxArraySize, one sbatch call per
-    chunk), and return the manifest (also written under ``results/submissions/``). Never waits."""
+    chunk), and return the manifest (also written under ``results/submissions/``). Never waits. ``fuse``: run id
+    -> the largest fused group it may join (``Grid.fuse``); the members of a fused group are one array task, and
+    each has its manifest entry with that task's job."""
     results = Path(results)
     layout = Layout(results)
     check_results_writable(results)
@@ -139,35 +143,46 @@ def submit(
         size = queue.max_array_size()
         for resources, members in groups(planned).items():
             ex = _slurm_executor(resources, layout.slurm_logs)
-            for chunk in chunks(members, size):
+            for chunk in chunks(tasks(members, fuse or {}), size):
                 jobs = _submit_chunk(ex, chunk, results, grid_source, entries)
                 logs = _log_paths(layout.slurm_logs)
                 entries += [
-                    _entry(p.spec, job, i, p, array=True, logs=logs) for i, (p, job) in enumerate(zip(chunk, jobs))
+                    _entry(p.spec, job, i, p, array=True, logs=logs)
+                    for i, (task, job) in enumerate(zip(chunk, jobs))
+                    for p in task
                 ]
     else:
         # One sequence of runs per device keeps a CPU-only machine to one training run at a time.
         ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local")
-        n = min(max(local_gpus(), 1), len(planned))
-        for share in (planned[d::n] for d in range(n)):
-            minutes = sum(p.resources.timeout_min for p in share)
+        local_tasks = tasks(planned, fuse or {})
+        n = min(max(local_gpus(), 1), len(local_tasks))
+        for share in (local_tasks[d::n] for d in range(n)):
+            minutes = sum(task[0].resources.timeout_min for task in share)
             ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)
-            job = ex.submit(RunSequence([p.spec for p in share], [p.budget for p in share]))
+            job = ex.submit(TaskSequence([_job(task) for task in share]))
             logs = _log_paths(layout.local_logs)
-            entries += [_entry(p.spec, job, i, p, array=False, logs=logs) for i, p in enumerate(share)]
+            entries += [
+                _entry(p.spec, job, i, p, array=False, logs=logs) for i, p in enumerate(p for t in share for p in t)
+            ]
     return write_manifest(results, kind, grid_source, entries)
 
 
-def _submit_chunk(ex, chunk: list[Planned], results: Path, grid_source: str | None, entries: list[dict]) -> list:
-    """One sbatch call for ``chunk``. When sbatch refuses, the runs queued before (``entries``) keep their
-    manifest, the files submitit wrote for this chunk (the job script, one pickle per run) are removed, and the
-    error is one line."""
+def _job(task: list[Planned]) -> RunJob | FusedJob:
+    if len(task) == 1:
+        return RunJob(task[0].spec, task[0].budget)
+    return FusedJob([p.spec for p in task], [p.budget for p in task])
+
+
+def _submit_chunk(ex, chunk: list[list[Planned]], results: Path, grid_source: str | None, entries: list[dict]) -> list:
+    """One sbatch call for ``chunk`` (an array task each: a run, or a fused group). When sbatch refuses, the runs
+    queued before (``entries``) keep their manifest, the files submitit wrote for this chunk (the job script, one
+    pickle per task) are removed, and the error is one line."""
     logs = Layout(results).logs
     before = set(os.listdir(logs)) if logs.is_dir() else None
     try:
         # submitit prints sbatch's complaint before it raises it: the error below says it once, in one line
         with contextlib.redirect_stderr(io.StringIO()), ex.batch():
-            return [ex.submit(RunJob(p.spec, p.budget)) for p in chunk]
+            return [ex.submit(_job(task)) for task in chunk]
     except (FailedJobError, OSError) as e:
         with contextlib.suppress(OSError):
             for name in set(os.listdir(logs)) - (before or set()):

@@ -2,8 +2,10 @@
 
 A grid names axes (``models``, ``datasets``, ``opts``, ``batch_sizes``, ``seeds``) whose cartesian product is the
 list of runs, in the order the axes are written (first written varies slowest), minus ``exclude`` entries, plus
-``include`` entries, with duplicate runs dropped (the first is kept). Everything is checked here, before anything
-is submitted; each problem is one line, ``<file>: <where>: <what is wrong and what to do>``.
+``include`` entries, with duplicate runs dropped (the first is kept). ``fuse: seeds`` (at the top level or in an
+include entry) asks for runs that differ only in their seed to train as one fused group of up to ``fuse_max``.
+Everything is checked here, before anything is submitted; each problem is one line,
+``<file>: <where>: <what is wrong and what to do>``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ from cifarbench.errors import GridError, UnknownNameError, check_int, check_name
 AXES = {"models": "model", "datasets": "dataset", "opts": "opt", "batch_sizes": "batch_size", "seeds": "seed"}
 # per run: an include entry may override them
 RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile")
-GRID_KEYS = (*AXES, *RUN_OPTIONS, "root", "verify", "results", "exclude", "include", "slurm", "resources")
+# how runs train together, never part of a run's id: ``fuse: seeds`` and the largest group
+FUSE_KEYS = ("fuse", "fuse_max")
+FUSE_MODES = ("seeds",)
+DEFAULT_FUSE_MAX = 8
+GRID_KEYS = (
+    *AXES, *RUN_OPTIONS, "root", "verify", "results", "exclude", "include", "slurm", "resources", *FUSE_KEYS
+)  # fmt: skip
 # what a resources rule's `match` may name: every field of a run
 MATCH_KEYS = (*AXES.values(), *RUN_OPTIONS)
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
@@ -53,6 +61,8 @@ class Grid:
     resources: Mapping[str, Resources]  # run id -> what it asks SLURM for (time may still be "auto")
     results: str  # where records, logs and submission manifests go
     source: str  # the grid file, for messages
+    # run id -> the largest fused group it may join, for the runs with ``fuse: seeds``; others train alone
+    fuse: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class _Problem(Exception):
@@ -218,6 +228,17 @@ def _recipe(value, where: str, known: dict[str, Recipe]) -> Recipe:
     return recipe
 
 
+def _fuse(raw: dict, where: str, default: int) -> int:
+    """``fuse: seeds`` (or false / null: off) and ``fuse_max``: the largest fused group, 0 for none."""
+    mode = raw.get("fuse", "seeds" if default else None)
+    if mode is not None and mode is not False:
+        _name(mode, FUSE_MODES, "fuse mode", f"{where}fuse")
+    most = _int(raw.get("fuse_max", default or DEFAULT_FUSE_MAX), f"{where}fuse_max", 1, 10_000)
+    if "fuse_max" in raw and (mode is None or mode is False):
+        raise _Problem(f"{where}fuse_max", "applies to fused runs only; add fuse: seeds or remove it")
+    return 0 if mode is None or mode is False else most
+
+
 def _run_options(raw: dict, where: str, defaults: dict) -> dict:
     check = {
         "epochs": lambda v, w: None if v is None else _int(v, w, 1, MAX_EPOCHS),  # null: the recipe's own length
@@ -249,6 +270,7 @@ def _grid(raw, source: str) -> Grid:
     defaults = _run_options(
         raw, "", {"epochs": None, "precision": "auto", "loader": "device", "deterministic": False, "compile": None}
     )
+    fuse_default = _fuse(raw, "", 0)
     shared: dict[str, Any] = {
         "data_root": _path(raw.get("root", "data"), "root"),
         "verify": _bool(raw.get("verify", True), "verify"),
@@ -278,14 +300,15 @@ def _grid(raw, source: str) -> Grid:
     for combo in itertools.product(*axes.values()):
         run = {AXES[axis]: v for axis, v in zip(axes, combo)}
         if not any(_matches(run, entry) for entry in excludes):
-            runs.append((run | defaults, "top level"))
+            runs.append((run | defaults | {"fuse": fuse_default}, "top level"))
     if not runs:
         raise _Problem("exclude", "removes every run of the grid; nothing is left to submit")
 
     for i, entry in enumerate(_list(raw, "include", empty_ok=True)):
         where = f"include[{i}]"
-        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm"), where)
+        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm", *FUSE_KEYS), where)
         run = _run_options(entry, f"{where}.", defaults)
+        run["fuse"] = _fuse(entry, f"{where}.", fuse_default)
         if "slurm" in entry:
             own_slurm[id(run)] = _resource_fields(entry["slurm"], f"{where}.slurm", base)
         for axis, key in AXES.items():
@@ -296,6 +319,7 @@ def _grid(raw, source: str) -> Grid:
 
     specs: dict[str, RunSpec] = {}
     resources: dict[str, Resources] = {}
+    fuse: dict[str, int] = {}
     built: dict[tuple, Resources] = {}  # thousands of runs share a handful of resource sets
     for run, where in runs:
         matched = tuple(i for i, (match, _) in enumerate(rules) if _matches_rule(run, match))
@@ -306,17 +330,21 @@ def _grid(raw, source: str) -> Grid:
             for i in matched:
                 fields.update(rules[i][1])
             built[shape] = Resources(**{**fields, **own})  # each part was checked on its own where it was written
-        recipe, epochs = run.pop("opt"), run.pop("epochs")
+        recipe, epochs, fuse_max = run.pop("opt"), run.pop("epochs"), run.pop("fuse")
         if epochs == recipe.epochs:  # the same run as no override: keep the same run id
             epochs = None
         try:
             spec = RunSpec(recipe=recipe, epochs=epochs, **run, **shared)
         except ValueError as e:
             raise _Problem(where, str(e)) from None
+        if fuse_max and spec.loader != "device":
+            raise _Problem(where, "fuse: seeds needs loader: device (the torchvision loader's order is not the seed's)")
         if spec.run_id not in specs:
             specs[spec.run_id] = spec
             resources[spec.run_id] = built[shape]
-    return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source)
+            if fuse_max:
+                fuse[spec.run_id] = fuse_max
+    return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source, fuse=fuse)
 
 
 def _matches_rule(run: dict, match: dict[str, list]) -> bool:

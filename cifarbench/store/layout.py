@@ -6,6 +6,7 @@
     runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
     runs/<run_id>/progress.json    epochs done while the run trains
     locks/<run_id>.lock            held (flock) by the one job that trains the run
+    groups/<group_id>/last.ckpt    a fused group's last epoch: every member's state (resume)
     logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
     submissions/<time>-<pid>.json  one manifest per submission: run id -> job
     bench/<time>-<host>.parquet    `cifarbench bench` tables
@@ -43,6 +44,9 @@ class Layout:
 
     def progress(self, run_id: str) -> Path:
         return self.run_dir(run_id) / PROGRESS
+
+    def group_checkpoint(self, group_id: str) -> Path:
+        return self.root / "groups" / group_id / CHECKPOINT
 
     def lock(self, run_id: str) -> Path:
         # not in the run's folder, which keeps only what the run produced

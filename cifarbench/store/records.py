@@ -226,6 +226,17 @@ _COLUMNS = [
     ("slurm_job_id", pa.string(), "The SLURM job id (an array task's array job id); null outside SLURM."),
     ("slurm_array_task_id", pa.string(), "The task's index in its SLURM job array; null outside an array."),
     (
+        "fuse_size",
+        pa.int32(),
+        "Runs trained together as one fused group (`fuse: seeds`: runs that differ only in their seed, stacked "
+        "into one vectorised model), this one included; null: trained alone.",
+    ),
+    (
+        "fused_with",
+        pa.list_(pa.string()),
+        "The run ids of the other members of this run's fused group; null: trained alone.",
+    ),
+    (
         "error",
         pa.string(),
         "Why a failed run failed: the exception as `Type: message`, its first line, at most 500 characters; null when "

@@ -160,7 +160,8 @@ def spec_fields(spec: RunSpec) -> dict:
     }
 
 
-def _outcome(module: ResNetModule) -> dict:
+def _outcome(module) -> dict:
+    """The record's outcome columns of a run's module (or of a fused group's member: the same attributes)."""
     h = module.history
     if not h["test_acc"]:
         return {"epochs_done": 0, "attempts": module.attempts}
