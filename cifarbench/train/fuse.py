@@ -32,6 +32,7 @@ from torch.func import functional_call, stack_module_state
 
 from cifarbench.config.resources import Budget
 from cifarbench.config.spec import RunSpec
+from cifarbench.errors import UsageError
 from cifarbench.store import atomic, records
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import clear_progress, write_progress
@@ -78,6 +79,11 @@ def initial_model(spec: RunSpec) -> nn.Module:
     return model
 
 
+class _GlobalMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=True)
+
+
 @dataclass
 class Member:
     """One run of a group: what ``fit._outcome`` reads of a run (``history``, ``top5``, ``attempts`` and the
@@ -121,6 +127,9 @@ class FusedGroup:
         self.params_per_member = count_parameters(models[0])
         # the graph the stacked tensors are run through; its own tensors never hold data
         self.skeleton = copy.deepcopy(models[0]).to("meta")
+        # adaptive_avg_pool2d has no batching rule for vmap (it falls back to a loop over the members); to 1x1 it
+        # is the mean, which has one
+        self.skeleton.avgpool = _GlobalMean()
         params, buffers = stack_module_state(models)
         self._set_state(
             {k: v.detach().to(device) for k, v in params.items()}, {k: v.to(device) for k, v in buffers.items()}
@@ -343,16 +352,14 @@ def fit_group(
     started = datetime.now(timezone.utc)
     specs = list(specs)
     budgets = list(budgets) if budgets is not None else [None] * len(specs)
-    layout = Layout(specs[0].results)
-    ckpt = layout.group_checkpoint(group_id([s.run_id for s in specs]))
-    if all(_completed(s) for s in specs):
-        return []
-    if not ckpt.is_file():  # a fresh group leaves out the members that completed elsewhere
-        todo = [i for i, s in enumerate(specs) if not _completed(s)]
-        specs, budgets = [specs[i] for i in todo], [budgets[i] for i in todo]
+    # Members that completed (elsewhere, or in an earlier job of this group) are left out; the others make the
+    # group, whose checkpoint is named after them: a requeued group finds it again.
+    todo = [i for i, s in enumerate(specs) if not _completed(s)]
+    specs, budgets = [specs[i] for i in todo], [budgets[i] for i in todo]
     if not specs:
         return []
     ids = [s.run_id for s in specs]
+    ckpt = Layout(specs[0].results).group_checkpoint(group_id(ids))
     rows = {
         s.run_id: {
             **spec_fields(s),
@@ -370,6 +377,8 @@ def fit_group(
         spec = specs[0]
         verified = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
         fast = FastPath.for_device(device, spec.precision)
+        if fast.precision == "16-mixed":
+            raise UsageError("16-mixed scales the loss once per step for every member: train these runs unfused")
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = fast.cudnn_benchmark and not spec.deterministic
             torch.set_float32_matmul_precision("high")
