@@ -229,6 +229,8 @@ def _cmd_bench(args) -> int:
         rows += bench.bench_train(
             model=args.model, precision=args.precision, compile=args.compile, with_levers=args.levers, **common
         )
+    if args.what == "fuse":  # not part of "all": K models at once is a measurement of its own
+        rows += bench.bench_fuse(model=args.model, precision=args.precision, sizes=tuple(args.fuse), **common)
     print(bench.render(rows))
     print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
     return 0
@@ -251,6 +253,14 @@ def _int_at_least(lo: int):
 
 
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: a comma-separated list of integers >= 1."""
+    fields = _fields(text)
+    if not fields:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers >= 1, got {text!r}")
+    return tuple(_positive_int(f) for f in fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,7 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_collect)
 
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")
-    p.add_argument("--what", choices=["pipeline", "train", "all"], default="all")
+    p.add_argument(
+        "--what",
+        choices=["pipeline", "train", "all", "fuse"],
+        default="all",
+        help="all: pipeline and train; fuse: fused groups of --fuse sizes against one unfused run",
+    )
     p.add_argument("--model", default="resnet56", help="a model name (`cifarbench models`)")
     p.add_argument(
         "--dataset",
@@ -369,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="also time the fast path under torch.compile (and with CUDA graphs on a GPU)",
+    )
+    p.add_argument(
+        "--fuse",
+        type=_sizes,
+        default=(1, 2, 4, 8, 16),
+        metavar="K,K,...",
+        help="--what fuse: the group sizes to time (default 1,2,4,8,16)",
     )
     p.add_argument("--results", default="results", help="the table goes to RESULTS/bench/")
     p.set_defaults(func=_cmd_bench)
