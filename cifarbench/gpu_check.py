@@ -64,6 +64,11 @@ DEFAULT_BUDGET_S = 480
 MIN_START_S = 5  # a part or command given less than this would spend it starting Python
 SPEEDUP_GOAL = 4.0  # fast path over the baseline, training images/s
 MINUTES_GOAL = 4.0  # a projected 200-epoch run on an H100-class GPU
+FUSE_GOAL = 6.0  # aggregate training images/s of a fused group of FUSE_K over one unfused run's
+FUSE_K = 8
+# the seed notebook's ResNet56/CIFAR-100 table: 9 configurations x 5 seeds, each configuration one fused group
+TABLE_GROUPS, TABLE_SEEDS = 9, 5
+FUSE_MODELS = ("resnet56", "resnet20")  # the table's model first: the projection needs it
 # tests/test_parity.py's TOLERANCE: the run-to-run noise of final accuracy between the two loaders, measured on
 # CPU over 6 seeds each (a test checks that the two stay equal)
 PARITY_TOLERANCE = 0.05
@@ -99,7 +104,7 @@ GPU = Size(
     compile=True,
     grid_train_size=1000,
     grid_test_size=200,
-    budgets={"levers": 215, "fit": 165, "pack": 10, "grid": 75},
+    budgets={"levers": 185, "fit": 150, "pack": 55, "grid": 75},
 )
 SMOKE = Size(  # two batches an epoch: on a busy 2-core CPU resnet20 trains at a few dozen images/s
     model="resnet20",
@@ -356,15 +361,59 @@ def part_pack(check: Check, part: Part) -> None:
         part.problems.append("bench --help shows no --what {...} choices to look for pack and fuse in")
         return
     choices = found.group(1).split(",")
-    offered = [c for c in choices if c.startswith(("pack", "fuse"))]
+    offered = [c for c in choices if c.startswith("pack")]
     if offered:
         part.problems.append(
             f"bench --what offers {', '.join(offered)}, which this check does not run yet: add it to "
             "cifarbench/gpu_check.py"
         )
         return
-    part.status = "skipped"
-    part.note = f"not implemented yet: bench --what offers {', '.join(choices)}, no pack or fuse"
+    if "fuse" not in choices or check.size is SMOKE:  # K models at once: a GPU's measurement
+        part.status = "skipped"
+        part.note = f"not implemented yet: bench --what offers {', '.join(choices)}, no pack" + (
+            "; fuse is measured on a GPU only" if "fuse" in choices else ", no fuse"
+        )
+        return
+    if not check.dataset(part, "synthetic100", check.size.train_size, check.size.test_size):
+        return
+    sizes = ",".join(str(k) for k in sorted({1, TABLE_SEEDS, FUSE_K}))
+    for model in FUSE_MODELS:
+        results = check.work / f"bench-fuse-{model}"
+        args = ["bench", "--what", "fuse", "--model", model, "--dataset", "synthetic100", "--batch-size"]
+        args += [str(BATCH_SIZE), "--precision", "bf16-mixed", "--fuse", sizes, "--data-root", str(check.data)]
+        check.step(
+            part,
+            f"fuse {model}",
+            [*args, "--steps", "10", "--warmup", "3", "--repeats", "2"] + ["--results", str(results)],
+        )
+        for path in sorted(Layout(results).bench.glob("*.parquet")):
+            part.rows += [{"step": f"fuse {model}", **row} for row in pq.read_table(path).to_pylist()]
+    if part.rows:
+        part.sections.append(
+            f"Fused groups of K seeds (`bench --what fuse`), batch {BATCH_SIZE}, bf16: aggregate training images/s "
+            "of the group; `x baseline`: over one unfused run's (K unfused runs in sequence reach the same); "
+            "`200 ep min`: the whole group's 200-epoch CIFAR run.\n\n"
+            + markdown_table(
+                part.rows,
+                [
+                    ("model", "model", ""),
+                    ("variant", "variant", ""),
+                    ("images_per_s", "images/s", ",.0f"),
+                    ("ratio", "x baseline", ".2f"),
+                    ("eval_images_per_s", "test images/s", ",.0f"),
+                    ("minutes_200_epochs", "200 ep min", ",.1f"),
+                    ("note", "note", ""),
+                ],
+            )
+        )
+
+
+def fuse_rows(rows: list[dict], model: str, k: int) -> tuple[dict | None, dict | None]:
+    """The unfused row and the fused group of ``k``'s row of ``model`` in part pack's rows."""
+    mine = [r for r in rows if r["model"] == model and r["what"] == "fuse"]
+    alone = next((r for r in mine if r["baseline"]), None)
+    group = next((r for r in mine if r["variant"] == f"fused group of {k}" and r["images_per_s"]), None)
+    return alone, group
 
 
 def installed(module: str) -> bool:
@@ -700,7 +749,26 @@ def verdicts(parts: dict[str, Part], env: dict) -> list[tuple[str, str, str]]:
         )
 
     pack = parts["pack"]
-    out.append(("packing and fusion benchmarks", "not measured", f"part pack: {pack.state}: {pack.note}"))
+    goal = f"a fused group of {FUSE_K} seeds >= {FUSE_GOAL:g}x one run's training images/s ({', '.join(FUSE_MODELS)})"
+    groups = {model: fuse_rows(pack.rows, model, FUSE_K)[1] for model in FUSE_MODELS}
+    if not any(groups.values()):
+        out.append((goal, "not measured", f"part pack: {pack.state}" + (f": {pack.note}" if pack.note else "")))
+    else:
+        met = bool(gpu) and all(g is not None and g["ratio"] >= FUSE_GOAL for g in groups.values())
+        figures = ", ".join(f"{m} {'-' if g is None else format(g['ratio'], '.2f')}x" for m, g in groups.items())
+        device = next(g["device"] for g in groups.values() if g)
+        out.append((goal, "met" if met else "not met", f"{figures} on {device}{where}"))
+    _, group = fuse_rows(pack.rows, FUSE_MODELS[0], TABLE_SEEDS)
+    if group is not None:
+        hours = TABLE_GROUPS * group["minutes_200_epochs"] / 60
+        out.append(
+            (
+                f"projected: the {TABLE_GROUPS * TABLE_SEEDS}-run {FUSE_MODELS[0]} table (200 epochs, "
+                f"{TABLE_GROUPS} fused groups of {TABLE_SEEDS}, one after another on this device)",
+                "measured",
+                f"{hours:.2f} h on {group['device']} (synthetic CIFAR-100 sizes, bf16, batch {BATCH_SIZE})",
+            )
+        )
     return out
 
 
