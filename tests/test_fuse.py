@@ -6,7 +6,9 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 import statistics
+import subprocess
 
 import lightning as L
 import pytest
@@ -315,3 +317,32 @@ def test_fused_members_train_like_their_unfused_runs(synthetic_root, tmp_path):
     for epoch in range(5):
         losses = [r["train_loss"][epoch] for r in alone]
         assert min(losses) <= statistics.median(r["train_loss"][epoch] for r in fused) <= max(losses), epoch
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.extended
+def test_a_fused_grid_on_slurm_is_one_array_task_per_group(small_root, tmp_path, capsys):
+    if not shutil.which("sbatch"):
+        pytest.skip("SLURM is not installed")
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        GRID
+        + f"fuse: seeds\nfuse_max: 2\nroot: {small_root}\nresults: {tmp_path}/r\n"
+        + 'slurm: {gpus_per_node: 1, cpus_per_task: 1, time: "00:20:00", setup: ["export OMP_NUM_THREADS=1"]}\n'
+    )
+    try:
+        assert main(["submit", str(grid), "--executor", "slurm", "--wait"]) == 0
+    finally:
+        manifests = list((tmp_path / "r" / "submissions").glob("*.json"))
+        jobs = {e["array_job_id"] for m in manifests for e in json.loads(m.read_text())["runs"]}
+        if jobs:
+            subprocess.run(["scancel", *sorted(jobs)], capture_output=True, timeout=60)
+    assert "completed: 3" in capsys.readouterr().out
+    [manifest] = [json.loads(m.read_text()) for m in manifests]
+    by_run = {e["run_id"]: e for e in manifest["runs"]}
+    specs = load_grid(grid).specs
+    assert by_run[specs[0].run_id]["job_id"] == by_run[specs[1].run_id]["job_id"] != by_run[specs[2].run_id]["job_id"]
+    rows = [records.read_record(Layout(tmp_path / "r").record(s.run_id)) for s in specs]
+    assert [r["fuse_size"] for r in rows] == [2, 2, None] and rows[0]["fused_with"] == [specs[1].run_id]
+    assert rows[0]["slurm_array_task_id"] == rows[1]["slurm_array_task_id"] != rows[2]["slurm_array_task_id"]

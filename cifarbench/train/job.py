@@ -71,9 +71,14 @@ def run_fused(specs: list[RunSpec], budgets: list[Budget | None] | None = None) 
 
             locks.enter_context(run_lock(spec.results, spec.run_id, on_wait=waiting))
         if resolve_precision(specs[0].precision, default_device()) == "16-mixed":
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
             print(f"{plural(len(specs), 'run')}: 16-mixed cannot be fused; training them one by one", flush=True)
+            plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None  # as in run_one
             return [
-                str(Layout(s.results).record(s.run_id)) if completed_record(s) else str(fit(s, budget=b))
+                str(Layout(s.results).record(s.run_id))
+                if completed_record(s)
+                else str(fit(s, plugins=plugins, budget=b))
                 for s, b in zip(specs, budgets)
             ]
         paths = [str(p) for p in fit_group(specs, budgets=budgets)]
