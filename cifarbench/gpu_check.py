@@ -842,7 +842,7 @@ def table(parts: dict[str, Part]) -> pa.Table:
         | {"budget_s": p.budget_s, "note": p.note}
         for p in parts.values()
     ]
-    kinds = {"levers": "bench", "fit": "fit", "grid": "grid"}
+    kinds = {"levers": "bench", "fit": "fit", "pack": "bench", "grid": "grid"}
     rows += [{"part": p.name, "table": kinds[p.name], **row} for p in parts.values() for row in p.rows]
     names = list(dict.fromkeys(key for row in rows for key in row))
     columns = {}
