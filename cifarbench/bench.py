@@ -688,6 +688,120 @@ def bench_pack(
     return [{**r, "torch_threads": row["torch_threads"]} for r, row in zip(finished, rows)]
 
 
+def bench_fuse(
+    *,
+    model: str,
+    dataset: str,
+    root: str | Path,
+    batch_size: int,
+    device: torch.device,
+    sizes: tuple[int, ...] = (1, 2, 4, 8, 16),
+    precision: str = "auto",
+    steps: int = 20,
+    warmup: int = 5,
+    repeats: int = 3,
+) -> list[dict]:
+    """Aggregate training images/s of a fused group of K runs (``train.fuse``: K seeds stacked under vmap) for
+    each K in ``sizes``, against one unfused run's fast-path steps, which is also what K runs one after another
+    achieve together. Each row carries the test-set images/s per member and the projected minutes of the group's
+    200-epoch CIFAR run (all K members). Rows of K runs packed onto the device at once belong beside these, with
+    the same ``what`` and K in the variant, where packing exists."""
+    from cifarbench.train.fuse import FusedGroup
+
+    k = DATASETS[dataset].num_classes
+    fast = FastPath.for_device(device, precision)
+    timing = dict(device=device, steps=steps, warmup=warmup, repeats=repeats)
+    benchmark_was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = fast.cudnn_benchmark
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    train, test = data.make_loaders(
+        dataset=dataset,
+        root=root,
+        loader="device",
+        batch_size=batch_size,
+        seed=0,
+        device=device,
+        memory_format=fast.memory_format,
+    )
+    net, opt = _model_and_optimiser(model, k, device, channels_last=fast.channels_last, fused=fast.fused_sgd)
+    one = _images_per_s(_batches(train), _step(net, opt, fast.precision, device), **timing)
+    eval_one = _eval_images_per_s(model, k, test, fast, device, repeats)
+    rows: list[dict] = [
+        {
+            "variant": "1 run, unfused (K runs in sequence: the same)",
+            "baseline": True,
+            "images_per_s": one,
+            "eval_images_per_s": eval_one,
+            "minutes_200_epochs": projected_minutes(one, eval_one),
+        }
+    ]
+    del net, opt
+    recipe = get_recipe("step-200")
+    for size in sizes:
+        specs = [
+            RunSpec(model=model, dataset=dataset, recipe=recipe, batch_size=batch_size, seed=s, data_root=str(root))
+            for s in range(size)
+        ]
+        row: dict[str, Any] = {"variant": f"fused group of {size}", "baseline": False}
+        try:
+            group = FusedGroup(specs, device=device, fast=fast, train=train, test=test)
+
+            def epochs(group=group):
+                epoch = 0
+                while True:
+                    for x, y in group.train_batches(epoch):
+                        yield x, y.flatten()  # the images counted: all members'
+                    epoch += 1
+
+            def consume(x, y, group=group):
+                group.step(x, y.view(len(group.live), -1))
+
+            rate = _images_per_s(epochs(), consume, **timing)
+            eval_rate = _fused_eval_images_per_s(group, repeats)
+            row.update(
+                images_per_s=rate,
+                eval_images_per_s=eval_rate,
+                # the whole group: K runs' images each epoch, at the aggregate rates
+                minutes_200_epochs=projected_minutes(rate / size, eval_rate / size),
+            )
+            del group
+        except torch.OutOfMemoryError:
+            row.update(images_per_s=None, note="out of device memory")
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+    torch.backends.cudnn.benchmark = benchmark_was
+    return _finish(
+        rows,
+        device=device,
+        what="fuse",
+        model=model,
+        dataset=dataset,
+        batch_size=batch_size,
+        precision=fast.precision,
+        loader="device",
+        workers=0,
+        steps=steps,
+        warmup=warmup,
+        repeats=repeats,
+    )
+
+
+def _fused_eval_images_per_s(group, repeats: int) -> float:
+    """Aggregate test-set images/s of a fused group (every member's images counted), median over passes."""
+    rates = []
+    for _ in range(repeats + 1):  # the first pass warms up
+        sums = torch.zeros(len(group.live), 4, dtype=torch.float64, device=group.device)
+        _sync(group.device)
+        start = time.perf_counter()
+        group.evaluate(sums)
+        _sync(group.device)
+        rates.append(float(sums[:, 3].sum()) / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
 def write_rows(rows: list[dict], results: str | Path) -> Path:
     host = socket.gethostname()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

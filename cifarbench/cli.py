@@ -139,6 +139,12 @@ def _cmd_submit(args) -> int:
     size = queue.max_array_size() if on_slurm else len(planned) or 1
     for line in plan.describe(planned, max_array_size=size) if planned else ():
         print(line)
+    fused = [task for task in plan.tasks(planned, grid.fuse) if len(task) > 1]
+    if fused:
+        print(
+            f"fused: {plural(sum(map(len, fused)), 'run')} in {plural(len(fused), 'group')} of up to "
+            f"{max(map(len, fused))} (one array task each)"
+        )
     if not args.no_preflight:
         problems = preflight.problems(planned, limits)
         if problems:
@@ -166,7 +172,9 @@ def _cmd_submit(args) -> int:
     if todo.submit:
         from cifarbench.cluster import submit  # submitit: only when something is submitted
 
-        manifest = submit.submit(planned, grid.results, executor=args.executor, grid_source=str(args.grid))
+        manifest = submit.submit(
+            planned, grid.results, executor=args.executor, grid_source=str(args.grid), fuse=grid.fuse
+        )
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
         job_word = "job" if len(jobs) == 1 else "jobs"
         print(f"submitted {plural(len(todo.submit), 'run')} ({manifest['executor']}) as {job_word} {', '.join(jobs)}")
@@ -255,6 +263,8 @@ def _cmd_bench(args) -> int:
         rows += bench.bench_train(
             model=args.model, precision=args.precision, compile=args.compile, with_levers=args.levers, **common
         )
+    if args.what == "fuse":  # not part of "all": K models at once is a measurement of its own
+        rows += bench.bench_fuse(model=args.model, precision=args.precision, sizes=tuple(args.fuse), **common)
     print(bench.render(rows))
     print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
     return 0
@@ -279,9 +289,12 @@ def _int_at_least(lo: int):
 _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
-def _int_list(text: str) -> list[int]:
-    """An argparse type: comma-separated integers >= 1."""
-    return [_positive_int(part.strip()) for part in text.split(",")]
+def _sizes(text: str) -> tuple[int, ...]:
+    """An argparse type: a comma-separated list of integers >= 1."""
+    fields = _fields(text)
+    if not fields:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers >= 1, got {text!r}")
+    return tuple(_positive_int(f) for f in fields)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,14 +428,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")
     p.add_argument(
         "--what",
-        choices=["pipeline", "train", "all", "pack"],
+        choices=["pipeline", "train", "all", "pack", "fuse"],
         default="all",
-        help="all: pipeline and train; pack: K runs at once on the device against one alone (--pack)",
+        help="all: pipeline and train; pack: K runs at once on the device against one alone (--pack); "
+        "fuse: fused groups of --fuse sizes against one unfused run",
     )
     p.add_argument(
         "--pack",
-        type=_int_list,
-        default=[1, 2, 4, 8],
+        type=_sizes,
+        default=(1, 2, 4, 8),
         help="with --what pack: how many runs at once, e.g. 1,2,4,8 (one run alone is always measured)",
     )
     p.add_argument(
@@ -453,6 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         action="store_true",
         help="also time the fast path under torch.compile (and with CUDA graphs on a GPU)",
+    )
+    p.add_argument(
+        "--fuse",
+        type=_sizes,
+        default=(1, 2, 4, 8, 16),
+        metavar="K,K,...",
+        help="--what fuse: the group sizes to time (default 1,2,4,8,16)",
     )
     p.add_argument("--results", default="results", help="the table goes to RESULTS/bench/")
     p.set_defaults(func=_cmd_bench)

@@ -66,6 +66,11 @@ DEFAULT_BUDGET_S = 480
 MIN_START_S = 5  # a part or command given less than this would spend it starting Python
 SPEEDUP_GOAL = 4.0  # fast path over the baseline, training images/s
 MINUTES_GOAL = 4.0  # a projected 200-epoch run on an H100-class GPU
+FUSE_GOAL = 6.0  # aggregate training images/s of a fused group of FUSE_K over one unfused run's
+FUSE_K = 8
+# the seed notebook's ResNet56/CIFAR-100 table: 9 configurations x 5 seeds, each configuration one fused group
+TABLE_GROUPS, TABLE_SEEDS = 9, 5
+FUSE_MODELS = ("resnet56", "resnet20")  # the table's model first: the projection needs it
 # tests/test_parity.py's TOLERANCE: the run-to-run noise of final accuracy between the two loaders, measured on
 # CPU over 6 seeds each (a test checks that the two stay equal)
 PARITY_TOLERANCE = 0.05
@@ -101,7 +106,7 @@ GPU = Size(
     compile=True,
     grid_train_size=1000,
     grid_test_size=200,
-    budgets={"levers": 185, "fit": 150, "pack": 70, "grid": 75},
+    budgets={"levers": 175, "fit": 140, "pack": 95, "grid": 75},
 )
 SMOKE = Size(  # two batches an epoch: on a busy 2-core CPU resnet20 trains at a few dozen images/s
     model="resnet20",
@@ -352,7 +357,6 @@ def _fit_row(label: str, step: Step, record: dict | None, size: Size) -> dict:
 
 PACKS = {"gpu": "1,2,4,8", "smoke": "1,2"}  # runs at once, part pack
 PACK_GOAL = 3.0  # aggregate images/s of packed runs over one run alone, on a GPU
-NO_FUSION = "Fusion: not implemented yet (bench --what offers no fuse)."
 
 
 def part_pack(check: Check, part: Part) -> None:
@@ -364,17 +368,25 @@ def part_pack(check: Check, part: Part) -> None:
         part.problems.append("bench --help shows no --what {...} choices to look for pack and fuse in")
         return
     choices = found.group(1).split(",")
-    unknown = [c for c in choices if c.startswith("fuse")]
+    unknown = [c for c in choices if c not in ("pipeline", "train", "all", "pack", "fuse")]
     if unknown:
         part.problems.append(
-            f"bench --what offers {', '.join(unknown)}, which this check does not run yet: add it to "
+            f"bench --what offers {', '.join(unknown)}, which this check does not know: add it to "
             "cifarbench/gpu_check.py"
         )
-    if "pack" not in choices:
-        if not unknown:
-            part.status = "skipped"
-            part.note = f"not implemented yet: bench --what offers {', '.join(choices)}, no pack or fuse"
+    if "pack" not in choices and "fuse" not in choices:
+        part.status = "skipped"
+        part.note = f"not implemented yet: bench --what offers {', '.join(choices)}, no pack or fuse"
         return
+    if "pack" in choices:
+        _pack_rows(check, part)
+    if "fuse" in choices and check.size is not SMOKE:  # K models at once: a GPU's measurement
+        _fuse_rows(check, part)
+    elif "fuse" in choices:
+        part.sections.append("Fusion: measured on a GPU only, not at smoke size.")
+
+
+def _pack_rows(check: Check, part: Part) -> None:
     size = check.size
     if not check.dataset(part, "synthetic10", size.grid_train_size, size.grid_test_size):
         return
@@ -385,17 +397,16 @@ def part_pack(check: Check, part: Part) -> None:
     check.step(part, "bench pack", [*args, "--results", str(results)])
     for path in sorted(Layout(results).bench.glob("*.parquet")):
         part.rows += pq.read_table(path).to_pylist()
-    if not unknown:
-        part.sections.append(NO_FUSION)
-    if part.rows:
-        first = part.rows[0]
+    rows = [r for r in part.rows if r["what"] == "pack"]
+    if rows:
+        first = rows[0]
         part.sections.append(
             f"`cifarbench bench --what pack --pack {packs}`: resnet20, batch {BATCH_SIZE}, on {first['device']} "
             f"(torch {first['torch_version']}); 1-minute load average at the end {_cell(first['load_avg'], '.2f')}. "
             "images/s: all runs together; `x one run`: over one run alone; `slowdown`: one run alone's images/s "
             f"over each packed run's (median); peak: {first['note'].partition('peak: ')[2]}.\n\n"
             + markdown_table(
-                part.rows,
+                rows,
                 [
                     ("pack", "runs at once", ""),
                     ("variant", "variant", ""),
@@ -408,6 +419,50 @@ def part_pack(check: Check, part: Part) -> None:
                 ],
             )
         )
+
+
+def _fuse_rows(check: Check, part: Part) -> None:
+    if not check.dataset(part, "synthetic100", check.size.train_size, check.size.test_size):
+        return
+    sizes = ",".join(str(k) for k in sorted({1, TABLE_SEEDS, FUSE_K}))
+    for model in FUSE_MODELS:
+        results = check.work / f"bench-fuse-{model}"
+        args = ["bench", "--what", "fuse", "--model", model, "--dataset", "synthetic100", "--batch-size"]
+        args += [str(BATCH_SIZE), "--precision", "bf16-mixed", "--fuse", sizes, "--data-root", str(check.data)]
+        check.step(
+            part,
+            f"fuse {model}",
+            [*args, "--steps", "10", "--warmup", "3", "--repeats", "2"] + ["--results", str(results)],
+        )
+        for path in sorted(Layout(results).bench.glob("*.parquet")):
+            part.rows += [{"step": f"fuse {model}", **row} for row in pq.read_table(path).to_pylist()]
+    fused = [r for r in part.rows if r["what"] == "fuse"]
+    if fused:
+        part.sections.append(
+            f"Fused groups of K seeds (`bench --what fuse`), batch {BATCH_SIZE}, bf16: aggregate training images/s "
+            "of the group; `x baseline`: over one unfused run's (K unfused runs in sequence reach the same); "
+            "`200 ep min`: the whole group's 200-epoch CIFAR run.\n\n"
+            + markdown_table(
+                fused,
+                [
+                    ("model", "model", ""),
+                    ("variant", "variant", ""),
+                    ("images_per_s", "images/s", ",.0f"),
+                    ("ratio", "x baseline", ".2f"),
+                    ("eval_images_per_s", "test images/s", ",.0f"),
+                    ("minutes_200_epochs", "200 ep min", ",.1f"),
+                    ("note", "note", ""),
+                ],
+            )
+        )
+
+
+def fuse_rows(rows: list[dict], model: str, k: int) -> tuple[dict | None, dict | None]:
+    """The unfused row and the fused group of ``k``'s row of ``model`` in part pack's rows."""
+    mine = [r for r in rows if r["model"] == model and r["what"] == "fuse"]
+    alone = next((r for r in mine if r["baseline"]), None)
+    group = next((r for r in mine if r["variant"] == f"fused group of {k}" and r["images_per_s"]), None)
+    return alone, group
 
 
 def installed(module: str) -> bool:
@@ -744,7 +799,8 @@ def verdicts(parts: dict[str, Part], env: dict) -> list[tuple[str, str, str]]:
 
     pack = parts["pack"]
     goal = f"{PACK_GOAL:g}x the aggregate training images/s with runs packed onto one GPU (resnet20, batch 64)"
-    measured = [r for r in pack.rows if r.get("ratio") is not None]
+    packed = [r for r in pack.rows if r["what"] == "pack"]
+    measured = [r for r in packed if r.get("ratio") is not None]
     top = max(measured, key=lambda r: r["ratio"]) if measured else None
     if top is None or top["pack"] == 1:
         out.append((goal, "not measured", f"part pack: {pack.state}" + (f": {pack.note}" if pack.note else "")))
@@ -754,12 +810,30 @@ def verdicts(parts: dict[str, Part], env: dict) -> list[tuple[str, str, str]]:
                 goal,
                 "met" if top["ratio"] >= PACK_GOAL and gpu else "not met",
                 f"{top['ratio']:.2f}x with {top['pack']} runs at once ({top['variant']}): "
-                f"{top['images_per_s']:,.0f} vs {pack.rows[0]['images_per_s']:,.0f} images/s, each run "
+                f"{top['images_per_s']:,.0f} vs {packed[0]['images_per_s']:,.0f} images/s, each run "
                 f"{top['slowdown']:.2f}x slower, on {top['device']}" + where,
             )
         )
-    fusion = NO_FUSION if NO_FUSION in pack.sections else f"part pack: {pack.state}: {pack.note}"
-    out.append(("fusion benchmark", "not measured", fusion))
+    goal = f"a fused group of {FUSE_K} seeds >= {FUSE_GOAL:g}x one run's training images/s ({', '.join(FUSE_MODELS)})"
+    groups = {model: fuse_rows(pack.rows, model, FUSE_K)[1] for model in FUSE_MODELS}
+    if not any(groups.values()):
+        out.append((goal, "not measured", f"part pack: {pack.state}" + (f": {pack.note}" if pack.note else "")))
+    else:
+        met = bool(gpu) and all(g is not None and g["ratio"] >= FUSE_GOAL for g in groups.values())
+        figures = ", ".join(f"{m} {'-' if g is None else format(g['ratio'], '.2f')}x" for m, g in groups.items())
+        device = next(g["device"] for g in groups.values() if g)
+        out.append((goal, "met" if met else "not met", f"{figures} on {device}{where}"))
+    _, group = fuse_rows(pack.rows, FUSE_MODELS[0], TABLE_SEEDS)
+    if group is not None:
+        hours = TABLE_GROUPS * group["minutes_200_epochs"] / 60
+        out.append(
+            (
+                f"projected: the {TABLE_GROUPS * TABLE_SEEDS}-run {FUSE_MODELS[0]} table (200 epochs, "
+                f"{TABLE_GROUPS} fused groups of {TABLE_SEEDS}, one after another on this device)",
+                "measured",
+                f"{hours:.2f} h on {group['device']} (synthetic CIFAR-100 sizes, bf16, batch {BATCH_SIZE})",
+            )
+        )
     return out
 
 

@@ -74,11 +74,11 @@ def test_a_run_that_fails_before_its_first_epoch_records_0_epochs_done(tmp_path)
 
 
 def test_a_sequence_of_runs_says_how_many_failed(tmp_path):
-    from cifarbench.train.job import RunSequence
+    from cifarbench.train.job import RunJob, TaskSequence
 
     spec = _spec(tmp_path / "nowhere", tmp_path / "results")
     with pytest.raises(RuntimeError, match=f"^1 of 1 run failed: {spec.run_id}: dataset synthetic10 not found"):
-        RunSequence([spec])()
+        TaskSequence([RunJob(spec)])()
 
 
 class _Crash(L.Callback):

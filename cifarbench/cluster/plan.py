@@ -4,6 +4,8 @@ them. Nothing here imports submitit: a dry run never pays for it."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cifarbench.cluster.estimate import Planned
@@ -59,6 +61,47 @@ def packs(members: list[Planned]) -> list[list[Planned]]:
     """Pure: the runs of one group of equal resources, ``pack`` at a time (the last pack may be smaller): one
     array task each."""
     return chunks(members, members[0].resources.pack)
+
+
+def tasks(planned: list[Planned], fuse: Mapping[str, int]) -> list[list[Planned]]:
+    """Pure: the array tasks of ``planned``. Runs with fusion on (``fuse``: run id -> the largest group) that
+    differ only in their seed and ask for the same resources share a task, up to that many, in the order they
+    come; every other run is a task of its own."""
+    out: list[list[Planned]] = []
+    filling: dict[tuple, list[Planned]] = {}
+    for p in planned:
+        most = fuse.get(p.spec.run_id, 0)
+        if most < 2:
+            out.append([p])
+            continue
+        key = (dataclasses.replace(p.spec, seed=0), p.resources, most)
+        task = filling.get(key)
+        if task is None or len(task) >= most:
+            task = filling[key] = []
+            out.append(task)
+        task.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Task:
+    """One array task: a fused group (its members train as one vectorised model), or runs trained side by side
+    (``pack`` of them; one where pack is 1)."""
+
+    runs: list[Planned]
+    fused: bool
+
+
+def array_tasks(members: list[Planned], fuse: Mapping[str, int]) -> list[Task]:
+    """Pure: the array tasks of one group of equal resources. Runs that fuse make a task per group; the others
+    are packed ``pack`` at a time. A fused group already shares the device's kernels, so it is not packed too."""
+    fused, alone = [], []
+    for task in tasks(members, fuse):
+        if len(task) > 1:
+            fused.append(Task(runs=task, fused=True))
+        else:
+            alone.append(task[0])
+    return fused + [Task(runs=pack, fused=False) for pack in (packs(alone) if alone else [])]
 
 
 def _hours(planned: list[Planned], seconds) -> tuple[float, str]:

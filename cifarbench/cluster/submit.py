@@ -10,6 +10,7 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import submitit
@@ -17,15 +18,15 @@ from submitit.core.utils import FailedJobError, JobPaths
 
 from cifarbench.cluster import queue
 from cifarbench.cluster.estimate import Planned
-from cifarbench.cluster.plan import chunks, groups, packs
+from cifarbench.cluster.plan import Task, array_tasks, chunks, groups
 from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import write_manifest
 from cifarbench.system import local_gpus, usable_cores
-from cifarbench.train.job import RunJob, RunSequence
-from cifarbench.train.pack import PackJob, PackSequence
+from cifarbench.train.job import FusedJob, RunJob, TaskSequence
+from cifarbench.train.pack import PackJob
 
 # SLURM sends USR2 this long before the time limit: enough to finish writing an epoch's checkpoint.
 SIGNAL_DELAY_S = 60
@@ -134,9 +135,12 @@ def submit(
     *,
     executor: str = "auto",
     grid_source: str | None = None,
+    fuse: Mapping[str, int] | None = None,
 ) -> dict:
     """Queue the runs, one job array per group of equal resources (chunked by MaxArraySize, one sbatch call per
-    chunk), and return the manifest (also written under ``results/submissions/``). Never waits."""
+    chunk), and return the manifest (also written under ``results/submissions/``). Never waits. ``fuse``: run id
+    -> the largest fused group it may join (``Grid.fuse``); the members of a fused group are one array task, and
+    each has its manifest entry with that task's job."""
     results = Path(results)
     layout = Layout(results)
     check_results_writable(results)
@@ -148,56 +152,55 @@ def submit(
         size = queue.max_array_size()
         for resources, members in groups(planned).items():
             ex = _slurm_executor(resources, layout.slurm_logs)
-            for chunk in chunks(packs(members), size):  # one array task per pack (of one run where pack is 1)
-                jobs = _submit_chunk(ex, [_task(pack) for pack in chunk], results, grid_source, entries)
+            for chunk in chunks(array_tasks(members, fuse or {}), size):  # a run, a pack or a fused group each
+                jobs = _submit_chunk(ex, [_job(task) for task in chunk], results, grid_source, entries)
                 logs = _log_paths(layout.slurm_logs)
                 entries += [
-                    _entry(p.spec, job, i, p, array=True, logs=logs) | _packed(pack, p)
-                    for i, (pack, job) in enumerate(zip(chunk, jobs))
-                    for p in pack
+                    _entry(p.spec, job, i, p, array=True, logs=logs) | _packed(task, p)
+                    for i, (task, job) in enumerate(zip(chunk, jobs))
+                    for p in task.runs
                 ]
     else:
         # One sequence of runs (or of packs) per device keeps a CPU-only machine to one training task at a time.
         ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local")
-        tasks = [pack for members in groups(planned).values() for pack in packs(members)]
-        n = min(max(local_gpus(), 1), len(tasks))
-        for share in (tasks[d::n] for d in range(n)):
-            minutes = sum(pack[0].resources.timeout_min for pack in share)
+        local_tasks = [task for members in groups(planned).values() for task in array_tasks(members, fuse or {})]
+        n = min(max(local_gpus(), 1), len(local_tasks))
+        cpus = max(usable_cores() // n, 1)
+        for share in (local_tasks[d::n] for d in range(n)):
+            minutes = sum(task.runs[0].resources.timeout_min for task in share)
             ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)
-            runs = [p for pack in share for p in pack]
-            if all(pack[0].resources.pack == 1 for pack in share):
-                job = ex.submit(RunSequence([p.spec for p in runs], [p.budget for p in runs]))
-            else:
-                cpus = max(usable_cores() // n, 1)
-                job = ex.submit(PackSequence([_task(pack, cpus=cpus) for pack in share]))
+            job = ex.submit(TaskSequence([_job(task, cpus=cpus) for task in share]))
             logs = _log_paths(layout.local_logs)
-            pack_of = {p.spec.run_id: pack for pack in share for p in pack}
+            placed = [(task, p) for task in share for p in task.runs]
             entries += [
-                _entry(p.spec, job, i, p, array=False, logs=logs) | _packed(pack_of[p.spec.run_id], p)
-                for i, p in enumerate(runs)
+                _entry(p.spec, job, i, p, array=False, logs=logs) | _packed(task, p)
+                for i, (task, p) in enumerate(placed)
             ]
     return write_manifest(results, kind, grid_source, entries)
 
 
-def _task(pack: list[Planned], *, cpus: int | None = None):
-    """What one array task runs: a run as before, or a pack of runs trained concurrently."""
-    if pack[0].resources.pack == 1:
-        return RunJob(pack[0].spec, pack[0].budget)
-    r = pack[0].resources
-    return PackJob([p.spec for p in pack], [p.budget for p in pack], pack=r.pack, mps=r.mps, cpus=cpus)
+def _job(task: Task, *, cpus: int | None = None) -> RunJob | FusedJob | PackJob:
+    """What one array task runs: a run as before, a fused group, or a pack of runs trained concurrently."""
+    runs = task.runs
+    if task.fused:
+        return FusedJob([p.spec for p in runs], [p.budget for p in runs])
+    r = runs[0].resources
+    if r.pack == 1:
+        return RunJob(runs[0].spec, runs[0].budget)
+    return PackJob([p.spec for p in runs], [p.budget for p in runs], pack=r.pack, mps=r.mps, cpus=cpus)
 
 
-def _packed(pack: list[Planned], p: Planned) -> dict:
+def _packed(task: Task, p: Planned) -> dict:
     """A manifest entry's packing: the runs its task trains beside it."""
-    if p.resources.pack == 1:
+    if task.fused or p.resources.pack == 1:
         return {}
-    return {"pack_size": len(pack), "packed_with": [q.spec.run_id for q in pack if q is not p]}
+    return {"pack_size": len(task.runs), "packed_with": [q.spec.run_id for q in task.runs if q is not p]}
 
 
 def _submit_chunk(ex, chunk: list, results: Path, grid_source: str | None, entries: list[dict]) -> list:
-    """One sbatch call for ``chunk``, the callables of its array tasks. When sbatch refuses, the runs queued
-    before (``entries``) keep their manifest, the files submitit wrote for this chunk (the job script, one pickle
-    per task) are removed, and the error is one line."""
+    """One sbatch call for ``chunk``, the callables of its array tasks (a run, a pack or a fused group each). When
+    sbatch refuses, the runs queued before (``entries``) keep their manifest, the files submitit wrote for this
+    chunk (the job script, one pickle per task) are removed, and the error is one line."""
     logs = Layout(results).logs
     before = set(os.listdir(logs)) if logs.is_dir() else None
     try:

@@ -2,8 +2,10 @@
 
 A grid names axes (``models``, ``datasets``, ``opts``, ``batch_sizes``, ``seeds``) whose cartesian product is the
 list of runs, in the order the axes are written (first written varies slowest), minus ``exclude`` entries, plus
-``include`` entries, with duplicate runs dropped (the first is kept). Everything is checked here, before anything
-is submitted; each problem is one line, ``<file>: <where>: <what is wrong and what to do>``.
+``include`` entries, with duplicate runs dropped (the first is kept). ``fuse: seeds`` (at the top level or in an
+include entry) asks for runs that differ only in their seed to train as one fused group of up to ``fuse_max``.
+Everything is checked here, before anything is submitted; each problem is one line,
+``<file>: <where>: <what is wrong and what to do>``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cifarbench.config.spec import (
     WARMUP_MODES,
     Recipe,
     RunSpec,
+    unfusable,
 )
 from cifarbench.errors import GridError, UnknownNameError, check_int, check_name, did_you_mean, plural
 
@@ -42,9 +45,13 @@ RUN_OPTIONS = ("epochs", "precision", "loader", "deterministic", "compile", "val
 # pack and mps: SLURM fields that may also be written at the top level (and pack in an include entry), since they
 # say how runs train together rather than what a node is asked for
 PACKING_KEYS = ("pack", "mps")
+# how runs train together, never part of a run's id: ``fuse: seeds`` and the largest group
+FUSE_KEYS = ("fuse", "fuse_max")
+FUSE_MODES = ("seeds",)
+DEFAULT_FUSE_MAX = 8
 GRID_KEYS = (
     *AXES, *RUN_OPTIONS, "root", "verify", "results", "logger", "exclude", "include", "slurm", "resources",
-    *PACKING_KEYS,
+    *PACKING_KEYS, *FUSE_KEYS,
 )  # fmt: skip
 # what a resources rule's `match` may name: every field of a run
 MATCH_KEYS = (*AXES.values(), *RUN_OPTIONS)
@@ -66,6 +73,8 @@ class Grid:
     resources: Mapping[str, Resources]  # run id -> what it asks SLURM for (time may still be "auto")
     results: str  # where records, logs and submission manifests go
     source: str  # the grid file, for messages
+    # run id -> the largest fused group it may join, for the runs with ``fuse: seeds``; others train alone
+    fuse: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 class _Problem(Exception):
@@ -258,6 +267,17 @@ def _recipe(value, where: str, known: dict[str, Recipe]) -> Recipe:
     return recipe
 
 
+def _fuse(raw: dict, where: str, default: int) -> int:
+    """``fuse: seeds`` (or false / null: off) and ``fuse_max``: the largest fused group, 0 for none."""
+    mode = raw.get("fuse", "seeds" if default else None)
+    if mode is not None and mode is not False:
+        _name(mode, FUSE_MODES, "fuse mode", f"{where}fuse")
+    most = _int(raw.get("fuse_max", default or DEFAULT_FUSE_MAX), f"{where}fuse_max", 1, 10_000)
+    if "fuse_max" in raw and (mode is None or mode is False):
+        raise _Problem(f"{where}fuse_max", "applies to fused runs only; add fuse: seeds or remove it")
+    return 0 if mode is None or mode is False else most
+
+
 def _run_options(raw: dict, where: str, defaults: dict) -> dict:
     check = {
         "epochs": lambda v, w: None if v is None else _int(v, w, 1, MAX_EPOCHS),  # null: the recipe's own length
@@ -299,6 +319,7 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
             "val_split": None,
         },
     )
+    fuse_default = _fuse(raw, "", 0)
     shared: dict[str, Any] = {
         "data_root": _path(raw.get("root", "data"), "root"),
         "verify": _bool(raw.get("verify", True), "verify"),
@@ -330,14 +351,15 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
     for combo in itertools.product(*axes.values()):
         run = {AXES[axis]: v for axis, v in zip(axes, combo)}
         if not any(_matches(run, entry) for entry in excludes):
-            runs.append((run | defaults, "top level"))
+            runs.append((run | defaults | {"fuse": fuse_default}, "top level"))
     if not runs:
         raise _Problem("exclude", "removes every run of the grid; nothing is left to submit")
 
     for i, entry in enumerate(_list(raw, "include", empty_ok=True)):
         where = f"include[{i}]"
-        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm", "pack"), where)
+        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm", "pack", *FUSE_KEYS), where)
         run = _run_options(entry, f"{where}.", defaults)
+        run["fuse"] = _fuse(entry, f"{where}.", fuse_default)
         if "slurm" in entry or "pack" in entry:
             own = _resource_fields(entry.get("slurm", {}), f"{where}.slurm", base)
             own_slurm[id(run)] = own | _packing_fields({**entry, "slurm": own}, f"{where}.", {**base, **own})
@@ -350,6 +372,7 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
     data: dict[str, str | None] = {}  # dataset -> its fingerprint: once per dataset, not once per run
     specs: dict[str, RunSpec] = {}
     resources: dict[str, Resources] = {}
+    fuse: dict[str, int] = {}
     built: dict[tuple, Resources] = {}  # thousands of runs share a handful of resource sets
     for run, where in runs:
         matched = tuple(i for i, (match, _) in enumerate(rules) if _matches_rule(run, match))
@@ -360,7 +383,7 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
             for i in matched:
                 fields.update(rules[i][1])
             built[shape] = Resources(**{**fields, **own})  # each part was checked on its own where it was written
-        recipe, epochs = run.pop("opt"), run.pop("epochs")
+        recipe, epochs, fuse_max = run.pop("opt"), run.pop("epochs"), run.pop("fuse")
         if epochs == recipe.epochs:  # the same run as no override: keep the same run id
             epochs = None
         if fingerprint is not None and run["dataset"] not in data:
@@ -369,11 +392,15 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
             spec = RunSpec(recipe=recipe, epochs=epochs, data_fingerprint=data.get(run["dataset"]), **run, **shared)
         except ValueError as e:
             raise _Problem(where, str(e)) from None
+        if fuse_max and (why := unfusable(spec)):
+            raise _Problem(where, why)
         if spec.run_id not in specs:
             specs[spec.run_id] = spec
             resources[spec.run_id] = built[shape]
+            if fuse_max:
+                fuse[spec.run_id] = fuse_max
     _check_packs(resources.values())
-    return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source)
+    return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source, fuse=fuse)
 
 
 def _packing_fields(raw: dict, where: str, base: dict) -> dict:

@@ -7,6 +7,7 @@
     runs/<run_id>/progress.json    epochs done while the run trains
     runs/<run_id>/loggers/<name>/  what a grid's `logger:` (tensorboard, csv, wandb, mlflow) writes
     locks/<run_id>.lock            held (flock) by the one job that trains the run
+    groups/<group_id>/last.ckpt    a fused group's last epoch: every member's state (resume)
     logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
     logs/collect-<job>.out         the log of the job `submit --collect` queues after the runs
     submissions/<time>-<pid>.json  one manifest per submission: run id -> job
@@ -49,6 +50,9 @@ class Layout:
 
     def loggers(self, run_id: str) -> Path:
         return self.run_dir(run_id) / "loggers"
+
+    def group_checkpoint(self, group_id: str) -> Path:
+        return self.root / "groups" / group_id / CHECKPOINT
 
     def lock(self, run_id: str) -> Path:
         # not in the run's folder, which keeps only what the run produced

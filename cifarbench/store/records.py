@@ -296,6 +296,17 @@ _COLUMNS = [
     ("slurm_job_id", pa.string(), "The SLURM job id (an array task's array job id); null outside SLURM."),
     ("slurm_array_task_id", pa.string(), "The task's index in its SLURM job array; null outside an array."),
     (
+        "fuse_size",
+        pa.int32(),
+        "Runs trained together as one fused group (`fuse: seeds`: runs that differ only in their seed, stacked "
+        "into one vectorised model), this one included; null: trained alone.",
+    ),
+    (
+        "fused_with",
+        pa.list_(pa.string()),
+        "The run ids of the other members of this run's fused group; null: trained alone.",
+    ),
+    (
         "error",
         pa.string(),
         "Why a failed run failed: the exception as `Type: message`, its first line, at most 500 characters; null when "
@@ -365,7 +376,7 @@ SUMMARY_FIELDS = (
 # them in.
 # record/4: protocols (warm-up, iterations, a validation split), the data's identity and size, packing, fusion.
 # Before it, every run counted epochs, warmed up for no step, held nothing out and trained alone.
-_SINCE_4 = {
+_SINCE_4: dict[str, object] = {
     "milestone_unit": "epochs",
     "iterations": None,
     "warmup_iterations": 0,

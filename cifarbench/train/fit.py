@@ -181,7 +181,22 @@ def schedule_fields(spec: RunSpec, steps: Steps) -> dict:
     }
 
 
-def _outcome(module: ResNetModule) -> dict:
+def check_data(spec: RunSpec) -> dict:
+    """The record's data columns of ``spec``'s data, after checking it is there and is the data the run was
+    submitted with (its fingerprint); raises DataError otherwise."""
+    checked = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
+    found = datasets.fingerprint(spec.dataset, spec.data_root)
+    if spec.data_fingerprint is not None and found != spec.data_fingerprint:
+        raise datasets.DataError(
+            f"the data in {Path(spec.data_root).resolve()} is not the data this run was submitted with "
+            f"(fingerprint {found}, not {spec.data_fingerprint}): restore it, or submit the grid again"
+        )
+    # "verified": matched the published checksums, which synthetic data does not have
+    return {"data_verified": None if DATASETS[spec.dataset].synthetic else checked, "data_fingerprint": found}
+
+
+def _outcome(module) -> dict:
+    """The record's outcome columns of a run's module (or of a fused group's member: the same attributes)."""
     h = module.history
     if not h["test_acc"]:
         return {"epochs_done": 0, "attempts": module.attempts}
@@ -257,15 +272,7 @@ def fit(
     row.update((packing or Packing()).to_dict(spec.run_id, on_gpu=device.type == "cuda"))
     module = None
     try:
-        checked = data.check_dataset(spec.dataset, spec.data_root, verify=spec.verify)
-        # "verified": matched the published checksums, which synthetic data does not have
-        row["data_verified"] = None if DATASETS[spec.dataset].synthetic else checked
-        found = row["data_fingerprint"] = datasets.fingerprint(spec.dataset, spec.data_root)
-        if spec.data_fingerprint is not None and found != spec.data_fingerprint:
-            raise datasets.DataError(
-                f"the data in {Path(spec.data_root).resolve()} is not the data this run was submitted with "
-                f"(fingerprint {found}, not {spec.data_fingerprint}): restore it, or submit the grid again"
-            )
+        row.update(check_data(spec))
         fast = FastPath.for_device(device, spec.precision)
         row["precision_used"] = fast.precision
         L.seed_everything(spec.seed, workers=True, verbose=False)

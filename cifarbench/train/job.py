@@ -11,6 +11,7 @@ and only a job that runs pays for the training stack.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import submitit
@@ -55,6 +56,43 @@ def run_one(
         return str(fit(spec, plugins=plugins, budget=budget, packing=packing))
 
 
+def run_fused(specs: list[RunSpec], budgets: list[Budget | None] | None = None) -> list[str]:
+    """Train ``specs`` (one run but for the seed) as one fused group, holding every member's lock; members that
+    already completed are left out. Where the precision resolves to 16-mixed, whose loss scaling is one scale per
+    step, the members train one after another instead."""
+    import torch
+
+    from cifarbench.train.fit import default_device, fit, resolve_precision
+    from cifarbench.train.fuse import fit_group
+
+    budgets = budgets if budgets is not None else [None] * len(specs)
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # as in run_one
+        torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+    with contextlib.ExitStack() as locks:
+        for spec in sorted(specs, key=lambda s: s.run_id):  # one order for every job: no two wait on each other
+
+            def waiting(spec=spec):
+                print(f"[{spec.run_id}] another job is running this run; waiting for it", flush=True)
+
+            locks.enter_context(run_lock(spec.results, spec.run_id, on_wait=waiting))
+        if resolve_precision(specs[0].precision, default_device()) == "16-mixed":
+            from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+            print(f"{plural(len(specs), 'run')}: 16-mixed cannot be fused; training them one by one", flush=True)
+            plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None  # as in run_one
+            return [
+                str(Layout(s.results).record(s.run_id))
+                if completed_record(s)
+                else str(fit(s, plugins=plugins, budget=b))
+                for s, b in zip(specs, budgets)
+            ]
+        paths = [str(p) for p in fit_group(specs, budgets=budgets)]
+        failed = [s.run_id for s in specs if not completed_record(s)]
+        if failed:
+            raise RuntimeError(f"{plural(len(failed), 'run')} of the fused group failed: {', '.join(failed)}")
+        return paths
+
+
 class RunJob(submitit.helpers.Checkpointable):
     """The submitit callable for one run (one SLURM array task). Requeued as itself: state lives in last.ckpt."""
 
@@ -66,20 +104,43 @@ class RunJob(submitit.helpers.Checkpointable):
         return run_one(self.spec, getattr(self, "budget", None))  # jobs pickled by earlier versions have none
 
 
-class RunSequence(submitit.helpers.Checkpointable):
-    """Several runs one after another in one job: local execution keeps one run per device at a time."""
+class FusedJob(submitit.helpers.Checkpointable):
+    """The submitit callable for one fused group (one SLURM array task). Requeued as itself: state lives in the
+    group's checkpoint."""
 
-    def __init__(self, specs: list[RunSpec], budgets: list[Budget] | None = None):
+    def __init__(self, specs: list[RunSpec], budgets: list[Budget | None] | None = None):
         self.specs = list(specs)
-        self.budgets = list(budgets) if budgets is not None else [None] * len(self.specs)
+        self.budgets: list[Budget | None] = list(budgets) if budgets is not None else [None] * len(self.specs)
 
     def __call__(self) -> list[str]:
-        paths, errors = [], []
-        for spec, budget in zip(self.specs, getattr(self, "budgets", [None] * len(self.specs))):
+        return run_fused(self.specs, self.budgets)
+
+
+class TaskSequence(submitit.helpers.Checkpointable):
+    """Several array tasks (``RunJob``, ``FusedJob`` or a pack's ``PackJob``) one after another in one job: local
+    execution keeps one task per device at a time."""
+
+    def __init__(self, tasks: list):
+        self.tasks = list(tasks)
+
+    def __call__(self) -> list[str]:
+        paths, errors, failed = [], [], 0
+        specs = [s for t in self.tasks for s in _specs(t)]
+        for task in self.tasks:
             try:
-                paths.append(run_one(spec, budget))
-            except Exception as exc:  # the failed record is written; go on with the other runs
-                errors.append(f"{spec.run_id}: {exc}")
+                done = task()
+                paths += done if isinstance(done, list) else [done]
+            except Exception as exc:  # the failed records are written; go on with the other tasks
+                if hasattr(task, "specs"):  # a group: its error names its runs
+                    failed += sum(completed_record(s) is None for s in task.specs)
+                    errors.append(str(exc))
+                else:
+                    failed += 1
+                    errors.append(f"{task.spec.run_id}: {exc}")
         if errors:
-            raise RuntimeError(f"{len(errors)} of {plural(len(self.specs), 'run')} failed: " + "; ".join(errors))
+            raise RuntimeError(f"{failed} of {plural(len(specs), 'run')} failed: " + "; ".join(errors))
         return paths
+
+
+def _specs(task) -> list[RunSpec]:
+    return list(task.specs) if hasattr(task, "specs") else [task.spec]

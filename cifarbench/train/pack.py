@@ -250,27 +250,6 @@ class PackJob(submitit.helpers.Checkpointable):
         return submitit.helpers.DelayedSubmission(job)
 
 
-class PackSequence(submitit.helpers.Checkpointable):
-    """Tasks one after another in one job (a ``PackJob`` each, or a ``RunJob`` where a run is not packed): local
-    execution, one sequence per device."""
-
-    def __init__(self, tasks: list):
-        self.tasks = list(tasks)
-
-    def __call__(self) -> list[str]:
-        paths: list[str] = []
-        errors = []
-        for task in self.tasks:
-            try:
-                done = task()
-                paths += done if isinstance(done, list) else [done]
-            except Exception as exc:  # the failed records are written; go on with the other tasks
-                errors.append(str(exc))
-        if errors:
-            raise RuntimeError("; ".join(errors))
-        return paths
-
-
 def _failed_here(spec: RunSpec) -> bool:
     """Whether the run failed in an earlier attempt of this very array task (``scontrol requeue`` starts the
     task's first callable again): it waits for ``submit --retry-failed`` rather than running again here."""
