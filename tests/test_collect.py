@@ -285,6 +285,8 @@ SINCE_4 = [
     "pack_size",
     "packed_with",
     "mps",
+    "fuse_size",
+    "fused_with",
 ]
 SINCE_4_SUMMARY = [
     "milestone_unit",

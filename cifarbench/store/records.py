@@ -395,6 +395,8 @@ _SINCE_4: dict[str, object] = {
     "pack_size": 1,
     "packed_with": [],
     "mps": None,
+    "fuse_size": None,
+    "fused_with": None,
 }
 _SINCE_3 = {"test_seconds": None, "time_limit_s": None, "estimated_s": None, "estimate_source": None, **_SINCE_4}
 OLDER = {
