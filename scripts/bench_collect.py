@@ -159,7 +159,9 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "train_images": [50_000] * n,
         "val_images": [0] * n,
         "test_images": [10_000] * n,
-        # no warm-up, verified CIFAR, no validation split: these are null
+        "pack_size": [1] * n,
+        "packed_with": [[]] * n,
+        # no warm-up, verified CIFAR, no validation split, trained alone and unfused: these are null
         **dict.fromkeys(
             (
                 "warmup_lr",
@@ -170,6 +172,9 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
                 "best_val_acc",
                 "best_val_epoch",
                 "test_acc_at_best_val",
+                "mps",
+                "fuse_size",
+                "fused_with",
             ),
             [None] * n,
         ),
