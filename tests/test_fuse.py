@@ -84,6 +84,7 @@ def test_members_start_from_the_unfused_runs_weights(small_root, tmp_path):
     assert not torch.equal(group.member_state(0)["fc.weight"], group.member_state(1)["fc.weight"])
 
 
+@pytest.mark.slow  # a real Trainer and two fused epochs
 def test_members_get_the_batches_lightning_feeds_their_unfused_runs(small_root, tmp_path):
     specs = _specs(small_root, tmp_path, seeds=(3, 4))
     seen: dict[int, list] = {}
