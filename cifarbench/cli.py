@@ -291,10 +291,7 @@ _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 def _sizes(text: str) -> tuple[int, ...]:
     """An argparse type: a comma-separated list of integers >= 1."""
-    fields = _fields(text)
-    if not fields:
-        raise argparse.ArgumentTypeError(f"must be a comma-separated list of integers >= 1, got {text!r}")
-    return tuple(_positive_int(f) for f in fields)
+    return tuple(_positive_int(f.strip()) for f in text.split(","))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from cifarbench.config.grid import load_grid, parse_grid
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import GridError
 from cifarbench.store import records
+from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import read_progress
 from cifarbench.train import data
@@ -77,7 +78,7 @@ def test_members_start_from_the_unfused_runs_weights(small_root, tmp_path):
     group = _group(specs)
     for k, spec in enumerate(specs):
         L.seed_everything(spec.seed, verbose=False)  # as fit does, right before it builds the module
-        alone = ResNetModule(spec).model.state_dict()
+        alone = ResNetModule(spec, steps=spec.steps(1)).model.state_dict()  # the schedule: no part of the weights
         fused = group.member_state(k)
         assert alone.keys() == fused.keys()
         assert all(torch.equal(alone[name], fused[name]) for name in alone)
@@ -108,7 +109,7 @@ def test_members_get_the_batches_lightning_feeds_their_unfused_runs(small_root, 
             enable_model_summary=False,
             callbacks=[Capture()],
         )
-        _quiet(trainer.fit, ResNetModule(spec), train_dataloaders=train)
+        _quiet(trainer.fit, ResNetModule(spec, steps=spec.steps(len(train))), train_dataloaders=train)
     group = _group(specs)
     for epoch in range(2):
         fused = list(group.train_batches(epoch))[:2]
@@ -202,7 +203,9 @@ def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone
     for spec in resumed:
         r = records.read_record(Layout(spec.results).record(spec.run_id))
         assert r["status"] == "failed" and r["epochs_done"] == 1 and r["error"].startswith("KeyboardInterrupt")
-        assert read_progress(spec.results, spec.run_id) == {"epochs_done": 1, "epochs": 2}
+        progress = read_progress(spec.results, spec.run_id)
+        assert progress is not None and (progress["epochs_done"], progress["epochs"]) == (1, 2)
+        assert len(progress["epoch_seconds"]) == 1 and progress["test_acc"] is not None  # what status's ETA reads
     again = [records.read_record(p) for p in _quiet(fit_group, resumed, device=CPU)]
     for r, alone in zip(again, rows):
         assert r["status"] == "completed" and r["attempts"] == 2
@@ -286,7 +289,7 @@ def test_a_fused_grid_through_local_submit_and_status(small_root, tmp_path, caps
     assert main(["submit", str(grid), "--executor", "local", "--wait"]) == 0
     out = capsys.readouterr().out
     assert "fused: 2 runs in 1 group of up to 2 (one array task each)" in out and "completed: 2" in out
-    specs = load_grid(grid).specs
+    specs = load_grid(grid, fingerprint=fingerprint).specs  # as submit names the runs
     rows = [records.read_record(Layout(tmp_path / "r").record(s.run_id)) for s in specs]
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert [r["fused_with"] for r in rows] == [[specs[1].run_id], [specs[0].run_id]]
@@ -342,7 +345,7 @@ def test_a_fused_grid_on_slurm_is_one_array_task_per_group(small_root, tmp_path,
     assert "completed: 3" in capsys.readouterr().out
     [manifest] = [json.loads(m.read_text()) for m in manifests]
     by_run = {e["run_id"]: e for e in manifest["runs"]}
-    specs = load_grid(grid).specs
+    specs = load_grid(grid, fingerprint=fingerprint).specs  # as submit names the runs
     assert by_run[specs[0].run_id]["job_id"] == by_run[specs[1].run_id]["job_id"] != by_run[specs[2].run_id]["job_id"]
     rows = [records.read_record(Layout(tmp_path / "r").record(s.run_id)) for s in specs]
     assert [r["fuse_size"] for r in rows] == [2, 2, None] and rows[0]["fused_with"] == [specs[1].run_id]

@@ -435,8 +435,15 @@ def fit_group(
                 print(f"[{member.run_id}] {member.error}; stopped, the group goes on", flush=True)
             for k in group.live:
                 member = group.members[k]
-                write_progress(member.spec.results, member.run_id, epochs_done=group.epoch, epochs=epochs)
                 h = member.history
+                write_progress(
+                    member.spec.results,
+                    member.run_id,
+                    epochs_done=group.epoch,
+                    epochs=epochs,
+                    epoch_seconds=h["epoch_seconds"],
+                    test_acc=h["test_acc"][-1],
+                )
                 print(
                     f"[{member.run_id}] epoch {group.epoch}/{epochs} train_loss {h['train_loss'][-1]:.4f} "
                     f"test_loss {h['test_loss'][-1]:.4f} test_acc {h['test_acc'][-1]:.4f} lr {h['lr'][-1]:.4g} "
