@@ -6,6 +6,8 @@ step, so a requeued run that resumes from its checkpoint goes on where it stoppe
 
 from __future__ import annotations
 
+import os
+
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from cifarbench.config.spec import RunSpec
@@ -27,6 +29,8 @@ def make_logger(spec: RunSpec) -> Logger | None:
             save_dir=str(folder), offline=True, project="cifarbench", name=spec.run_id, id=spec.run_id, resume="allow"
         )
     if spec.logger == "mlflow":
+        # MLflow 3 refuses its file store unless asked for it: a folder beside the run needs no database or server
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         return MLFlowLogger(
             experiment_name="cifarbench", run_name=spec.run_id, tracking_uri=(folder / "mlruns").resolve().as_uri()
         )
