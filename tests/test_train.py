@@ -1,3 +1,5 @@
+import dataclasses
+
 import lightning as L
 import pyarrow.parquet as pq
 import pytest
@@ -9,8 +11,9 @@ from cifarbench.store import records
 from cifarbench.store.datasets import DataError
 from cifarbench.store.layout import Layout
 from cifarbench.store.locks import run_lock
+from cifarbench.train import data
 from cifarbench.train.fit import fit
-from cifarbench.train.module import CheckpointMismatch
+from cifarbench.train.module import CheckpointMismatch, Diverged
 
 
 def _spec(root, results, **kw):
@@ -71,6 +74,18 @@ def test_a_run_that_fails_before_its_first_epoch_records_0_epochs_done(tmp_path)
     assert r["error"].startswith("DataError: dataset synthetic10 not found")
     summary, _ = records.read_summary(path)
     assert summary is not None and summary["epochs_done"] == 0
+
+
+def test_a_run_whose_loss_diverges_fails_with_the_reason_and_the_epoch(tmp_path):
+    root = tmp_path / "data"
+    data.write_synthetic("synthetic10", root, train_size=128, test_size=64)
+    huge = dataclasses.replace(get_recipe("step-200"), name="huge-lr", lr=1e30)  # the first step overflows
+    spec = _spec(root, tmp_path / "results", recipe=huge, epochs=1, deterministic=False)
+    with pytest.raises(Diverged):
+        fit(spec)
+    r = records.read_record(Layout(spec.results).record(spec.run_id))
+    assert r["status"] == "failed" and r["error"] == "Diverged: training loss nan in epoch 1", r["error"]
+    assert r["epochs_done"] == 1
 
 
 def test_a_sequence_of_runs_says_how_many_failed(tmp_path):

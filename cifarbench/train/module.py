@@ -7,6 +7,7 @@ every optimizer step, which sets the learning rate that ``RunSpec.steps`` gives 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import cast
@@ -21,6 +22,11 @@ from cifarbench.errors import UsageError
 from cifarbench.store import atomic
 from cifarbench.store.progress import write_progress
 from cifarbench.train.models import get_resnet, init_weights
+
+
+class Diverged(RuntimeError):
+    """The training loss of an epoch is NaN or infinite: the run stops there and leaves a failed record (a packed
+    run alone; the others of its task go on)."""
 
 
 class CheckpointMismatch(UsageError):
@@ -198,6 +204,8 @@ class ResNetModule(L.LightningModule):
                 f"{h['epoch_seconds'][-1]:.1f}s {h['images_per_s'][-1]:.0f} img/s",
                 flush=True,
             )
+        if not math.isfinite(h["train_loss"][-1]):  # before the epoch's checkpoint: a retry starts before it
+            raise Diverged(f"training loss {h['train_loss'][-1]} in epoch {len(h['test_acc'])}")
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["cifarbench"] = {
