@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from cifarbench.cli import main
 from cifarbench.cluster.estimate import plan_times
-from cifarbench.cluster.plan import tasks
+from cifarbench.cluster.plan import array_tasks, tasks
 from cifarbench.config.grid import load_grid, parse_grid
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import GridError
@@ -267,6 +267,11 @@ def test_grid_fuse_keys_are_checked_and_never_change_run_ids():
         ("fuse_max: 4\n", "fuse_max: applies to fused runs only; add fuse: seeds or remove it"),
         ("fuse: seeds\nfuse_max: 0\n", "fuse_max: must be"),
         ("fuse: seeds\nloader: torchvision\n", "fuse: seeds needs loader: device"),
+        ("fuse: seeds\nval_split: 100\n", "fuse: seeds holds no validation split out"),
+        (
+            "fuse: seeds\ninclude:\n  - {seed: 9, opt: he2016}\n",
+            "fuse: seeds trains recipes counted in epochs; he2016 counts iterations",
+        ),
         ("fuse_size: 4\n", "unknown key 'fuse_size' (did you mean 'fuse'?)"),
     ):
         with pytest.raises(GridError, match=re.escape(message)):
@@ -281,6 +286,20 @@ def test_tasks_put_runs_that_differ_in_their_seed_together_up_to_fuse_max():
     got = [[p.spec for p in task] for task in tasks(planned, fuse)]
     assert got == [specs[0:2], specs[2:4], [specs[4]], specs[5:7], specs[7:9], [specs[9]]]
     assert [len(t) for t in tasks(planned, {})] == [1] * 10
+
+
+def test_fused_groups_are_tasks_of_their_own_and_the_runs_left_alone_are_packed():
+    # seeds 0-4 fuse two at a time: groups {0, 1} and {2, 3}; seed 4 is alone, and packs with batch 128's seed 4
+    grid = parse_grid(GRID.replace("[0, 1, 2]", "[0, 1, 2, 3, 4]") + "fuse: seeds\nfuse_max: 2\npack: 2\n")
+    specs = list(grid.specs)
+    planned = plan_times(specs, grid.resources, "nowhere")
+    got = [([p.spec.seed for p in t.runs], t.fused) for t in array_tasks(planned, grid.fuse)]
+    assert got == [([0, 1], True), ([2, 3], True), ([4], False)]
+    alone = parse_grid(GRID.replace("[0, 1, 2]", "[0]").replace("[64]", "[64, 128]") + "fuse: seeds\npack: 2\n")
+    planned = plan_times(list(alone.specs), alone.resources, "nowhere")
+    assert [([p.spec.batch_size for p in t.runs], t.fused) for t in array_tasks(planned, alone.fuse)] == [
+        ([64, 128], False)
+    ]
 
 
 def test_a_fused_grid_through_local_submit_and_status(small_root, tmp_path, capsys):
