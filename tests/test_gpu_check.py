@@ -107,7 +107,7 @@ def test_smoke_run_of_the_script_measures_every_part(gpu_machine, tmp_path):
     assert _statuses(summary) == {"levers": "ok", "fit": "ok", "pack": "ok", "grid": "ok"}, summary
     for title, _ in gpu_check.PARTS.values():
         assert f"## {title}\n\nStatus: **" in summary
-    assert "not implemented yet" in summary and "5 of 5 runs completed" in summary
+    assert "Fusion: measured on a GPU only" in summary and "5 of 5 runs completed" in summary
     assert len(re.findall(r"^- \*\*(met|not met|not measured)\*\*: ", summary, re.M)) == 7
     assert "cifarbench results" in summary  # collect's tables.md
 
