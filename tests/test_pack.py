@@ -22,6 +22,7 @@ from cifarbench.config.grid import load_grid, parse_grid
 from cifarbench.config.resources import STOPPED, Packing
 from cifarbench.config.spec import RunSpec
 from cifarbench.store import records
+from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import read_progress
 from cifarbench.train import data
@@ -159,7 +160,7 @@ def _grid(base: Path, *, epochs: int, seeds: list[int]) -> tuple[Path, Path, lis
     data.write_synthetic("synthetic10", base / "data", train_size=256, test_size=64)
     grid, results = base / "grid.yaml", base / "results"
     grid.write_text(GRID.format(epochs=epochs, seeds=seeds, root=base / "data", results=results))
-    return grid, results, list(load_grid(grid).specs)
+    return grid, results, list(load_grid(grid, fingerprint=fingerprint).specs)  # as submit names the runs
 
 
 def _reference(specs: list[RunSpec], results: Path) -> subprocess.Popen:
