@@ -106,7 +106,7 @@ GPU = Size(
     compile=True,
     grid_train_size=1000,
     grid_test_size=200,
-    budgets={"levers": 175, "fit": 140, "pack": 95, "grid": 75},
+    budgets={"levers": 175, "fit": 135, "pack": 95, "grid": 75},
 )
 SMOKE = Size(  # two batches an epoch: on a busy 2-core CPU resnet20 trains at a few dozen images/s
     model="resnet20",
