@@ -178,7 +178,9 @@ def collect_status(
     for run_id, desc in described.items():
         record = summaries.get(run_id)
         entry = entries.get(run_id)
-        progress = None if record or run_id not in started else read_progress(results, run_id)
+        # a run requeued after a failed attempt trains again: its progress file says how far, not that record
+        finished = record is not None and record["status"] == "completed"
+        progress = None if finished or run_id not in started else read_progress(results, run_id)
         job_state = None
         if entry and entry["executor"] == "slurm":
             job_state = states.get(entry["job_id"])
@@ -187,7 +189,9 @@ def collect_status(
         status = classify(
             record=record, entry=entry, job_state=job_state, alive=alive.get(entry["job_id"]) if entry else None
         )
-        done = record["epochs_done"] if record else (progress or {}).get("epochs_done")
+        done = (progress or {}).get("epochs_done") if progress and status == "running" else None
+        if done is None:
+            done = record["epochs_done"] if record else (progress or {}).get("epochs_done")
         times = progress_times(progress, now) if progress and status == "running" else {}
         if record and record["status"] == "completed" and record.get("train_seconds") and record["epochs_done"]:
             times = {"epoch_s": (record["train_seconds"] + (record.get("test_seconds") or 0)) / record["epochs_done"]}
