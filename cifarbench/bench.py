@@ -33,12 +33,12 @@ from cifarbench.config.spec import DATASETS, RunSpec, get_recipe
 from cifarbench.errors import plural
 from cifarbench.store import records
 from cifarbench.store.layout import Layout
-from cifarbench.system import usable_cores
+from cifarbench.system import allowed_cores, usable_cores
 from cifarbench.train import data
 from cifarbench.train import fit as fitting
 from cifarbench.train.fit import FastPath
 from cifarbench.train.models import get_resnet, init_weights
-from cifarbench.train.pack import allowed_cores, mps_server, shares
+from cifarbench.train.pack import mps_server, shares
 
 BENCH_TAG = b"bench/2"
 _str, _int = pa.string(), pa.int32()
@@ -125,7 +125,8 @@ def _images_per_s(batches, consume, *, device, steps, warmup, repeats) -> float:
 
 
 def _finish(rows: list[dict], *, device: torch.device, **common) -> list[dict]:
-    """Add the ratio to the baseline row, and the columns every row shares."""
+    """Add the ratio to the baseline row, and the columns every row shares; a row's own value of one of them wins
+    (the runs of ``bench_pack`` train in processes of their own, with their own thread count)."""
     base = next(r["images_per_s"] for r in rows if r["baseline"])
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -138,7 +139,7 @@ def _finish(rows: list[dict], *, device: torch.device, **common) -> list[dict]:
         "created_at": datetime.now(timezone.utc),
     }
     return [
-        {**common, **r, "ratio": None if r["images_per_s"] is None else r["images_per_s"] / base, **env} for r in rows
+        {**common, **env, **r, "ratio": None if r["images_per_s"] is None else r["images_per_s"] / base} for r in rows
     ]
 
 
@@ -674,7 +675,7 @@ def bench_pack(
     alone = rows[0]["per_run_images_per_s"]
     for row in rows:
         row["slowdown"] = alone / row["per_run_images_per_s"]
-    finished = _finish(
+    return _finish(
         rows,
         device=device,
         what="pack",
@@ -685,7 +686,6 @@ def bench_pack(
         warmup=warmup,
         repeats=repeats,
     )
-    return [{**r, "torch_threads": row["torch_threads"]} for r, row in zip(finished, rows)]
 
 
 def bench_fuse(

@@ -7,13 +7,17 @@ import shutil
 import subprocess
 
 
-def usable_cores() -> int:
-    """The cores this process may run on: under SLURM often far fewer than the node's ``os.cpu_count()``.
-    ``sched_getaffinity`` is Linux-only; elsewhere (macOS) every core counts."""
+def allowed_cores() -> list[int]:
+    """The cores this process may run on, where the OS says: ``sched_getaffinity`` is Linux-only; elsewhere
+    (macOS) none are named."""
     getaffinity = getattr(os, "sched_getaffinity", None)
-    if getaffinity is not None:
-        return len(getaffinity(0))
-    return os.cpu_count() or 1
+    return sorted(getaffinity(0)) if getaffinity else []
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on: under SLURM often far fewer than the node's ``os.cpu_count()``;
+    every core where the OS does not say (macOS)."""
+    return len(allowed_cores()) or os.cpu_count() or 1
 
 
 def local_gpus() -> int:

@@ -189,10 +189,9 @@ def collect_status(
         status = classify(
             record=record, entry=entry, job_state=job_state, alive=alive.get(entry["job_id"]) if entry else None
         )
-        done = (progress or {}).get("epochs_done") if progress and status == "running" else None
-        if done is None:
-            done = record["epochs_done"] if record else (progress or {}).get("epochs_done")
-        times = progress_times(progress, now) if progress and status == "running" else {}
+        training = progress is not None and status == "running"
+        done = (progress or {}).get("epochs_done") if training or not record else record["epochs_done"]
+        times = progress_times(progress, now) if training and progress else {}
         if record and record["status"] == "completed" and record.get("train_seconds") and record["epochs_done"]:
             times = {"epoch_s": (record["train_seconds"] + (record.get("test_seconds") or 0)) / record["epochs_done"]}
         out.append(

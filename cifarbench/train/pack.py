@@ -45,7 +45,7 @@ from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
 from cifarbench.store import records
 from cifarbench.store.layout import Layout
-from cifarbench.system import local_gpus, usable_cores
+from cifarbench.system import allowed_cores, local_gpus, usable_cores
 from cifarbench.train.job import completed_record
 
 STOP_WAIT_S = 40  # SLURM signals 60 s ahead of the limit: time for each worker to leave its epoch and exit
@@ -262,12 +262,6 @@ def _failed_here(spec: RunSpec) -> bool:
         and not (record["error"] or "").startswith(STOPPED)
         and (record["slurm_job_id"], record["slurm_array_task_id"]) == (job, os.environ.get("SLURM_ARRAY_TASK_ID"))
     )
-
-
-def allowed_cores() -> list[int]:
-    """The cores this process may run on, where the OS says (Linux); else none are named."""
-    getaffinity = getattr(os, "sched_getaffinity", None)
-    return sorted(getaffinity(0)) if getaffinity else []
 
 
 class Stopped(BaseException):  # its name starts the record's error: config.resources.STOPPED says so
