@@ -409,11 +409,7 @@ def _packing_fields(raw: dict, where: str, base: dict) -> dict:
     for key in fields:
         if key in (raw.get("slurm") or {}):
             raise _Problem(f"{where}{key}", f"set both here and in {where}slurm; keep one")
-    try:
-        Resources(**{**base, **fields})
-    except ValueError as e:
-        field, _, what = str(e).partition(": ")
-        raise _Problem(f"{where}{field}", what) from None
+    _check_resources(fields, base, where)
     return fields
 
 
@@ -490,9 +486,14 @@ def _resource_fields(raw, where: str, base: dict) -> dict:
         fields["extra"] = tuple(fields["extra"].items())
     if "setup" in fields and not isinstance(fields["setup"], list):
         raise _Problem(f"{where}.setup", f"must be a list of shell lines, got {fields['setup']!r}")
+    _check_resources(fields, base, f"{where}.")
+    return fields
+
+
+def _check_resources(fields: dict, base: dict, where: str) -> None:
+    """``fields`` over ``base`` make valid Resources; else the field's error, located at ``where`` + its name."""
     try:
         Resources(**{**base, **fields})
     except ValueError as e:
         field, _, what = str(e).partition(": ")
-        raise _Problem(f"{where}.{field}", what) from None
-    return fields
+        raise _Problem(f"{where}{field}", what) from None
