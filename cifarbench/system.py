@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
+from pathlib import Path
+
+_IMPORTED = time.time()
 
 
 def allowed_cores() -> list[int]:
@@ -20,13 +24,26 @@ def usable_cores() -> int:
     return len(allowed_cores()) or os.cpu_count() or 1
 
 
+def visible_devices() -> list[str] | None:
+    """The GPUs CUDA_VISIBLE_DEVICES names, as CUDA reads it (up to the first invalid entry, such as -1); None
+    where it is not set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    ids = []
+    for name in (v.strip() for v in visible.split(",")):
+        if not name or name.startswith("-"):
+            break
+        ids.append(name)
+    return ids
+
+
 def local_gpus() -> int:
     """GPUs this process may use, without importing torch: CUDA_VISIBLE_DEVICES when set, else what
     ``nvidia-smi -L`` lists, else none."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = visible_devices()
     if visible is not None:
-        ids = [v for v in visible.split(",") if v.strip()]
-        return 0 if not ids or ids[0].strip() == "-1" else len(ids)
+        return len(visible)
     if shutil.which("nvidia-smi") is None:
         return 0
     try:
@@ -34,3 +51,41 @@ def local_gpus() -> int:
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(line.startswith("GPU ") for line in out.stdout.splitlines()) if out.returncode == 0 else 0
+
+
+def allocation_cpus() -> int:
+    """The CPUs of this job's allocation: SLURM's CPUs per task, else the cores this process may run on."""
+    granted = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(granted) if granted.isdigit() else usable_cores()
+
+
+def allocation_gpus() -> int:
+    """The GPUs of this job's allocation: SLURM's GPUs on the node, else those this process may use."""
+    granted = os.environ.get("SLURM_GPUS_ON_NODE", "")
+    return int(granted) if granted.isdigit() else local_gpus()
+
+
+def process_started() -> float:
+    """When this process started (``time.time()``'s clock): from /proc on Linux, else when cifarbench was imported."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime; the fields after the name start at 3
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED
+
+
+_last_task_ended: float | None = None
+
+
+def task_started() -> float:
+    """When this process began the task it is on now: its start, or the end of the task before it (local execution
+    runs several tasks one after another in one process)."""
+    return _last_task_ended if _last_task_ended is not None else process_started()
+
+
+def task_ended() -> None:
+    global _last_task_ended
+    _last_task_ended = time.time()

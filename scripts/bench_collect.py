@@ -161,6 +161,9 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "test_images": [10_000] * n,
         "pack_size": [1] * n,
         "packed_with": [[]] * n,
+        "alloc_gpus": [1] * n,
+        "alloc_cpus": [8] * n,
+        "wall_seconds": seconds.sum(1) + 40.0,
         # no warm-up, verified CIFAR, no validation split, trained alone and unfused: these are null
         **dict.fromkeys(
             (

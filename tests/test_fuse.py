@@ -9,6 +9,7 @@ import re
 import shutil
 import statistics
 import subprocess
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -16,15 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from cifarbench.cli import main
-from cifarbench.cluster.estimate import plan_times
-from cifarbench.cluster.plan import array_tasks, tasks
+from cifarbench.cluster.estimate import Evidence
+from cifarbench.cluster.plan import fused_groups, make_tasks
 from cifarbench.config.grid import load_grid, parse_grid
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import GridError
-from cifarbench.store import records
+from cifarbench.store import atomic, records
 from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import read_progress
+from cifarbench.system import allocation_cpus, allocation_gpus
 from cifarbench.train import data
 from cifarbench.train.fit import FastPath, fit
 from cifarbench.train.fuse import FusedGroup, fit_group, group_id, initial_model
@@ -179,7 +181,7 @@ def test_fused_steps_equal_separate_steps(small_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone(small_root, tmp_path):
+def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone(small_root, tmp_path, monkeypatch):
     whole = _specs(small_root, tmp_path / "whole", seeds=(0, 1))
     paths = _quiet(fit_group, whole, device=CPU)
     rows = [records.read_record(p) for p in paths]
@@ -190,6 +192,9 @@ def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone
         assert len(r["test_acc"]) == 2 and r["lr_curve"] == pytest.approx([0.1, 0.1 * 0.2**2])
         assert r["params"] == 269_722 and r["attempts"] == 1 and r["precision_used"] == "32-true"
         assert read_progress(spec.results, spec.run_id) is None
+        assert (r["alloc_gpus"], r["alloc_cpus"]) == (allocation_gpus(), allocation_cpus())
+        assert r["wall_seconds"] >= r["train_seconds"] + r["test_seconds"]
+    assert rows[0]["wall_seconds"] == rows[1]["wall_seconds"]  # the group's time, shared
     assert rows[0]["final_train_loss"] != rows[1]["final_train_loss"]
 
     # interrupted after epoch 1, then resumed: the same numbers to the last bit
@@ -209,6 +214,8 @@ def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone
     again = [records.read_record(p) for p in _quiet(fit_group, resumed, device=CPU)]
     for r, alone in zip(again, rows):
         assert r["status"] == "completed" and r["attempts"] == 2
+        # both attempts count: the first up to its checkpoint after epoch 1
+        assert r["wall_seconds"] >= r["train_seconds"] + r["test_seconds"]
         for key in ("train_loss", "test_loss", "test_acc", "lr_curve"):
             assert r[key] == alone[key], key
     ckpt = Layout(tmp_path / "whole").group_checkpoint(group_id([s.run_id for s in whole]))
@@ -227,6 +234,21 @@ def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone
         with torch.no_grad():
             group.params["fc.weight"][1].fill_(float("inf"))
 
+    # killed between the diverged member's record and the checkpoint that drops it: the member is failed already
+    ckpt = Layout(tmp_path / "diverging").group_checkpoint(group_id([s.run_id for s in diverging]))
+    replacing = atomic.replacing
+
+    def killed_at_the_checkpoint(path):
+        if Path(path) == ckpt:
+            raise KeyboardInterrupt
+        return replacing(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic, "replacing", killed_at_the_checkpoint)
+        with pytest.raises(KeyboardInterrupt):
+            _quiet(fit_group, diverging, device=CPU, prepare=blow_up)
+    killed = records.read_record(Layout(diverging[1].results).record(diverging[1].run_id))
+    assert killed["status"] == "failed" and killed["error"].startswith("Diverged: training loss nan in epoch 1")
     paths = _quiet(fit_group, diverging, device=CPU, prepare=blow_up)
     bad = records.read_record(Layout(diverging[1].results).record(diverging[1].run_id))
     assert bad["status"] == "failed" and bad["epochs_done"] == 0
@@ -281,25 +303,20 @@ def test_grid_fuse_keys_are_checked_and_never_change_run_ids():
 def test_tasks_put_runs_that_differ_in_their_seed_together_up_to_fuse_max():
     grid = parse_grid(GRID.replace("[0, 1, 2]", "[0, 1, 2, 3, 4]").replace("[64]", "[64, 128]"))
     specs = list(grid.specs)  # batch size outermost: 64 x seeds 0-4, then 128 x seeds 0-4
-    planned = plan_times(specs, grid.resources, "nowhere")
     fuse = {s.run_id: 2 for s in specs if s.seed != 4}
-    got = [[p.spec for p in task] for task in tasks(planned, fuse)]
-    assert got == [specs[0:2], specs[2:4], [specs[4]], specs[5:7], specs[7:9], [specs[9]]]
-    assert [len(t) for t in tasks(planned, {})] == [1] * 10
+    assert fused_groups(specs, fuse) == [specs[0:2], specs[2:4], [specs[4]], specs[5:7], specs[7:9], [specs[9]]]
+    assert [len(t) for t in fused_groups(specs, {})] == [1] * 10
 
 
 def test_fused_groups_are_tasks_of_their_own_and_the_runs_left_alone_are_packed():
     # seeds 0-4 fuse two at a time: groups {0, 1} and {2, 3}; seed 4 is alone, and packs with batch 128's seed 4
     grid = parse_grid(GRID.replace("[0, 1, 2]", "[0, 1, 2, 3, 4]") + "fuse: seeds\nfuse_max: 2\npack: 2\n")
     specs = list(grid.specs)
-    planned = plan_times(specs, grid.resources, "nowhere")
-    got = [([p.spec.seed for p in t.runs], t.fused) for t in array_tasks(planned, grid.fuse)]
-    assert got == [([0, 1], True), ([2, 3], True), ([4], False)]
+    tasks = make_tasks(specs, grid.resources, grid.fuse, Evidence.none())
+    assert [([s.seed for s in t.specs], t.fused) for t in tasks] == [([0, 1], True), ([2, 3], True), ([4], False)]
     alone = parse_grid(GRID.replace("[0, 1, 2]", "[0]").replace("[64]", "[64, 128]") + "fuse: seeds\npack: 2\n")
-    planned = plan_times(list(alone.specs), alone.resources, "nowhere")
-    assert [([p.spec.batch_size for p in t.runs], t.fused) for t in array_tasks(planned, alone.fuse)] == [
-        ([64, 128], False)
-    ]
+    tasks = make_tasks(list(alone.specs), alone.resources, alone.fuse, Evidence.none())
+    assert [([s.batch_size for s in t.specs], t.fused) for t in tasks] == [([64, 128], False)]
 
 
 def test_a_fused_grid_through_local_submit_and_status(small_root, tmp_path, capsys):

@@ -87,6 +87,7 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     gpus_per_node: int = 1
+    gpu_type: str | None = None  # the GRES type SLURM knows the GPUs by (e.g. a100): --gres=gpu:a100:N
     cpus_per_task: int = 4
     mem_gb: float | None = None
     time: str = "04:00:00"  # or "auto"
@@ -106,6 +107,10 @@ class Resources:
         if self.constraint is not None:
             _line(self.constraint, "constraint", _NEWLINE)  # "a100&ib" and "[rack1|rack2]" are constraint syntax
         check_int(self.gpus_per_node, "gpus_per_node", 0)
+        if self.gpu_type is not None:
+            _line(self.gpu_type, "gpu_type", _UNSAFE | set(":,"))
+            if not self.gpus_per_node:
+                raise ValueError("gpu_type: names the type of GPUs, but gpus_per_node is 0; ask for GPUs or remove it")
         check_int(self.cpus_per_task, "cpus_per_task", 1)
         check_int(self.array_parallelism, "array_parallelism", 1)
         check_int(self.max_requeues, "max_requeues", 0)
@@ -199,6 +204,10 @@ class Packing:
 
     runs: tuple[str, ...] = ()  # empty: trained alone
     mps: str | None = None
+    # The allocation's GPUs and CPUs, as the job process saw them before it gave each worker its share (None: the
+    # process that trains sees the whole allocation itself)
+    alloc_gpus: int | None = None
+    alloc_cpus: int | None = None
 
     def to_dict(self, run_id: str, *, on_gpu: bool) -> dict:
         return {

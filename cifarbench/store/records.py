@@ -1,8 +1,8 @@
 """The per-run Parquet record (``runs/<run_id>/record.parquet``): explicit versioned schema, atomic write,
 tolerant reads of the whole file or of its footer summary alone.
 
-A record (``record/4``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
-schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/4`` says what the
+A record (``record/5``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
+schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/5`` says what the
 file is, and ``cifarbench.summary`` is a compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables
 are made of, with the columns' values (null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its
 first line only; NaN as Python's json writes it; no curves). The summary is the footer index: reading a footer
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from cifarbench.store import atomic
 from cifarbench.store.layout import Layout
 
-RECORD_VERSION = 4
+RECORD_VERSION = 5
 SCHEMA_KEY = b"cifarbench.schema"
 SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
 SUMMARY_KEY = b"cifarbench.summary"
@@ -43,7 +43,7 @@ _COLUMNS = [
     (
         "record_version",
         pa.int32(),
-        "The record schema's version (4: `record/4`); files of versions 1 to 3 are read with the columns they lack "
+        "The record schema's version (5: `record/5`); files of versions 1 to 4 are read with the columns they lack "
         "filled in.",
     ),
     (
@@ -245,21 +245,21 @@ _COLUMNS = [
     (
         "time_limit_s",
         pa.int64(),
-        "The time limit `submit` gave the run, in seconds (on SLURM, the job's `--time`); null: started by "
-        "`cifarbench run`, or written before record/3.",
+        "The time limit `submit` gave the run's array task, in seconds (on SLURM, the job's `--time`); null: started "
+        "by `cifarbench run`, or written before record/3.",
     ),
     (
         "estimated_s",
         pa.float64(),
-        "The run's duration as `submit` estimated it, in seconds: two minutes of start-up plus epochs times seconds "
-        "per epoch; `time: auto` sets the limit from this times `time_margin`. Null: started by `cifarbench run`, "
-        "or written before record/3.",
+        "The duration of the run's array task (the run, its pack or its fused group) as `submit` estimated it, in "
+        "seconds: start-up plus epochs times the task's seconds per epoch; `time: auto` sets the limit from this "
+        "times `time_margin`. Null: started by `cifarbench run`, or written before record/3.",
     ),
     (
         "estimate_source",
         pa.string(),
-        "Where that estimate came from: `records: ...`, `bench: ...` or `prior: ...`, with the detail (e.g. `records: "
-        "2 epochs; 3 records on cpu: 18.0 s/epoch`).",
+        "Where that estimate came from: `records: ...`, `bench: ...` or `prior: ...`, with the detail: device, "
+        "precision, pack or group, scaling (e.g. `records: 2 epochs; 3 records on cpu, 32-true: 18.0 s/epoch`).",
     ),
     (
         "pack_size",
@@ -277,6 +277,26 @@ _COLUMNS = [
         pa.string(),
         "How packed runs shared the GPU: `on` (through a CUDA MPS server the job started) or `off` (time-sliced); "
         "null when no GPU was shared (trained alone, or packed on CPUs).",
+    ),
+    (
+        "alloc_gpus",
+        pa.int32(),
+        "GPUs of the allocation (the array task) the run trained in, shared with the rest of its pack or fused "
+        "group; 0: CPUs only. Null: written before record/5.",
+    ),
+    (
+        "alloc_cpus",
+        pa.int32(),
+        "CPU cores of that allocation (SLURM's CPUs per task; locally, the cores the job was given). Null: written "
+        "before record/5.",
+    ),
+    (
+        "wall_seconds",
+        pa.float64(),
+        "Wall-clock seconds the run's process spent, from its start to this record, summed over attempts (an "
+        "attempt that ended without a record counts up to its last checkpoint). A pack's or fused group's task "
+        "took the longest of its runs' (a fused group's members share theirs). Null: written before record/5, or "
+        "by a process that was killed.",
     ),
     (
         "started_at",
@@ -369,11 +389,24 @@ SUMMARY_FIELDS = (
     "estimated_s",
     "pack_size",
     "mps",
+    "precision_used",
+    "train_images",
+    "test_images",
+    "estimate_source",
+    "packed_with",
+    "fuse_size",
+    "fused_with",
+    "alloc_gpus",
+    "alloc_cpus",
+    "wall_seconds",
 )
 
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
 # SCHEMA without these columns, and a summary without these keys (nor those OLDER_SUMMARY names); a reader fills
 # them in.
+# record/5: the allocation a run trained in (its GPUs and CPUs) and its wall-clock time, for plans and GPU-hours per
+# allocation; the summary also holds the precision used, the data's size and the run's pack or fused group.
+_SINCE_5: dict[str, object] = {"alloc_gpus": None, "alloc_cpus": None, "wall_seconds": None}
 # record/4: protocols (warm-up, iterations, a validation split), the data's identity and size, packing, fusion.
 # Before it, every run counted epochs, warmed up for no step, held nothing out and trained alone.
 _SINCE_4: dict[str, object] = {
@@ -397,15 +430,26 @@ _SINCE_4: dict[str, object] = {
     "mps": None,
     "fuse_size": None,
     "fused_with": None,
+    **_SINCE_5,
 }
 _SINCE_3 = {"test_seconds": None, "time_limit_s": None, "estimated_s": None, "estimate_source": None, **_SINCE_4}
 OLDER = {
     1: {"compile": None, "compile_fallback": None, **_SINCE_3},  # before torch.compile: every run trained eagerly
     2: _SINCE_3,
     3: _SINCE_4,
+    4: _SINCE_5,
 }
 # Columns an older record has, but not in its summary: a summary-only reader sees them as null.
-OLDER_SUMMARY: dict[int, dict] = {1: {"device_name": None}, 2: {"device_name": None}, 3: {}}
+# record/4's summary lacks record/5's keys whose columns it has: a summary-only reader does not know its run's
+# precision, data size, estimate source or company (an older record's run trained alone where the columns say so).
+_SUMMARY_SINCE_5 = ("precision_used", "train_images", "test_images", "estimate_source", "packed_with", "fuse_size",
+                    "fused_with")  # fmt: skip
+OLDER_SUMMARY: dict[int, dict] = {
+    1: {"device_name": None, "precision_used": None},
+    2: {"device_name": None, "precision_used": None},
+    3: {"precision_used": None, "estimate_source": None},
+    4: dict.fromkeys(_SUMMARY_SINCE_5),
+}
 _VERSIONS = {f"record/{v}".encode(): v for v in (*OLDER, RECORD_VERSION)}  # schema tag -> version
 READABLE_TAGS = tuple(tag.decode() for tag in _VERSIONS)
 

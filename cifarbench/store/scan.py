@@ -38,7 +38,6 @@ _FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k i
 # What report.html shows beyond the summary: a run's environment, a failed run's traceback. Like the curve, null
 # until the report has read them from the record's columns, then kept; DETAILS_READ says whether they were read.
 DETAILS = (
-    "precision_used",
     "device_count",
     "hostname",
     "torch_version",

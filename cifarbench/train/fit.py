@@ -28,6 +28,7 @@ from cifarbench.errors import UsageError
 from cifarbench.store import datasets, records
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import clear_progress, read_progress
+from cifarbench.system import allocation_cpus, allocation_gpus, task_ended, task_started
 from cifarbench.train import data
 from cifarbench.train.loggers import make_logger
 from cifarbench.train.models import count_parameters
@@ -132,6 +133,15 @@ def _environment(device: torch.device) -> dict:
         "git_commit": _git_commit(),
         "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+    }
+
+
+def allocation_fields(packing: Packing | None = None) -> dict:
+    """The record's allocation columns: the GPUs and CPUs of the array task the run trains in."""
+    packing = packing or Packing()
+    return {
+        "alloc_gpus": allocation_gpus() if packing.alloc_gpus is None else packing.alloc_gpus,
+        "alloc_cpus": allocation_cpus() if packing.alloc_cpus is None else packing.alloc_cpus,
     }
 
 
@@ -268,8 +278,9 @@ def fit(
     layout = Layout(spec.results)
     folder = layout.run_dir(spec.run_id)
     ckpt = layout.checkpoint(spec.run_id)
+    began = task_started()
     row = {**spec_fields(spec), "started_at": started, **_environment(device), **(budget or Budget()).to_dict()}
-    row.update((packing or Packing()).to_dict(spec.run_id, on_gpu=device.type == "cuda"))
+    row.update((packing or Packing()).to_dict(spec.run_id, on_gpu=device.type == "cuda"), **allocation_fields(packing))
     module = None
     try:
         row.update(check_data(spec))
@@ -293,6 +304,7 @@ def fit(
         steps = spec.steps(len(loaders.train))
         row.update(loaders.sizes, **schedule_fields(spec, steps))
         module = ResNetModule(spec, steps=steps, fused_sgd=fast.fused_sgd, validation=loaders.val is not None)
+        module.attempt_started = began
         row["params"] = count_parameters(module.model)
         if fast.channels_last:
             module.model.to(memory_format=torch.channels_last)
@@ -346,13 +358,16 @@ def fit(
                 f"training stopped after {outcome['epochs_done']} of {steps.epochs} epochs"
                 + (" (interrupted)" if trainer.interrupted else "")
             )
-        row.update(outcome, status="completed", ended_at=datetime.now(timezone.utc))
+        row.update(outcome, status="completed", ended_at=datetime.now(timezone.utc), wall_seconds=module.wall_seconds())
         path = records.write_record(row, spec.results)
         clear_progress(spec.results, spec.run_id)
+        task_ended()
         return path
     except BaseException as exc:  # also SystemExit/KeyboardInterrupt: an interrupted run still leaves a record
+        task_ended()
         row.update(
             _outcome(module) if module else {"epochs_done": 0},  # failed before the model existed: no epoch ran
+            wall_seconds=module.wall_seconds() if module else time.time() - began,
             status="failed",
             ended_at=datetime.now(timezone.utc),
             error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
@@ -371,6 +386,7 @@ def record_death(spec: RunSpec, error: str, *, started: datetime, budget: Budget
         **_environment(torch.device("cpu")),
         **budget.to_dict(),
         **packing.to_dict(spec.run_id, on_gpu=False),
+        **allocation_fields(packing),
         "device_name": None,  # the process that knew it is gone
         "device_count": None,
         "started_at": started,

@@ -36,6 +36,7 @@ from cifarbench.errors import UsageError
 from cifarbench.store import atomic, records
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import clear_progress, write_progress
+from cifarbench.system import task_ended, task_started
 from cifarbench.train import data
 from cifarbench.train.fit import (
     AUTOCAST,
@@ -44,6 +45,7 @@ from cifarbench.train.fit import (
     _outcome,
     _quiet_lightning,
     _write_failed,
+    allocation_fields,
     check_data,
     default_device,
     schedule_fields,
@@ -125,6 +127,8 @@ class FusedGroup:
         self.live = list(range(len(specs)))  # indices of the members still training, in stacking order
         self.epoch = 0  # epochs done
         self.attempts = 1
+        self.attempt_started = time.time()  # fit_group sets when this attempt's process began its task
+        self.wall_before = 0.0  # wall-clock seconds of earlier attempts, up to their last checkpoint
         self.compile_fallback: str | None = None
         models = [initial_model(s) for s in specs]
         self.params_per_member = count_parameters(models[0])
@@ -310,6 +314,7 @@ class FusedGroup:
             "live": self.live,
             "epoch": self.epoch,
             "attempts": self.attempts,
+            "wall_seconds": self.wall_seconds(),
             "params": {k: v.detach() for k, v in self.params.items()},
             "buffers": self.buffers,
             "optimiser": self.optimiser.state_dict(),
@@ -328,11 +333,16 @@ class FusedGroup:
                 "move it away or use another results folder"
             )
         self.live, self.epoch, self.attempts = list(saved["live"]), saved["epoch"], saved["attempts"] + 1
+        self.wall_before = saved.get("wall_seconds", 0.0)
         self._set_state(saved["params"], saved["buffers"], saved["optimiser"], saved["schedule"])
         for member, h in zip(self.members, saved["history"]):
             member.history = h["history"]
             member._train_seconds, member._test_seconds = h["train_seconds"], h["test_seconds"]
             member.attempts = self.attempts
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds of every attempt so far: earlier ones up to their last checkpoint, this one whole."""
+        return self.wall_before + time.time() - self.attempt_started
 
 
 def fit_group(
@@ -352,7 +362,7 @@ def fit_group(
     after each (after the checkpoint is written). Returns the records' paths."""
     device = device or default_device()
     _quiet_lightning()
-    started = datetime.now(timezone.utc)
+    started, began = datetime.now(timezone.utc), task_started()
     specs = list(specs)
     budgets = list(budgets) if budgets is not None else [None] * len(specs)
     # Members that completed (elsewhere, or in an earlier job of this group) are left out; the others make the
@@ -369,6 +379,7 @@ def fit_group(
             "started_at": started,
             **_environment(device),
             **(b or Budget()).to_dict(),
+            **allocation_fields(),
             "fuse_size": len(specs),
             "fused_with": [other for other in ids if other != s.run_id],
         }
@@ -398,6 +409,7 @@ def fit_group(
             memory_format=fast.memory_format,
         )
         group = FusedGroup(specs, device=device, fast=fast, train=loaders.train, test=loaders.test)
+        group.attempt_started = began
         planned = schedule_fields(spec, spec.steps(len(loaders.train)))  # the seed does not change the schedule
         for row in rows.values():
             row.update(
@@ -427,12 +439,13 @@ def fit_group(
         print(f"[{group_id(ids)}] fused group of {len(specs)}: {', '.join(ids)}", flush=True)
         while group.live and group.epoch < epochs:
             diverged = group.train_epoch()
-            with atomic.replacing(ckpt) as tmp:
-                torch.save(group.state_dict(), tmp)
+            # the failed record first: a kill between the two then leaves a member failed, never dropped unrecorded
             for k in diverged:
                 member = group.members[k]
-                paths.append(_finish(member, rows[member.run_id], "failed"))
+                paths.append(_finish(member, rows[member.run_id], "failed", group.wall_seconds()))
                 print(f"[{member.run_id}] {member.error}; stopped, the group goes on", flush=True)
+            with atomic.replacing(ckpt) as tmp:
+                torch.save(group.state_dict(), tmp)
             for k in group.live:
                 member = group.members[k]
                 h = member.history
@@ -452,15 +465,20 @@ def fit_group(
                 )
             if on_epoch_end:
                 on_epoch_end(group)
+        wall = group.wall_seconds()  # the group's, one figure for every member
         for k in group.live:
-            paths.append(_finish(group.members[k], rows[specs[k].run_id], "completed"))
+            paths.append(_finish(group.members[k], rows[specs[k].run_id], "completed", wall))
+        task_ended()
         return paths
     except BaseException as exc:  # as in fit: an interrupted member still leaves a record
+        task_ended()
         live = group.live if group else range(len(specs))
+        wall = group.wall_seconds() if group else time.time() - began
         for k in live:
             row = rows[specs[k].run_id]
             row.update(
                 _outcome(group.members[k]) if group else {"epochs_done": 0},
+                wall_seconds=wall,
                 status="failed",
                 ended_at=datetime.now(timezone.utc),
                 error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
@@ -475,8 +493,14 @@ def _completed(spec: RunSpec) -> bool:
     return bool(record and record["status"] == "completed")
 
 
-def _finish(member: Member, row: dict, status: str) -> Path:
-    row.update(_outcome(member), status=status, ended_at=datetime.now(timezone.utc), error=member.error)
+def _finish(member: Member, row: dict, status: str, wall_seconds: float) -> Path:
+    row.update(
+        _outcome(member),
+        status=status,
+        ended_at=datetime.now(timezone.utc),
+        error=member.error,
+        wall_seconds=wall_seconds,
+    )
     path = records.write_record(row, member.spec.results)
     clear_progress(member.spec.results, member.run_id)
     return path

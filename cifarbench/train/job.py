@@ -22,6 +22,7 @@ from cifarbench.errors import plural
 from cifarbench.store import records
 from cifarbench.store.layout import Layout
 from cifarbench.store.locks import run_lock
+from cifarbench.system import task_ended
 
 
 def completed_record(spec: RunSpec) -> dict | None:
@@ -137,6 +138,8 @@ class TaskSequence(submitit.helpers.Checkpointable):
                 else:
                     failed += 1
                     errors.append(f"{task.spec.run_id}: {exc}")
+            finally:  # the next task's wall-clock time starts here (a pack's workers are processes of their own)
+                task_ended()
         if errors:
             raise RuntimeError(f"{failed} of {plural(len(specs), 'run')} failed: " + "; ".join(errors))
         return paths

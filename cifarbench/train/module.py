@@ -90,6 +90,8 @@ class ResNetModule(L.LightningModule):
         self._epoch_start = 0.0
         self._train_seconds = 0.0
         self._test_seconds = 0.0
+        self.attempt_started = time.time()  # fit sets when this attempt's process began its task
+        self._wall_before = 0.0  # wall-clock seconds of earlier attempts, up to their last checkpoint
 
     def forward(self, x):
         if self.spec.compile:
@@ -214,6 +216,7 @@ class ResNetModule(L.LightningModule):
             "attempts": self.attempts,
             "train_seconds": self._train_seconds,
             "test_seconds": self._test_seconds,
+            "wall_seconds": self.wall_seconds(),
         }
 
     def on_load_checkpoint(self, checkpoint):
@@ -227,6 +230,11 @@ class ResNetModule(L.LightningModule):
         self.attempts = saved["attempts"] + 1
         self._train_seconds = saved["train_seconds"]
         self._test_seconds = saved.get("test_seconds", 0.0)  # checkpoints of earlier versions lack it
+        self._wall_before = saved.get("wall_seconds", 0.0)
+
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds of every attempt so far: earlier ones up to their last checkpoint, this one whole."""
+        return self._wall_before + time.time() - self.attempt_started
 
 
 class AtomicLastCheckpoint(L.Callback):

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -45,7 +45,7 @@ from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
 from cifarbench.store import records
 from cifarbench.store.layout import Layout
-from cifarbench.system import allowed_cores, local_gpus, usable_cores
+from cifarbench.system import allocation_cpus, allocation_gpus, allowed_cores, local_gpus, visible_devices
 from cifarbench.train.job import completed_record
 
 STOP_WAIT_S = 40  # SLURM signals 60 s ahead of the limit: time for each worker to leave its epoch and exit
@@ -62,17 +62,25 @@ def shares(runs: int, cpus: int, cores: list[int]) -> tuple[int, list[list[int]]
     return threads, [cores[i * threads : (i + 1) * threads] for i in range(runs)]
 
 
-def job_cpus() -> int:
-    """The CPUs of this job: SLURM's CPUs per task, else the cores this process may run on."""
-    granted = os.environ.get("SLURM_CPUS_PER_TASK", "")
-    return int(granted) if granted.isdigit() else usable_cores()
+def visible_gpus() -> list[str]:
+    """The GPUs this job may use, as CUDA_VISIBLE_DEVICES names them (SLURM sets it for the GPUs it granted), else
+    numbered from 0."""
+    visible = visible_devices()
+    return visible if visible is not None else [str(i) for i in range(local_gpus())]
+
+
+def gpu_shares(workers: int, gpus: list[str]) -> list[str | None]:
+    """Pure: each worker's CUDA_VISIBLE_DEVICES, the allocation's GPUs round robin (8 workers on 4 GPUs: 2 on
+    each); None where there is no GPU to give."""
+    return [gpus[i % len(gpus)] if gpus else None for i in range(workers)]
 
 
 @contextlib.contextmanager
-def mps_server(mode: str, folder: Path) -> Iterator[tuple[str | None, dict[str, str]]]:
-    """(how the runs share the GPU: "on", "off" or None without a GPU, the environment of an MPS client)."""
+def mps_server(mode: str, folder: Path, *, shared: bool = True) -> Iterator[tuple[str | None, dict[str, str]]]:
+    """(how the runs share the GPU: "on", "off" or None where no GPU is shared, the environment of an MPS
+    client). ``shared``: whether any GPU gets more than one run."""
     control = shutil.which("nvidia-cuda-mps-control")
-    if not local_gpus():
+    if not local_gpus() or not shared:
         yield None, {}
         return
     if mode == "off" or (mode == "auto" and control is None):
@@ -115,6 +123,12 @@ def _relay(stream, out, run_id: str) -> None:
         out.flush()
 
 
+def worker_env(job: Mapping[str, str], mps: dict[str, str], device: str | None) -> dict[str, str]:
+    """Pure: a worker's environment: the job's, the MPS client's, and its own GPU where it has one."""
+    own = {"CUDA_VISIBLE_DEVICES": device} if device is not None else {}
+    return {**job, **mps, **own, "PYTHONUNBUFFERED": "1"}
+
+
 class PackJob(submitit.helpers.Checkpointable):
     """The submitit callable of one packed array task: its runs, trained concurrently in one allocation."""
 
@@ -135,7 +149,7 @@ class PackJob(submitit.helpers.Checkpointable):
         # runs already completed): a run's thread count, and so its numbers, never depend on its company.
         self.pack = pack or len(self.specs)
         self.mps = mps
-        self.cpus = cpus  # None: the job's (job_cpus); local execution gives each device's share
+        self.cpus = cpus  # None: the allocation's; local execution gives each device's share
         self._workers: list[_Worker] = []
         self._packing = Packing()
 
@@ -146,9 +160,14 @@ class PackJob(submitit.helpers.Checkpointable):
         self.__dict__.update(state, _workers=[], _packing=Packing())
 
     def __call__(self) -> list[str]:
-        with tempfile.TemporaryDirectory(prefix="cifarbench-pack-") as tmp, mps_server(self.mps, Path(tmp)) as mps:
+        shared = self.pack > len(visible_gpus())  # else one run per GPU: nothing to share, no MPS server
+        with (
+            tempfile.TemporaryDirectory(prefix="cifarbench-pack-") as tmp,
+            mps_server(self.mps, Path(tmp), shared=shared) as mps,
+        ):
             label, env = mps
-            self._start(Packing(runs=self.members, mps=label), env)
+            cpus = self.cpus or allocation_cpus()
+            self._start(Packing(runs=self.members, mps=label, alloc_gpus=allocation_gpus(), alloc_cpus=cpus), env)
             try:
                 while any(w.outcome is None for w in self._workers):
                     for worker in self._workers:
@@ -168,10 +187,16 @@ class PackJob(submitit.helpers.Checkpointable):
         todo = [(s, b) for s, b in zip(self.specs, self.budgets) if not completed_record(s) and not _failed_here(s)]
         if not todo:
             return
-        threads, cores = shares(max(self.pack, len(todo)), self.cpus or job_cpus(), allowed_cores())
+        threads, cores = shares(max(self.pack, len(todo)), packing.alloc_cpus or allocation_cpus(), allowed_cores())
+        gpus = visible_gpus()
+        if packing.mps == "on":  # an MPS server numbers the GPUs it was started with from 0: its clients name those
+            gpus = [str(i) for i in range(len(gpus))]
+        devices = gpu_shares(len(todo), gpus)
         print(
             f"packed job: {plural(len(todo), 'run')} to train ({len(self.specs) - len(todo)} completed or failed), "
-            f"{threads} threads each" + (f", GPU shared with MPS {packing.mps}" if packing.mps else ""),
+            f"{threads} threads each"
+            + (f", GPUs {','.join(d for d in devices if d)} round robin" if any(devices) else "")
+            + {"on": ", GPUs shared through MPS", "off": ", GPUs time-sliced"}.get(packing.mps or "", ""),
             flush=True,
         )
         for i, (spec, budget) in enumerate(todo):
@@ -180,6 +205,8 @@ class PackJob(submitit.helpers.Checkpointable):
                 "budget": budget.to_dict(),
                 "runs": list(packing.runs),
                 "mps": packing.mps,
+                "alloc_gpus": packing.alloc_gpus,
+                "alloc_cpus": packing.alloc_cpus,
                 "threads": threads,
                 "cores": cores[i] if cores else None,
             }
@@ -189,7 +216,7 @@ class PackJob(submitit.helpers.Checkpointable):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
-                env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                env=worker_env(os.environ, env, devices[i]),
             )
             worker = _Worker(spec=spec, budget=budget, proc=proc, started=datetime.now(timezone.utc))
             for stream, out in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
@@ -284,11 +311,15 @@ def worker(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's warning is the job process's to act on
     spec = RunSpec.from_dict(task["spec"])
+    if "CUDA_VISIBLE_DEVICES" in os.environ:
+        print(f"[{spec.run_id}] CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}", flush=True)
     try:
         run_one(
             spec,
             Budget(**task["budget"]),
-            packing=Packing(runs=tuple(task["runs"]), mps=task["mps"]),
+            packing=Packing(
+                runs=tuple(task["runs"]), mps=task["mps"], alloc_gpus=task["alloc_gpus"], alloc_cpus=task["alloc_cpus"]
+            ),
             threads=task["threads"],
         )
     except Stopped as stop:
