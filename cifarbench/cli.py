@@ -135,18 +135,19 @@ def _cmd_submit(args) -> int:
         resources = [grid.resources[s.run_id] for s in todo.submit]
         limits = preflight.read_limits(accounting=any(r.account or r.qos for r in resources))
     max_time = preflight.max_times(limits) if limits else None
-    planned = estimate.plan_times(todo.submit, grid.resources, grid.results, max_time=max_time, summaries=summaries)
-    size = queue.max_array_size() if on_slurm else len(planned) or 1
-    for line in plan.describe(planned, max_array_size=size) if planned else ():
+    evidence = estimate.read_evidence(grid.results, summaries)
+    tasks = plan.make_tasks(todo.submit, grid.resources, grid.fuse, evidence, max_time)
+    size = queue.max_array_size() if on_slurm else len(tasks) or 1
+    for line in plan.describe(tasks, max_array_size=size) if tasks else ():
         print(line)
-    fused = [task for task in plan.tasks(planned, grid.fuse) if len(task) > 1]
+    fused = [task.specs for task in tasks if task.fused]
     if fused:
         print(
             f"fused: {plural(sum(map(len, fused)), 'run')} in {plural(len(fused), 'group')} of up to "
             f"{max(map(len, fused))} (one array task each)"
         )
     if not args.no_preflight:
-        problems = preflight.problems(planned, limits)
+        problems = preflight.problems(tasks, limits)
         if problems:
             raise Problems([*problems, "nothing was submitted (--no-preflight skips these checks)"])
     if args.dry_run:
@@ -159,11 +160,12 @@ def _cmd_submit(args) -> int:
             )
             for s in group
         }
-        budgets = {p.spec.run_id: p for p in planned}
+        task_of = {s.run_id: t for t in tasks for s in t.specs}
         for spec in specs:
             mark = f"skip ({skipped[spec.run_id]})" if spec.run_id in skipped else "submit"
-            p = budgets.get(spec.run_id)
-            estimated = f"  est {p.estimate.seconds / 60:.0f} min ({p.estimate.source})" if p else ""
+            t = task_of.get(spec.run_id)
+            shared = "" if t is None or len(t.specs) == 1 else f" of its {'group' if t.fused else 'pack'}"
+            estimated = f"  est {t.estimate.seconds / 60:.0f} min{shared} ({t.estimate.source})" if t else ""
             print(
                 f"  {mark:<18} {spec.run_id}  {spec.model} {spec.dataset} {spec.recipe.name} "
                 f"bs={spec.batch_size} seed={spec.seed} epochs={spec.schedule.epochs}{estimated}"
@@ -172,9 +174,7 @@ def _cmd_submit(args) -> int:
     if todo.submit:
         from cifarbench.cluster import submit  # submitit: only when something is submitted
 
-        manifest = submit.submit(
-            planned, grid.results, executor=args.executor, grid_source=str(args.grid), fuse=grid.fuse
-        )
+        manifest = submit.submit(tasks, grid.results, executor=args.executor, grid_source=str(args.grid))
         jobs = sorted({e["array_job_id"] for e in manifest["runs"]})
         job_word = "job" if len(jobs) == 1 else "jobs"
         print(f"submitted {plural(len(todo.submit), 'run')} ({manifest['executor']}) as {job_word} {', '.join(jobs)}")

@@ -311,7 +311,8 @@ def test_resources():
   partition: gpu
   account: proj-42
   qos: high
-  gpus_per_node: 2
+  gpus_per_node: 1
+  gpu_type: a100
   mem_gb: 40.5
   time: "2-12:00:00"
   constraint: "a100&ib"
@@ -320,11 +321,12 @@ def test_resources():
 """
     ).resources
     [r] = set(r.values())
-    assert (r.partition, r.account, r.qos, r.gpus_per_node, r.mem_gb, r.constraint) == (
+    assert (r.partition, r.account, r.qos, r.gpus_per_node, r.gpu_type, r.mem_gb, r.constraint) == (
         "gpu",
         "proj-42",
         "high",
-        2,
+        1,
+        "a100",
         40.5,
         "a100&ib",
     )

@@ -1,6 +1,7 @@
 """Packing: ``pack: K`` trains K runs at once in one array task. The grid's checks, the plan, the status of a
 packed run, and on the real local SLURM cluster: one array of packed tasks whose records equal the same runs trained
-alone, a requeued packed task, a worker killed inside one, and the same on the local executor."""
+alone, a task on two GPUs whose workers get one each, a requeued packed task, a worker killed inside one, and the
+same on the local executor."""
 
 import dataclasses
 import io
@@ -26,7 +27,7 @@ from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import read_progress
 from cifarbench.train import data
-from cifarbench.train.pack import shares
+from cifarbench.train.pack import gpu_shares, shares, visible_gpus, worker_env
 
 AXES = "models: [resnet20]\ndatasets: [synthetic10]\nopts: [step-160]\nbatch_sizes: [64]\n"
 METRICS = ("final_test_acc", "final_test_loss", "final_train_loss", "test_acc", "train_loss", "epochs_done")
@@ -82,9 +83,9 @@ def test_dry_run_counts_packed_tasks_and_says_when_the_last_is_smaller(tmp_path,
     )
     assert main(["submit", str(grid), "--executor", "local", "--dry-run", "--no-preflight"]) == 0
     out = capsys.readouterr().out
-    assert "group 1: 5 runs, 1 GPU, 4 CPUs" in out and "packed 2 per task: 3 tasks; 1 array" in out
-    assert "reserved 2.5 GPU-h" in out  # 5 runs of 1 hour, two to a GPU
-    assert "note: group 1's last task packs 1 run, not 2: 5 runs do not divide into packs of 2" in out
+    assert "group 1: 3 tasks holding 5 runs (packed 2 per task), 1 GPU, 4 CPUs" in out and "; 1 array;" in out
+    assert "reserved 3.0 GPU-h" in out  # 3 allocations of 1 GPU for 1 hour, the last holding one run
+    assert "note: group 1 has a task of 1 run, not 2: the runs of its resources do not divide into packs of 2" in out
 
 
 def test_threads_and_cores_are_shared_out_evenly():
@@ -92,6 +93,42 @@ def test_threads_and_cores_are_shared_out_evenly():
     assert shares(3, 4, [0, 1, 2, 3]) == (1, [[0], [1], [2]])
     assert shares(4, 2, [0, 1]) == (1, None)  # more runs than cores: threads only
     assert shares(2, 8, [0, 1, 2, 3]) == (4, None)  # SLURM's count says 8, the process may use 4
+
+
+def test_workers_get_the_allocations_gpus_round_robin():
+    assert gpu_shares(8, ["0", "1", "2", "3"]) == ["0", "1", "2", "3", "0", "1", "2", "3"]
+    assert gpu_shares(3, ["0", "1"]) == ["0", "1", "0"]  # more workers than GPUs, not a multiple
+    assert gpu_shares(2, ["GPU-a1", "GPU-b2"]) == ["GPU-a1", "GPU-b2"]  # names kept as SLURM gave them
+    assert gpu_shares(3, []) == [None, None, None]  # no GPU: the workers keep the job's environment
+
+
+@pytest.mark.parametrize(
+    "visible, expected",
+    [("2,3", ["2", "3"]), (" 0 , 1 ", ["0", "1"]), ("GPU-a1,GPU-b2", ["GPU-a1", "GPU-b2"]), ("-1", []), ("", [])],
+    ids=["slurm", "spaces", "uuids", "hidden", "empty"],
+)
+def test_the_jobs_gpus_are_those_cuda_visible_devices_names(monkeypatch, visible, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr("cifarbench.train.pack.local_gpus", lambda: 8)  # never asked while the variable is set
+    assert visible_gpus() == expected
+
+
+def test_without_cuda_visible_devices_the_jobs_gpus_are_numbered_from_0(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("cifarbench.train.pack.local_gpus", lambda: 2)
+    assert visible_gpus() == ["0", "1"]
+    monkeypatch.setattr("cifarbench.train.pack.local_gpus", lambda: 0)
+    assert visible_gpus() == []
+
+
+def test_a_workers_own_gpu_overrides_the_jobs_and_the_mps_client_variables_stay():
+    job = {"CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/usr/bin", "SLURM_JOB_ID": "7"}
+    mps = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/j/mps-pipe", "CUDA_MPS_LOG_DIRECTORY": "/tmp/j/mps-log"}
+    env = worker_env(job, mps, "1")
+    assert env == {**job, **mps, "CUDA_VISIBLE_DEVICES": "1", "PYTHONUNBUFFERED": "1"}
+    assert job["CUDA_VISIBLE_DEVICES"] == "0,1"  # the job's own environment is left as it was
+    assert worker_env(job, {}, None) == {**job, "PYTHONUNBUFFERED": "1"}  # no GPU to give: the job's stays
+    assert worker_env({}, {}, "0") == {"CUDA_VISIBLE_DEVICES": "0", "PYTHONUNBUFFERED": "1"}
 
 
 def test_the_record_says_who_shared_the_device():
@@ -117,6 +154,10 @@ def test_status_shows_a_packed_run_that_failed_while_its_task_goes_on():
     assert status.classify(record=None, **state) == "running"
     alone = {**entry, "packed_with": []}
     assert status.classify(record=failed("ValueError: x"), **{**state, "entry": alone}) == "running"
+    # a fused member that diverged: its group trains on without it
+    fused = {"executor": "slurm", "submitted_at": submitted.isoformat(), "fused_with": ["other"]}
+    diverged = failed("Diverged: training loss nan in epoch 3")
+    assert status.classify(record=diverged, **{**state, "entry": fused}) == "failed"
 
 
 def test_a_stopped_worker_records_the_error_status_knows():
@@ -149,17 +190,17 @@ root: {root}
 results: {results}
 pack: 2
 slurm:
-  gpus_per_node: 0
+  gpus_per_node: {gpus}
   cpus_per_task: 2
   time: "00:10:00"
   max_requeues: 3
 """
 
 
-def _grid(base: Path, *, epochs: int, seeds: list[int]) -> tuple[Path, Path, list[RunSpec]]:
+def _grid(base: Path, *, epochs: int, seeds: list[int], gpus: int = 0) -> tuple[Path, Path, list[RunSpec]]:
     data.write_synthetic("synthetic10", base / "data", train_size=256, test_size=64)
     grid, results = base / "grid.yaml", base / "results"
-    grid.write_text(GRID.format(epochs=epochs, seeds=seeds, root=base / "data", results=results))
+    grid.write_text(GRID.format(epochs=epochs, seeds=seeds, root=base / "data", results=results, gpus=gpus))
     return grid, results, list(load_grid(grid, fingerprint=fingerprint).specs)  # as submit names the runs
 
 
@@ -220,11 +261,13 @@ def _same_as_alone(results: Path, reference: Path, specs: list[RunSpec]) -> None
 @pytest.mark.slow
 @pytest.mark.skipif(not _cluster_up(), reason="no local SLURM cluster")
 def test_four_runs_packed_two_per_task_are_one_array_and_equal_the_runs_alone(tmp_path, capsys):
-    grid, results, specs = _grid(tmp_path, epochs=2, seeds=[0, 1, 2, 3])
+    # on 2 GPUs per task: the node's GPUs are fake (SLURM grants them and sets CUDA_VISIBLE_DEVICES, torch trains on
+    # the CPU), and each worker of a task gets one of its own
+    grid, results, specs = _grid(tmp_path, epochs=2, seeds=[0, 1, 2, 3], gpus=2)
     reference = _reference(specs, tmp_path / "alone")
     try:
         out = _submit(grid)
-        assert "packed 2 per task: 2 tasks; 1 array" in out
+        assert "group 1: 2 tasks holding 4 runs (packed 2 per task)" in out and "; 1 array;" in out
         [manifest] = _manifests(results)
         job = manifest["runs"][0]["array_job_id"]
         assert f"submitted 4 runs (slurm) as job {job}\n" in out  # one sbatch: one array
@@ -240,10 +283,19 @@ def test_four_runs_packed_two_per_task_are_one_array_and_equal_the_runs_alone(tm
         partner = specs[i ^ 1].run_id
         assert (record["pack_size"], record["packed_with"], record["mps"]) == (2, [partner], None)
         assert record["slurm_array_task_id"] == str(i // 2)
+        assert (record["alloc_gpus"], record["alloc_cpus"]) == (2, 2)
     assert main(["status", str(results), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"] == {"completed": 4}
-    log = Path(manifest["runs"][0]["stdout"]).read_text()
-    assert f"[{specs[0].run_id}] epoch 2/2 " in log and f"[{specs[1].run_id}] epoch 2/2 " in log
+    for entry in manifest["runs"][::2]:
+        log = Path(entry["stdout"]).read_text()
+        first, second = (s.run_id for s in specs if s.run_id in (entry["run_id"], *entry["packed_with"]))
+        assert "GPUs 0,1 round robin" in log, log
+        assert f"[{first}] CUDA_VISIBLE_DEVICES=0" in log and f"[{second}] CUDA_VISIBLE_DEVICES=1" in log, log
+        assert f"[{first}] epoch 2/2 " in log and f"[{second}] epoch 2/2 " in log
+
+
+def _queued(job: str) -> bool:
+    return bool(subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True, timeout=60).stdout.strip())
 
 
 def _worker_pid(spec: RunSpec) -> int | None:

@@ -1,6 +1,7 @@
 """Resources per run (rules, include entries), time estimates and time limits: pure functions, no cluster."""
 
 import dataclasses
+import re
 
 import pytest
 
@@ -116,77 +117,155 @@ def test_a_bad_include_slurm_field_names_its_entry():
 # --- estimates ---------------------------------------------------------------------------------------------
 
 
-def spec(model="resnet56", **kw) -> RunSpec:
-    return RunSpec(model=model, dataset="cifar100", recipe=get_recipe("step-200"), batch_size=64, seed=0, **kw)
+def spec(model="resnet56", seed=0, **kw) -> RunSpec:
+    return RunSpec(model=model, dataset="cifar100", recipe=get_recipe("step-200"), batch_size=64, seed=seed, **kw)
 
 
 def record(**kw) -> dict:
     base = {"run_id": "x", "status": "completed", "model": "resnet56", "dataset": "cifar100", "batch_size": 64,
-            "precision": "auto", "loader": "device", "compile": None, "epochs_done": 10, "train_seconds": 100.0,
-            "test_seconds": 20.0, "device_name": "NVIDIA H100"}  # fmt: skip
+            "precision": "auto", "precision_used": "bf16-mixed", "loader": "device", "compile": None,
+            "epochs_done": 10, "train_seconds": 100.0, "test_seconds": 20.0, "device_name": "NVIDIA H100",
+            "pack_size": 1, "fuse_size": None, "alloc_cpus": 8}  # fmt: skip
     return base | kw
 
 
-def test_records_give_seconds_per_epoch_and_the_slowest_device_counts():
-    evidence = estimate.per_epoch_from_records(
-        [
-            record(),
-            record(train_seconds=120.0),
-            record(train_seconds=140.0),  # H100 median: (120 + 20) / 10 = 14 s/epoch
-            record(device_name="NVIDIA A100", train_seconds=180.0),  # 20 s/epoch: the slowest device counts
-            record(status="failed", train_seconds=10_000.0),  # failed runs say nothing about speed
-            record(batch_size=128, train_seconds=50.0),
-        ]
+def evidence(*records, bench=()) -> estimate.Evidence:
+    return estimate.Evidence(
+        records=estimate.samples_from_records(records), bench=estimate.samples_from_bench(list(bench))
     )
-    key = ("resnet56", "cifar100", 64, "auto", "device", None)
-    assert evidence[key][0] == pytest.approx(20.0) and "1 record on NVIDIA A100" in evidence[key][1]
-    assert evidence["resnet56", "cifar100", 128, "auto", "device", None][0] == pytest.approx(7.0)
+
+
+GPU, CPU = Resources(), Resources(gpus_per_node=0, cpus_per_task=4)
+BENCH_ROW = {"what": "train", "variant": "lightning fit", "images_per_s": 5000.0, "eval_images_per_s": 20000.0,
+             "model": "resnet56", "dataset": "synthetic100", "batch_size": 64, "precision": "bf16-mixed",
+             "device": "NVIDIA H200", "torch_threads": 16}  # fmt: skip
+
+
+def per_epoch(est: estimate.Estimate, epochs: int = 200) -> float:
+    return (est.seconds - estimate.START_S) / epochs
+
+
+def test_records_give_seconds_per_epoch_and_the_slowest_gpu_counts():
+    ev = evidence(
+        record(),
+        record(train_seconds=120.0),
+        record(train_seconds=140.0),  # H100 median: (120 + 20) / 10 = 14 s/epoch
+        record(device_name="NVIDIA A100", train_seconds=180.0),  # 20 s/epoch: the slowest GPU counts
+        record(status="failed", train_seconds=10_000.0),  # failed runs say nothing about speed
+        record(batch_size=128, train_seconds=50.0),
+    )
+    est = estimate.estimate_task([spec()], GPU, ev)
+    assert est.source == "records" and per_epoch(est) == pytest.approx(20.0)
+    assert "1 record on NVIDIA A100, bf16-mixed: 20.0 s/epoch" in est.detail
+
+
+def test_a_named_gpu_type_takes_its_own_rows_first():
+    ev = evidence(record(), record(device_name="NVIDIA A100", train_seconds=180.0))
+    typed = estimate.estimate_task([spec()], Resources(gpu_type="h100"), ev)
+    assert per_epoch(typed) == pytest.approx(12.0) and "NVIDIA H100 (h100)" in typed.detail
+    absent = estimate.estimate_task([spec()], Resources(gpu_type="v100"), ev)
+    assert per_epoch(absent) == pytest.approx(20.0) and "(none of v100)" in absent.detail
+
+
+def test_a_cpu_record_is_never_evidence_for_a_gpu_run_and_the_other_way_round():
+    # the reproduction: one smoke run on a CPU planned a GPU grid of the same model at CPU speed
+    cpu_record = record(device_name="cpu", precision_used="32-true", train_seconds=3000.0, alloc_cpus=2)
+    gpu = estimate.estimate_task([spec()], GPU, evidence(cpu_record))
+    assert gpu.source == "prior" and "GPU" in gpu.detail
+    cpu = estimate.estimate_task([spec()], CPU, evidence(record(), cpu_record))
+    # (3000 + 20) / 10 = 302 s/epoch on 2 cores; on the 4 asked for, half
+    assert cpu.source == "records" and per_epoch(cpu) == pytest.approx(151.0)
+    assert "on cpu, 32-true, scaled from 2 to 4 cores: 151.0 s/epoch" in cpu.detail
+
+
+def test_evidence_is_grouped_by_the_precision_used():
+    ev = evidence(record(precision_used="32-true", train_seconds=400.0), record(precision_used="16-mixed"))
+    auto = estimate.estimate_task([spec()], GPU, ev)  # auto on a GPU: bf16-mixed, else 16-mixed; never 32-true
+    assert per_epoch(auto) == pytest.approx(12.0) and "16-mixed" in auto.detail
+    fp32 = estimate.estimate_task([spec(precision="32-true")], GPU, ev)
+    assert per_epoch(fp32) == pytest.approx(42.0)
+    # an older GPU record of precision auto does not say which it trained in: no evidence
+    assert estimate.estimate_task([spec()], GPU, evidence(record(precision_used=None))).source == "prior"
+
+
+def test_start_up_comes_from_the_records_wall_time_where_they_have_it():
+    # 30 s and 5 s outside their epochs: the longest counts (a fresh process pays for its imports)
+    ev = evidence(record(wall_seconds=150.0), record(wall_seconds=125.0))
+    measured = estimate.estimate_task([spec()], GPU, ev)
+    assert measured.seconds == pytest.approx(30.0 + 200 * 12.0) and "start-up 30 s" in measured.detail
+    assert estimate.estimate_task([spec()], GPU, evidence(record())).seconds == pytest.approx(
+        estimate.START_S + 200 * 12.0
+    )
 
 
 def test_an_older_record_without_test_time_is_charged_a_share_of_its_training_time():
-    evidence = estimate.per_epoch_from_records([record(test_seconds=None)])
-    assert evidence["resnet56", "cifar100", 64, "auto", "device", None][0] == pytest.approx(
-        10.0 * (1 + estimate.TEST_SHARE_OF_TRAINING)
-    )
+    est = estimate.estimate_task([spec()], GPU, evidence(record(test_seconds=None)))
+    assert per_epoch(est) == pytest.approx(10.0 * (1 + estimate.TEST_SHARE_OF_TRAINING))
 
 
 def test_the_estimate_prefers_records_then_bench_then_the_prior():
-    s = spec()
-    gpu = Resources()
-    records = estimate.per_epoch_from_records([record()])
-    bench = estimate.per_epoch_from_bench(
-        [
-            {
-                "what": "train",
-                "variant": "lightning fit",
-                "images_per_s": 5000.0,
-                "eval_images_per_s": 20000.0,
-                "model": "resnet56",
-                "dataset": "synthetic100",
-                "batch_size": 64,
-                "precision": "bf16-mixed",
-                "device": "NVIDIA H200",
-            }
-        ]
-    )
-    from_records = estimate.estimate(s, gpu, records, bench)
-    assert from_records.source == "records"
-    assert from_records.seconds == pytest.approx(estimate.START_S + 200 * 12.0)
-    from_bench = estimate.estimate(s, gpu, {}, bench)
-    assert from_bench.source == "bench" and "NVIDIA H200" in from_bench.detail
-    assert from_bench.seconds == pytest.approx(estimate.START_S + 200 * (50_000 / 5000 + 10_000 / 20_000))
-    prior = estimate.estimate(s, gpu, {}, {})
-    per_epoch = (50_000 * 6 + 10_000 * 2) * ARCHS["resnet56"].macs / estimate.PRIOR_FLOPS["gpu"]
-    assert prior.source == "prior" and prior.seconds == pytest.approx(estimate.START_S + 200 * per_epoch)
-    # the torchvision loader is not what bench measures; a compiled run is not an eager one
-    assert estimate.estimate(spec(loader="torchvision"), gpu, {}, bench).source == "prior"
-    assert estimate.estimate(spec(compile="default"), gpu, records, bench).source == "prior"
+    ev = evidence(record(), bench=[BENCH_ROW])
+    from_records = estimate.estimate_task([spec()], GPU, ev)
+    assert from_records.source == "records" and from_records.seconds == pytest.approx(estimate.START_S + 200 * 12.0)
+    from_bench = estimate.estimate_task([spec()], GPU, evidence(bench=[BENCH_ROW]))
+    assert from_bench.source == "bench" and "NVIDIA H200, bf16-mixed" in from_bench.detail
+    assert per_epoch(from_bench) == pytest.approx(50_000 / 5000 + 10_000 / 20_000)
+    prior = estimate.estimate_task([spec()], GPU, estimate.Evidence.none())
+    flops = (50_000 * 6 + 10_000 * 2) * ARCHS["resnet56"].macs / estimate.PRIOR_FLOPS["gpu"]
+    assert prior.source == "prior" and per_epoch(prior) == pytest.approx(flops)
+    # the torchvision loader is not what bench measures; a compiled run is not an eager one; a GPU row is no CPU's
+    assert estimate.estimate_task([spec(loader="torchvision")], GPU, ev).source == "prior"
+    assert estimate.estimate_task([spec(compile="default")], GPU, ev).source == "prior"
+    assert estimate.estimate_task([spec()], CPU, evidence(bench=[BENCH_ROW])).source == "prior"
 
 
 def test_the_cpu_prior_scales_with_the_cores_asked_for():
-    one = estimate.estimate(spec(), Resources(gpus_per_node=0, cpus_per_task=1), {}, {})
-    four = estimate.estimate(spec(), Resources(gpus_per_node=0, cpus_per_task=4), {}, {})
-    assert one.seconds - estimate.START_S == pytest.approx(4 * (four.seconds - estimate.START_S))
+    one = estimate.estimate_task([spec()], Resources(gpus_per_node=0, cpus_per_task=1), estimate.Evidence.none())
+    four = estimate.estimate_task([spec()], CPU, estimate.Evidence.none())
+    assert per_epoch(one) == pytest.approx(4 * per_epoch(four))
+
+
+def test_a_fused_group_without_evidence_of_its_own_assumes_no_gain():
+    # the reproduction: 5 fused resnet56 seeds were given one run's estimate x 1.5
+    members = [spec(seed=s) for s in range(5)]
+    ev = evidence(record())
+    group = estimate.estimate_task(members, GPU, ev, fused=True)
+    assert per_epoch(group) == pytest.approx(5 * 12.0)
+    assert "fused x5, no gain assumed: 5 x one run alone" in group.detail
+
+
+def test_a_fused_group_takes_fused_evidence_of_its_k_or_the_nearest_k():
+    members = [spec(seed=s) for s in range(5)]
+    own = evidence(record(), record(fuse_size=5, train_seconds=280.0))  # the group's epoch: 30 s
+    assert per_epoch(estimate.estimate_task(members, GPU, own, fused=True)) == pytest.approx(30.0)
+    smaller = evidence(record(fuse_size=4, train_seconds=220.0))  # 24 s for 4: scaled to 5, 30 s
+    est = estimate.estimate_task(members, GPU, smaller, fused=True)
+    assert per_epoch(est) == pytest.approx(30.0) and "fused x5 from fused x4, x5/4" in est.detail
+    larger = evidence(record(fuse_size=8, train_seconds=380.0), record(fuse_size=2, train_seconds=100.0))
+    assert per_epoch(estimate.estimate_task(members, GPU, larger, fused=True)) == pytest.approx(40.0)
+    # a fused member's record holds its group's time: it is no evidence for a run alone
+    assert estimate.estimate_task([spec()], GPU, own).source == "records"
+    assert per_epoch(estimate.estimate_task([spec()], GPU, own)) == pytest.approx(12.0)
+    assert estimate.estimate_task([spec()], GPU, larger).source == "prior"
+
+
+def test_a_pack_uses_packed_evidence_as_measured_else_k_times_one_run_alone():
+    pack4 = Resources(pack=4)
+    runs = [spec(seed=s) for s in range(4)]
+    packed = evidence(record(), record(pack_size=4, train_seconds=280.0))  # each run 30 s/epoch while packed
+    est = estimate.estimate_task(runs, pack4, packed)
+    assert per_epoch(est) == pytest.approx(30.0) and "packed 4 per task: 1 record" in est.detail
+    alone = estimate.estimate_task(runs, pack4, evidence(record()))
+    assert per_epoch(alone) == pytest.approx(4 * 12.0) and "no gain assumed" in alone.detail
+    # a packed record is no evidence for a run alone
+    assert estimate.estimate_task([spec()], GPU, evidence(record(pack_size=4))).source == "prior"
+
+
+def test_a_task_of_runs_of_several_lengths_lasts_as_long_as_its_longest():
+    long, short = spec(model="resnet110"), spec(model="resnet20")
+    est = estimate.estimate_task([short, long], Resources(pack=2), estimate.Evidence.none())
+    alone = estimate.estimate_task([long], GPU, estimate.Evidence.none())
+    assert per_epoch(est) == pytest.approx(2 * per_epoch(alone)) and "the longest of 2 runs" in est.detail
 
 
 @pytest.mark.parametrize(
@@ -204,36 +283,96 @@ def test_time_limit(estimate_s, margin, max_time, expected):
     assert estimate.time_limit(estimate_s, margin, max_time) == expected
 
 
-def test_time_auto_becomes_a_limit_and_a_budget(tmp_path):
+def tasks_of(g, max_time=None, ev=None) -> list[plan.Task]:
+    return plan.make_tasks(g.specs, g.resources, g.fuse, ev or estimate.Evidence.none(), max_time)
+
+
+def test_time_auto_becomes_a_limit_and_a_budget():
     g = parse_grid(GRID + "resources: [{match: {model: resnet20}, time: auto, time_margin: 2}]\n")
-    planned = estimate.plan_times(g.specs, g.resources, tmp_path / "results", max_time={"gpu": 3600})
-    auto = [p for p in planned if p.spec.model == "resnet20"]
-    assert all(p.auto and p.resources.time != "auto" for p in auto)
-    for p in auto:
-        wanted, capped = estimate.time_limit(p.estimate.seconds, 2, 3600)
-        assert p.resources.seconds == wanted and p.capped == capped
-        assert p.budget.time_limit_s == wanted and p.budget.estimated_s == pytest.approx(p.estimate.seconds, abs=0.1)
-        assert p.budget.estimate_source.startswith("prior: 200 epochs")
-    fixed = [p for p in planned if p.spec.model != "resnet20"]
-    assert all(not p.auto and p.resources.time == "04:00:00" and p.budget.time_limit_s == 4 * 3600 for p in fixed)
+    tasks = tasks_of(g, {"gpu": 3600})
+    auto = [t for t in tasks if t.specs[0].model == "resnet20"]
+    assert all(t.auto and t.resources.time != "auto" for t in auto)
+    for t in auto:
+        wanted, capped = estimate.time_limit(t.estimate.seconds, 2, 3600)
+        assert t.resources.seconds == wanted and t.capped == capped
+        assert t.budget.time_limit_s == wanted and t.budget.estimated_s == pytest.approx(t.estimate.seconds, abs=0.1)
+        assert t.budget.estimate_source.startswith("prior: 200 epochs")
+    fixed = [t for t in tasks if t.specs[0].model != "resnet20"]
+    assert all(not t.auto and t.resources.time == "04:00:00" and t.budget.time_limit_s == 4 * 3600 for t in fixed)
 
 
-def test_groups_describe_runs_resources_and_hours(tmp_path):
-    g = parse_grid(GRID + 'resources: [{match: {model: resnet1202}, time: "2-00:00:00", gpus_per_node: 2}]\n')
-    planned = estimate.plan_times(g.specs, g.resources, tmp_path)
-    assert [len(members) for members in plan.groups(planned).values()] == [4, 2]
-    lines = plan.describe(planned, max_array_size=3)
-    assert lines[0].startswith("group 1: 4 runs, 1 GPU, 4 CPUs, 16 GB, time 04:00:00, partition gpu; 2 arrays;")
+def test_a_fused_groups_limit_is_its_tasks_not_one_runs():
+    # the reproduction: 5 fused resnet56 seeds with time: auto got one run's estimate x 1.5
+    grid = GRID.replace("[resnet20, resnet110, resnet1202]", "[resnet56]").replace("[128, 256]", "[64]")
+    g = parse_grid(grid + "seeds: [0, 1, 2, 3, 4]\nfuse: seeds\nresources: [{match: {model: resnet56}, time: auto}]\n")
+    ev = evidence(record(batch_size=64, dataset="cifar10", train_seconds=100.0, test_seconds=20.0))  # 12 s/epoch
+    [task] = tasks_of(g, ev=ev)
+    assert task.fused and len(task.specs) == 5
+    assert task.estimate.seconds == pytest.approx(estimate.START_S + 200 * 5 * 12.0)
+    assert task.resources.seconds == estimate.time_limit(task.estimate.seconds, 1.5, None)[0]
+    assert task.budget.estimate_source.startswith("records: 200 epochs; fused x5, no gain assumed")
+
+
+def test_runs_in_packs_share_their_tasks_limit_and_reserve_it_once():
+    g = parse_grid(GRID.replace("[128, 256]", "[128]") + "seeds: [0, 1, 2, 3]\npack: 4\n"
+                   "resources: [{match: {model: resnet20}, time: auto}]\n")  # fmt: skip
+    tasks = tasks_of(g)
+    assert [(t.specs[0].model, len(t.specs)) for t in tasks] == [("resnet20", 4), ("resnet1202", 4), ("resnet110", 4)]
+    lines = plan.describe(tasks, max_array_size=1000)
+    r20 = tasks[0]
+    # 8 runs of 04:00:00 packed 4 per task: two allocations, 8 GPU-h reserved, not 32 (the longest runs first)
+    assert (
+        lines[1].startswith("group 2: 2 tasks holding 8 runs (packed 4 per task), 1 GPU") and "reserved 8.0" in lines[1]
+    )
+    assert f"reserved {r20.resources.seconds / 3600:.1f} GPU-h" in lines[0]
+
+
+def test_groups_describe_tasks_runs_resources_and_hours():
+    g = parse_grid(GRID + 'resources: [{match: {model: resnet1202}, time: "2-00:00:00", gpus_per_node: 2, pack: 2}]\n')
+    tasks = tasks_of(g)
+    assert [len(members) for members in plan.arrays(tasks).values()] == [4, 1]
+    lines = plan.describe(tasks, max_array_size=3)
+    assert lines[0].startswith(
+        "group 1: 4 tasks holding 4 runs (one run each), 1 GPU, 4 CPUs, 16 GB, time 04:00:00, partition gpu; 2 arrays;"
+    )
     assert "reserved 16.0 GPU-h" in lines[0] and "estimates: 4 from prior" in lines[0]
-    assert lines[1].startswith("group 2: 2 runs, 2 GPU") and "reserved 192.0 GPU-h" in lines[1]
-    assert lines[-1].startswith("total: 6 runs in 2 groups, 3 arrays;") and "reserved GPU-h 208.0" in lines[-1]
+    # one task of 2 GPUs for 48 hours: 96 GPU-h, whatever it holds
+    assert (
+        lines[1].startswith("group 2: 1 task holding 2 runs (packed 2 per task), 2 GPUs")
+        and "reserved 96.0" in lines[1]
+    )
+    assert lines[-1].startswith("total: 6 runs in 5 tasks, 2 groups, 3 arrays;") and "reserved GPU-h 112.0" in lines[-1]
 
 
-def test_a_capped_group_is_warned_about(tmp_path):
+def test_a_capped_group_is_warned_about():
     g = parse_grid(GRID + "resources: [{match: {model: resnet1202}, time: auto}]\n")
-    planned = estimate.plan_times(g.specs, g.resources, tmp_path, max_time={"gpu": 3600})
-    lines = plan.describe(planned, max_array_size=1000)
+    lines = plan.describe(tasks_of(g, {"gpu": 3600}), max_array_size=1000)
     assert any("warning" in line and "MaxTime" in line and "01:00:00" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    "slurm, message",
+    [
+        ("gpus_per_node: 2", "gpus_per_node: 2 GPUs per task, but a run trains on one GPU"),
+        ("gpus_per_node: 4, pack: 2", "pack: 2 would leave 2 GPUs idle; ask for gpus_per_node: 1, or pack: 4"),
+        ("gpus_per_node: 2, pack: 2", None),
+    ],
+)
+def test_gpus_a_task_would_leave_idle_are_refused(slurm, message):
+    grid = (
+        GRID.replace("[128, 256]", "[128]") + f"seeds: [0, 1]\nresources: [{{match: {{model: resnet20}}, {slurm}}}]\n"
+    )
+    if message is None:
+        assert len(parse_grid(grid).specs) == 6
+        return
+    with pytest.raises(GridError, match=re.escape(message)):
+        parse_grid(grid)
+    fused = (
+        GRID.replace("[128, 256]", "[128]")
+        + "seeds: [0, 1]\nfuse: seeds\nresources: [{match: {model: resnet20}, gpus_per_node: 2, pack: 2}]\n"
+    )
+    with pytest.raises(GridError, match="a fused group trains on one GPU"):
+        parse_grid(fused)
 
 
 def test_format_time_round_trips():
@@ -268,8 +407,8 @@ def test_sbatch_refusals_are_one_line_with_the_hint_that_fits(error, expected):
         assert said == "sbatch refused the job: Batch job submission failed: Something new"
 
 
-def test_planned_keeps_the_spec_unchanged(tmp_path):
+def test_tasks_keep_the_specs_unchanged():
     g = parse_grid(GRID + "resources: [{match: {model: resnet20}, time: auto}]\n")
-    planned = estimate.plan_times(g.specs, g.resources, tmp_path)
-    assert [p.spec for p in planned] == list(g.specs)
-    assert all(dataclasses.replace(p.resources, time="auto") == g.resources[p.spec.run_id] for p in planned if p.auto)
+    tasks = tasks_of(g)
+    assert sorted(s.run_id for t in tasks for s in t.specs) == sorted(s.run_id for s in g.specs)
+    assert all(dataclasses.replace(t.resources, time="auto") == g.resources[t.specs[0].run_id] for t in tasks if t.auto)

@@ -1,5 +1,6 @@
 """Resources per run on the real local cluster: one array per resource group with the limits SLURM was asked
-for, time: auto from earlier records, and sbatch refusals that leave nothing behind.
+for, time: auto from earlier records, the reserved hours a dry run prints against what SLURM queued, and sbatch
+refusals that leave nothing behind.
 
 Arrays are submitted held (``extra: {hold: true}``) and cancelled at the end of each test: what is checked is
 what SLURM recorded, not training."""
@@ -54,12 +55,13 @@ def _job(array: str) -> dict[str, str]:
 
 @pytest.fixture
 def held(tmp_path, synthetic_root):
-    """Write a grid (format ``rules``), submit it, yield its manifest's arrays; cancel them afterwards."""
+    """Write a grid (``GRID`` or ``grid=``, format ``rules``), submit it, yield its manifest's arrays; cancel them
+    afterwards."""
     submitted: list[str] = []
 
-    def submit(rules: str = "", *extra: str) -> dict[str, list[dict]]:
+    def submit(rules: str = "", *extra: str, grid: str = GRID) -> dict[str, list[dict]]:
         path = tmp_path / "grid.yaml"
-        path.write_text(GRID.format(root=synthetic_root, results=tmp_path / "results", rules=rules))
+        path.write_text(grid.format(root=synthetic_root, results=tmp_path / "results", rules=rules))
         assert main(["submit", str(path), *extra]) == 0
         arrays: dict[str, list[dict]] = {}
         for entry in read_manifests(tmp_path / "results").values():
@@ -75,8 +77,8 @@ def held(tmp_path, synthetic_root):
 def test_two_resource_groups_are_two_arrays_with_their_own_limits(held, capsys):
     arrays = held('resources: [{match: {model: resnet32}, time: "00:25:00", mem_gb: 2}]\n')
     out = capsys.readouterr().out
-    assert "group 1: 2 runs, 0 GPUs, 1 CPU, 1 GB, time 00:15:00" in out
-    assert "group 2: 2 runs, 0 GPUs, 1 CPU, 2 GB, time 00:25:00" in out
+    assert "group 1: 2 tasks holding 2 runs (one run each), 0 GPUs, 1 CPU, 1 GB, time 00:15:00" in out
+    assert "group 2: 2 tasks holding 2 runs (one run each), 0 GPUs, 1 CPU, 2 GB, time 00:25:00" in out
     assert len(arrays) == 2
     seen = {}
     for array, entries in arrays.items():
@@ -108,9 +110,84 @@ def test_time_auto_from_earlier_records(held, write_records, tmp_path, capsys):
         if model == "resnet20":
             budget = entries[0]["budget"]
             assert budget["estimated_s"] == pytest.approx(estimate.START_S + 36.0)
-            assert budget["estimate_source"].startswith("records: 2 epochs; 2 records on cpu: 18.0 s/epoch")
+            assert budget["estimate_source"].startswith("records: 2 epochs; 2 records on cpu, 32-true: 18.0 s/epoch")
     assert limits == {"resnet20": wanted, "resnet32": 15 * 60}
     assert "estimates: 2 from records" in out and "estimates: 2 from prior" in out
+
+
+# A group with time: auto, one with a fixed time, one packing 2 runs on 2 GPUs, and CPU-only runs
+RESERVED_RULES = """\
+resources:
+  - {{match: {{model: resnet20}}, gpus_per_node: 1, time: auto}}
+  - {{match: {{model: resnet32}}, gpus_per_node: 1, time: "{fixed}"}}
+  - {{match: {{model: resnet44}}, gpus_per_node: 2, cpus_per_task: 2, pack: 2, time: "00:30:00"}}
+  - {{match: {{model: resnet56}}, cpus_per_task: 2, time: "00:07:00"}}
+"""
+
+
+def _reserved_s(array: str, limit: str, gpus: int, cpus: int) -> tuple[str, int, str]:
+    """(array, device-seconds one of its tasks reserves, their unit): GPU-seconds, or CPU-core-seconds without GPU."""
+    return (array, parse_time(limit) * gpus, "GPU-h") if gpus else (array, parse_time(limit) * cpus, "CPU-core-h")
+
+
+def _by_array(tasks) -> dict[str, tuple[int, str]]:
+    """Array -> (device-seconds its tasks reserve, unit), from ``_reserved_s`` of each task."""
+    out: dict[str, tuple[int, str]] = {}
+    for array, seconds, unit in tasks:
+        out[array] = (out.get(array, (0, unit))[0] + seconds, unit)
+    return out
+
+
+def _queued_reserved(arrays) -> dict[str, tuple[int, str]]:
+    """What the queue holds: each array task's time limit and GRES as squeue shows them."""
+    out = subprocess.run(
+        ["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%F %i %l %b %C"], capture_output=True, text=True
+    )
+    tasks = []
+    for line in out.stdout.splitlines():
+        array, _, limit, gres, cpus = line.split()
+        gpus = re.search(r"gpu(?::[^:,]+)?:(\d+)", gres)  # gres:gpu:2, gres:gpu:a100:2, N/A
+        tasks.append(_reserved_s(array, limit, int(gpus.group(1)) if gpus else 0, int(cpus)))
+    return _by_array(tasks)
+
+
+def _planned_reserved(arrays: dict[str, list[dict]]) -> dict[str, tuple[int, str]]:
+    """What the plan counted: each task's resolved time limit and GPUs (CPUs), from the manifest."""
+    tasks = {e["job_id"]: (a, e["resources"]) for a, entries in arrays.items() for e in entries}  # a pack: one task
+    return _by_array(_reserved_s(a, r["time"], r["gpus_per_node"], r["cpus_per_task"]) for a, r in tasks.values())
+
+
+def _reserved(line: str) -> tuple[str, str]:
+    """(reserved hours, unit) as a group line of ``submit`` prints them."""
+    return re.search(r"reserved (\d+\.\d) (GPU-h|CPU-core-h)", line).groups()
+
+
+def test_the_reserved_hours_a_dry_run_prints_are_what_the_sbatch_calls_asked_for(
+    held, tmp_path, synthetic_root, capsys
+):
+    fixed = "00:20:30"  # sbatch gets whole minutes: 21
+    grid = GRID.replace("models: [resnet20, resnet32]", "models: [resnet20, resnet32, resnet44, resnet56]")
+    rules = RESERVED_RULES.format(fixed=fixed)
+    path = tmp_path / "grid.yaml"
+    path.write_text(grid.format(root=synthetic_root, results=tmp_path / "results", rules=rules))
+    assert main(["submit", str(path), "--dry-run"]) == 0
+    dry = capsys.readouterr().out.splitlines()
+    arrays = held(rules, grid=grid)  # the same grid file, submitted (held)
+    out = capsys.readouterr().out.splitlines()
+    groups = [line for line in dry if line.startswith("group ")]
+    assert groups == [line for line in out if line.startswith("group ")]  # the submission planned the same tasks
+    planned = _planned_reserved(arrays)
+    queued = _queued_reserved(arrays)
+    seen = "dry run:\n" + "\n".join(dry[:6]) + f"\nplanned (device-s): {planned}\nqueued (device-s): {queued}"
+    assert len(groups) == len(arrays) == 4, seen
+    for line, array in zip(groups, arrays):  # one array per group, submitted in the order of the groups
+        seconds, unit = queued[array]
+        assert _reserved(line) == (f"{seconds / 3600:.1f}", unit), seen
+    total = next(line for line in dry if line.startswith("total: "))
+    for unit in ("GPU-h", "CPU-core-h"):
+        hours = sum(s for s, u in queued.values() if u == unit) / 3600
+        assert f"reserved {unit} {hours:.1f}" in total, seen
+    assert planned == queued, seen  # exactly, not only to the 0.1 h printed
 
 
 def test_an_sbatch_refusal_is_one_line_and_leaves_nothing_behind(tmp_path, synthetic_root, capsys):
@@ -135,7 +212,7 @@ def test_an_sbatch_refusal_is_one_line_and_leaves_nothing_behind(tmp_path, synth
 def test_time_auto_is_capped_at_the_partitions_max_time(held, capsys):
     arrays = held("resources: [{match: {model: resnet32}, partition: short, time: auto, time_margin: 100}]\n")
     out = capsys.readouterr().out
-    assert "warning: group 2's runs are estimated to need more than the partition's MaxTime" in out
+    assert "warning: group 2's tasks are estimated to need more than the partition's MaxTime" in out
     limits = {entries[0]["spec"]["model"]: _job(array)["TimeLimit"] for array, entries in arrays.items()}
     assert limits == {"resnet20": "00:15:00", "resnet32": "00:30:00"}
 

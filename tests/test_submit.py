@@ -104,7 +104,9 @@ def test_submit_says_1_run_and_2_runs(seeds, runs, tmp_path, synthetic_root, cap
     assert main(["submit", str(grid), "--dry-run", "--executor", "local"]) == 0
     out = capsys.readouterr().out
     assert f"{grid}: {runs}; 0 already completed, 0 pending or running; {seeds.count(',') + 1} to submit" in out
-    assert f"group 1: {runs}, 0 GPUs, 1 CPU, default memory," in out and f"total: {runs} in 1 group, 1 array;" in out
+    tasks = runs.replace("run", "task")
+    assert f"group 1: {tasks} holding {runs} (one run each), 0 GPUs, 1 CPU, default memory," in out
+    assert f"total: {runs} in {tasks}, 1 group, 1 array;" in out
 
 
 @pytest.mark.parametrize("n, ended", [(1, "] 1/1 run ended  done 0"), (2, "] 2/2 runs ended  done 0")])
@@ -294,6 +296,7 @@ FULL = Resources(
     account="proj1",
     qos="high",
     gpus_per_node=2,
+    gpu_type="a100",
     cpus_per_task=8,
     mem_gb=32,
     time="1-02:03:04",
@@ -318,7 +321,7 @@ def test_sbatch_for_every_resource(tmp_path, srun_on_path):
         "array": "0-9%3",
         "signal": f"USR2@{submit.SIGNAL_DELAY_S}",
         "time": str(26 * 60 + 3 + 1),
-        "gpus-per-node": "2",
+        "gres": "gpu:a100:2",
         "cpus-per-task": "8",
         "mem": "32GB",
         "nodes": "1",

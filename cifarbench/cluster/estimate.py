@@ -1,18 +1,31 @@
-"""How long a run will take, and the time limit ``time: auto`` asks for.
+"""How long an array task will take, and the time limit ``time: auto`` asks for.
 
-A run's duration is its epochs times the seconds of one epoch (training set, then the test set), taken from the
-best evidence there is, in this order:
+An array task (the allocation SLURM is asked for) trains one run, a pack of K runs side by side, or a fused group
+of K seeds. Its duration is start-up plus its epochs times the seconds one epoch of the task takes (training
+passes, then test passes), from the best evidence of the same kind of task there is:
 
-1. completed records in the results folder of runs with the same model, dataset, batch size, precision, loader
-   and compile mode: their seconds per epoch (training plus test time), the median per device;
+1. completed records in the results folder of runs with the same model, dataset, batch size, loader and compile
+   mode, trained the same way: alone, packed K per task, or fused K per group. A packed run's record already holds
+   its time while sharing; a fused member's holds the whole group's. A fused group without records of its own K
+   takes the nearest K measured: as it is where that K was larger, scaled by K / K' where it was smaller;
 2. ``cifarbench bench`` tables under ``results/bench/``: the "lightning fit" rows of the same model, number of
-   classes, batch size and compile mode, projected onto CIFAR's 50,000 training and 10,000 test images;
+   classes, batch size and compile mode, projected onto CIFAR's 50,000 training and 10,000 test images (runs
+   alone only);
 3. a prior from the model's multiply-adds (``config.spec.ARCHS``): 6 FLOPs per MAC and image to train, 2 to
    test, at PRIOR_FLOPS, a deliberately low sustained rate for each kind of device.
 
-Where evidence comes from several devices (a grid does not know which node a run will get), the slowest counts.
+A pack or fused group without evidence of its own kind assumes no gain: K times its longest run alone. Start-up
+(the task's seconds outside its epochs: interpreter, data, compiling, checkpoints) is the longest the records of
+the figure measured (their wall-clock time less their epochs'), else START_S.
+
+Evidence matches the device the task will get: a task that asks for GPUs uses only figures measured on GPUs (those
+of the grid's ``gpu_type`` first), a CPU task only CPU figures, scaled by the allocation's cores. Figures are
+grouped by the precision the runs trained in (``precision_used``): the requested one, or for ``auto``
+bf16-mixed (else 16-mixed) on a GPU and 32-true on a CPU. Where figures come from several devices of that kind
+(a grid does not know which node a task will get), the slowest counts.
+
 The limit is the estimate times ``time_margin``, rounded up to 5 minutes, at least 10 minutes, and at most the
-partition's MaxTime: a longer run is carried across limits by requeue and resume.
+partition's MaxTime: a longer task is carried across limits by requeue and resume.
 """
 
 from __future__ import annotations
@@ -20,13 +33,13 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cifarbench.config.resources import AUTO, Budget, Resources, format_time
+from cifarbench.config.resources import Resources
 from cifarbench.config.spec import ARCHS, DATASETS, RunSpec
 from cifarbench.errors import plural
 from cifarbench.store import scan
@@ -44,67 +57,170 @@ TEST_SHARE_OF_TRAINING = (TEST_IMAGES / TRAIN_IMAGES) / 3
 MIN_LIMIT_S = 600
 ROUND_S = 300
 RECORD_FIELDS = (
-    "run_id", "status", "model", "dataset", "batch_size", "precision", "loader", "compile", "epochs_done",
-    "train_seconds", "test_seconds", "device_name",
+    "run_id", "status", "model", "dataset", "batch_size", "precision", "precision_used", "loader", "compile",
+    "epochs_done", "train_seconds", "test_seconds", "device_name", "pack_size", "fuse_size", "alloc_cpus",
+    "wall_seconds",
 )  # fmt: skip
+ALONE, PACK, FUSE = "alone", "pack", "fuse"  # how a task trains its runs
+GPU_PRECISIONS = ("bf16-mixed", "16-mixed")  # what auto resolves to on a GPU, in order of preference
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sample:
+    """One figure of evidence: the seconds one epoch of a task took (or, from bench, would take)."""
+
+    per_epoch: float
+    device: str  # "cpu" or the GPU's name
+    precision: str  # as trained
+    cpus: int | None  # the allocation's CPU cores (bench: torch's threads); None: not recorded
+    start_s: float | None = None  # the task's seconds outside its epochs (start-up, data, checkpoints); None: unknown
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evidence:
+    """Samples by (configuration, how the task trained: ALONE, PACK or FUSE, runs per task). A record's
+    configuration is (model, dataset, batch size, loader, compile); a bench row's (model, classes, batch size,
+    "device", compile), since bench projects onto CIFAR's sizes."""
+
+    records: dict[tuple, list[Sample]]
+    bench: dict[tuple, list[Sample]]
+
+    @classmethod
+    def none(cls) -> Evidence:
+        return cls(records={}, bench={})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Figure:
+    """What the evidence says of one kind of task: seconds per epoch, and of start-up where records measured it."""
+
+    per_epoch: float
+    start_s: float | None
+    source: str  # "records", "bench" or "prior"
+    detail: str
 
 
 @dataclass(frozen=True, kw_only=True)
 class Estimate:
-    seconds: float  # the whole run: start-up and every epoch
+    seconds: float  # the whole task: start-up and every epoch of its runs
     source: str  # "records", "bench" or "prior"
-    detail: str  # what exactly, e.g. "3 records on NVIDIA H100 80GB HBM3: 14.2 s/epoch"
+    detail: str  # what exactly, e.g. "200 epochs; 3 records on NVIDIA H100 80GB HBM3, bf16-mixed: 14.2 s/epoch"
 
 
-def _key(model: str, dataset: str, batch_size: int, precision: str, loader: str, compile: str | None) -> tuple:
-    return (model, dataset, batch_size, precision, loader, compile)
+def _config(model: str, dataset: str | int, batch_size: int, loader: str, compile: str | None) -> tuple:
+    return (model, dataset, batch_size, loader, compile)
 
 
-def per_epoch_from_records(summaries: Iterable[dict]) -> dict[tuple, tuple[float, str]]:
-    """Pure: configuration key -> (seconds per epoch on the slowest device, a description), from completed
-    records' summaries (RECORD_FIELDS)."""
-    by_device: dict[tuple, dict[str, list[float]]] = {}
+def _share(pack_size: int | None, fuse_size: int | None) -> tuple[str, int]:
+    if fuse_size and fuse_size > 1:
+        return FUSE, fuse_size
+    if pack_size and pack_size > 1:
+        return PACK, pack_size
+    return ALONE, 1
+
+
+def samples_from_records(summaries: Iterable[dict]) -> dict[tuple, list[Sample]]:
+    """Pure: (configuration, share, K) -> samples, from completed records' summaries (RECORD_FIELDS). A record
+    whose device or precision is not known (a GPU run of ``auto`` written before record/5) says nothing."""
+    out: dict[tuple, list[Sample]] = {}
     for r in summaries:
-        if r["status"] != "completed" or not r["epochs_done"] or r["train_seconds"] is None:
+        if r["status"] != "completed" or not r["epochs_done"] or r["train_seconds"] is None or not r["device_name"]:
+            continue
+        cpu = r["device_name"] == "cpu"
+        precision = r.get("precision_used") or (
+            r["precision"] if r["precision"] != "auto" else "32-true" if cpu else None
+        )
+        if precision is None:
             continue
         test = r["test_seconds"] if r["test_seconds"] is not None else r["train_seconds"] * TEST_SHARE_OF_TRAINING
-        key = _key(r["model"], r["dataset"], r["batch_size"], r["precision"], r["loader"], r["compile"])
-        device = r["device_name"] or "an unrecorded device"
-        by_device.setdefault(key, {}).setdefault(device, []).append((r["train_seconds"] + test) / r["epochs_done"])
-    return {
-        key: (median, f"{plural(n, 'record')} on {device}: {median:.1f} s/epoch")
-        for key, (median, device, n) in _slowest(by_device).items()
-    }
+        config = _config(r["model"], r["dataset"], r["batch_size"], r["loader"], r["compile"])
+        key = (config, *_share(r.get("pack_size"), r.get("fuse_size")))
+        per_epoch = (r["train_seconds"] + test) / r["epochs_done"]
+        wall = r.get("wall_seconds")
+        start_s = max(wall - r["train_seconds"] - test, 0.0) if wall is not None else None
+        sample = Sample(
+            per_epoch=per_epoch, device=r["device_name"], precision=precision, cpus=r.get("alloc_cpus"), start_s=start_s
+        )
+        out.setdefault(key, []).append(sample)
+    return out
 
 
-def per_epoch_from_bench(rows: Iterable[dict]) -> dict[tuple, tuple[float, str]]:
-    """Pure: (model, classes, batch size, precision, compile) -> (seconds per epoch on the slowest device, a
-    description), from ``cifarbench bench`` rows (the "lightning fit" ones)."""
-    by_device: dict[tuple, dict[str, list[float]]] = {}
+def samples_from_bench(rows: Iterable[dict]) -> dict[tuple, list[Sample]]:
+    """Pure: (configuration, ALONE, 1) -> samples, from ``cifarbench bench`` rows (the "lightning fit" ones)."""
+    out: dict[tuple, list[Sample]] = {}
     for r in rows:
         variant = r.get("variant") or ""
         if r.get("what") != "train" or not variant.startswith("lightning fit") or "whole epoch" in variant:
             continue
         if not r.get("images_per_s") or not r.get("eval_images_per_s") or r.get("dataset") not in DATASETS:
             continue
+        if not r.get("device") or not r.get("precision"):
+            continue
         mode = variant.partition("torch.compile ")[2] or None
-        key = (r["model"], DATASETS[r["dataset"]].num_classes, r["batch_size"], r["precision"], mode)
+        config = _config(r["model"], DATASETS[r["dataset"]].num_classes, r["batch_size"], "device", mode)
         seconds = TRAIN_IMAGES / r["images_per_s"] + TEST_IMAGES / r["eval_images_per_s"]
-        by_device.setdefault(key, {}).setdefault(r.get("device") or "an unrecorded device", []).append(seconds)
-    return {
-        key: (median, f"bench on {device}: {median:.1f} s/epoch of 50,000 + 10,000 images")
-        for key, (median, device, _) in _slowest(by_device).items()
-    }
-
-
-def _slowest(by_device: dict[tuple, dict[str, list[float]]]) -> dict[tuple, tuple[float, str, int]]:
-    """key -> (the median seconds per epoch of the slowest device, that device, how many figures it had): a grid
-    does not know which node a run will get."""
-    out = {}
-    for key, devices in by_device.items():
-        device, seconds = max(devices.items(), key=lambda kv: statistics.median(kv[1]))
-        out[key] = (statistics.median(seconds), device, len(seconds))
+        cpus = r.get("torch_threads") if r["device"] == "cpu" else None
+        sample = Sample(per_epoch=seconds, device=r["device"], precision=r["precision"], cpus=cpus)
+        out.setdefault((config, ALONE, 1), []).append(sample)
     return out
+
+
+def _precisions(spec: RunSpec, resources: Resources) -> tuple[str, ...]:
+    if spec.precision != "auto":
+        return (spec.precision,)
+    return GPU_PRECISIONS if resources.gpus_per_node else ("32-true",)
+
+
+def _figure(samples: Sequence[Sample], spec: RunSpec, resources: Resources, source: str) -> Figure | None:
+    """Pure: the figure of the samples measured on the kind of device ``resources`` asks for, in the precision
+    the run will train in; None when none fits. ``source``: "records" or "bench"."""
+    gpu = resources.gpus_per_node > 0
+    fitting = [s for s in samples if (s.device != "cpu") == gpu]
+    for precision in _precisions(spec, resources):
+        chosen = [s for s in fitting if s.precision == precision]
+        if chosen:
+            break
+    else:
+        return None
+    typed = ""
+    if gpu and resources.gpu_type:
+        own = [s for s in chosen if resources.gpu_type.lower() in s.device.lower()]
+        chosen, typed = (own, f" ({resources.gpu_type})") if own else (chosen, f" (none of {resources.gpu_type})")
+    by_device: dict[str, list[tuple[float, float | None]]] = {}
+    scaled: set[str] = set()
+    for s in chosen:
+        per_epoch = s.per_epoch
+        if not gpu and s.cpus and s.cpus != resources.cpus_per_task:  # CPU figures scale with the cores
+            per_epoch *= s.cpus / resources.cpus_per_task
+            scaled.add(f"{s.cpus}")
+        by_device.setdefault(s.device, []).append((per_epoch, s.start_s))
+    # the slowest device counts
+    device, figures = max(by_device.items(), key=lambda kv: statistics.median(f for f, _ in kv[1]))
+    median = statistics.median(f for f, _ in figures)
+    # the longest start-up measured: a task in a fresh process (every SLURM task) pays for the imports that a later
+    # task of a local job does not
+    starts = [start for _, start in figures if start is not None]
+    start_s = max(starts) if starts else None
+    cores = f", scaled from {'/'.join(sorted(scaled))} to {resources.cpus_per_task} cores" if scaled else ""
+    what = "record" if source == "records" else "bench row"
+    started = f", start-up {start_s:.0f} s" if start_s is not None else ""
+    detail = f"{plural(len(figures), what)} on {device}{typed}, {precision}{cores}: {median:.1f} s/epoch{started}"
+    return Figure(per_epoch=median, start_s=start_s, source=source, detail=detail)
+
+
+def _alone(spec: RunSpec, resources: Resources, evidence: Evidence) -> Figure:
+    """The figure of the run trained alone: records, else bench, else the prior."""
+    config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile)
+    found = _figure(evidence.records.get((config, ALONE, 1), ()), spec, resources, "records")
+    if found is not None:
+        return found
+    if spec.loader == "device":  # bench measures the device loader
+        config = _config(spec.model, spec.num_classes, spec.batch_size, "device", spec.compile)
+        found = _figure(evidence.bench.get((config, ALONE, 1), ()), spec, resources, "bench")
+        if found is not None:
+            return replace(found, detail=found.detail + " of 50,000 + 10,000 images")
+    per_epoch, detail = prior_per_epoch(spec, resources)
+    return Figure(per_epoch=per_epoch, start_s=None, source="prior", detail=detail)
 
 
 def prior_per_epoch(spec: RunSpec, resources: Resources) -> tuple[float, str]:
@@ -115,100 +231,76 @@ def prior_per_epoch(spec: RunSpec, resources: Resources) -> tuple[float, str]:
         flops = PRIOR_FLOPS["cpu_core"] * resources.cpus_per_task
         kind = f"{resources.cpus_per_task} CPU cores at {PRIOR_FLOPS['cpu_core'] / 1e9:g} GFLOP/s each"
     seconds = (TRAIN_IMAGES * 6 + TEST_IMAGES * 2) * macs / flops
-    return seconds, f"prior: {macs / 1e6:.0f}M MACs on a {kind}: {seconds:.1f} s/epoch"
+    return seconds, f"{macs / 1e6:.0f}M MACs on a {kind}: {seconds:.1f} s/epoch"
 
 
-def estimate(
-    spec: RunSpec,
-    resources: Resources,
-    records: Mapping[tuple, tuple[float, str]],
-    bench: Mapping[tuple, tuple[float, str]],
+def _shared(spec: RunSpec, resources: Resources, evidence: Evidence, share: str, k: int) -> Figure:
+    """The figure of a task of ``k`` such runs trained as ``share`` (PACK or FUSE)."""
+    config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile)
+    what = f"packed {k} per task" if share == PACK else f"fused x{k}"
+    found = _figure(evidence.records.get((config, share, k), ()), spec, resources, "records")
+    if found is not None:
+        return replace(found, detail=f"{what}: {found.detail}")
+    if share == FUSE:  # the nearest group size measured: as it is where it was larger, scaled where smaller
+        measured = [key[2] for key in evidence.records if key[:2] == (config, FUSE)]
+        for n in sorted(measured, key=lambda n: (abs(n - k), -n)):
+            found = _figure(evidence.records[config, FUSE, n], spec, resources, "records")
+            if found is not None:
+                factor = max(k / n, 1.0)
+                scaled = f", x{k}/{n}" if factor > 1 else ""
+                detail = f"fused x{k} from fused x{n}{scaled}: {found.detail}"
+                return replace(found, per_epoch=found.per_epoch * factor, detail=detail)
+    alone = _alone(spec, resources, evidence)
+    detail = f"{what}, no gain assumed: {k} x one run alone; {alone.detail}"
+    return replace(alone, per_epoch=alone.per_epoch * k, detail=detail)
+
+
+def estimate_task(
+    specs: Sequence[RunSpec], resources: Resources, evidence: Evidence, *, fused: bool = False
 ) -> Estimate:
-    """Pure: the run's duration from the evidence (``per_epoch_from_records``, ``per_epoch_from_bench``)."""
-    epochs = spec.schedule.epochs
-    found = records.get(_key(spec.model, spec.dataset, spec.batch_size, spec.precision, spec.loader, spec.compile))
-    source = "records"
-    if found is None and spec.loader == "device":  # bench measures the device loader
-        classes = DATASETS[spec.dataset].num_classes
-        precisions = ("bf16-mixed", "16-mixed", "32-true") if spec.precision == "auto" else (spec.precision,)
-        found = next(
-            (bench[k] for p in precisions if (k := (spec.model, classes, spec.batch_size, p, spec.compile)) in bench),
-            None,
-        )
-        source = "bench"
-    if found is None:
-        found, source = prior_per_epoch(spec, resources), "prior"
-    per_epoch, detail = found
-    return Estimate(seconds=START_S + epochs * per_epoch, source=source, detail=f"{epochs} epochs; {detail}")
+    """Pure: how long one array task takes: ``specs`` trained alone (one), packed ``resources.pack`` per task, or
+    fused as one group (``fused``)."""
+    if fused:
+        share, k = FUSE, len(specs)
+    elif resources.pack > 1:
+        share, k = PACK, resources.pack
+    else:
+        share, k = ALONE, 1
+    longest: tuple[float, Figure, RunSpec] | None = None
+    for spec in specs[:1] if fused else specs:  # a fused group's members differ only in their seed
+        figure = _alone(spec, resources, evidence) if share == ALONE else _shared(spec, resources, evidence, share, k)
+        start = START_S if figure.start_s is None else figure.start_s
+        seconds = start + spec.schedule.epochs * figure.per_epoch
+        if longest is None or seconds > longest[0]:
+            longest = (seconds, figure, spec)
+    assert longest is not None, "a task has at least one run"
+    seconds, figure, spec = longest
+    of = f" (the longest of {plural(len(specs), 'run')})" if len(specs) > 1 and not fused else ""
+    detail = f"{spec.schedule.epochs} epochs{of}; {figure.detail}"
+    return Estimate(seconds=seconds, source=figure.source, detail=detail)
 
 
 def time_limit(estimate_s: float, margin: float, max_time_s: int | None) -> tuple[int, bool]:
-    """Pure: (the limit for a run estimated at ``estimate_s``, whether the partition's MaxTime capped it)."""
+    """Pure: (the limit for a task estimated at ``estimate_s``, whether the partition's MaxTime capped it)."""
     wanted = max(MIN_LIMIT_S, math.ceil(estimate_s * margin / ROUND_S) * ROUND_S)
     if max_time_s is not None and wanted > max_time_s:
         return max_time_s, True
     return wanted, False
 
 
-def read_evidence(
-    results: str | os.PathLike, summaries: dict[str, dict] | None = None
-) -> tuple[dict[tuple, tuple[float, str]], dict[tuple, tuple]]:
-    """The records' and the bench tables' seconds per epoch under ``results`` (see the module's docstring)."""
+def read_evidence(results: str | os.PathLike, summaries: dict[str, dict] | None = None) -> Evidence:
+    """The records' and the bench tables' figures under ``results`` (see the module's docstring)."""
     layout = Layout(results)
     if summaries is None:
         summaries = scan.summaries(results, RECORD_FIELDS) if layout.runs.is_dir() else {}
-    records = per_epoch_from_records(summaries.values())
     rows: list[dict] = []
     for path in sorted(Path(layout.bench).glob("*.parquet")):
         try:
             table = pq.ParquetFile(path).read()
             names = [n for n in ("what", "variant", "images_per_s", "eval_images_per_s", "model", "dataset",
-                                 "batch_size", "precision", "device") if n in table.column_names]  # fmt: skip
+                                 "batch_size", "precision", "device", "torch_threads")
+                     if n in table.column_names]  # fmt: skip
             rows += table.select(names).to_pylist()
         except (OSError, ValueError):
             continue  # a table being written or damaged: the next evidence serves
-    return records, per_epoch_from_bench(rows)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Planned:
-    """A run as it will be submitted: its resources with any ``time: auto`` resolved, and its budget."""
-
-    spec: RunSpec
-    resources: Resources
-    estimate: Estimate
-    budget: Budget
-    auto: bool  # the limit came from the estimate (``time: auto``)
-    capped: bool  # the partition's MaxTime cut the limit ``time: auto`` wanted
-
-
-def plan_times(
-    specs: Iterable[RunSpec],
-    resources: Mapping[str, Resources],
-    results: str | os.PathLike,
-    max_time: Mapping[str | None, int | None] | None = None,
-    summaries: dict[str, dict] | None = None,
-) -> list[Planned]:
-    """Every run with an estimate, and ``time: auto`` turned into a limit. ``max_time``: partition (None: the
-    default one) -> its MaxTime in seconds (None: unlimited); empty where the cluster is not asked (local runs).
-    ``summaries``: the records' summaries (RECORD_FIELDS at least), where the caller has read them already."""
-    specs = list(specs)
-    records, bench = read_evidence(results, summaries)
-    out = []
-    for spec in specs:
-        r = resources[spec.run_id]
-        est = estimate(spec, r, records, bench)
-        if r.pack > 1:  # no gain assumed: each of K runs at once as slow as K runs one after another
-            epochs_s = (est.seconds - START_S) * r.pack
-            est = replace(est, seconds=START_S + epochs_s, detail=f"{est.detail}; x{r.pack}, packed {r.pack} per task")
-        capped, auto = False, r.time == AUTO
-        if auto:
-            seconds, capped = time_limit(est.seconds, r.time_margin, (max_time or {}).get(r.partition))
-            r = replace(r, time=format_time(seconds))
-        budget = Budget(
-            time_limit_s=r.seconds,
-            estimated_s=round(est.seconds, 1),
-            estimate_source=f"{est.source}: {est.detail}",
-        )
-        out.append(Planned(spec=spec, resources=r, estimate=est, budget=budget, auto=auto, capped=capped))
-    return out
+    return Evidence(records=samples_from_records(summaries.values()), bench=samples_from_bench(rows))

@@ -1,15 +1,16 @@
-"""Planning a submission, all pure: which runs to submit and which to skip, the job arrays they make (one per
-group of equal resources, chunked by MaxArraySize), and the lines ``submit`` and ``--dry-run`` print about
-them. Nothing here imports submitit: a dry run never pays for it."""
+"""Planning a submission, all pure and all in allocations: which runs to submit and which to skip, the array tasks
+they make (a run alone, a pack of runs side by side, or a fused group of seeds), each task's estimate and time
+limit, the job arrays the tasks make (one per set of equal resources, chunked by MaxArraySize), and the lines
+``submit`` and ``--dry-run`` print about them. Nothing here imports submitit: a dry run never pays for it."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from cifarbench.cluster.estimate import Planned
-from cifarbench.config.resources import Resources
+from cifarbench.cluster.estimate import Estimate, Evidence, estimate_task, time_limit
+from cifarbench.config.resources import AUTO, Budget, Resources, format_time
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
 
@@ -49,110 +50,168 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def groups(planned: list[Planned]) -> dict[Resources, list[Planned]]:
-    """Pure: the runs by the resources they ask for, in the order they first appear: one job array each."""
-    out: dict[Resources, list[Planned]] = {}
-    for p in planned:
-        out.setdefault(p.resources, []).append(p)
-    return out
-
-
-def packs(members: list[Planned]) -> list[list[Planned]]:
-    """Pure: the runs of one group of equal resources, ``pack`` at a time (the last pack may be smaller): one
-    array task each."""
-    return chunks(members, members[0].resources.pack)
-
-
-def tasks(planned: list[Planned], fuse: Mapping[str, int]) -> list[list[Planned]]:
-    """Pure: the array tasks of ``planned``. Runs with fusion on (``fuse``: run id -> the largest group) that
-    differ only in their seed and ask for the same resources share a task, up to that many, in the order they
-    come; every other run is a task of its own."""
-    out: list[list[Planned]] = []
-    filling: dict[tuple, list[Planned]] = {}
-    for p in planned:
-        most = fuse.get(p.spec.run_id, 0)
-        if most < 2:
-            out.append([p])
-            continue
-        key = (dataclasses.replace(p.spec, seed=0), p.resources, most)
-        task = filling.get(key)
-        if task is None or len(task) >= most:
-            task = filling[key] = []
-            out.append(task)
-        task.append(p)
-    return out
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Task:
-    """One array task: a fused group (its members train as one vectorised model), or runs trained side by side
-    (``pack`` of them; one where pack is 1)."""
+    """One array task as it will be submitted: its runs (a fused group, whose members train as one vectorised
+    model; or runs trained side by side, ``pack`` of them, one where pack is 1), the resources SLURM is asked for
+    with any ``time: auto`` resolved, and the task's estimate."""
 
-    runs: list[Planned]
+    specs: tuple[RunSpec, ...]
     fused: bool
+    resources: Resources
+    estimate: Estimate
+    auto: bool  # the limit came from the estimate (``time: auto``)
+    capped: bool  # the partition's MaxTime cut the limit ``time: auto`` wanted
+
+    @property
+    def budget(self) -> Budget:
+        """What each of its runs is told of the time it was given: the task's limit and estimate."""
+        return Budget(
+            time_limit_s=self.limit_s,
+            estimated_s=round(self.estimate.seconds, 1),
+            estimate_source=f"{self.estimate.source}: {self.estimate.detail}",
+        )
+
+    @property
+    def limit_s(self) -> int:
+        """The time limit as SLURM gets it: submitit asks for whole minutes, rounded up."""
+        return self.resources.timeout_min * 60
+
+    def hours(self, seconds: float) -> float:
+        """Device-hours of ``seconds`` of this allocation: GPU-hours, or CPU core-hours where it has no GPU."""
+        return seconds * (self.resources.gpus_per_node or self.resources.cpus_per_task) / 3600
+
+    @property
+    def unit(self) -> str:
+        return "GPU-h" if self.resources.gpus_per_node else "CPU-core-h"
 
 
-def array_tasks(members: list[Planned], fuse: Mapping[str, int]) -> list[Task]:
-    """Pure: the array tasks of one group of equal resources. Runs that fuse make a task per group; the others
-    are packed ``pack`` at a time. A fused group already shares the device's kernels, so it is not packed too."""
-    fused, alone = [], []
-    for task in tasks(members, fuse):
-        if len(task) > 1:
-            fused.append(Task(runs=task, fused=True))
-        else:
-            alone.append(task[0])
-    return fused + [Task(runs=pack, fused=False) for pack in (packs(alone) if alone else [])]
+def groups_of_runs(specs: Iterable[RunSpec], resources: Mapping[str, Resources]) -> dict[Resources, list[RunSpec]]:
+    """Pure: the runs by the resources the grid gives them, in the order they first appear."""
+    out: dict[Resources, list[RunSpec]] = {}
+    for spec in specs:
+        out.setdefault(resources[spec.run_id], []).append(spec)
+    return out
 
 
-def _hours(planned: list[Planned], seconds) -> tuple[float, str]:
-    """Device-hours of ``planned`` (all of one group): GPU-hours, or CPU core-hours where no GPU is asked for. A
-    packed task's runs share its allocation: each counts for its share."""
-    r = planned[0].resources
-    per = r.gpus_per_node or r.cpus_per_task
-    return sum(seconds(p) for p in planned) * per / r.pack / 3600, "GPU-h" if r.gpus_per_node else "CPU-core-h"
+def fused_groups(specs: Iterable[RunSpec], fuse: Mapping[str, int]) -> list[list[RunSpec]]:
+    """Pure: runs with fusion on (``fuse``: run id -> the largest group) that differ only in their seed share a
+    group, up to that many, in the order they come; every other run is a list of its own."""
+    out: list[list[RunSpec]] = []
+    filling: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        most = fuse.get(spec.run_id, 0)
+        if most < 2:
+            out.append([spec])
+            continue
+        key = (dataclasses.replace(spec, seed=0), most)
+        group = filling.get(key)
+        if group is None or len(group) >= most:
+            group = filling[key] = []
+            out.append(group)
+        group.append(spec)
+    return out
 
 
-def describe(planned: list[Planned], *, max_array_size: int) -> list[str]:
-    """Pure: a line per group of equal resources (runs, resources, estimated and reserved hours, where the
-    estimates came from), then the total; and a warning per group whose ``time: auto`` limit the partition's
-    MaxTime cut."""
+def make_tasks(
+    specs: Iterable[RunSpec],
+    resources: Mapping[str, Resources],
+    fuse: Mapping[str, int],
+    evidence: Evidence,
+    max_time: Mapping[str | None, int | None] | None = None,
+) -> list[Task]:
+    """Pure: the array tasks of ``specs``, each with its estimate and ``time: auto`` turned into its limit.
+    Within each set of equal resources, runs that fuse make a task per group; the others are packed ``pack`` at a
+    time, longest first, so that a pack holds runs of like length (a fused group already shares the device's
+    kernels, so it is not packed too). ``max_time``: partition (None: the default one) -> its MaxTime in seconds
+    (None: unlimited); empty where the cluster is not asked (local runs)."""
+    out = []
+    for r, members in groups_of_runs(specs, resources).items():
+        fused: list[list[RunSpec]] = []
+        alone: list[list[RunSpec]] = []
+        for group in fused_groups(members, fuse):
+            (fused if len(group) > 1 else alone).append(group)
+        if r.pack > 1:  # a pack's allocation lasts as long as its longest run: pack runs of like length together
+            single = {s.run_id: estimate_task([s], dataclasses.replace(r, pack=1), evidence).seconds for [s] in alone}
+            ordered = sorted((s for [s] in alone), key=lambda s: -single[s.run_id])
+            alone = chunks(ordered, r.pack)
+        out += [_task(g, r, evidence, max_time, fused=True) for g in fused]
+        out += [_task(g, r, evidence, max_time, fused=False) for g in alone]
+    return out
+
+
+def _task(specs, r: Resources, evidence: Evidence, max_time, *, fused: bool) -> Task:
+    est = estimate_task(specs, r, evidence, fused=fused)
+    capped, auto = False, r.time == AUTO
+    if auto:
+        seconds, capped = time_limit(est.seconds, r.time_margin, (max_time or {}).get(r.partition))
+        r = dataclasses.replace(r, time=format_time(seconds))
+    return Task(specs=tuple(specs), fused=fused, resources=r, estimate=est, auto=auto, capped=capped)
+
+
+def arrays(tasks: Iterable[Task]) -> dict[Resources, list[Task]]:
+    """Pure: the tasks by the resources they ask for (time limit included), in the order they first appear: one
+    job array each (chunked by MaxArraySize when submitted)."""
+    out: dict[Resources, list[Task]] = {}
+    for task in tasks:
+        out.setdefault(task.resources, []).append(task)
+    return out
+
+
+def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
+    """Pure: a line per set of equal resources (its array tasks and the runs they hold, the resources, estimated
+    and reserved device-hours, where the estimates came from), then the total; and a warning per set whose
+    ``time: auto`` limit the partition's MaxTime cut. Reserved is tasks x time limit x GPUs (CPUs) per task: what
+    the sbatch calls ask for."""
     lines: list[str] = []
     totals: dict[str, float] = {}
-    arrays = 0
-    for i, (r, members) in enumerate(groups(planned).items(), 1):
-        estimated, unit = _hours(members, lambda p: p.estimate.seconds)
-        reserved, _ = _hours(members, lambda p: p.budget.time_limit_s or 0)
+    n_arrays = 0
+    by_resources = arrays(tasks)
+    for i, (r, members) in enumerate(by_resources.items(), 1):
+        unit = members[0].unit
+        estimated = sum(t.hours(t.estimate.seconds) for t in members)
+        reserved = sum(t.hours(t.limit_s) for t in members)
         sources: dict[str, int] = {}
-        for p in members:
-            sources[p.estimate.source] = sources.get(p.estimate.source, 0) + 1
+        for t in members:
+            sources[t.estimate.source] = sources.get(t.estimate.source, 0) + 1
+        runs = sum(len(t.specs) for t in members)
+        fused = [t for t in members if t.fused]
+        held = (
+            f"fused groups of up to {max(len(t.specs) for t in fused)}"
+            if fused
+            else f"packed {r.pack} per task"
+            if r.pack > 1
+            else "one run each"
+        )
         mem = f"{r.mem_gb:g} GB" if r.mem_gb is not None else "default memory"
         auto = " (auto)" if members[0].auto else ""
-        tasks = len(packs(members))
-        n_arrays = -(-tasks // max_array_size)
-        arrays += n_arrays
+        arrays_here = -(-len(members) // max_array_size)
+        n_arrays += arrays_here
+        gpus = plural(r.gpus_per_node, "GPU") + (f" ({r.gpu_type})" if r.gpu_type else "")
         lines.append(
-            f"group {i}: {plural(len(members), 'run')}, {plural(r.gpus_per_node, 'GPU')}, "
+            f"group {i}: {plural(len(members), 'task')} holding {plural(runs, 'run')} ({held}), {gpus}, "
             f"{plural(r.cpus_per_task, 'CPU')}, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
             + (f", constraint {r.constraint}" if r.constraint else "")
-            + (f", packed {r.pack} per task: {plural(tasks, 'task')}" if r.pack > 1 else "")
-            + f"; {plural(n_arrays, 'array')}; estimated {estimated:.1f} {unit}, reserved "
-            f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
+            + f"; {plural(arrays_here, 'array')}; estimated {estimated:.1f} {unit}, reserved {reserved:.1f} {unit}; "
+            "estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
-        if any(p.capped for p in members):
+        if any(t.capped for t in members):
             lines.append(
-                f"  warning: group {i}'s runs are estimated to need more than the partition's MaxTime; they are "
+                f"  warning: group {i}'s tasks are estimated to need more than the partition's MaxTime; they are "
                 f"limited to {r.time} and carried across limits by requeue and resume"
             )
-        if r.pack > 1 and len(members) % r.pack:
-            lines.append(
-                f"  note: group {i}'s last task packs {plural(len(members) % r.pack, 'run')}, not {r.pack}: "
-                f"{plural(len(members), 'run')} do not divide into packs of {r.pack}"
-            )
+        for t in members:
+            if not t.fused and len(t.specs) < r.pack:
+                lines.append(
+                    f"  note: group {i} has a task of {plural(len(t.specs), 'run')}, not {r.pack}: the runs of its "
+                    f"resources do not divide into packs of {r.pack}"
+                )
         for key, value in ((f"estimated {unit}", estimated), (f"reserved {unit}", reserved)):
             totals[key] = totals.get(key, 0.0) + value
     hours = ", ".join(f"{k} {v:.1f}" for k, v in totals.items())
-    groups_n = len(groups(planned))
+    runs = sum(len(t.specs) for t in tasks)
     lines.append(
-        f"total: {plural(len(planned), 'run')} in {plural(groups_n, 'group')}, {plural(arrays, 'array')}; {hours}"
+        f"total: {plural(runs, 'run')} in {plural(len(tasks), 'task')}, {plural(len(by_resources), 'group')}, "
+        f"{plural(n_arrays, 'array')}; {hours}"
     )
     return lines

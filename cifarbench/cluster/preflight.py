@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cifarbench.cluster.estimate import Planned
+from cifarbench.cluster.plan import Task
 from cifarbench.config.resources import Resources, parse_time
 from cifarbench.errors import UsageError, did_you_mean, plural
 from cifarbench.store.datasets import DataError, check_dataset
@@ -323,17 +323,18 @@ def max_times(limits: ClusterLimits) -> dict[str | None, int | None]:
     return out
 
 
-def problems(planned: Iterable[Planned], limits: ClusterLimits | None, *, data: bool = True) -> list[str]:
-    """Everything that would make these runs fail once queued: resources this cluster refuses or cannot run
+def problems(tasks: Iterable[Task], limits: ClusterLimits | None, *, data: bool = True) -> list[str]:
+    """Everything that would make these array tasks fail once queued: resources this cluster refuses or cannot run
     (with ``limits``), and data missing or corrupt under the runs' roots as this host sees them (with ``data``).
     Each resource set and each dataset is checked once, however many runs share it."""
-    planned = list(planned)
+    tasks = list(tasks)
     out = []
     if limits is not None:
-        for resources in dict.fromkeys(p.resources for p in planned):
+        for resources in dict.fromkeys(t.resources for t in tasks):
             out += [p for p in check_resources(resources, limits) if p not in out]
     if data:
-        for dataset, root, verify in dict.fromkeys((p.spec.dataset, p.spec.data_root, p.spec.verify) for p in planned):
+        datasets = dict.fromkeys((s.dataset, s.data_root, s.verify) for t in tasks for s in t.specs)
+        for dataset, root, verify in datasets:
             try:
                 check_dataset(dataset, root, verify=verify)
             except DataError as e:

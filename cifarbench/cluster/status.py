@@ -63,10 +63,10 @@ def classify(
     if (
         record is not None
         and fresh_record
-        and entry.get("packed_with")
+        and (entry.get("packed_with") or entry.get("fused_with"))
         and not (record["error"] or "").startswith(STOPPED)
     ):
-        return "failed"  # its packed task goes on with the other runs, and will not run it again
+        return "failed"  # its pack or fused group goes on with the other runs, and will not run it again
     if entry["executor"] == "local":
         if alive and not fresh_record:
             return "running" if job_state == "RUNNING" else "pending"

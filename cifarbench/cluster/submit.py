@@ -10,15 +10,13 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import submitit
 from submitit.core.utils import FailedJobError, JobPaths
 
 from cifarbench.cluster import queue
-from cifarbench.cluster.estimate import Planned
-from cifarbench.cluster.plan import Task, array_tasks, chunks, groups
+from cifarbench.cluster.plan import Task, arrays, chunks
 from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
@@ -58,10 +56,14 @@ def _slurm_executor(resources: Resources, folder: Path) -> submitit.AutoExecutor
         extra["account"] = resources.account
     if resources.qos:
         extra["qos"] = resources.qos
+    if resources.gpu_type:  # a GPU type is a GRES request: --gpus-per-node takes a count only in submitit
+        gpus: dict = {"slurm_gres": f"gpu:{resources.gpu_type}:{resources.gpus_per_node}"}
+    else:
+        gpus = {"gpus_per_node": resources.gpus_per_node}
     executor.update_parameters(
         name="cifarbench",
         timeout_min=resources.timeout_min,
-        gpus_per_node=resources.gpus_per_node,
+        **gpus,
         cpus_per_task=resources.cpus_per_task,
         mem_gb=resources.mem_gb,
         tasks_per_node=1,
@@ -101,9 +103,11 @@ def refusal(error: str) -> str:
 _ID = "@JOB_ID@"
 
 
-def _entry(spec: RunSpec, job, index: int, planned: Planned, *, array: bool, logs: tuple[str, str]) -> dict:
+def _entry(spec: RunSpec, job, index: int, task: Task, *, array: bool, logs: tuple[str, str]) -> dict:
     """A manifest entry. ``logs``: the job's stdout and stderr paths with _ID for the job id (submitit's own
     path objects cost more than the rest of a 5,000-run submission put together)."""
+    company = [s.run_id for s in task.specs if s is not spec]
+    shared = {"fused_with": company} if task.fused else {"pack_size": len(task.specs), "packed_with": company}
     return {
         "run_id": spec.run_id,
         "job_id": job.job_id,
@@ -112,9 +116,9 @@ def _entry(spec: RunSpec, job, index: int, planned: Planned, *, array: bool, log
         "stdout": logs[0].replace(_ID, job.job_id),
         "stderr": logs[1].replace(_ID, job.job_id),
         "spec": spec.to_dict(),
-        "resources": _as_dict(planned.resources),
-        "budget": _as_dict(planned.budget),
-    }
+        "resources": _as_dict(task.resources),
+        "budget": _as_dict(task.budget),
+    } | (shared if len(task.specs) > 1 else {})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -130,17 +134,15 @@ def _log_paths(folder: Path) -> tuple[str, str]:
 
 
 def submit(
-    planned: list[Planned],
+    tasks: list[Task],
     results: str | os.PathLike,
     *,
     executor: str = "auto",
     grid_source: str | None = None,
-    fuse: Mapping[str, int] | None = None,
 ) -> dict:
-    """Queue the runs, one job array per group of equal resources (chunked by MaxArraySize, one sbatch call per
-    chunk), and return the manifest (also written under ``results/submissions/``). Never waits. ``fuse``: run id
-    -> the largest fused group it may join (``Grid.fuse``); the members of a fused group are one array task, and
-    each has its manifest entry with that task's job."""
+    """Queue the array tasks, one job array per set of equal resources (chunked by MaxArraySize, one sbatch call
+    per chunk), and return the manifest (also written under ``results/submissions/``). Never waits. Every run of a
+    task (a pack, a fused group) has its manifest entry with that task's job."""
     results = Path(results)
     layout = Layout(results)
     check_results_writable(results)
@@ -150,51 +152,39 @@ def submit(
     entries: list[dict] = []
     if kind == "slurm":
         size = queue.max_array_size()
-        for resources, members in groups(planned).items():
+        for resources, members in arrays(tasks).items():
             ex = _slurm_executor(resources, layout.slurm_logs)
-            for chunk in chunks(array_tasks(members, fuse or {}), size):  # a run, a pack or a fused group each
+            for chunk in chunks(members, size):  # a run, a pack or a fused group each
                 jobs = _submit_chunk(ex, [_job(task) for task in chunk], results, grid_source, entries)
                 logs = _log_paths(layout.slurm_logs)
                 entries += [
-                    _entry(p.spec, job, i, p, array=True, logs=logs) | _packed(task, p)
+                    _entry(spec, job, i, task, array=True, logs=logs)
                     for i, (task, job) in enumerate(zip(chunk, jobs))
-                    for p in task.runs
+                    for spec in task.specs
                 ]
     else:
         # One sequence of runs (or of packs) per device keeps a CPU-only machine to one training task at a time.
         ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local")
-        local_tasks = [task for members in groups(planned).values() for task in array_tasks(members, fuse or {})]
-        n = min(max(local_gpus(), 1), len(local_tasks))
+        n = min(max(local_gpus(), 1), len(tasks))
         cpus = max(usable_cores() // n, 1)
-        for share in (local_tasks[d::n] for d in range(n)):
-            minutes = sum(task.runs[0].resources.timeout_min for task in share)
+        for share in (tasks[d::n] for d in range(n)):
+            minutes = sum(task.resources.timeout_min for task in share)
             ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)
             job = ex.submit(TaskSequence([_job(task, cpus=cpus) for task in share]))
             logs = _log_paths(layout.local_logs)
-            placed = [(task, p) for task in share for p in task.runs]
-            entries += [
-                _entry(p.spec, job, i, p, array=False, logs=logs) | _packed(task, p)
-                for i, (task, p) in enumerate(placed)
-            ]
+            placed = [(task, spec) for task in share for spec in task.specs]
+            entries += [_entry(spec, job, i, task, array=False, logs=logs) for i, (task, spec) in enumerate(placed)]
     return write_manifest(results, kind, grid_source, entries)
 
 
 def _job(task: Task, *, cpus: int | None = None) -> RunJob | FusedJob | PackJob:
     """What one array task runs: a run as before, a fused group, or a pack of runs trained concurrently."""
-    runs = task.runs
+    specs, r, budget = list(task.specs), task.resources, task.budget
     if task.fused:
-        return FusedJob([p.spec for p in runs], [p.budget for p in runs])
-    r = runs[0].resources
+        return FusedJob(specs, [budget] * len(specs))
     if r.pack == 1:
-        return RunJob(runs[0].spec, runs[0].budget)
-    return PackJob([p.spec for p in runs], [p.budget for p in runs], pack=r.pack, mps=r.mps, cpus=cpus)
-
-
-def _packed(task: Task, p: Planned) -> dict:
-    """A manifest entry's packing: the runs its task trains beside it."""
-    if task.fused or p.resources.pack == 1:
-        return {}
-    return {"pack_size": len(task.runs), "packed_with": [q.spec.run_id for q in task.runs if q is not p]}
+        return RunJob(specs[0], budget)
+    return PackJob(specs, [budget] * len(specs), pack=r.pack, mps=r.mps, cpus=cpus)
 
 
 def _submit_chunk(ex, chunk: list, results: Path, grid_source: str | None, entries: list[dict]) -> list:

@@ -399,7 +399,7 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
             resources[spec.run_id] = built[shape]
             if fuse_max:
                 fuse[spec.run_id] = fuse_max
-    _check_packs(resources.values())
+    _check_packs(resources, fuse)
     return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source, fuse=fuse)
 
 
@@ -413,10 +413,12 @@ def _packing_fields(raw: dict, where: str, base: dict) -> dict:
     return fields
 
 
-def _check_packs(resources) -> None:
-    """A pack larger than the runs that share its resources could never fill one task: most likely a typo."""
+def _check_packs(resources: Mapping[str, Resources], fuse: Mapping[str, int]) -> None:
+    """A pack larger than the runs that share its resources could never fill one task: most likely a typo. Every
+    GPU of a task is used: a run trains on one GPU, so a task of several GPUs packs at least as many runs (each
+    worker gets its own GPU, round robin); a fused group is one process on one GPU."""
     counts: dict[Resources, int] = {}
-    for r in resources:
+    for r in resources.values():
         counts[r] = counts.get(r, 0) + 1
     for r, n in counts.items():
         if r.pack > n:
@@ -424,6 +426,21 @@ def _check_packs(resources) -> None:
                 "pack",
                 f"{r.pack} runs per task, but the grid has only {plural(n, 'run')} with these resources; "
                 f"set pack to at most {n}",
+            )
+        if r.gpus_per_node > 1 and r.pack < r.gpus_per_node:
+            raise _Problem(
+                "gpus_per_node",
+                f"{r.gpus_per_node} GPUs per task, but a run trains on one GPU (multi-GPU runs are not supported "
+                f"yet) and pack: {r.pack} would leave {plural(r.gpus_per_node - r.pack, 'GPU')} idle; ask for "
+                f"gpus_per_node: 1, or pack: {r.gpus_per_node} (or more) runs per task, one per GPU",
+            )
+    for run_id in fuse:
+        r = resources[run_id]
+        if r.gpus_per_node > 1:
+            raise _Problem(
+                "gpus_per_node",
+                f"{r.gpus_per_node} GPUs per task, but a fused group trains on one GPU; ask for gpus_per_node: 1 "
+                "for fused runs (each group is a task of its own)",
             )
 
 
