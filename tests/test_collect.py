@@ -16,7 +16,20 @@ from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import UsageError
 from cifarbench.report.collect import collect
 from cifarbench.report.plots import curves, sizes
-from cifarbench.report.tables import default_tables, model_depth, recipe_label, summarize, title, to_frame
+from cifarbench.report.tables import (
+    CPU_H,
+    GPU_H,
+    allocations,
+    default_tables,
+    device_hours,
+    device_hours_part,
+    model_depth,
+    recipe_label,
+    summarize,
+    time_estimate_parts,
+    title,
+    to_frame,
+)
 from cifarbench.store.layout import Layout
 from cifarbench.store.records import (
     MISLABELLED,
@@ -178,8 +191,8 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
     assert report.warnings == [
         "warning: skipped 1 file (tagged as a record, but not with the record schema's columns): fake.parquet",
         "warning: skipped 1 file (Parquet without a cifarbench tag): foreign.parquet",
-        "warning: skipped 1 file (schema record/0; this cifarbench reads record/1, record/2, record/3, record/4): "
-        "old/r.parquet",
+        "warning: skipped 1 file (schema record/0; this cifarbench reads record/1, record/2, record/3, record/4, "
+        "record/5): old/r.parquet",
         "warning: skipped 1 file (unreadable Parquet: corrupt or truncated): runs/truncated/record.parquet",
         "warning: skipped 1 file (in the record schema, but not exactly one run): two-rows.parquet",
         f"note: ignored 1 duplicate record of 1 run (kept the latest completed record of each): {run_id(seed=0)}",
@@ -266,6 +279,10 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     ]
 
 
+SINCE_5 = ["alloc_gpus", "alloc_cpus", "wall_seconds"]
+# keys record/5 added to the summary for columns that record/4 already had
+SUMMARY_SINCE_5 = ["precision_used", "train_images", "test_images", "estimate_source", "packed_with", "fuse_size",
+                   "fused_with"]  # fmt: skip
 SINCE_4 = [
     "milestone_unit",
     "iterations",
@@ -287,6 +304,7 @@ SINCE_4 = [
     "mps",
     "fuse_size",
     "fused_with",
+    *SINCE_5,
 ]
 SINCE_4_SUMMARY = [
     "milestone_unit",
@@ -299,6 +317,8 @@ SINCE_4_SUMMARY = [
     "test_acc_at_best_val",
     "pack_size",
     "mps",
+    *SINCE_5,
+    *SUMMARY_SINCE_5,
 ]
 SINCE_3 = ["test_seconds", "time_limit_s", "estimated_s", "estimate_source", *SINCE_4]
 # what each older writer left out: columns, and keys of the footer summary
@@ -307,6 +327,7 @@ OLD_WRITERS = {
                                                     "time_limit_s", "estimated_s", *SINCE_4_SUMMARY]),
     2: (SINCE_3, ["test_seconds", "device_name", "time_limit_s", "estimated_s", *SINCE_4_SUMMARY]),
     3: (SINCE_4, SINCE_4_SUMMARY),
+    4: (SINCE_5, [*SINCE_5, *SUMMARY_SINCE_5]),
 }  # fmt: skip
 
 
@@ -333,7 +354,7 @@ def as_record_1(path) -> None:
     as_record(1, path)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_older_records_read_whole_and_by_their_summary(write_records, version):
     results = write_records([{"model": "resnet20", "final_test_acc": 0.91, "test_seconds": 12.5}])
     path = Layout(results).record(run_id(model="resnet20"))
@@ -343,7 +364,9 @@ def test_older_records_read_whole_and_by_their_summary(write_records, version):
     found = read_records(results)
     assert found.skipped == {} and found.table.num_rows == 1
     row = found.table.to_pylist()[0]
-    assert row["final_test_acc"] == 0.91 and row["milestone_unit"] == "epochs" and row["val_split"] == 0
+    assert row["final_test_acc"] == 0.91 and row["alloc_gpus"] is None and row["wall_seconds"] is None
+    if version < 4:  # before the protocol columns: every run counted epochs and held nothing out
+        assert row["milestone_unit"] == "epochs" and row["val_split"] == 0
     if version < 3:
         assert row["device_name"] is None and row["test_seconds"] is None
     else:
@@ -617,7 +640,7 @@ SHORT = "step-200, 2 of 200 epochs, milestones 1,1,2"  # step-200 as a 2-epoch r
 
 
 def test_a_shortened_recipe_says_so_in_titles_and_labels(write_records):
-    budget = {"estimated_s": 300.0, "time_limit_s": 900, "test_seconds": 60.0, "train_seconds": 240.0}
+    budget = {"estimated_s": 300.0, "time_limit_s": 900, "wall_seconds": 330.0, "train_seconds": 240.0}
     results = write_records(
         [{"model": m, "epochs": 2, "final_test_acc": a, **budget} for m, a in (("resnet20", 0.5), ("resnet32", 0.6))]
         + [
@@ -637,8 +660,8 @@ def test_a_shortened_recipe_says_so_in_titles_and_labels(write_records):
     ]
     sweep = cells(first_table(section(report.markdown, "ResNet56 CIFAR100")))
     assert [row[0] for row in sweep] == ["bs / opt", "cos-200, 2 of 200 epochs", SHORT]
-    estimates = cells(first_table(section(report.markdown, "Time estimates")))
-    assert [row[:4] for row in estimates[1:]] == [
+    per_configuration = section(report.markdown, "Time estimates").split("\n\n")[2]  # after the sources and a note
+    assert [row[:4] for row in cells(per_configuration)[1:]] == [
         ["resnet20", "cifar10", SHORT, "64"],
         ["resnet32", "cifar10", SHORT, "64"],
     ]
@@ -654,6 +677,166 @@ def test_a_shortened_run_beside_the_full_length_one_gets_a_table_of_its_own(writ
         "step-200 bs=64 epochs=200",
         "Missing, failed and lost runs",
     ]
+
+
+def frame(results):
+    """The runs collect reads from a results folder: every record's summary, as a DataFrame."""
+    return to_frame(read_records(results).table)
+
+
+def shared(specs: list[dict], **fields) -> list[dict]:
+    """Records of the runs of one array task: ``specs`` packed together (``pack_size``, ``packed_with``) or, with
+    ``fuse_size``, fused (``fused_with``); ``fields`` (allocation, budget) the same in every one."""
+    ids = [run_id(**spec) for spec in specs]
+    company = "fused_with" if "fuse_size" in fields else "packed_with"
+    size = {} if "fuse_size" in fields else {"pack_size": len(specs)}
+    return [{**spec, **size, **fields, company: [i for i in ids if i != own]} for spec, own in zip(specs, ids)]
+
+
+def allocation_rows() -> list[dict]:
+    """Five array tasks: a pack of 4 (two batch sizes) on 1 GPU, a fused pair on 2 GPUs, a run alone on 8 CPU cores,
+    a record from before record/5 and a run started by `cifarbench run` (no estimate, no limit)."""
+    pack = [{"model": "resnet20", "batch_size": bs, "seed": s} for bs in (64, 128) for s in (0, 1)]
+    rows = [
+        {**row, "wall_seconds": wall}
+        for row, wall in zip(
+            shared(
+                pack, alloc_gpus=1, alloc_cpus=8, estimated_s=2880.0, time_limit_s=5400, estimate_source="records: a"
+            ),
+            (3000.0, 3200.0, 3600.0, 3400.0),  # the allocation lasted as long as its longest run
+        )
+    ]
+    rows += shared(
+        [{"model": "resnet32", "seed": s} for s in (0, 1)],
+        fuse_size=2,
+        alloc_gpus=2,
+        alloc_cpus=16,
+        wall_seconds=1800.0,
+        estimated_s=1800.0,
+        time_limit_s=3600,
+        estimate_source="records: b",
+    )
+    rows.append(
+        {
+            "model": "resnet56",
+            "batch_size": 128,
+            "alloc_gpus": 0,
+            "alloc_cpus": 8,
+            "wall_seconds": 450.0,
+            "estimated_s": 360.0,
+            "time_limit_s": 900,
+            "estimate_source": "prior: c",
+        }
+    )
+    rows.append({"model": "resnet44"})  # no allocation, no wall-clock time
+    rows.append({"model": "resnet110", "batch_size": 128, "alloc_gpus": 1, "alloc_cpus": 4, "wall_seconds": 1800.0})
+    return rows
+
+
+def test_an_allocation_counts_once_for_the_folder_and_its_runs_share_it(write_records):
+    runs = frame(write_records(allocation_rows()))
+    tasks, task_of = allocations(runs)
+    assert sorted(tasks.runs) == [1, 1, 1, 2, 4] and task_of.nunique() == 5
+    folder = device_hours(tasks, task_of)
+    assert folder.runs == 9 and folder.left_out == {"used": 1, "estimated": 2, "reserved": 2}
+    # the pack of 4 on 1 GPU for 3600 s: 1 GPU-h, not 4; the fused pair on 2 GPUs for 1800 s: 1 GPU-h
+    assert folder.hours == pytest.approx(
+        {
+            ("used", GPU_H): 1.0 + 1.0 + 0.5,
+            ("estimated", GPU_H): 0.8 + 1.0,
+            ("reserved", GPU_H): 1.5 + 2.0,
+            ("used", CPU_H): 1.0,
+            ("estimated", CPU_H): 0.8,
+            ("reserved", CPU_H): 2.0,
+        }
+    )
+    one = device_hours(tasks, task_of[runs.model.eq("resnet20") & runs.seed.eq(0) & runs.batch_size.eq(64)])
+    assert one.hours == pytest.approx({("used", GPU_H): 0.25, ("estimated", GPU_H): 0.2, ("reserved", GPU_H): 0.375})
+
+    summary, config = summarize(runs)
+    part = device_hours_part(runs, default_tables(summary), config)
+    assert part is not None and part.header == ["runs of", "runs", "used", "estimated", "reserved"]
+    two_left = "(2 runs left out)"
+    assert part.body == [
+        ["the results folder", "9", "2.50 GPU-h; 1.00 CPU-core-h (1 run left out)",
+         f"1.80 GPU-h; 0.80 CPU-core-h {two_left}", f"3.50 GPU-h; 2.00 CPU-core-h {two_left}"],
+        # half the pack, the fused pair and the record without an allocation
+        ["step-200 bs=64", "5", "1.50 GPU-h (1 run left out)", "1.40 GPU-h (1 run left out)",
+         "2.75 GPU-h (1 run left out)"],
+        # the other half, the CPU run and the run without an estimate
+        ["step-200 bs=128", "4", "1.00 GPU-h; 1.00 CPU-core-h", "0.40 GPU-h; 0.80 CPU-core-h (1 run left out)",
+         "0.75 GPU-h; 2.00 CPU-core-h (1 run left out)"],
+        ["ResNet20 CIFAR10", "4", "1.00 GPU-h", "0.80 GPU-h", "1.50 GPU-h"],  # the whole pack, in two tables too
+    ]  # fmt: skip
+    assert len(part.notes) == 2 and "counts once for the folder" in part.notes[0]
+
+
+def test_device_hours_in_tables_md_also_where_runs_are_selected(write_records):
+    results = write_records(allocation_rows())
+    report = collect(results, where=["batch_size=64"], plots=False, report=False)
+    assert headings_of(report.markdown) == ["step-200 bs=64", "Device-hours", "Time estimates",
+                                            "Missing, failed and lost runs"]  # fmt: skip
+    assert cells(first_table(section(report.markdown, "Device-hours")))[1:] == [
+        ["the results folder", "9", "2.50 GPU-h; 1.00 CPU-core-h (1 run left out)",
+         "1.80 GPU-h; 0.80 CPU-core-h (2 runs left out)", "3.50 GPU-h; 2.00 CPU-core-h (2 runs left out)"],
+        ["the runs selected (--where)", "5", "1.50 GPU-h (1 run left out)", "1.40 GPU-h (1 run left out)",
+         "2.75 GPU-h (1 run left out)"],
+        ["step-200 bs=64", "5", "1.50 GPU-h (1 run left out)", "1.40 GPU-h (1 run left out)",
+         "2.75 GPU-h (1 run left out)"],
+    ]  # fmt: skip
+    # the pack's longest run (3600 s, at batch size 128) is not among those selected, and still is the pack's time
+    assert cells(section(report.markdown, "Time estimates").split("\n\n")[2])[1:] == [
+        ["resnet20", "cifar10", "step-200", "64", "pack of 4", "1", "48.0", "60.0", "1.25", "90"],
+        ["resnet32", "cifar10", "step-200", "64", "fused 2", "1", "30.0", "30.0", "1.00", "60"],
+    ]
+    older = collect(results, where=["model=resnet44"], plots=False, report=False)  # no allocation recorded
+    assert cells(first_table(section(older.markdown, "Device-hours")))[2] == [
+        "the runs selected (--where)", "1", *["– (1 run left out)"] * 3
+    ]  # fmt: skip
+
+
+def test_time_estimates_are_measured_over_tasks_per_kind_of_estimate(write_records):
+    alone = lambda model, wall, estimate, source, **fields: {
+        "model": model, "alloc_gpus": 1, "alloc_cpus": 4, "wall_seconds": wall, "estimated_s": estimate,
+        "time_limit_s": 2700, "estimate_source": f"{source}: detail", **fields,
+    }  # fmt: skip
+    budget = {"alloc_gpus": 1, "alloc_cpus": 8, "estimate_source": "records: 2 epochs; 3 records on cpu"}
+    rows = [
+        {**row, "wall_seconds": wall}
+        for row, wall in zip(
+            shared([{"model": "resnet20", "seed": s} for s in (0, 1)], estimated_s=2400.0, time_limit_s=5400, **budget),
+            (3000.0, 3600.0),
+        )
+    ]  # measured / estimated: 3600 / 2400 = 1.5
+    rows += shared(
+        [{"model": "resnet32", "seed": s} for s in (0, 1, 2)],
+        fuse_size=3, wall_seconds=1800.0, estimated_s=1800.0, time_limit_s=3600, **budget,
+    )  # fmt: skip
+    rows[-1] = {**rows[-1], "status": "failed", "error": "diverged"}  # the group is still one task, measured 1.0
+    rows += [
+        alone("resnet44", 600.0, 1200.0, "records"),  # 0.5
+        alone("resnet56", 1800.0, 1500.0, "bench"),  # 1.2
+        alone("resnet110", None, 1000.0, "prior"),  # no wall-clock time, as before record/5
+        alone("resnet18", 9000.0, 1000.0, "prior", status="failed", error="boom"),  # no completed run
+        {"model": "resnet34", "alloc_gpus": 1, "wall_seconds": 100.0},  # started by `cifarbench run`: no estimate
+    ]
+    runs = frame(write_records(rows))
+    sources, per_configuration = time_estimate_parts(runs)
+    assert sources.header == ["estimate from", "tasks", "median measured / estimated", "25th–75th percentile",
+                              "min–max"]  # fmt: skip
+    assert sources.body == [
+        ["records", "3", "1.00", "0.75–1.25", "0.50–1.50"],
+        ["bench", "1", "1.20", "1.20–1.20", "1.20–1.20"],
+    ]
+    assert sources.notes[1] == "Left out: 1 task with an estimate but no wall-clock time (records before record/5)."
+    assert [row[4:] for row in per_configuration.body] == [
+        ["pack of 2", "1", "40.0", "60.0", "1.50", "90"],
+        ["fused 3", "1", "30.0", "30.0", "1.00", "60"],
+        ["alone", "1", "20.0", "10.0", "0.50", "45"],
+        ["alone", "1", "25.0", "30.0", "1.20", "45"],
+    ]
+    assert [row[0] for row in per_configuration.body] == ["resnet20", "resnet32", "resnet44", "resnet56"]
+    assert time_estimate_parts(runs[runs.model.eq("resnet34")]) == []
 
 
 def test_recipe_labels():

@@ -153,6 +153,35 @@ def test_report_html_with_no_completed_run(write_records, tmp_path):
         assert spec(model).run_id in dom
 
 
+def test_report_html_shows_device_hours_and_time_estimates(write_records):
+    ids = [spec("resnet20", s).run_id for s in (0, 1)]
+    results = write_records(
+        [
+            {
+                "model": "resnet20",
+                "seed": s,
+                "pack_size": 2,
+                "packed_with": [i for i in ids if i != ids[s]],
+                "alloc_gpus": 1,
+                "alloc_cpus": 8,
+                "wall_seconds": 3600.0 - 600 * s,
+                "estimated_s": 3000.0,
+                "time_limit_s": 5400,
+                "estimate_source": "bench: lightning fit rows",
+            }
+            for s in (0, 1)
+        ]
+    )
+    collect(results, plots=False)
+    text = Layout(results).report.read_text()
+    hours = text.split('<section id="hours">', 1)[1].split("</section>", 1)[0]
+    assert "<h2>Device-hours</h2>" in hours and "<code>submit</code>" in hours
+    assert '<td>the results folder</td><td class="num">2</td><td class="num">1.00 GPU-h</td>' in hours  # not 2.00
+    timing = text.split('<section id="timing">', 1)[1].split("</section>", 1)[0]
+    assert '<td>bench</td><td class="num">1</td><td class="num">1.20</td>' in timing
+    assert '<td>pack of 2</td><td class="num">1</td><td class="num">50.0</td>' in timing
+
+
 def test_curve_svg_and_log_tail(tmp_path):
     assert curve_svg(None) == "–" and curve_svg([]) == "–"
     one = curve_svg([0.5])

@@ -17,6 +17,7 @@ from cifarbench.report.tables import (
     VALUES,
     dedupe,
     default_tables,
+    device_hours_part,
     incomplete,
     parse_where,
     render,
@@ -24,6 +25,7 @@ from cifarbench.report.tables import (
     summarize,
     summary_line,
     tables,
+    time_estimate_parts,
     to_frame,
 )
 from cifarbench.store import atomic, scan
@@ -113,7 +115,10 @@ def collect(
         if Path(p).name == "record.parquet" and Path(p).parent.parent.name == "runs"
     ]
     missing = incomplete(runs, set(all_runs.run_id), found.no_record, unreadable, expected)
-    markdown = render(runs, tabs, matches, missing, value)
+    # an allocation's time and device-hours are its runs' in the whole folder, also where --where selects some
+    hours = device_hours_part(runs, tabs, config, folder=all_runs)
+    timing = time_estimate_parts(runs, folder=all_runs)
+    markdown = render(runs, tabs, matches, missing, value, hours=hours, timing=timing)
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_layout.tables, markdown)
@@ -143,6 +148,8 @@ def collect(
                 tabs=tabs,
                 matches=matches,
                 missing=missing,
+                hours=hours,
+                timing=timing,
                 no_record=found.no_record,
                 details=dict(
                     zip(runs.run_id, table.select([*scan.DETAILS, "test_acc"]).take(runs.index.to_numpy()).to_pylist())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import re
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cifarbench.errors import plural
-from cifarbench.report.tables import EAGER, Table, comparison_parts, labels, time_estimate_parts
+from cifarbench.report.tables import EAGER, Part, Table, comparison_parts, labels
 from cifarbench.store import atomic
 from cifarbench.store.manifests import list_manifests, read_manifests
 
@@ -119,6 +120,11 @@ def _plots(images: list[Path]) -> str:
     return "".join(out) or "<p>No plots (no completed run, or collect ran with --no-plots).</p>"
 
 
+def _part(part: Part) -> str:
+    notes = "".join(f'<p class="foot">{_code(note)}</p>' for note in part.notes)
+    return _table(part.header, part.body, numeric_from=part.numeric_from) + notes
+
+
 def _tables(tabs: list[Table], matches: list[pd.DataFrame | None], value: str) -> str:
     out = []
     for t, m in zip(tabs, matches):
@@ -208,7 +214,11 @@ def _runs(runs: pd.DataFrame, details: dict[str, dict]) -> str:
             f"SGD lr {r.lr:g}, momentum {r.momentum:g}, wd {r.weight_decay:g}, {schedule}; loader {r.loader}, "
             f"{r.compile if r.compile != EAGER else 'eager'}{', deterministic' if r.deterministic else ''}"
         )
-        where = "<br>".join(_e(v) for v in (device, d.get("precision_used") or r.precision, d.get("hostname")) if v)
+        where = "<br>".join(
+            _e(v)
+            for v in (device, r.precision_used if isinstance(r.precision_used, str) else r.precision, d.get("hostname"))
+            if v
+        )
         cells = [
             f'<td class="id"><code>{_e(r.run_id)}</code></td>',
             f"<td>{_e(r.status)}</td>",
@@ -261,20 +271,18 @@ def render(
     details: dict[str, dict],
     images: list[Path],
     value: str = "final_test_acc",
+    hours: Part | None = None,
+    timing: Sequence[Part] = (),
 ) -> str:
-    """The page. ``runs``: the records collected; ``summary``, ``tabs``, ``matches`` and ``missing`` as the
-    Markdown report has them; ``details``: run id -> what the summary leaves out (``scan.DETAILS`` and the curve,
-    ``test_acc``); ``images``: the plots' PNGs; ``value``: what the cells
-    show, as ``collect --value`` says."""
-    timing = time_estimate_parts(runs)
+    """The page. ``runs``: the records collected; ``summary``, ``tabs``, ``matches``, ``missing``, ``hours``
+    (device-hours) and ``timing`` (time estimates) as the Markdown report has them; ``details``: run id -> what the
+    summary leaves out (``scan.DETAILS`` and the curve, ``test_acc``); ``images``: the plots' PNGs; ``value``: what
+    the cells show, as ``collect --value`` says."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         ("tables", "Tables", _tables(tabs, matches, value)),
-        (
-            "timing",
-            "Time estimates",
-            _table(timing[0], timing[1], numeric_from=4) + f'<p class="foot">{_e(timing[2])}</p>' if timing else "",
-        ),
+        ("hours", "Device-hours", _part(hours) if hours else ""),
+        ("timing", "Time estimates", "".join(map(_part, timing))),
         ("plots", "Plots", _plots(images)),
         (
             "missing",

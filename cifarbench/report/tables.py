@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -366,44 +366,214 @@ def summary_line(runs: pd.DataFrame, value: str) -> str:
     )
 
 
-def render(runs, tabs: list[Table], matches: list[pd.DataFrame | None], missing: list[str], value: str) -> str:
+@dataclass(frozen=True)
+class Part:
+    """A table of a report's section and the notes below it, as tables.md and report.html both show it."""
+
+    header: list[str]
+    body: list[list[str]]
+    notes: list[str]
+    numeric_from: int  # the first column of numbers (right-aligned in HTML)
+
+    @property
+    def markdown(self) -> str:
+        return "\n\n".join([markdown_table(self.header, self.body), *(["  \n".join(self.notes)] if self.notes else [])])
+
+
+def render(
+    runs,
+    tabs: list[Table],
+    matches: list[pd.DataFrame | None],
+    missing: list[str],
+    value: str,
+    *,
+    hours: Part | None = None,
+    timing: Sequence[Part] = (),
+) -> str:
+    """tables.md. ``hours``: ``device_hours_part``; ``timing``: ``time_estimate_parts``."""
     out = ["# cifarbench results", "", summary_line(runs, value)]
     for t, m in zip(tabs, matches):
         out += ["", f"## {t.title}", "", t.markdown]
         out += ["", comparison(t, m, value)] if m is not None and len(m) else []
-    timing = time_estimates(runs)
-    out += ["", "## Time estimates", "", timing] if timing else []
+    out += ["", "## Device-hours", "", hours.markdown] if hours else []
+    out += ["", "## Time estimates", "", "\n\n".join(p.markdown for p in timing)] if timing else []
     out += ["", "## Missing, failed and lost runs", ""] + (missing or ["None: every run has a completed record."])
     return "\n".join(out) + "\n"
 
 
-def time_estimates(runs: pd.DataFrame) -> str | None:
-    """``time_estimate_parts`` as Markdown."""
-    parts = time_estimate_parts(runs)
-    return None if parts is None else markdown_table(parts[0], parts[1]) + "\n\n" + parts[2]
+GPU_H, CPU_H = "GPU-h", "CPU-core-h"  # device-hours on GPUs, or on CPU cores where an allocation had none
+HOURS = {"used": "wall_s", "estimated": "estimated_s", "reserved": "time_limit_s"}  # -> the task's seconds of it
+SOURCES = ("records", "bench", "prior")  # the kinds of estimate, as ``estimate_source`` begins
 
 
-def time_estimate_parts(runs: pd.DataFrame) -> tuple[list[str], list[list[str]], str] | None:
-    """How good ``time: auto``'s estimates were: per configuration of completed runs that had one, the mean
-    estimated minutes against the minutes measured (training and test passes, without start-up), and the mean
-    time limit asked for. None when no run had an estimate."""
+def _ids(value) -> list[str]:
+    return [] if value is None or isinstance(value, float) else list(value)  # a null list reads as None (or NaN)
+
+
+def allocations(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+    """The array tasks (allocations) ``runs`` trained in, and each run's task. A task is named by its sorted run
+    ids: the run's own and those it was packed or fused with. One row per task: ``runs`` (its runs here), ``unit``
+    (GPU_H, CPU_H; None where the allocation is not recorded), ``devices`` (its GPUs, or its CPU cores where it had
+    no GPU), ``wall_s`` (the longest wall-clock time of its runs: the allocation lasted as long as its longest run),
+    ``done_wall_s`` (the same over its completed runs), ``estimated_s`` and ``time_limit_s`` (as submitted, shared
+    by its runs) and ``source`` (the kind of estimate, one of SOURCES)."""
+    keys = [
+        " ".join(sorted({i, *_ids(p), *_ids(f)})) for i, p, f in zip(runs.run_id, runs.packed_with, runs.fused_with)
+    ]
+    task_of = pd.Series(keys, index=runs.index, dtype=object)
+    r = runs.assign(
+        task=task_of,
+        done_wall=runs.wall_seconds.where(runs.status.eq("completed")),
+        source=[s.split(":", 1)[0].strip() if isinstance(s, str) else None for s in runs.estimate_source],
+    )
+    tasks = r.groupby("task", sort=False).agg(
+        runs=("run_id", "size"),
+        gpus=("alloc_gpus", "max"),
+        cpus=("alloc_cpus", "max"),
+        wall_s=("wall_seconds", "max"),
+        done_wall_s=("done_wall", "max"),
+        estimated_s=("estimated_s", "max"),
+        time_limit_s=("time_limit_s", "max"),
+        source=("source", "first"),
+    )
+    on_gpu, on_cpus = tasks.gpus.gt(0), tasks.gpus.eq(0) & tasks.cpus.notna()
+    tasks["devices"] = tasks.gpus.where(on_gpu, tasks.cpus.where(on_cpus)).astype(float)
+    tasks["unit"] = pd.Series(None, index=tasks.index, dtype=object).mask(on_gpu, GPU_H).mask(on_cpus, CPU_H)
+    return tasks, task_of
+
+
+@dataclass(frozen=True)
+class DeviceHours:
+    runs: int
+    hours: dict[tuple[str, str], float]  # (a key of HOURS, GPU_H or CPU_H) -> device-hours
+    left_out: dict[str, int]  # a key of HOURS -> runs without the data for it
+
+
+def device_hours(tasks: pd.DataFrame, task_of: pd.Series) -> DeviceHours:
+    """The device-hours used, estimated and reserved of the runs ``task_of`` names (run -> its row of ``tasks``,
+    as ``allocations`` gives them): each task's hours once where all its runs are among them, else their share
+    (the task's hours times the part of its runs that are)."""
+    here = np.bincount(tasks.index.get_indexer(task_of), minlength=len(tasks))  # each task's runs among them
+    share = here / tasks.runs.to_numpy()
+    units = tasks.unit.to_numpy()
+    hours, left_out = {}, {}
+    for what, seconds in HOURS.items():
+        h = tasks[seconds].to_numpy(float) * tasks.devices.to_numpy(float) / 3600 * share
+        left_out[what] = int(here[np.isnan(h)].sum())
+        for unit in (GPU_H, CPU_H):
+            counted = (here > 0) & (units == unit) & ~np.isnan(h)
+            if counted.any():
+                hours[what, unit] = float(h[counted].sum())
+    return DeviceHours(runs=len(task_of), hours=hours, left_out=left_out)
+
+
+def device_hours_part(
+    runs: pd.DataFrame, tabs: list[Table], config: pd.Series, folder: pd.DataFrame | None = None
+) -> Part | None:
+    """``device_hours`` of the results folder (``folder``: all its records; default ``runs``), of the runs selected
+    from it (``runs``) where they are fewer, and of each table's runs (``config``: each run's row of the summary,
+    as ``summarize`` gives it). None when no run's allocation is recorded."""
+    folder = runs if folder is None else folder
+    tasks, task_of = allocations(folder)
+    units = [u for u in (GPU_H, CPU_H) if tasks.unit.eq(u).any()]
+    if not units:
+        return None
+    scopes = [("the results folder", folder.index)]
+    scopes += [("the runs selected (--where)", runs.index)] if len(runs) < len(folder) else []
+    scopes += [(t.title, config.index[config.isin(t.cells.index)]) for t in tabs]
+    figures = [(name, device_hours(tasks, task_of.loc[index])) for name, index in scopes]
+
+    def cell(f: DeviceHours, what: str) -> str:
+        text = "; ".join(f"{f.hours[what, u]:.2f} {u}" for u in units if (what, u) in f.hours) or "–"
+        return text + (f" ({plural(f.left_out[what], 'run')} left out)" if f.left_out[what] else "")
+
+    header = ["runs of", "runs", *HOURS]
+    body = [[name, str(f.runs), *(cell(f, what) for what in HOURS)] for name, f in figures]
+    notes = [
+        "The allocations (array tasks) the runs trained in, in GPUs × hours, or CPU cores × hours where an "
+        "allocation had no GPU (the two are never added). Used: the allocation's wall-clock time, the longest of its "
+        "runs' (all attempts); estimated and reserved: the estimate and the time limit `submit` gave it. An "
+        "allocation shared by a pack or a fused group counts once for the folder; a table counts each of its runs' "
+        "share (the allocation's hours over its runs with a record), so that tables add up, but a run shown in two "
+        "tables counts in both."
+    ]
+    if any(any(f.left_out.values()) for _, f in figures):
+        notes.append(
+            "Left out of a figure: runs without its data. Used needs the allocation and the wall-clock time (not in "
+            "records before record/5, nor in a killed process's); estimated and reserved need the allocation, the "
+            "estimate and the time limit (not in runs started by `cifarbench run`, nor in records before record/3)."
+        )
+    return Part(header, body, notes, numeric_from=1)
+
+
+def _trained(runs: pd.DataFrame) -> pd.Series:
+    """How each run shared its allocation: "alone", "pack of K" or "fused K"."""
+    fused, packed = runs.fuse_size.fillna(1), runs.pack_size.fillna(1)
+    text = np.where(fused > 1, "fused " + fused.astype(int).astype(str), "alone")
+    text = np.where((fused <= 1) & (packed > 1), "pack of " + packed.astype(int).astype(str), text)
+    return pd.Series(text, index=runs.index, dtype=object)
+
+
+def time_estimate_parts(runs: pd.DataFrame, folder: pd.DataFrame | None = None) -> list[Part]:
+    """How good ``submit``'s estimates were, over array tasks (a pack or a fused group is one task) with a completed
+    run and an estimate: per kind of estimate (SOURCES), measured / estimated time, its median, 25th–75th percentile
+    and range; and per configuration and way of training (alone, packed, fused), its tasks' mean estimated and
+    measured minutes and time limit. Measured: the task's wall-clock time, the longest of its completed runs'. A
+    task is taken whole from ``folder`` (every record of the results folder; default ``runs``), also where ``runs``
+    selects only some of its runs. Empty when no task has both an estimate and a measured time."""
+    folder = runs if folder is None else folder
     done = runs[runs.status.eq("completed") & runs.estimated_s.notna()]
     if done.empty:
-        return None
-    measured = (done.train_seconds + done.test_seconds.fillna(0)) / 60
+        return []
+    tasks, task_of = allocations(folder)
+    estimated = tasks.loc[task_of.loc[done.index].unique()]
+    timed = estimated[estimated.done_wall_s.notna()]
+    if timed.empty:
+        return []
+    ratio = timed.done_wall_s / timed.estimated_s
+    by_source = {kind: r for kind, r in ratio.groupby(timed.source.fillna("not recorded"))}
+    order = lambda kind: (SOURCES.index(kind) if kind in SOURCES else len(SOURCES), kind)
+    body = []
+    for kind in sorted(by_source, key=order):
+        r = by_source[kind]
+        q1, median, q3 = r.quantile([0.25, 0.5, 0.75])
+        body.append([kind, str(len(r)), f"{median:.2f}", f"{q1:.2f}–{q3:.2f}", f"{r.min():.2f}–{r.max():.2f}"])
+    notes = [
+        "Over array tasks (a pack or a fused group is one task) with a completed run: measured is the task's "
+        "wall-clock time, the longest of its completed runs' (all attempts, start-up included), estimated is the "
+        "estimate `submit` gave the task; the spread is the 25th–75th percentile (interpolated) and the range."
+    ]
+    if len(timed) < len(estimated):
+        notes.append(
+            f"Left out: {plural(len(estimated) - len(timed), 'task')} with an estimate but no wall-clock time "
+            "(records before record/5)."
+        )
+    sources = Part(
+        ["estimate from", "tasks", "median measured / estimated", "25th–75th percentile", "min–max"],
+        body,
+        notes,
+        numeric_from=1,
+    )
+
     keys = ["model", "dataset", "recipe", "batch_size"]
     # a run shortened by --epochs takes less than its recipe's time: a row of its own
-    g = done.assign(estimated=done.estimated_s / 60, measured=measured, limit=done.time_limit_s / 60).groupby(
-        [*keys, *RECIPE_RUN], sort=False
+    pairs = done.assign(task=task_of.loc[done.index], trained=_trained(done))
+    pairs = pairs[pairs.task.isin(timed.index)].drop_duplicates(["task", *keys, *RECIPE_RUN])
+    t = timed.loc[pairs.task]
+    per_task = pairs.assign(
+        estimated=t.estimated_s.to_numpy() / 60,
+        measured=t.done_wall_s.to_numpy() / 60,
+        limit=t.time_limit_s.to_numpy() / 60,
     )
-    cells = _sorted(g.agg(runs=("run_id", "size"), estimated=("estimated", "mean"), measured=("measured", "mean"),
-                          limit=("limit", "mean")).reset_index(), [*keys, *RECIPE_RUN])  # fmt: skip
+    g = per_task.groupby([*keys, *RECIPE_RUN, "trained"], sort=False, dropna=False)
+    cells = _sorted(g.agg(tasks=("task", "size"), estimated=("estimated", "mean"), measured=("measured", "mean"),
+                          limit=("limit", "mean")).reset_index(), [*keys, *RECIPE_RUN, "trained"])  # fmt: skip
     shown = zip(*(labels(cells, [k]) for k in keys))
     body = [
-        [*named, str(r.runs), f"{r.estimated:.1f}", f"{r.measured:.1f}", f"{r.measured / r.estimated:.2f}",
-         f"{r.limit:.0f}"]
+        [*named, r.trained, str(r.tasks), f"{r.estimated:.1f}", f"{r.measured:.1f}", f"{r.measured / r.estimated:.2f}",
+         "–" if pd.isna(r.limit) else f"{r.limit:.0f}"]
         for named, (_, r) in zip(shown, cells.iterrows())
     ]  # fmt: skip
-    header = [*keys, "runs", "estimated min", "measured min", "measured / estimated", "limit min"]
-    note = "Measured: the training and test passes of every epoch; an estimate also holds two minutes of start-up."
-    return header, body, note
+    header = [*keys, "trained", "tasks", "estimated min", "measured min", "measured / estimated", "limit min"]
+    note = "Per configuration, the mean over its tasks; a task that trained several configurations counts in each."
+    return [sources, Part(header, body, [note], numeric_from=5)]
