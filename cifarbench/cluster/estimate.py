@@ -34,7 +34,7 @@ import math
 import os
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -84,10 +84,20 @@ class Evidence:
 
     records: dict[tuple, list[Sample]]
     bench: dict[tuple, list[Sample]]
+    # figures worked out already: the tasks of a grid of thousands of runs ask about a handful of configurations
+    _figures: dict[tuple, Figure | None] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def none(cls) -> Evidence:
         return cls(records={}, bench={})
+
+    def figure(self, source: str, key: tuple, spec: RunSpec, resources: Resources) -> Figure | None:
+        """``_figure`` of the samples of ``source`` ("records" or "bench") under ``key``, worked out once."""
+        memo = (source, key, spec.precision, resources)
+        if memo not in self._figures:
+            samples = (self.records if source == "records" else self.bench).get(key, ())
+            self._figures[memo] = _figure(samples, spec, resources, source)
+        return self._figures[memo]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,12 +221,12 @@ def _figure(samples: Sequence[Sample], spec: RunSpec, resources: Resources, sour
 def _alone(spec: RunSpec, resources: Resources, evidence: Evidence) -> Figure:
     """The figure of the run trained alone: records, else bench, else the prior."""
     config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile)
-    found = _figure(evidence.records.get((config, ALONE, 1), ()), spec, resources, "records")
+    found = evidence.figure("records", (config, ALONE, 1), spec, resources)
     if found is not None:
         return found
     if spec.loader == "device":  # bench measures the device loader
         config = _config(spec.model, spec.num_classes, spec.batch_size, "device", spec.compile)
-        found = _figure(evidence.bench.get((config, ALONE, 1), ()), spec, resources, "bench")
+        found = evidence.figure("bench", (config, ALONE, 1), spec, resources)
         if found is not None:
             return replace(found, detail=found.detail + " of 50,000 + 10,000 images")
     per_epoch, detail = prior_per_epoch(spec, resources)
@@ -238,13 +248,13 @@ def _shared(spec: RunSpec, resources: Resources, evidence: Evidence, share: str,
     """The figure of a task of ``k`` such runs trained as ``share`` (PACK or FUSE)."""
     config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile)
     what = f"packed {k} per task" if share == PACK else f"fused x{k}"
-    found = _figure(evidence.records.get((config, share, k), ()), spec, resources, "records")
+    found = evidence.figure("records", (config, share, k), spec, resources)
     if found is not None:
         return replace(found, detail=f"{what}: {found.detail}")
     if share == FUSE:  # the nearest group size measured: as it is where it was larger, scaled where smaller
         measured = [key[2] for key in evidence.records if key[:2] == (config, FUSE)]
         for n in sorted(measured, key=lambda n: (abs(n - k), -n)):
-            found = _figure(evidence.records[config, FUSE, n], spec, resources, "records")
+            found = evidence.figure("records", (config, FUSE, n), spec, resources)
             if found is not None:
                 factor = max(k / n, 1.0)
                 scaled = f", x{k}/{n}" if factor > 1 else ""
