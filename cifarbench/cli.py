@@ -146,6 +146,8 @@ def _cmd_submit(args) -> int:
             f"fused: {plural(sum(map(len, fused)), 'run')} in {plural(len(fused), 'group')} of up to "
             f"{max(map(len, fused))} (one array task each)"
         )
+    if args.strict and (short := plan.short_limits(tasks)):
+        raise Problems([*short, "nothing was submitted (--strict refuses time limits below the estimates)"])
     if not args.no_preflight:
         problems = preflight.problems(tasks, limits)
         if problems:
@@ -383,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-preflight",
         action="store_true",
         help="skip the checks of data and cluster limits (for data that only exists on the compute nodes)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse a fixed time limit below a task's estimate x time_margin (a warning without it)",
     )
     p.set_defaults(func=_cmd_submit)
 

@@ -344,6 +344,22 @@ def test_groups_describe_tasks_runs_resources_and_hours():
     assert lines[-1].startswith("total: 6 runs in 5 tasks, 2 groups, 3 arrays;") and "reserved GPU-h 112.0" in lines[-1]
 
 
+def test_a_fixed_time_below_the_estimate_is_warned_about_per_group():
+    g = parse_grid(
+        GRID.replace('time: "04:00:00"', 'time: "00:30:00"') + "resources: [{match: {model: resnet20}, time: auto}]\n"
+    )
+    tasks = tasks_of(g)
+    [short] = plan.short_limits(tasks)  # one line for the group of resnet110 and resnet1202, none for time: auto
+    longest = max(tasks, key=lambda t: t.estimate.seconds)
+    assert longest.specs[0].model == "resnet1202"
+    estimated = format_time(round(longest.estimate.seconds))
+    assert short.startswith(f"group 2's time 00:30:00 is below its longest task's estimate, {estimated} (prior), ")
+    assert short.endswith("its tasks would reach the limit and requeue; use time: auto, or a longer time")
+    assert f"  warning: {short}" in plan.describe(tasks, max_array_size=1000)
+    resnet20 = GRID.replace("[resnet20, resnet110, resnet1202]", "[resnet20]")
+    assert plan.short_limits(tasks_of(parse_grid(resnet20))) == []  # 4 hours are enough
+
+
 def test_a_capped_group_is_warned_about():
     g = parse_grid(GRID + "resources: [{match: {model: resnet1202}, time: auto}]\n")
     lines = plan.describe(tasks_of(g, {"gpu": 3600}), max_array_size=1000)

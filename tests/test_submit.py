@@ -109,6 +109,21 @@ def test_submit_says_1_run_and_2_runs(seeds, runs, tmp_path, synthetic_root, cap
     assert f"total: {runs} in {tasks}, 1 group, 1 array;" in out
 
 
+def test_strict_refuses_a_time_limit_below_the_estimate(tmp_path, synthetic_root, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"models: [resnet20]\ndatasets: [synthetic10]\nopts: [step-160]\nbatch_sizes: [64]\nseeds: [0]\n"
+        f"root: {synthetic_root}\nverify: false\nresults: {tmp_path / 'results'}\n"
+        "slurm: {gpus_per_node: 0, cpus_per_task: 1, time: '00:10:00'}\n"
+    )
+    assert main(["submit", str(grid), "--dry-run", "--executor", "local"]) == 0  # a warning: 160 epochs in 10 min
+    assert "  warning: group 1's time 00:10:00 is below its longest task's estimate" in capsys.readouterr().out
+    assert main(["submit", str(grid), "--executor", "local", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "group 1's time 00:10:00 is below" in err and "nothing was submitted (--strict" in err
+    assert not (tmp_path / "results" / "submissions").exists()
+
+
 @pytest.mark.parametrize("n, ended", [(1, "] 1/1 run ended  done 0"), (2, "] 2/2 runs ended  done 0")])
 def test_the_wait_line_says_1_run_and_2_runs(tmp_path, n, ended):
     stream = io.StringIO()

@@ -158,6 +158,30 @@ def arrays(tasks: Iterable[Task]) -> dict[Resources, list[Task]]:
     return out
 
 
+def _short_limit(i: int, r: Resources, members: list[Task]) -> str | None:
+    """Pure: why set ``i``'s fixed time limit is below its longest task's estimate x ``time_margin``, if it is:
+    such tasks reach their limit and requeue again and again (each resuming from its last checkpoint, but paying
+    start-up and a part-epoch each time)."""
+    if members[0].auto:
+        return None
+    longest = max(members, key=lambda t: t.estimate.seconds)
+    wanted = longest.estimate.seconds * r.time_margin
+    if wanted <= longest.limit_s:
+        return None
+    estimated = format_time(round(longest.estimate.seconds))
+    return (
+        f"group {i}'s time {r.time} is below its longest task's estimate, {estimated} ({longest.estimate.source}), "
+        f"x time_margin {r.time_margin:g} = {format_time(round(wanted))}: its tasks would reach the limit and "
+        "requeue; use time: auto, or a longer time"
+    )
+
+
+def short_limits(tasks: list[Task]) -> list[str]:
+    """Pure: ``_short_limit`` of every set of equal resources that has one."""
+    found = (_short_limit(i, r, members) for i, (r, members) in enumerate(arrays(tasks).items(), 1))
+    return [line for line in found if line]
+
+
 def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
     """Pure: a line per set of equal resources (its array tasks and the runs they hold, the resources, estimated
     and reserved device-hours, where the estimates came from), then the total; and a warning per set whose
@@ -195,6 +219,8 @@ def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
             + f"; {plural(arrays_here, 'array')}; estimated {estimated:.1f} {unit}, reserved {reserved:.1f} {unit}; "
             "estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
+        if short := _short_limit(i, r, members):
+            lines.append(f"  warning: {short}")
         if any(t.capped for t in members):
             lines.append(
                 f"  warning: group {i}'s tasks are estimated to need more than the partition's MaxTime; they are "
