@@ -13,7 +13,7 @@ import pytest
 
 from cifarbench.cli import main
 from cifarbench.cluster import estimate
-from cifarbench.config.resources import parse_time
+from cifarbench.config.resources import format_time, parse_time
 from cifarbench.store.manifests import read_manifests
 
 pytestmark = pytest.mark.slurm
@@ -152,9 +152,14 @@ def _queued_reserved(arrays) -> dict[str, tuple[int, str]]:
 
 
 def _planned_reserved(arrays: dict[str, list[dict]]) -> dict[str, tuple[int, str]]:
-    """What the plan counted: each task's resolved time limit and GPUs (CPUs), from the manifest."""
-    tasks = {e["job_id"]: (a, e["resources"]) for a, entries in arrays.items() for e in entries}  # a pack: one task
-    return _by_array(_reserved_s(a, r["time"], r["gpus_per_node"], r["cpus_per_task"]) for a, r in tasks.values())
+    """What the plan counted: each task's time limit (its budget's, as SLURM gets it) and GPUs (CPUs), from the
+    manifest."""
+    tasks = {e["job_id"]: (a, e) for a, entries in arrays.items() for e in entries}  # a pack: one task
+    return _by_array(
+        _reserved_s(a, format_time(e["budget"]["time_limit_s"]), e["resources"]["gpus_per_node"],
+                    e["resources"]["cpus_per_task"])
+        for a, e in tasks.values()
+    )  # fmt: skip
 
 
 def _reserved(line: str) -> tuple[str, str]:
