@@ -25,7 +25,7 @@ from cifarbench.config.spec import (
     get_recipe,
 )
 from cifarbench.errors import Problems, UsageError, check_int, check_name, plural
-from cifarbench.store.datasets import SYNTHETIC_SIZES
+from cifarbench.store.datasets import SYNTHETIC_SIZES, image_counts
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,7 +136,8 @@ def _cmd_submit(args) -> int:
         limits = preflight.read_limits(accounting=any(r.account or r.qos for r in resources))
     max_time = preflight.max_times(limits) if limits else None
     evidence = estimate.read_evidence(grid.results, summaries)
-    tasks = plan.make_tasks(todo.submit, grid.resources, grid.fuse, evidence, max_time)
+    data = {key: image_counts(*key) for key in {(s.dataset, s.data_root) for s in todo.submit}}
+    tasks = plan.make_tasks(todo.submit, grid.resources, grid.fuse, evidence, max_time, data)
     size = queue.max_array_size() if on_slurm else len(tasks) or 1
     for line in plan.describe(tasks, max_array_size=size) if tasks else ():
         print(line)

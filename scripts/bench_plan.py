@@ -40,7 +40,7 @@ from pathlib import Path
 
 from cifarbench.cluster import estimate, plan
 from cifarbench.config.grid import Grid, load_grid
-from cifarbench.store.datasets import fingerprint
+from cifarbench.store.datasets import fingerprint, image_counts
 from cifarbench.store.layout import Layout
 from cifarbench.store.records import read_record
 
@@ -127,15 +127,17 @@ def describe(task: plan.Task) -> str:
     return f"{models[0]} alone"
 
 
-def start_up(task: plan.Task, evidence: estimate.Evidence) -> float:
+def start_up(task: plan.Task, evidence: estimate.Evidence, data: dict) -> float:
     """The start-up within ``task``'s estimate, whatever it came from: start + E x per epoch, estimated again at
     2E epochs, gives start = 2 x est(E) - est(2E)."""
     longer = [dataclasses.replace(s, epochs=2 * s.schedule.epochs) for s in task.specs]
-    twice = estimate.estimate_task(longer, task.resources, evidence, fused=task.fused).seconds
+    twice = estimate.estimate_task(longer, task.resources, evidence, fused=task.fused, data=data).seconds
     return 2 * task.estimate.seconds - twice
 
 
-def compare(tasks: list[plan.Task], evidence: estimate.Evidence, measured: dict[frozenset[str], Measured]) -> list[Row]:
+def compare(
+    tasks: list[plan.Task], evidence: estimate.Evidence, measured: dict[frozenset[str], Measured], data: dict
+) -> list[Row]:
     rows = []
     for t in tasks:
         key = frozenset(s.run_id for s in t.specs)
@@ -149,7 +151,7 @@ def compare(tasks: list[plan.Task], evidence: estimate.Evidence, measured: dict[
                 source=t.estimate.source,
                 estimated=est,
                 measured=measured[key],
-                start=start_up(t, evidence),
+                start=start_up(t, evidence, data),
                 raw_limit=est * t.resources.time_margin,
                 limit=t.resources.seconds,
             )
@@ -159,7 +161,9 @@ def compare(tasks: list[plan.Task], evidence: estimate.Evidence, measured: dict[
 
 def planned(grid: Grid, evidence: estimate.Evidence, measured: dict[frozenset[str], Measured], title: str) -> list[Row]:
     """Plan ``grid`` from ``evidence``, print each task beside its measured time, and return the rows."""
-    rows = compare(plan.make_tasks(grid.specs, grid.resources, grid.fuse, evidence), evidence, measured)
+    data = {key: image_counts(*key) for key in {(s.dataset, s.data_root) for s in grid.specs}}
+    tasks = plan.make_tasks(grid.specs, grid.resources, grid.fuse, evidence, data=data)
+    rows = compare(tasks, evidence, measured, data)
     print_rows(title, rows)
     return rows
 

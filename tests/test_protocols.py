@@ -186,6 +186,11 @@ def test_synthetic_data_of_another_size_is_not_overwritten_without_force(two_siz
     assert main([*args, "--train-size", "200"]) == 0  # the same size: the same data again
     assert main([*args, "--train-size", "400", "--force"]) == 0
     assert data.synthetic_sizes("synthetic10", root) == (400, 50)
+    # what plans count a run's images with: counted once, then kept beside the files while they stay the same
+    assert datasets.image_counts("synthetic10", root) == (400, 50)
+    assert (datasets.dataset_folder("synthetic10", root) / datasets.SIZES_NAME).is_file()
+    assert datasets.image_counts("synthetic100", root) == datasets.STANDARD_IMAGES == (50_000, 10_000)  # missing
+    assert datasets.image_counts("cifar10", root) == datasets.STANDARD_IMAGES
 
 
 def test_the_missing_data_hint_recreates_only_what_the_grid_reads(tmp_path):

@@ -198,6 +198,30 @@ def test_start_up_comes_from_the_records_wall_time_where_they_have_it():
     )
 
 
+def test_evidence_is_projected_onto_the_images_a_run_will_take():
+    # the reproduction: a record of a 500-image synthetic set planned a 5,000-image one as if it were as small
+    small = record(dataset="synthetic10", train_images=500, test_images=100, train_seconds=10.0, test_seconds=2.0)
+    s = dataclasses.replace(spec(), dataset="synthetic10")
+    data = {(s.dataset, s.data_root): (5_000, 1_000)}
+    est = estimate.estimate_task([s], GPU, evidence(small), data=data)
+    assert per_epoch(est) == pytest.approx(10 * (12.0 / 10))  # (10 + 2) s over 10 epochs, ten times the images
+    assert "scaled from 500 + 100 to 5,000 + 1,000 images: 12.0 s/epoch" in est.detail
+    same = estimate.estimate_task([s], GPU, evidence(small), data={(s.dataset, s.data_root): (500, 100)})
+    assert per_epoch(same) == pytest.approx(1.2) and "scaled" not in same.detail
+    # a validation split takes its images from training; an older record trained on CIFAR's own
+    held = dataclasses.replace(s, val_split=1_000)
+    assert estimate.planned_images(held, data) == (4_000, 1_000)
+    assert estimate.planned_images(spec(), None) == (50_000, 10_000)
+    old = estimate.estimate_task(
+        [spec()], GPU, evidence(record()), data={(spec().dataset, spec().data_root): (5_000, 1_000)}
+    )
+    assert per_epoch(old) == pytest.approx(10.0 / 10 + 2.0 / 10) and "scaled from 50,000 + 10,000" in old.detail
+    # the prior counts the images too
+    prior = estimate.estimate_task([s], GPU, estimate.Evidence.none(), data=data)
+    full = estimate.estimate_task([s], GPU, estimate.Evidence.none())
+    assert per_epoch(prior) == pytest.approx(per_epoch(full) / 10) and "5,000 + 1,000 images" in prior.detail
+
+
 def test_an_older_record_without_test_time_is_charged_a_share_of_its_training_time():
     est = estimate.estimate_task([spec()], GPU, evidence(record(test_seconds=None)))
     assert per_epoch(est) == pytest.approx(10.0 * (1 + estimate.TEST_SHARE_OF_TRAINING))

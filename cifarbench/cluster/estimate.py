@@ -9,8 +9,8 @@ passes, then test passes), from the best evidence of the same kind of task there
    its time while sharing; a fused member's holds the whole group's. A fused group without records of its own K
    takes the nearest K measured: as it is where that K was larger, scaled by K / K' where it was smaller;
 2. ``cifarbench bench`` tables under ``results/bench/``: the "lightning fit" rows of the same model, number of
-   classes, batch size and compile mode, projected onto CIFAR's 50,000 training and 10,000 test images (runs
-   alone only);
+   classes, batch size and compile mode: images/s as measured, taken as CIFAR's 50,000 training and 10,000 test
+   images (runs alone only);
 3. a prior from the model's multiply-adds (``config.spec.ARCHS``): 6 FLOPs per MAC and image to train, 2 to
    test, at PRIOR_FLOPS, a deliberately low sustained rate for each kind of device.
 
@@ -24,6 +24,10 @@ grouped by the precision the runs trained in (``precision_used``): the requested
 bf16-mixed (else 16-mixed) on a GPU and 32-true on a CPU. Where figures come from several devices of that kind
 (a grid does not know which node a task will get), the slowest counts.
 
+Every figure is projected onto the images the run will take an epoch (``planned_images``: its data's training set
+less the validation split, and its test set): a record's training and test seconds by the images it took (CIFAR's
+for records that did not keep them), bench's from CIFAR's, and the prior's counted for them.
+
 The limit is the estimate times ``time_margin``, rounded up to 5 minutes, at least 10 minutes, and at most the
 partition's MaxTime: a longer task is carried across limits by requeue and resume.
 """
@@ -33,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,9 +47,10 @@ from cifarbench.config.resources import Resources
 from cifarbench.config.spec import ARCHS, DATASETS, RunSpec
 from cifarbench.errors import plural
 from cifarbench.store import scan
+from cifarbench.store.datasets import STANDARD_IMAGES
 from cifarbench.store.layout import Layout
 
-TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000  # CIFAR's splits: what bench figures are projected onto
+TRAIN_IMAGES, TEST_IMAGES = STANDARD_IMAGES  # CIFAR's splits: what bench figures measured, older records trained on
 # Sustained FLOP/s assumed where nothing was measured: per GPU, and per CPU core. On the 2-core CPU machine cifarbench
 # is developed on, resnet56's training steps run at ~37 GFLOP/s per core; the prior assumes a quarter of that. For
 # GPUs the small kernels of CIFAR ResNets keep any recent GPU far below its peak; 2 TFLOP/s is a low guess, to be
@@ -59,7 +64,7 @@ ROUND_S = 300
 RECORD_FIELDS = (
     "run_id", "status", "model", "dataset", "batch_size", "precision", "precision_used", "loader", "compile",
     "epochs_done", "train_seconds", "test_seconds", "device_name", "pack_size", "fuse_size", "alloc_cpus",
-    "wall_seconds",
+    "wall_seconds", "train_images", "test_images", "val_split",
 )  # fmt: skip
 ALONE, PACK, FUSE = "alone", "pack", "fuse"  # how a task trains its runs
 GPU_PRECISIONS = ("bf16-mixed", "16-mixed")  # what auto resolves to on a GPU, in order of preference
@@ -69,7 +74,9 @@ GPU_PRECISIONS = ("bf16-mixed", "16-mixed")  # what auto resolves to on a GPU, i
 class Sample:
     """One figure of evidence: the seconds one epoch of a task took (or, from bench, would take)."""
 
-    per_epoch: float
+    train_s: float  # seconds of one epoch's training passes
+    test_s: float  # and of its test passes
+    images: tuple[int, int]  # the training and test images they took
     device: str  # "cpu" or the GPU's name
     precision: str  # as trained
     cpus: int | None  # the allocation's CPU cores (bench: torch's threads); None: not recorded
@@ -91,12 +98,14 @@ class Evidence:
     def none(cls) -> Evidence:
         return cls(records={}, bench={})
 
-    def figure(self, source: str, key: tuple, spec: RunSpec, resources: Resources) -> Figure | None:
+    def figure(
+        self, source: str, key: tuple, spec: RunSpec, resources: Resources, images: tuple[int, int]
+    ) -> Figure | None:
         """``_figure`` of the samples of ``source`` ("records" or "bench") under ``key``, worked out once."""
-        memo = (source, key, spec.precision, resources)
+        memo = (source, key, spec.precision, resources, images)
         if memo not in self._figures:
             samples = (self.records if source == "records" else self.bench).get(key, ())
-            self._figures[memo] = _figure(samples, spec, resources, source)
+            self._figures[memo] = _figure(samples, spec, resources, source, images)
         return self._figures[memo]
 
 
@@ -145,11 +154,21 @@ def samples_from_records(summaries: Iterable[dict]) -> dict[tuple, list[Sample]]
         test = r["test_seconds"] if r["test_seconds"] is not None else r["train_seconds"] * TEST_SHARE_OF_TRAINING
         config = _config(r["model"], r["dataset"], r["batch_size"], r["loader"], r["compile"])
         key = (config, *_share(r.get("pack_size"), r.get("fuse_size")))
-        per_epoch = (r["train_seconds"] + test) / r["epochs_done"]
         wall = r.get("wall_seconds")
         start_s = max(wall - r["train_seconds"] - test, 0.0) if wall is not None else None
+        # records that did not keep their image counts trained on CIFAR's
+        images = (
+            r.get("train_images") or TRAIN_IMAGES - (r.get("val_split") or 0),
+            r.get("test_images") or TEST_IMAGES,
+        )
         sample = Sample(
-            per_epoch=per_epoch, device=r["device_name"], precision=precision, cpus=r.get("alloc_cpus"), start_s=start_s
+            train_s=r["train_seconds"] / r["epochs_done"],
+            test_s=test / r["epochs_done"],
+            images=images,
+            device=r["device_name"],
+            precision=precision,
+            cpus=r.get("alloc_cpus"),
+            start_s=start_s,
         )
         out.setdefault(key, []).append(sample)
     return out
@@ -168,9 +187,15 @@ def samples_from_bench(rows: Iterable[dict]) -> dict[tuple, list[Sample]]:
             continue
         mode = variant.partition("torch.compile ")[2] or None
         config = _config(r["model"], DATASETS[r["dataset"]].num_classes, r["batch_size"], "device", mode)
-        seconds = TRAIN_IMAGES / r["images_per_s"] + TEST_IMAGES / r["eval_images_per_s"]
         cpus = r.get("torch_threads") if r["device"] == "cpu" else None
-        sample = Sample(per_epoch=seconds, device=r["device"], precision=r["precision"], cpus=cpus)
+        sample = Sample(
+            train_s=TRAIN_IMAGES / r["images_per_s"],
+            test_s=TEST_IMAGES / r["eval_images_per_s"],
+            images=STANDARD_IMAGES,
+            device=r["device"],
+            precision=r["precision"],
+            cpus=cpus,
+        )
         out.setdefault((config, ALONE, 1), []).append(sample)
     return out
 
@@ -181,9 +206,12 @@ def _precisions(spec: RunSpec, resources: Resources) -> tuple[str, ...]:
     return GPU_PRECISIONS if resources.gpus_per_node else ("32-true",)
 
 
-def _figure(samples: Sequence[Sample], spec: RunSpec, resources: Resources, source: str) -> Figure | None:
+def _figure(
+    samples: Sequence[Sample], spec: RunSpec, resources: Resources, source: str, images: tuple[int, int]
+) -> Figure | None:
     """Pure: the figure of the samples measured on the kind of device ``resources`` asks for, in the precision
-    the run will train in; None when none fits. ``source``: "records" or "bench"."""
+    the run will train in, projected onto the training and test ``images`` it will take; None when none fits.
+    ``source``: "records" or "bench"."""
     gpu = resources.gpus_per_node > 0
     fitting = [s for s in samples if (s.device != "cpu") == gpu]
     for precision in _precisions(spec, resources):
@@ -198,8 +226,11 @@ def _figure(samples: Sequence[Sample], spec: RunSpec, resources: Resources, sour
         chosen, typed = (own, f" ({resources.gpu_type})") if own else (chosen, f" (none of {resources.gpu_type})")
     by_device: dict[str, list[tuple[float, float | None]]] = {}
     scaled: set[str] = set()
+    sizes = set()
     for s in chosen:
-        per_epoch = s.per_epoch
+        per_epoch = s.train_s * images[0] / s.images[0] + s.test_s * images[1] / s.images[1]
+        if s.images != images:
+            sizes.add(s.images)
         if not gpu and s.cpus and s.cpus != resources.cpus_per_task:  # CPU figures scale with the cores
             per_epoch *= s.cpus / resources.cpus_per_task
             scaled.add(f"{s.cpus}")
@@ -214,62 +245,90 @@ def _figure(samples: Sequence[Sample], spec: RunSpec, resources: Resources, sour
     cores = f", scaled from {'/'.join(sorted(scaled))} to {resources.cpus_per_task} cores" if scaled else ""
     what = "record" if source == "records" else "bench row"
     started = f", start-up {start_s:.0f} s" if start_s is not None else ""
-    detail = f"{plural(len(figures), what)} on {device}{typed}, {precision}{cores}: {median:.1f} s/epoch{started}"
+    scaled_images = ""
+    if sizes:
+        measured = _images(*sizes.pop()) if len(sizes) == 1 else "several sizes"
+        scaled_images = f", scaled from {measured} to {_images(*images)} images"
+    detail = (
+        f"{plural(len(figures), what)} on {device}{typed}, {precision}{cores}{scaled_images}: {median:.1f} s/epoch"
+        f"{started}"
+    )
     return Figure(per_epoch=median, start_s=start_s, source=source, detail=detail)
 
 
-def _alone(spec: RunSpec, resources: Resources, evidence: Evidence) -> Figure:
+def _images(train: int, test: int) -> str:
+    return f"{train:,} + {test:,}"
+
+
+def _alone(spec: RunSpec, resources: Resources, evidence: Evidence, images: tuple[int, int]) -> Figure:
     """The figure of the run trained alone: records, else bench, else the prior."""
     config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile)
-    found = evidence.figure("records", (config, ALONE, 1), spec, resources)
+    found = evidence.figure("records", (config, ALONE, 1), spec, resources, images)
     if found is not None:
         return found
     if spec.loader == "device":  # bench measures the device loader
         config = _config(spec.model, spec.num_classes, spec.batch_size, "device", spec.compile)
-        found = evidence.figure("bench", (config, ALONE, 1), spec, resources)
+        found = evidence.figure("bench", (config, ALONE, 1), spec, resources, images)
         if found is not None:
-            return replace(found, detail=found.detail + " of 50,000 + 10,000 images")
-    per_epoch, detail = prior_per_epoch(spec, resources)
+            return found
+    per_epoch, detail = prior_per_epoch(spec, resources, images)
     return Figure(per_epoch=per_epoch, start_s=None, source="prior", detail=detail)
 
 
-def prior_per_epoch(spec: RunSpec, resources: Resources) -> tuple[float, str]:
+def prior_per_epoch(
+    spec: RunSpec, resources: Resources, images: tuple[int, int] = STANDARD_IMAGES
+) -> tuple[float, str]:
     macs = ARCHS[spec.model].macs
     if resources.gpus_per_node > 0:
         flops, kind = PRIOR_FLOPS["gpu"], f"GPU at {PRIOR_FLOPS['gpu'] / 1e12:g} TFLOP/s"
     else:
         flops = PRIOR_FLOPS["cpu_core"] * resources.cpus_per_task
         kind = f"{resources.cpus_per_task} CPU cores at {PRIOR_FLOPS['cpu_core'] / 1e9:g} GFLOP/s each"
-    seconds = (TRAIN_IMAGES * 6 + TEST_IMAGES * 2) * macs / flops
-    return seconds, f"{macs / 1e6:.0f}M MACs on a {kind}: {seconds:.1f} s/epoch"
+    seconds = (images[0] * 6 + images[1] * 2) * macs / flops
+    return seconds, f"{macs / 1e6:.0f}M MACs on a {kind}, {_images(*images)} images: {seconds:.1f} s/epoch"
 
 
-def _shared(spec: RunSpec, resources: Resources, evidence: Evidence, share: str, k: int) -> Figure:
+def _shared(
+    spec: RunSpec, resources: Resources, evidence: Evidence, share: str, k: int, images: tuple[int, int]
+) -> Figure:
     """The figure of a task of ``k`` such runs trained as ``share`` (PACK or FUSE)."""
     config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile)
     what = f"packed {k} per task" if share == PACK else f"fused x{k}"
-    found = evidence.figure("records", (config, share, k), spec, resources)
+    found = evidence.figure("records", (config, share, k), spec, resources, images)
     if found is not None:
         return replace(found, detail=f"{what}: {found.detail}")
     if share == FUSE:  # the nearest group size measured: as it is where it was larger, scaled where smaller
         measured = [key[2] for key in evidence.records if key[:2] == (config, FUSE)]
         for n in sorted(measured, key=lambda n: (abs(n - k), -n)):
-            found = evidence.figure("records", (config, FUSE, n), spec, resources)
+            found = evidence.figure("records", (config, FUSE, n), spec, resources, images)
             if found is not None:
                 factor = max(k / n, 1.0)
                 scaled = f", x{k}/{n}" if factor > 1 else ""
                 detail = f"fused x{k} from fused x{n}{scaled}: {found.detail}"
                 return replace(found, per_epoch=found.per_epoch * factor, detail=detail)
-    alone = _alone(spec, resources, evidence)
+    alone = _alone(spec, resources, evidence, images)
     detail = f"{what}, no gain assumed: {k} x one run alone; {alone.detail}"
     return replace(alone, per_epoch=alone.per_epoch * k, detail=detail)
 
 
+def planned_images(spec: RunSpec, data: Mapping[tuple[str, str], tuple[int, int]] | None) -> tuple[int, int]:
+    """Pure: the training and test images ``spec`` will take an epoch: its data's (``data``: (dataset, data root)
+    -> its training and test images, as ``store.datasets.image_counts`` counts them; CIFAR's where it does not
+    say), less the validation split."""
+    train, test = (data or {}).get((spec.dataset, spec.data_root), STANDARD_IMAGES)
+    return train - spec.held_out, test
+
+
 def estimate_task(
-    specs: Sequence[RunSpec], resources: Resources, evidence: Evidence, *, fused: bool = False
+    specs: Sequence[RunSpec],
+    resources: Resources,
+    evidence: Evidence,
+    *,
+    fused: bool = False,
+    data: Mapping[tuple[str, str], tuple[int, int]] | None = None,
 ) -> Estimate:
     """Pure: how long one array task takes: ``specs`` trained alone (one), packed ``resources.pack`` per task, or
-    fused as one group (``fused``)."""
+    fused as one group (``fused``), on the images ``data`` counts (``planned_images``)."""
     if fused:
         share, k = FUSE, len(specs)
     elif resources.pack > 1:
@@ -278,7 +337,11 @@ def estimate_task(
         share, k = ALONE, 1
     longest: tuple[float, Figure, RunSpec] | None = None
     for spec in specs[:1] if fused else specs:  # a fused group's members differ only in their seed
-        figure = _alone(spec, resources, evidence) if share == ALONE else _shared(spec, resources, evidence, share, k)
+        images = planned_images(spec, data)
+        if share == ALONE:
+            figure = _alone(spec, resources, evidence, images)
+        else:
+            figure = _shared(spec, resources, evidence, share, k, images)
         start = START_S if figure.start_s is None else figure.start_s
         seconds = start + spec.schedule.epochs * figure.per_epoch
         if longest is None or seconds > longest[0]:

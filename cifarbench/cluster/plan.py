@@ -119,12 +119,14 @@ def make_tasks(
     fuse: Mapping[str, int],
     evidence: Evidence,
     max_time: Mapping[str | None, int | None] | None = None,
+    data: Mapping[tuple[str, str], tuple[int, int]] | None = None,
 ) -> list[Task]:
     """Pure: the array tasks of ``specs``, each with its estimate and ``time: auto`` turned into its limit.
     Within each set of equal resources, runs that fuse make a task per group; the others are packed ``pack`` at a
     time, longest first, so that a pack holds runs of like length (a fused group already shares the device's
     kernels, so it is not packed too). ``max_time``: partition (None: the default one) -> its MaxTime in seconds
-    (None: unlimited); empty where the cluster is not asked (local runs)."""
+    (None: unlimited); empty where the cluster is not asked (local runs). ``data``: (dataset, data root) -> its
+    training and test images (``estimate.planned_images``)."""
     out = []
     for r, members in groups_of_runs(specs, resources).items():
         fused: list[list[RunSpec]] = []
@@ -132,16 +134,17 @@ def make_tasks(
         for group in fused_groups(members, fuse):
             (fused if len(group) > 1 else alone).append(group)
         if r.pack > 1:  # a pack's allocation lasts as long as its longest run: pack runs of like length together
-            single = {s.run_id: estimate_task([s], dataclasses.replace(r, pack=1), evidence).seconds for [s] in alone}
+            one = dataclasses.replace(r, pack=1)
+            single = {s.run_id: estimate_task([s], one, evidence, data=data).seconds for [s] in alone}
             ordered = sorted((s for [s] in alone), key=lambda s: -single[s.run_id])
             alone = chunks(ordered, r.pack)
-        out += [_task(g, r, evidence, max_time, fused=True) for g in fused]
-        out += [_task(g, r, evidence, max_time, fused=False) for g in alone]
+        out += [_task(g, r, evidence, max_time, data, fused=True) for g in fused]
+        out += [_task(g, r, evidence, max_time, data, fused=False) for g in alone]
     return out
 
 
-def _task(specs, r: Resources, evidence: Evidence, max_time, *, fused: bool) -> Task:
-    est = estimate_task(specs, r, evidence, fused=fused)
+def _task(specs, r: Resources, evidence: Evidence, max_time, data, *, fused: bool) -> Task:
+    est = estimate_task(specs, r, evidence, fused=fused, data=data)
     capped, auto = False, r.time == AUTO
     if auto:
         seconds, capped = time_limit(est.seconds, r.time_margin, (max_time or {}).get(r.partition))

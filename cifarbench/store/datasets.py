@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from cifarbench.errors import UsageError
 from cifarbench.store.atomic import write_text
 
 CACHE_NAME = ".cifarbench-md5.json"
+SIZES_NAME = ".cifarbench-images.json"  # a synthetic dataset's image counts, keyed by its files' sizes and times
+STANDARD_IMAGES = (50_000, 10_000)  # CIFAR-10's and CIFAR-100's training and test images
 SYNTHETIC_SIZES = {"train_size": 50_000, "test_size": 10_000}  # what `cifarbench data synthetic` writes by default
 
 
@@ -205,6 +208,42 @@ def fingerprint(dataset: str, root: str | Path) -> str | None:
             text = "".join(f"{name} {size} {sums[name]}\n" for name, size, _ in sorted(stats))
             _fingerprints[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return _fingerprints[key]
+
+
+def synthetic_sizes(dataset: str, root: str | Path) -> tuple[int, int] | None:
+    """(training images, test images) of the synthetic ``dataset`` under ``root``; None where there is none. Counted
+    from its files once, then kept in SIZES_NAME beside them for as long as the files' sizes and times stay."""
+    files = FILES[dataset].layout
+    folder = dataset_folder(dataset, root)
+    train, test = [name for name, _ in files.train_list], [files.test_list[0][0]]
+    try:
+        key = [[name, *_size_and_time(folder / name)] for name in train + test]
+    except OSError:
+        return None
+    cache = _read_cache(folder / SIZES_NAME)
+    known = cache.get("images")
+    if cache.get("files") == key and isinstance(known, list) and len(known) == 2:
+        return int(known[0]), int(known[1])
+    try:
+        counts = []
+        for names in (train, test):
+            total = 0
+            for name in names:
+                with open(folder / name, "rb") as fh:
+                    batch = pickle.load(fh, encoding="latin1")
+                total += len(batch["labels" if "labels" in batch else "fine_labels"])
+            counts.append(total)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError):
+        return None
+    with contextlib.suppress(OSError):  # shared, read-only data: counted again next time
+        write_text(folder / SIZES_NAME, json.dumps({"files": key, "images": counts}) + "\n")
+    return counts[0], counts[1]
+
+
+def image_counts(dataset: str, root: str | Path) -> tuple[int, int]:
+    """(training images, test images) a run of ``dataset`` under ``root`` reads, before any validation split: the
+    real datasets' own, a synthetic one's from its files; CIFAR's where they cannot be read (missing data)."""
+    return (synthetic_sizes(dataset, root) if FILES[dataset].synthetic else None) or STANDARD_IMAGES
 
 
 # The validation split is drawn with this key, not the run's seed: every run of a grid holds out the same images.

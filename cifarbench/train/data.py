@@ -29,6 +29,7 @@ from cifarbench.store.datasets import (
     dataset_folder,
     md5,
     missing_message,
+    synthetic_sizes,
     val_indices,
 )
 from cifarbench.system import usable_cores
@@ -108,24 +109,6 @@ def _templates(num_classes: int, rng: np.random.Generator) -> np.ndarray:
     coarse = torch.from_numpy(rng.normal(0, 1, size=(num_classes, 3, 4, 4)).astype(np.float32))
     smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
     return (20 * smooth / smooth.std(dim=(1, 2, 3), keepdim=True)).numpy()
-
-
-def synthetic_sizes(dataset: str, root: str | Path) -> tuple[int, int] | None:
-    """(training images, test images) of the synthetic ``dataset`` under ``root``; None where there is none."""
-    files = FILES[dataset].layout
-    folder = dataset_folder(dataset, root)
-    try:
-        counts = []
-        for names in ([name for name, _ in files.train_list], [files.test_list[0][0]]):
-            total = 0
-            for name in names:
-                with open(folder / name, "rb") as fh:
-                    batch = pickle.load(fh, encoding="latin1")
-                total += len(batch["labels" if "labels" in batch else "fine_labels"])
-            counts.append(total)
-    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError):
-        return None
-    return counts[0], counts[1]
 
 
 def write_synthetic(
