@@ -90,12 +90,14 @@ def test_two_resource_groups_are_two_arrays_with_their_own_limits(held, capsys):
 
 
 def test_time_auto_from_earlier_records(held, write_records, tmp_path, capsys):
-    # two completed runs of resnet20 in this results folder, 2 epochs in 30 s of training and 6 s of test each
+    # two completed runs of resnet20 in this results folder, 2 epochs in 30 s of training and 6 s of test each, on the
+    # grid's data (synthetic_root's 1,000 + 500 images)
     write_records(
         [
             {"model": "resnet20", "dataset": "synthetic10", "recipe": "step-160", "batch_size": 64, "seed": s,
              "epochs": 2, "precision": "32-true", "train_seconds": 30.0, "test_seconds": 6.0, "epochs_done": 2,
-             "test_acc": [0.5, 0.6], "final_test_acc": 0.6, "device_name": "cpu"}
+             "test_acc": [0.5, 0.6], "final_test_acc": 0.6, "device_name": "cpu", "train_images": 1000,
+             "test_images": 500}
             for s in (5, 6)
         ],
         results=tmp_path / "results",
