@@ -164,6 +164,8 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "alloc_gpus": [1] * n,
         "alloc_cpus": [8] * n,
         "wall_seconds": seconds.sum(1) + 40.0,
+        "peak_host_mb": rng.normal(3000.0, 100.0, n),
+        "peak_device_mb": rng.uniform(500.0, 8000.0, n),
         # no warm-up, verified CIFAR, no validation split, trained alone and unfused: these are null
         **dict.fromkeys(
             (

@@ -195,6 +195,7 @@ def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone
         assert (r["alloc_gpus"], r["alloc_cpus"]) == (allocation_gpus(), allocation_cpus())
         assert r["wall_seconds"] >= r["train_seconds"] + r["test_seconds"]
     assert rows[0]["wall_seconds"] == rows[1]["wall_seconds"]  # the group's time, shared
+    assert rows[0]["peak_host_mb"] == rows[1]["peak_host_mb"] > 50 and rows[0]["peak_device_mb"] is None
     assert rows[0]["final_train_loss"] != rows[1]["final_train_loss"]
 
     # interrupted after epoch 1, then resumed: the same numbers to the last bit
@@ -205,8 +206,9 @@ def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone
 
     with pytest.raises(KeyboardInterrupt):
         _quiet(fit_group, resumed, device=CPU, on_epoch_end=interrupt)
-    for spec in resumed:
-        r = records.read_record(Layout(spec.results).record(spec.run_id))
+    stopped = [records.read_record(Layout(s.results).record(s.run_id)) for s in resumed]
+    assert stopped[0]["peak_host_mb"] == stopped[1]["peak_host_mb"] > 50  # failed, still the group's peak
+    for spec, r in zip(resumed, stopped):
         assert r["status"] == "failed" and r["epochs_done"] == 1 and r["error"].startswith("KeyboardInterrupt")
         progress = read_progress(spec.results, spec.run_id)
         assert progress is not None and (progress["epochs_done"], progress["epochs"]) == (1, 2)
@@ -253,7 +255,7 @@ def test_group_records_resume_bit_identically_and_a_diverging_member_fails_alone
     bad = records.read_record(Layout(diverging[1].results).record(diverging[1].run_id))
     assert bad["status"] == "failed" and bad["epochs_done"] == 0
     assert bad["error"].startswith("Diverged: training loss nan in epoch 1")
-    assert bad["fuse_size"] == 2 and len(paths) == 2
+    assert bad["fuse_size"] == 2 and len(paths) == 2 and bad["peak_host_mb"] > 50
     r = records.read_record(Layout(diverging[0].results).record(diverging[0].run_id))
     assert r["status"] == "completed" and r["epochs_done"] == 2
     # epoch 1 ran in the same group of 2: bit-identical; epoch 2 alone, in kernels that sum in another order
@@ -330,6 +332,9 @@ def test_a_fused_grid_through_local_submit_and_status(small_root, tmp_path, caps
     assert [r["status"] for r in rows] == ["completed", "completed"]
     assert [r["fused_with"] for r in rows] == [[specs[1].run_id], [specs[0].run_id]]
     assert [r["fuse_size"] for r in rows] == [2, 2] and rows[0]["test_acc"] != rows[1]["test_acc"]
+    # one process trained the group: each member holds its peak
+    assert rows[0]["peak_host_mb"] == rows[1]["peak_host_mb"] > 50
+    assert [r["peak_device_mb"] for r in rows] == [None, None]
     assert main(["status", str(tmp_path / "r"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["summary"] == {"completed": 2} and len({run["job_id"] for run in report["runs"]}) == 1

@@ -284,6 +284,8 @@ def test_four_runs_packed_two_per_task_are_one_array_and_equal_the_runs_alone(tm
         assert (record["pack_size"], record["packed_with"], record["mps"]) == (2, [partner], None)
         assert record["slurm_array_task_id"] == str(i // 2)
         assert (record["alloc_gpus"], record["alloc_cpus"]) == (2, 2)
+        # its own worker process's peak; the GPUs are fake, so none trained
+        assert record["peak_host_mb"] > 50 and record["peak_device_mb"] is None
     assert main(["status", str(results), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["summary"] == {"completed": 4}
     for entry in manifest["runs"][::2]:
@@ -399,6 +401,7 @@ def test_a_killed_worker_fails_alone_and_retry_failed_resubmits_only_it(tmp_path
         states = {s.run_id: s.status for s in status.collect_status(str(results), specs)}
         assert record["status"] == "failed" and record["error"].startswith("WorkerKilled: "), record["error"]
         assert "SIGKILL" in record["error"] and record["epochs_done"] >= 1
+        assert record["peak_host_mb"] is None and record["wall_seconds"] is None  # measured by the process killed
         assert states[killed.run_id] == "failed" and states[other.run_id] in ("running", "completed"), states
         _wait("the other run completed", _completed(results, [other]), timeout=300)
 

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import lightning as L
 import pyarrow.parquet as pq
@@ -53,6 +54,8 @@ def test_two_epoch_run_writes_a_valid_record_far_above_chance(synthetic_root, tm
     assert r["images_per_s"] > 0 and r["train_seconds"] > 0 and len(r["epoch_seconds"]) == 2
     assert r["started_at"] <= r["ended_at"] and r["torch_version"] == torch.__version__
     assert r["error"] is None
+    machine_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert 50 < r["peak_host_mb"] < machine_mb and r["peak_device_mb"] is None  # no GPU trained
     # after completion only the record and the last checkpoint remain
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "record.parquet"]
 
@@ -72,6 +75,7 @@ def test_a_run_that_fails_before_its_first_epoch_records_0_epochs_done(tmp_path)
     r = records.read_record(path)
     assert r["status"] == "failed" and r["epochs_done"] == 0 and r["final_test_acc"] is None
     assert r["error"].startswith("DataError: dataset synthetic10 not found")
+    assert r["peak_host_mb"] > 50 and r["peak_device_mb"] is None  # measured though training never began
     summary, _ = records.read_summary(path)
     assert summary is not None and summary["epochs_done"] == 0
 
@@ -113,6 +117,7 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_root
     failed = records.read_record(Layout(spec.results).record(spec.run_id))
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError: node lost"
     assert failed["epochs_done"] == 2 and "node lost" in failed["traceback"]
+    assert failed["peak_host_mb"] > 50 and failed["peak_device_mb"] is None
     resumed = records.read_record(fit(spec))
     assert resumed["status"] == "completed" and resumed["attempts"] == 2 and resumed["epochs_done"] == 3
     for key in ("final_test_acc", "final_test_loss", "final_train_loss", "test_acc", "train_loss", "lr_curve"):

@@ -1,8 +1,8 @@
 """The per-run Parquet record (``runs/<run_id>/record.parquet``): explicit versioned schema, atomic write,
 tolerant reads of the whole file or of its footer summary alone.
 
-A record (``record/5``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
-schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/5`` says what the
+A record (``record/6``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
+schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/6`` says what the
 file is, and ``cifarbench.summary`` is a compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables
 are made of, with the columns' values (null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its
 first line only; NaN as Python's json writes it; no curves). The summary is the footer index: reading a footer
@@ -16,6 +16,7 @@ not know (record/0, or a newer one) is not a record to it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from datetime import datetime
@@ -24,10 +25,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cifarbench.config.spec import RunSpec
 from cifarbench.store import atomic
 from cifarbench.store.layout import Layout
 
-RECORD_VERSION = 5
+RECORD_VERSION = 6
 SCHEMA_KEY = b"cifarbench.schema"
 SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
 SUMMARY_KEY = b"cifarbench.summary"
@@ -43,7 +45,7 @@ _COLUMNS = [
     (
         "record_version",
         pa.int32(),
-        "The record schema's version (5: `record/5`); files of versions 1 to 4 are read with the columns they lack "
+        "The record schema's version (6: `record/6`); files of versions 1 to 5 are read with the columns they lack "
         "filled in.",
     ),
     (
@@ -299,6 +301,22 @@ _COLUMNS = [
         "by a process that was killed.",
     ),
     (
+        "peak_host_mb",
+        pa.float64(),
+        "Peak resident memory (RSS, MiB) of the process that trained the run, during the attempt that wrote this "
+        "record (on Linux its high-water mark, reset as the attempt starts; elsewhere the process's lifetime peak). "
+        "A fused group's members each hold the group's peak; a packed run its own worker process's. Null: written "
+        "before record/6, or by a process that was killed.",
+    ),
+    (
+        "peak_device_mb",
+        pa.float64(),
+        "Peak GPU memory PyTorch allocated (MiB; `torch.cuda.max_memory_allocated`, its caching allocator reserves "
+        "more) during the attempt that wrote this record. A fused group's members each hold the group's peak; a "
+        "packed run its own worker process's. Null: no GPU trained, written before record/6, or by a process that "
+        "was killed.",
+    ),
+    (
         "started_at",
         _ts,
         "When the attempt that wrote this record started (UTC); earlier attempts of a resumed run started before.",
@@ -399,14 +417,18 @@ SUMMARY_FIELDS = (
     "alloc_gpus",
     "alloc_cpus",
     "wall_seconds",
+    "peak_host_mb",
+    "peak_device_mb",
 )
 
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
 # SCHEMA without these columns, and a summary without these keys (nor those OLDER_SUMMARY names); a reader fills
 # them in.
+# record/6: each run's peak host and GPU memory, for plans that size memory (`mem_gb: auto`) and packs (`pack: auto`).
+_SINCE_6: dict[str, object] = {"peak_host_mb": None, "peak_device_mb": None}
 # record/5: the allocation a run trained in (its GPUs and CPUs) and its wall-clock time, for plans and GPU-hours per
 # allocation; the summary also holds the precision used, the data's size and the run's pack or fused group.
-_SINCE_5: dict[str, object] = {"alloc_gpus": None, "alloc_cpus": None, "wall_seconds": None}
+_SINCE_5: dict[str, object] = {"alloc_gpus": None, "alloc_cpus": None, "wall_seconds": None, **_SINCE_6}
 # record/4: protocols (warm-up, iterations, a validation split), the data's identity and size, packing, fusion.
 # Before it, every run counted epochs, warmed up for no step, held nothing out and trained alone.
 _SINCE_4: dict[str, object] = {
@@ -438,6 +460,7 @@ OLDER = {
     2: _SINCE_3,
     3: _SINCE_4,
     4: _SINCE_5,
+    5: _SINCE_6,
 }
 # Columns an older record has, but not in its summary: a summary-only reader sees them as null.
 # record/4's summary lacks record/5's keys whose columns it has: a summary-only reader does not know its run's
@@ -490,6 +513,37 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> Path:
     with atomic.replacing(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def spec_fields(spec: RunSpec) -> dict:
+    """The record's columns that describe the spec, its schedule as planned (``train.fit.schedule_fields``: as
+    run). Pure, so that a run's record can be written by whoever outlives it: the training job, or status when
+    SLURM killed the job."""
+    recipe = spec.schedule
+    return {
+        "run_id": spec.run_id,
+        "model": spec.model,
+        "dataset": spec.dataset,
+        "recipe": spec.recipe.name,
+        "recipe_epochs": dataclasses.replace(spec, epochs=None).schedule.epochs,
+        "lr": recipe.lr,
+        "momentum": recipe.momentum,
+        "weight_decay": recipe.weight_decay,
+        "schedule": recipe.schedule,
+        "milestones": list(recipe.milestones),
+        "gamma": recipe.gamma,
+        "batch_size": spec.batch_size,
+        "seed": spec.seed,
+        "epochs": recipe.epochs,
+        "precision": spec.precision,
+        "loader": spec.loader,
+        "deterministic": spec.deterministic,
+        "compile": spec.compile,
+        "val_split": spec.held_out,
+        "milestone_unit": spec.recipe.unit,
+        "data_root": str(Path(spec.data_root).resolve()),
+        "num_classes": spec.num_classes,
+    }
 
 
 def write_record(row: dict, results: str | os.PathLike) -> Path:

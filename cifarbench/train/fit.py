@@ -28,7 +28,15 @@ from cifarbench.errors import UsageError
 from cifarbench.store import datasets, records
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import clear_progress, read_progress
-from cifarbench.system import allocation_cpus, allocation_gpus, task_ended, task_started
+from cifarbench.store.records import spec_fields
+from cifarbench.system import (
+    allocation_cpus,
+    allocation_gpus,
+    peak_rss_mb,
+    reset_peak_rss,
+    task_ended,
+    task_started,
+)
 from cifarbench.train import data
 from cifarbench.train.loggers import make_logger
 from cifarbench.train.models import count_parameters
@@ -145,35 +153,6 @@ def allocation_fields(packing: Packing | None = None) -> dict:
     }
 
 
-def spec_fields(spec: RunSpec) -> dict:
-    """The record's columns that describe the spec, its schedule as planned (``schedule_fields``: as run)."""
-    recipe = spec.schedule
-    return {
-        "run_id": spec.run_id,
-        "model": spec.model,
-        "dataset": spec.dataset,
-        "recipe": spec.recipe.name,
-        "recipe_epochs": dataclasses.replace(spec, epochs=None).schedule.epochs,
-        "lr": recipe.lr,
-        "momentum": recipe.momentum,
-        "weight_decay": recipe.weight_decay,
-        "schedule": recipe.schedule,
-        "milestones": list(recipe.milestones),
-        "gamma": recipe.gamma,
-        "batch_size": spec.batch_size,
-        "seed": spec.seed,
-        "epochs": recipe.epochs,
-        "precision": spec.precision,
-        "loader": spec.loader,
-        "deterministic": spec.deterministic,
-        "compile": spec.compile,
-        "val_split": spec.held_out,
-        "milestone_unit": spec.recipe.unit,
-        "data_root": str(Path(spec.data_root).resolve()),
-        "num_classes": spec.num_classes,
-    }
-
-
 def schedule_fields(spec: RunSpec, steps: Steps) -> dict:
     """The schedule as the run trains it on its data: epochs and iterations, milestones in the recipe's unit, the
     warm-up in steps (0 where this model does not warm up)."""
@@ -258,6 +237,23 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring what ``peak_memory`` reports: at the start of each training attempt, as local execution runs
+    several tasks one after another in one process."""
+    reset_peak_rss()
+    if device.type == "cuda" and torch.cuda.is_initialized():  # before CUDA starts, nothing was allocated
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The record's peak memory columns: this process's peaks since ``reset_peak_memory``, host and GPU."""
+    cuda = device.type == "cuda"
+    return {
+        "peak_host_mb": peak_rss_mb(),
+        "peak_device_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+    }
+
+
 def fit(
     spec: RunSpec,
     *,
@@ -283,6 +279,7 @@ def fit(
     row.update((packing or Packing()).to_dict(spec.run_id, on_gpu=device.type == "cuda"), **allocation_fields(packing))
     module = None
     try:
+        reset_peak_memory(device)
         row.update(check_data(spec))
         fast = FastPath.for_device(device, spec.precision)
         row["precision_used"] = fast.precision
@@ -358,7 +355,13 @@ def fit(
                 f"training stopped after {outcome['epochs_done']} of {steps.epochs} epochs"
                 + (" (interrupted)" if trainer.interrupted else "")
             )
-        row.update(outcome, status="completed", ended_at=datetime.now(timezone.utc), wall_seconds=module.wall_seconds())
+        row.update(
+            outcome,
+            **peak_memory(device),
+            status="completed",
+            ended_at=datetime.now(timezone.utc),
+            wall_seconds=module.wall_seconds(),
+        )
         path = records.write_record(row, spec.results)
         clear_progress(spec.results, spec.run_id)
         task_ended()
@@ -367,6 +370,7 @@ def fit(
         task_ended()
         row.update(
             _outcome(module) if module else {"epochs_done": 0},  # failed before the model existed: no epoch ran
+            **peak_memory(device),
             wall_seconds=module.wall_seconds() if module else time.time() - began,
             status="failed",
             ended_at=datetime.now(timezone.utc),

@@ -36,6 +36,7 @@ from cifarbench.errors import UsageError
 from cifarbench.store import atomic, records
 from cifarbench.store.layout import Layout
 from cifarbench.store.progress import clear_progress, write_progress
+from cifarbench.store.records import spec_fields
 from cifarbench.system import task_ended, task_started
 from cifarbench.train import data
 from cifarbench.train.fit import (
@@ -48,8 +49,9 @@ from cifarbench.train.fit import (
     allocation_fields,
     check_data,
     default_device,
+    peak_memory,
+    reset_peak_memory,
     schedule_fields,
-    spec_fields,
 )
 from cifarbench.train.models import count_parameters, get_resnet, init_weights
 from cifarbench.train.module import CheckpointMismatch
@@ -356,10 +358,10 @@ def fit_group(
     """Train the runs ``specs`` (one run but for the seed) as one fused group, resuming from the group's
     checkpoint if there is one, and write each member's record. Members that already completed are left out.
 
-    Each member leaves a record as ``fit`` does, with ``fuse_size`` and ``fused_with``; a member that diverges
-    leaves a failed one and the others go on. If the group raises, every member still training leaves a failed
-    record and the exception propagates. ``prepare`` sees the group before its first epoch and ``on_epoch_end``
-    after each (after the checkpoint is written). Returns the records' paths."""
+    Each member leaves a record as ``fit`` does, with ``fuse_size``, ``fused_with`` and the group's wall-clock time
+    and peak memory; a member that diverges leaves a failed one and the others go on. If the group raises, every
+    member still training leaves a failed record and the exception propagates. ``prepare`` sees the group before
+    its first epoch and ``on_epoch_end`` after each (after the checkpoint is written). Returns the records' paths."""
     device = device or default_device()
     _quiet_lightning()
     started, began = datetime.now(timezone.utc), task_started()
@@ -388,6 +390,7 @@ def fit_group(
     group: FusedGroup | None = None
     paths: list[Path] = []
     try:
+        reset_peak_memory(device)
         spec = specs[0]
         checked = check_data(spec)
         fast = FastPath.for_device(device, spec.precision)
@@ -442,7 +445,8 @@ def fit_group(
             # the failed record first: a kill between the two then leaves a member failed, never dropped unrecorded
             for k in diverged:
                 member = group.members[k]
-                paths.append(_finish(member, rows[member.run_id], "failed", group.wall_seconds()))
+                shared = {"wall_seconds": group.wall_seconds(), **peak_memory(device)}
+                paths.append(_finish(member, rows[member.run_id], "failed", shared))
                 print(f"[{member.run_id}] {member.error}; stopped, the group goes on", flush=True)
             with atomic.replacing(ckpt) as tmp:
                 torch.save(group.state_dict(), tmp)
@@ -465,19 +469,21 @@ def fit_group(
                 )
             if on_epoch_end:
                 on_epoch_end(group)
-        wall = group.wall_seconds()  # the group's, one figure for every member
+        shared = {"wall_seconds": group.wall_seconds(), **peak_memory(device)}  # the group's, one for every member
         for k in group.live:
-            paths.append(_finish(group.members[k], rows[specs[k].run_id], "completed", wall))
+            paths.append(_finish(group.members[k], rows[specs[k].run_id], "completed", shared))
         task_ended()
         return paths
     except BaseException as exc:  # as in fit: an interrupted member still leaves a record
         task_ended()
         live = group.live if group else range(len(specs))
         wall = group.wall_seconds() if group else time.time() - began
+        peaks = peak_memory(device)
         for k in live:
             row = rows[specs[k].run_id]
             row.update(
                 _outcome(group.members[k]) if group else {"epochs_done": 0},
+                **peaks,
                 wall_seconds=wall,
                 status="failed",
                 ended_at=datetime.now(timezone.utc),
@@ -493,13 +499,15 @@ def _completed(spec: RunSpec) -> bool:
     return bool(record and record["status"] == "completed")
 
 
-def _finish(member: Member, row: dict, status: str, wall_seconds: float) -> Path:
+def _finish(member: Member, row: dict, status: str, shared: dict) -> Path:
+    """Write a member's record; ``shared``: the group's columns that every member holds (wall-clock time, peak
+    memory)."""
     row.update(
         _outcome(member),
+        **shared,
         status=status,
         ended_at=datetime.now(timezone.utc),
         error=member.error,
-        wall_seconds=wall_seconds,
     )
     path = records.write_record(row, member.spec.results)
     clear_progress(member.spec.results, member.run_id)
