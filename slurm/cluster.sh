@@ -145,7 +145,10 @@ up() {
   # Leave headroom below the real total: slurmd drains a node whose memory is
   # below RealMemory, and the kernel reports slightly less than installed.
   MEMORY=$((total > 8192 ? total - 4096 : total / 2))
-  DEFMEM=$((MEMORY / CPUS < 1024 ? MEMORY / CPUS : 1024))
+  # A job without --mem gets DefMemPerCPU per CPU and is killed above it
+  # (OverMemoryKill in slurm.conf): 4 GB covers a CPU-only resnet20 test job
+  # (1.1-1.6 GB RSS) with room to spare; less only where the node has less.
+  DEFMEM=$((MEMORY < 4096 ? MEMORY : 4096))
   CHANGED=0
   render "$HERE/slurm.conf.in" /etc/slurm/slurm.conf 0644
   render "$HERE/gres.conf" /etc/slurm/gres.conf 0644

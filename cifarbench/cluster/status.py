@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +15,7 @@ from cifarbench.cluster import queue
 from cifarbench.config.resources import STOPPED
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
-from cifarbench.store import scan
+from cifarbench.store import records, scan
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import read_manifests
 from cifarbench.store.progress import read_progress
@@ -50,6 +52,11 @@ class RunStatus:
 GRACE_S = 120
 
 
+def fresh(record: dict | None, entry: dict) -> bool:
+    """Pure: whether the record was written after the run's latest submission (else an earlier attempt's)."""
+    return record is not None and record["ended_at"] >= datetime.fromisoformat(entry["submitted_at"])
+
+
 def classify(
     *, record: dict | None, entry: dict | None, job_state: str | None, alive: bool | None, now: datetime | None = None
 ) -> str:
@@ -59,7 +66,7 @@ def classify(
     if entry is None:
         return "failed" if record else "not submitted"
     submitted = datetime.fromisoformat(entry["submitted_at"])
-    fresh_record = record is not None and record["ended_at"] >= submitted
+    fresh_record = fresh(record, entry)
     if (
         record is not None
         and fresh_record
@@ -78,6 +85,51 @@ def classify(
     if job_state is None and entry["executor"] == "slurm" and not fresh_record and waited < GRACE_S:
         return "pending"
     return "failed" if fresh_record or (record and entry["executor"] == "slurm") else "lost"
+
+
+# SLURM's own lines (slurmstepd's, srun's) in a job's log when it killed the job for its memory: jobacct_gather's
+# OverMemoryKill, where there are no cgroups ("StepId=12.0 exceeded memory limit (...), being killed", "Exceeded
+# job memory limit"), and the kernel's OOM killer in a cgroup ("Detected 1 oom_kill event in StepId=12.0. Some of
+# the step tasks have been OOM Killed.", "oom-kill event(s)" before SLURM 21.08; srun: "task 0: Out Of Memory").
+_MEMORY_KILL = re.compile(r"exceeded (job |step )?memory limit|oom[-_]kill event|oom killed|: out of memory", re.I)
+LOG_TAIL = 64 * 1024  # SLURM's lines come last: what is read of the end of a job's log
+
+
+def memory_killed(job_state: str | None, log_tail: str) -> bool:
+    """Pure: whether SLURM killed a job for exceeding its memory, from its state (sacct's OUT_OF_MEMORY: the OOM
+    killer of a cgroup) or the end of its log (OverMemoryKill leaves the state at FAILED, and says so there)."""
+    if job_state == "OUT_OF_MEMORY":
+        return True
+    lines = log_tail.splitlines()
+    return any(line.startswith(("slurmstepd", "srun:")) and _MEMORY_KILL.search(line) for line in lines)
+
+
+def memory_error(resources: dict | None) -> str:
+    """Pure: the error of a run whose job SLURM killed for its memory, with what the job asked for (its manifest
+    entry's resources: ``mem_gb`` None is the partition's default)."""
+    gb = (resources or {}).get("mem_gb")
+    asked = (
+        f"asked {gb:g} GB: --mem={int(gb * 1024)}M" if gb is not None else "no --mem: the partition's default memory"
+    )
+    return (
+        f"OutOfMemory: SLURM killed the job for exceeding its memory ({asked}); raise slurm.mem_gb, or use mem_gb: auto"
+    )
+
+
+def memory_record(entry: dict, *, epochs_done: int, now: datetime) -> dict:
+    """Pure: the failed record of a run whose job SLURM killed for its memory, which no process of the job lived
+    to write: the spec's columns, the error, how far it got, and the job (``entry["job_id"]``, "123_4")."""
+    job, _, task = entry["job_id"].partition("_")
+    return {
+        **records.spec_fields(RunSpec.from_dict(entry["spec"])),
+        "status": "failed",
+        "error": memory_error(entry.get("resources")),
+        "epochs_done": epochs_done,
+        "started_at": now,
+        "ended_at": now,
+        "slurm_job_id": job,
+        "slurm_array_task_id": task or None,
+    }
 
 
 def _described(spec: dict) -> dict:
@@ -149,7 +201,10 @@ def collect_status(
     results: str | os.PathLike, specs: list[RunSpec] | None = None, *, summaries: dict[str, dict] | None = None
 ) -> list[RunStatus]:
     """Every run submitted to ``results`` (and, with ``specs``, every run of a grid, submitted or not).
-    ``summaries``: the records' summaries (FIELDS at least) where the caller has read them already."""
+    ``summaries``: the records' summaries (FIELDS at least) where the caller has read them already.
+
+    A run whose SLURM job was killed for its memory left no record (nothing of the job outlived it): it gets its
+    failed record here, the first time status sees it."""
     entries = read_manifests(results)
     described = {run_id: _described(e["spec"]) for run_id, e in entries.items()}
     for spec in specs or ():
@@ -175,6 +230,7 @@ def collect_status(
         started = set()
     out = []
     now = time.time()
+    tails: dict[str, str] = {}  # log -> its end: a pack's or fused group's runs share their job's log
     for run_id, desc in described.items():
         record = summaries.get(run_id)
         entry = entries.get(run_id)
@@ -189,6 +245,15 @@ def collect_status(
         status = classify(
             record=record, entry=entry, job_state=job_state, alive=alive.get(entry["job_id"]) if entry else None
         )
+        # only a SLURM job that ended without its run's record can have been killed for its memory; once its log
+        # says so, the record written here tells every later status (which reads no log then), collect and
+        # submit --retry-failed
+        if entry and entry["executor"] == "slurm" and status in ("failed", "lost") and not fresh(record, entry):
+            if entry["stderr"] not in tails:
+                tails[entry["stderr"]] = _tail(entry["stderr"])
+            if memory_killed(job_state, tails[entry["stderr"]]):
+                record = _record_memory_kill(results, entry, progress)
+                status = record["status"]
         training = progress is not None and status == "running"
         done = (progress or {}).get("epochs_done") if training or not record else record["epochs_done"]
         times = progress_times(progress, now) if training and progress else {}
@@ -209,6 +274,29 @@ def collect_status(
             )
         )
     return out
+
+
+def _tail(log: str) -> str:
+    """The last LOG_TAIL bytes of a job's log; empty where there is none."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_TAIL))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _record_memory_kill(results: str | os.PathLike, entry: dict, progress: dict | None) -> dict:
+    """Write the failed record of a run SLURM killed for its memory (``memory_record``) and return the run's record
+    now: that one, or a completed one found in its place. A results folder this user cannot write keeps no record;
+    status still says why."""
+    existing, _ = records.read_summary(Layout(results).record(entry["run_id"]))
+    if existing and existing["status"] == "completed":
+        return existing
+    row = memory_record(entry, epochs_done=(progress or {}).get("epochs_done") or 0, now=datetime.now(timezone.utc))
+    with contextlib.suppress(OSError):
+        records.write_record(row, results)
+    return row
 
 
 def _log(entry: dict | None, status: str) -> str | None:
