@@ -1,19 +1,24 @@
 """Resources per run on the real local cluster: one array per resource group with the limits SLURM was asked
 for, time: auto from earlier records, the reserved hours a dry run prints against what SLURM queued, and sbatch
-refusals that leave nothing behind.
+refusals that leave nothing behind; and a job over its memory, killed by SLURM and shown failed by status.
 
 Arrays are submitted held (``extra: {hold: true}``) and cancelled at the end of each test: what is checked is
-what SLURM recorded, not training."""
+what SLURM recorded, not training; only the memory check's job runs, for the seconds it takes to be killed."""
 
+import json
 import re
 import shutil
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
 from cifarbench.cli import main
-from cifarbench.cluster import estimate
+from cifarbench.cluster import estimate, queue
 from cifarbench.config.resources import format_time, parse_time
+from cifarbench.store import records
+from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import read_manifests
 
 pytestmark = pytest.mark.slurm
@@ -89,20 +94,20 @@ def test_two_resource_groups_are_two_arrays_with_their_own_limits(held, capsys):
     assert seen == {"resnet20": ("00:15:00", "1G", "00:15:00"), "resnet32": ("00:25:00", "2G", "00:25:00")}
 
 
-def test_time_auto_from_earlier_records(held, write_records, tmp_path, capsys):
+def test_time_and_memory_auto_from_earlier_records(held, write_records, tmp_path, capsys):
     # two completed runs of resnet20 in this results folder, 2 epochs in 30 s of training and 6 s of test each, on the
-    # grid's data (synthetic_root's 1,000 + 500 images)
+    # grid's data (synthetic_root's 1,000 + 500 images), whose processes peaked at 1,300 and 1,400 MiB
     write_records(
         [
             {"model": "resnet20", "dataset": "synthetic10", "recipe": "step-160", "batch_size": 64, "seed": s,
              "epochs": 2, "precision": "32-true", "train_seconds": 30.0, "test_seconds": 6.0, "epochs_done": 2,
              "test_acc": [0.5, 0.6], "final_test_acc": 0.6, "device_name": "cpu", "train_images": 1000,
-             "test_images": 500}
-            for s in (5, 6)
+             "test_images": 500, "peak_host_mb": peak}
+            for s, peak in ((5, 1300.0), (6, 1400.0))
         ],
         results=tmp_path / "results",
     )  # fmt: skip
-    arrays = held("resources: [{match: {model: resnet20}, time: auto, time_margin: 3}]\n")
+    arrays = held("resources: [{match: {model: resnet20}, time: auto, time_margin: 3, mem_gb: auto}]\n")
     out = capsys.readouterr().out
     wanted, _ = estimate.time_limit(estimate.START_S + 2 * 18.0, 3, None)
     limits = {}
@@ -115,6 +120,12 @@ def test_time_auto_from_earlier_records(held, write_records, tmp_path, capsys):
             assert budget["estimate_source"].startswith("records: 2 epochs; 2 records on cpu, 32-true: 18.0 s/epoch")
     assert limits == {"resnet20": wanted, "resnet32": 15 * 60}
     assert "estimates: 2 from records" in out and "estimates: 2 from prior" in out
+    # the highest peak x 1.25, rounded up to 0.5 GB: what the queue holds, beside the grid's fixed 1 GB
+    queued = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(arrays), "-o", "%F %m"], capture_output=True,
+                            text=True).stdout.split("\n")  # fmt: skip
+    memory = {arrays[a][0]["spec"]["model"]: m for a, m in (line.split() for line in queued if line)}
+    assert memory == {"resnet20": "2G", "resnet32": "1G"}, queued
+    assert "2 GB (auto)" in out and "memory: records: 2 peaks of resnet20 bs 64 on cpu, 32-true: 1,400 MiB" in out
 
 
 # A group with time: auto, one with a fixed time, one packing 2 runs on 2 GPUs, and CPU-only runs
@@ -262,3 +273,61 @@ def test_a_typo_in_a_rule_is_a_did_you_mean(tmp_path, synthetic_root, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown key 'modle' (did you mean 'model'?)" in err
     assert _queue() == before
+
+
+MEMORY_GRID = """\
+models: [resnet20]
+datasets: [synthetic10]
+opts: [step-160]
+batch_sizes: [64]
+seeds: [0]
+epochs: 1
+precision: 32-true
+root: {root}
+results: {results}
+slurm: {{gpus_per_node: 0, cpus_per_task: 1, mem_gb: 0.5, time: "00:05:00", setup: ["export OMP_NUM_THREADS=1"]}}
+"""
+
+
+def _lines(*cmd: str) -> list[str]:
+    """What a command printed, line by line; nothing where it failed (squeue, once the job has left the queue)."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.splitlines()
+
+
+def test_a_job_over_its_memory_is_killed_and_status_says_so(tmp_path, synthetic_root, capsys):
+    # a training process needs more than 1 GB: SLURM kills the job within seconds of its start (OverMemoryKill, see
+    # slurm/slurm.conf.in), before any of it could write the run's record; status writes it
+    path, results = tmp_path / "grid.yaml", tmp_path / "results"
+    path.write_text(MEMORY_GRID.format(root=synthetic_root, results=results))
+    assert main(["submit", str(path)]) == 0
+    capsys.readouterr()
+    [entry] = read_manifests(results).values()
+    job, seen, asked = entry["job_id"], [], set()
+    try:
+        deadline = time.monotonic() + 180  # the cluster may be running another test's jobs first
+        while True:
+            queued = _lines("squeue", "-h", "-o", "%T %m", "-j", job)  # "PENDING 512M"
+            accounted = _lines("sacct", "-n", "-P", "-X", "-o", "State,ExitCode,ReqMem", "-j", job)
+            seen.append(f"{time.strftime('%H:%M:%S')} squeue: {queued}  sacct: {accounted}")
+            asked.update(line.split()[-1] for line in queued)
+            if accounted and accounted[0].split("|")[0].split()[0] not in queue.ACTIVE_STATES:
+                break
+            assert time.monotonic() < deadline, "\n".join(seen)
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], timeout=60)
+    ended: list[str] = []
+    for _ in range(30):  # sacct's ReqMem reads "16?" until slurmdbd has the job's TRES, a few seconds after its end
+        if "512M" in asked or (ended := _lines("sacct", "-n", "-P", "-X", "-o", "ReqMem", "-j", job)) == ["512M"]:
+            break
+        time.sleep(1)
+    log = Path(entry["stderr"])
+    said = "\n".join([*seen, f"sacct ReqMem after the end: {ended or '(not asked: squeue said it)'}", "log:"])
+    said += "\n" + (log.read_text()[-3000:] if log.exists() else "(none)")
+    assert "512M" in asked or ended == ["512M"], said
+    assert main(["status", str(results), "--json"]) == 0
+    [run] = json.loads(capsys.readouterr().out)["runs"]
+    assert run["status"] == "failed" and "memory" in run["error"] and "--mem=512M" in run["error"], (run, said)
+    record = records.read_record(Layout(results).record(entry["run_id"]))
+    assert record and (record["status"], record["error"]) == ("failed", run["error"]), said
+    print(said)  # what SLURM said, for pytest -rP

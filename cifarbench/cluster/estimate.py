@@ -64,7 +64,7 @@ ROUND_S = 300
 RECORD_FIELDS = (
     "run_id", "status", "model", "dataset", "batch_size", "precision", "precision_used", "loader", "compile",
     "epochs_done", "train_seconds", "test_seconds", "device_name", "pack_size", "fuse_size", "alloc_cpus",
-    "wall_seconds", "train_images", "test_images", "val_split",
+    "wall_seconds", "train_images", "test_images", "val_split", "images_per_s", "peak_host_mb", "peak_device_mb",
 )  # fmt: skip
 ALONE, PACK, FUSE = "alone", "pack", "fuse"  # how a task trains its runs
 GPU_PRECISIONS = ("bf16-mixed", "16-mixed")  # what auto resolves to on a GPU, in order of preference
@@ -84,6 +84,31 @@ class Sample:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MemorySample:
+    """One process's peak memory as measured (``cluster.memory`` plans from these): a record's, or a bench pack
+    row's per run."""
+
+    host_mb: float | None  # peak resident memory of the process that trained it (MiB); None: not measured
+    device_mb: float | None  # peak GPU memory torch allocated (MiB); None: trained on a CPU, or not measured
+    device: str  # "cpu" or the GPU's name
+    precision: str  # as trained
+    data_images: int  # the images of the data the process held (training, validation and test sets)
+    share: str  # ALONE, PACK or FUSE
+    k: int  # runs per task (FUSE: the group's members, whose peak this is)
+    source: str = "records"  # or "bench"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackSample:
+    """One run's training throughput while ``k`` trained on its device (``k`` = 1: alone)."""
+
+    k: int
+    images_per_s: float
+    device: str
+    precision: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Evidence:
     """Samples by (configuration, how the task trained: ALONE, PACK or FUSE, runs per task). A record's
     configuration is (model, dataset, batch size, loader, compile); a bench row's (model, classes, batch size,
@@ -91,6 +116,9 @@ class Evidence:
 
     records: dict[tuple, list[Sample]]
     bench: dict[tuple, list[Sample]]
+    # (model, batch size) -> peaks, and -> throughput by runs per device: for mem_gb: auto and pack: auto
+    memory: dict[tuple, list[MemorySample]] = field(default_factory=dict)
+    packs: dict[tuple, list[PackSample]] = field(default_factory=dict)
     # figures worked out already: the tasks of a grid of thousands of runs ask about a handful of configurations
     _figures: dict[tuple, Figure | None] = field(default_factory=dict, init=False, compare=False, repr=False)
 
@@ -145,10 +173,7 @@ def samples_from_records(summaries: Iterable[dict]) -> dict[tuple, list[Sample]]
     for r in summaries:
         if r["status"] != "completed" or not r["epochs_done"] or r["train_seconds"] is None or not r["device_name"]:
             continue
-        cpu = r["device_name"] == "cpu"
-        precision = r.get("precision_used") or (
-            r["precision"] if r["precision"] != "auto" else "32-true" if cpu else None
-        )
+        precision = _precision_used(r)
         if precision is None:
             continue
         test = r["test_seconds"] if r["test_seconds"] is not None else r["train_seconds"] * TEST_SHARE_OF_TRAINING
@@ -172,6 +197,83 @@ def samples_from_records(summaries: Iterable[dict]) -> dict[tuple, list[Sample]]
         )
         out.setdefault(key, []).append(sample)
     return out
+
+
+def _precision_used(r: dict) -> str | None:
+    """The precision a record's run trained in; None where it cannot be told (``auto`` on a GPU before record/5)."""
+    if r.get("precision_used"):
+        return r["precision_used"]
+    return r["precision"] if r["precision"] != "auto" else "32-true" if r["device_name"] == "cpu" else None
+
+
+def memory_from_records(summaries: Iterable[dict]) -> dict[tuple, list[MemorySample]]:
+    """Pure: (model, batch size) -> the peak memory of completed records that measured it (record/6 on)."""
+    out: dict[tuple, list[MemorySample]] = {}
+    for r in summaries:
+        if r["status"] != "completed" or not r["device_name"] or r.get("peak_host_mb") is None:
+            continue
+        precision = _precision_used(r)
+        if precision is None:
+            continue
+        held = (r.get("train_images") or TRAIN_IMAGES - (r.get("val_split") or 0)) + (r.get("val_split") or 0)
+        share, k = _share(r.get("pack_size"), r.get("fuse_size"))
+        sample = MemorySample(
+            host_mb=r["peak_host_mb"],
+            device_mb=r.get("peak_device_mb"),
+            device=r["device_name"],
+            precision=precision,
+            data_images=held + (r.get("test_images") or TEST_IMAGES),
+            share=share,
+            k=k,
+        )
+        out.setdefault((r["model"], r["batch_size"]), []).append(sample)
+    return out
+
+
+def packs_from_records(summaries: Iterable[dict]) -> dict[tuple, list[PackSample]]:
+    """Pure: (model, batch size) -> each completed run's images/s, alone (k = 1) or packed k per device."""
+    out: dict[tuple, list[PackSample]] = {}
+    for r in summaries:
+        if r["status"] != "completed" or not r["device_name"] or not r.get("images_per_s") or r.get("fuse_size"):
+            continue
+        precision = _precision_used(r)
+        if precision is None:
+            continue
+        k = r.get("pack_size") or 1
+        # a pack's runs share the allocation's GPUs: the runs on one device are k / GPUs
+        per_device = max(k // (r.get("alloc_gpus") or 1), 1) if r["device_name"] != "cpu" else k
+        sample = PackSample(k=per_device, images_per_s=r["images_per_s"], device=r["device_name"], precision=precision)
+        out.setdefault((r["model"], r["batch_size"]), []).append(sample)
+    return out
+
+
+def from_bench_packs(rows: Iterable[dict]) -> tuple[dict[tuple, list[MemorySample]], dict[tuple, list[PackSample]]]:
+    """Pure: ``cifarbench bench --what pack`` rows -> (model, batch size) -> each run's peak (device memory on a GPU,
+    resident memory on a CPU), and -> each run's images/s at k runs at once."""
+    memory: dict[tuple, list[MemorySample]] = {}
+    packs: dict[tuple, list[PackSample]] = {}
+    for r in rows:
+        if r.get("what") != "pack" or not r.get("pack") or not r.get("device") or not r.get("precision"):
+            continue
+        key, k, gpu = (r["model"], r["batch_size"]), r["pack"], r["device"] != "cpu"
+        if r.get("images_per_s"):
+            packs.setdefault(key, []).append(
+                PackSample(k=k, images_per_s=r["images_per_s"] / k, device=r["device"], precision=r["precision"])
+            )
+        if r.get("peak_memory_mb"):
+            per_run = r["peak_memory_mb"] / k
+            sample = MemorySample(
+                host_mb=None if gpu else per_run,
+                device_mb=per_run if gpu else None,
+                device=r["device"],
+                precision=r["precision"],
+                data_images=TRAIN_IMAGES + TEST_IMAGES,
+                share=PACK if k > 1 else ALONE,
+                k=k,
+                source="bench",
+            )
+            memory.setdefault(key, []).append(sample)
+    return memory, packs
 
 
 def samples_from_bench(rows: Iterable[dict]) -> dict[tuple, list[Sample]]:
@@ -200,7 +302,9 @@ def samples_from_bench(rows: Iterable[dict]) -> dict[tuple, list[Sample]]:
     return out
 
 
-def _precisions(spec: RunSpec, resources: Resources) -> tuple[str, ...]:
+def precisions(spec: RunSpec, resources: Resources) -> tuple[str, ...]:
+    """The precisions a run trains in on the device ``resources`` asks for, in order of preference: the requested
+    one, or for ``auto`` bf16-mixed (else 16-mixed) on a GPU and 32-true on a CPU."""
     if spec.precision != "auto":
         return (spec.precision,)
     return GPU_PRECISIONS if resources.gpus_per_node else ("32-true",)
@@ -214,7 +318,7 @@ def _figure(
     ``source``: "records" or "bench"."""
     gpu = resources.gpus_per_node > 0
     fitting = [s for s in samples if (s.device != "cpu") == gpu]
-    for precision in _precisions(spec, resources):
+    for precision in precisions(spec, resources):
         chosen = [s for s in fitting if s.precision == precision]
         if chosen:
             break
@@ -331,8 +435,8 @@ def estimate_task(
     fused as one group (``fused``), on the images ``data`` counts (``planned_images``)."""
     if fused:
         share, k = FUSE, len(specs)
-    elif resources.pack > 1:
-        share, k = PACK, resources.pack
+    elif resources.runs_per_task > 1:
+        share, k = PACK, resources.runs_per_task
     else:
         share, k = ALONE, 1
     longest: tuple[float, Figure, RunSpec] | None = None
@@ -371,9 +475,18 @@ def read_evidence(results: str | os.PathLike, summaries: dict[str, dict] | None 
         try:
             table = pq.ParquetFile(path).read()
             names = [n for n in ("what", "variant", "images_per_s", "eval_images_per_s", "model", "dataset",
-                                 "batch_size", "precision", "device", "torch_threads")
+                                 "batch_size", "precision", "device", "torch_threads", "pack", "peak_memory_mb")
                      if n in table.column_names]  # fmt: skip
             rows += table.select(names).to_pylist()
         except (OSError, ValueError):
             continue  # a table being written or damaged: the next evidence serves
-    return Evidence(records=samples_from_records(summaries.values()), bench=samples_from_bench(rows))
+    bench_memory, bench_packs = from_bench_packs(rows)
+    memory = memory_from_records(summaries.values())
+    packs = packs_from_records(summaries.values())
+    for key, peaks in bench_memory.items():
+        memory.setdefault(key, []).extend(peaks)
+    for key, rates in bench_packs.items():
+        packs.setdefault(key, []).extend(rates)
+    return Evidence(
+        records=samples_from_records(summaries.values()), bench=samples_from_bench(rows), memory=memory, packs=packs
+    )

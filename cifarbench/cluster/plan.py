@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cifarbench.cluster.estimate import Estimate, Evidence, estimate_task, time_limit
+from cifarbench.cluster.memory import Memory, pack_size, task_memory
 from cifarbench.config.resources import AUTO, Budget, Resources, format_time
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
@@ -62,6 +63,8 @@ class Task:
     estimate: Estimate
     auto: bool  # the limit came from the estimate (``time: auto``)
     capped: bool  # the partition's MaxTime cut the limit ``time: auto`` wanted
+    memory: Memory | None = None  # the memory ``mem_gb: auto`` asked for, and why
+    pack_detail: str | None = None  # why ``pack: auto`` packed this many
 
     @property
     def budget(self) -> Budget:
@@ -133,23 +136,42 @@ def make_tasks(
         alone: list[list[RunSpec]] = []
         for group in fused_groups(members, fuse):
             (fused if len(group) > 1 else alone).append(group)
+        why = None
+        if r.pack == AUTO:
+            choice = pack_size([s for [s] in alone], r, evidence) if alone else None
+            r = dataclasses.replace(r, pack=choice.k if choice else 1)
+            why = choice and choice.detail
+        assert isinstance(r.pack, int)
         if r.pack > 1:  # a pack's allocation lasts as long as its longest run: pack runs of like length together
             one = dataclasses.replace(r, pack=1)
             single = {s.run_id: estimate_task([s], one, evidence, data=data).seconds for [s] in alone}
             ordered = sorted((s for [s] in alone), key=lambda s: -single[s.run_id])
             alone = chunks(ordered, r.pack)
         out += [_task(g, r, evidence, max_time, data, fused=True) for g in fused]
-        out += [_task(g, r, evidence, max_time, data, fused=False) for g in alone]
+        out += [_task(g, r, evidence, max_time, data, fused=False, pack_detail=why) for g in alone]
     return out
 
 
-def _task(specs, r: Resources, evidence: Evidence, max_time, data, *, fused: bool) -> Task:
+def _task(specs, r: Resources, evidence: Evidence, max_time, data, *, fused: bool, pack_detail=None) -> Task:
     est = estimate_task(specs, r, evidence, fused=fused, data=data)
     capped, auto = False, r.time == AUTO
     if auto:
         seconds, capped = time_limit(est.seconds, r.time_margin, (max_time or {}).get(r.partition))
         r = dataclasses.replace(r, time=format_time(seconds))
-    return Task(specs=tuple(specs), fused=fused, resources=r, estimate=est, auto=auto, capped=capped)
+    memory = None
+    if r.mem_gb == AUTO:
+        memory = task_memory(specs, r, evidence, fused=fused, data=data)
+        r = dataclasses.replace(r, mem_gb=memory.gb)
+    return Task(
+        specs=tuple(specs),
+        fused=fused,
+        resources=r,
+        estimate=est,
+        auto=auto,
+        capped=capped,
+        memory=memory,
+        pack_detail=pack_detail,
+    )
 
 
 def arrays(tasks: Iterable[Task]) -> dict[Resources, list[Task]]:
@@ -207,10 +229,11 @@ def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
             f"fused groups of up to {max(len(t.specs) for t in fused)}"
             if fused
             else f"packed {r.pack} per task"
-            if r.pack > 1
+            if r.runs_per_task > 1
             else "one run each"
         )
-        mem = f"{r.mem_gb:g} GB" if r.mem_gb is not None else "default memory"
+        memory = members[0].memory
+        mem = "default memory" if r.mem_gb is None else f"{r.mem_gb:g} GB" + (" (auto)" if memory else "")
         auto = " (auto)" if members[0].auto else ""
         arrays_here = -(-len(members) // max_array_size)
         n_arrays += arrays_here
@@ -222,6 +245,10 @@ def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
             + f"; {plural(arrays_here, 'array')}; estimated {estimated:.1f} {unit}, reserved {reserved:.1f} {unit}; "
             "estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
+        if memory:
+            lines.append(f"  memory: {memory.source}: {memory.detail}")
+        if members[0].pack_detail:
+            lines.append(f"  {members[0].pack_detail}")
         if short := _short_limit(i, r, members):
             lines.append(f"  warning: {short}")
         if any(t.capped for t in members):
@@ -230,7 +257,7 @@ def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
                 f"limited to {r.time} and carried across limits by requeue and resume"
             )
         for t in members:
-            if not t.fused and len(t.specs) < r.pack:
+            if not t.fused and len(t.specs) < r.runs_per_task:
                 lines.append(
                     f"  note: group {i} has a task of {plural(len(t.specs), 'run')}, not {r.pack}: the runs of its "
                     f"resources do not divide into packs of {r.pack}"

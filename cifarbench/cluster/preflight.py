@@ -12,6 +12,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cifarbench.cluster.memory import Memory
 from cifarbench.cluster.plan import Task
 from cifarbench.config.resources import Resources, parse_time
 from cifarbench.errors import UsageError, did_you_mean, plural
@@ -40,6 +41,7 @@ class Partition:
     max_time: int | None  # seconds; None: no limit
     max_cpus_per_node: int | None
     max_mem_per_node_mb: int | None
+    max_mem_per_cpu_mb: int | None = None  # MaxMemPerCPU: a job asking more per CPU is given more CPUs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +116,7 @@ def parse_partitions(text: str) -> dict[str, Partition]:
             max_time=None if time in _NO_LIMIT else parse_time(time),
             max_cpus_per_node=_number(f.get("MaxCPUsPerNode")),
             max_mem_per_node_mb=_number(f.get("MaxMemPerNode")),
+            max_mem_per_cpu_mb=_number(f.get("MaxMemPerCPU")),
         )
     return partitions
 
@@ -210,14 +213,15 @@ def cap_time(seconds: int, partition: Partition) -> tuple[int, bool]:
     return seconds, False
 
 
-def check_resources(resources: Resources, limits: ClusterLimits) -> list[str]:
-    """What in ``resources`` this cluster would refuse or could never run, one line each saying what to do."""
+def check_resources(resources: Resources, limits: ClusterLimits, *, memory: Memory | None = None) -> list[str]:
+    """What in ``resources`` this cluster would refuse or could never run, one line each saying what to do.
+    ``memory``: where ``mem_gb: auto`` planned the memory, which the lines then name."""
     problems = []
     partition = limits.partition(resources.partition)
     if partition is None:
         problems.append(_no_partition(resources.partition, limits))
     else:
-        problems += _partition_problems(resources, partition, limits)
+        problems += _partition_problems(resources, partition, limits, memory)
     for key, name, known, what in (
         ("account", resources.account, limits.accounts, "account"),
         ("qos", resources.qos, limits.qos, "QOS"),
@@ -236,7 +240,9 @@ def _no_partition(name: str | None, limits: ClusterLimits) -> str:
     )
 
 
-def _partition_problems(resources: Resources, partition: Partition, limits: ClusterLimits) -> list[str]:
+def _partition_problems(
+    resources: Resources, partition: Partition, limits: ClusterLimits, memory: Memory | None = None
+) -> list[str]:
     where = f"partition {partition.name!r}" if resources.partition else f"the default partition {partition.name!r}"
     others = [p.name for p in limits.partitions.values() if p is not partition and _fits(resources, p, limits)]
     if partition.state in _CLOSED or not limits.capacities(partition):
@@ -250,10 +256,28 @@ def _partition_problems(resources: Resources, partition: Partition, limits: Clus
             f'slurm.time: "{resources.time}" is longer than {where} allows; set it to at most "{_clock(seconds)}"'
             + elsewhere
         )
-    return problems + [p + elsewhere for p in _node_problems(resources, limits.capacities(partition), where)]
+    problems += [p + elsewhere for p in _node_problems(resources, limits.capacities(partition), where, memory)]
+    per_cpu = partition.max_mem_per_cpu_mb
+    _, cpus, mem_mb = _asked(resources)
+    if not problems and per_cpu is not None and mem_mb > per_cpu * cpus:
+        needed = -(-mem_mb // per_cpu)
+        problems.append(
+            f"slurm.mem_gb: {_mem_said(resources, memory)} is more than {where}'s MaxMemPerCPU ({per_cpu} MB) x "
+            f"{plural(cpus, 'CPU')}, so SLURM would give each task more CPUs than it asks for; ask for "
+            f"cpus_per_task: {needed}, or at most {per_cpu * cpus * 10 // 1024 / 10:g} GB"
+        )
+    return problems
 
 
-def _node_problems(resources: Resources, capacities: list[tuple[int, int, int]], where: str) -> list[str]:
+def _mem_said(resources: Resources, memory: Memory | None) -> str:
+    if memory is not None:
+        return f"auto asks {memory.gb:g} GB ({memory.source}: {memory.detail})"
+    return f"{resources.mem_gb:g}"
+
+
+def _node_problems(
+    resources: Resources, capacities: list[tuple[int, int, int]], where: str, memory: Memory | None = None
+) -> list[str]:
     gpus, cpus, mem_mb = asked = _asked(resources)
     most_gpus, most_cpus, most_mb = (max(c[i] for c in capacities) for i in range(3))
     most_gb = most_mb * 10 // 1024 / 10  # rounded down to 0.1 GB, so that asking for it fits
@@ -268,9 +292,14 @@ def _node_problems(resources: Resources, capacities: list[tuple[int, int, int]],
             f"ask for at most {most_cpus}"
         )
     if mem_mb > most_mb:
+        fix = (
+            f"a smaller batch_size or pack, or mem_gb: {most_gb:g} if the peak is overstated"
+            if memory
+            else f"ask for at most {most_gb:g}"
+        )
         problems.append(
-            f"slurm.mem_gb: {resources.mem_gb:g}, but the nodes of {where} have at most {most_gb:g} GB "
-            f"({most_mb} MB); ask for at most {most_gb:g}"
+            f"slurm.mem_gb: {_mem_said(resources, memory)}, but the nodes of {where} have at most {most_gb:g} GB "
+            f"({most_mb} MB); {fix}"
         )
     if not problems and not any(_within(asked, cap) for cap in capacities):
         parts = [plural(gpus, "GPU"), plural(cpus, "CPU")] + ([f"{resources.mem_gb:g} GB"] if resources.mem_gb else [])
@@ -282,7 +311,8 @@ def _node_problems(resources: Resources, capacities: list[tuple[int, int, int]],
 
 def _asked(resources: Resources) -> tuple[int, int, int]:
     # submitit writes --mem in whole MB (1 GB = 1024 MB) and one task per node
-    mem_mb = int(resources.mem_gb * 1024) if resources.mem_gb is not None else 0
+    mem = resources.mem_gb
+    mem_mb = int(mem * 1024) if isinstance(mem, (int, float)) else 0  # "auto" is planned per task before this
     return resources.gpus_per_node, resources.cpus_per_task, mem_mb
 
 
@@ -330,8 +360,8 @@ def problems(tasks: Iterable[Task], limits: ClusterLimits | None, *, data: bool 
     tasks = list(tasks)
     out = []
     if limits is not None:
-        for resources in dict.fromkeys(t.resources for t in tasks):
-            out += [p for p in check_resources(resources, limits) if p not in out]
+        for resources, memory in {t.resources: t.memory for t in tasks}.items():
+            out += [p for p in check_resources(resources, limits, memory=memory) if p not in out]
     if data:
         datasets = dict.fromkeys((s.dataset, s.data_root, s.verify) for t in tasks for s in t.specs)
         for dataset, root, verify in datasets:

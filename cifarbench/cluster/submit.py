@@ -184,7 +184,7 @@ def _job(task: Task, *, cpus: int | None = None) -> RunJob | FusedJob | PackJob:
         return FusedJob(specs, [budget] * len(specs))
     if r.pack == 1:
         return RunJob(specs[0], budget)
-    return PackJob(specs, [budget] * len(specs), pack=r.pack, mps=r.mps, cpus=cpus)
+    return PackJob(specs, [budget] * len(specs), pack=r.runs_per_task, mps=r.mps, cpus=cpus)
 
 
 def _submit_chunk(ex, chunk: list, results: Path, grid_source: str | None, entries: list[dict]) -> list:

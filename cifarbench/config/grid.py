@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from cifarbench.config.resources import Resources
+from cifarbench.config.resources import AUTO, Resources
 from cifarbench.config.spec import (
     ARCHS,
     COMPILE_MODES,
@@ -421,17 +421,20 @@ def _check_packs(resources: Mapping[str, Resources], fuse: Mapping[str, int]) ->
     for r in resources.values():
         counts[r] = counts.get(r, 0) + 1
     for r, n in counts.items():
-        if r.pack > n:
+        if r.pack == AUTO:  # planned from evidence, at most the runs there are and at least one per GPU
+            continue
+        pack = r.runs_per_task
+        if pack > n:
             raise _Problem(
                 "pack",
-                f"{r.pack} runs per task, but the grid has only {plural(n, 'run')} with these resources; "
+                f"{pack} runs per task, but the grid has only {plural(n, 'run')} with these resources; "
                 f"set pack to at most {n}",
             )
-        if r.gpus_per_node > 1 and r.pack < r.gpus_per_node:
+        if r.gpus_per_node > 1 and pack < r.gpus_per_node:
             raise _Problem(
                 "gpus_per_node",
                 f"{r.gpus_per_node} GPUs per task, but a run trains on one GPU (multi-GPU runs are not supported "
-                f"yet) and pack: {r.pack} would leave {plural(r.gpus_per_node - r.pack, 'GPU')} idle; ask for "
+                f"yet) and pack: {pack} would leave {plural(r.gpus_per_node - pack, 'GPU')} idle; ask for "
                 f"gpus_per_node: 1, or pack: {r.gpus_per_node} (or more) runs per task, one per GPU",
             )
     for run_id in fuse:

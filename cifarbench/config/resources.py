@@ -69,7 +69,7 @@ def _line(value, key: str, bad: set) -> None:
         raise ValueError(f"{key}: {value!r} contains {shown!r}, which is not allowed here")
 
 
-AUTO = "auto"  # time: a limit from the run's estimated duration (cifarbench.cluster.estimate)
+AUTO = "auto"  # time, mem_gb, pack: planned from evidence (cifarbench.cluster.estimate, cifarbench.cluster.memory)
 DEFAULT_TIME_MARGIN = 1.5
 # mps: whether the runs packed onto one GPU share it through a CUDA MPS server that the job starts (auto: where the
 # node has nvidia-cuda-mps-control), or time-slice it
@@ -88,15 +88,16 @@ class Resources:
     qos: str | None = None
     gpus_per_node: int = 1
     gpu_type: str | None = None  # the GRES type SLURM knows the GPUs by (e.g. a100): --gres=gpu:a100:N
+    gpu_mem_gb: float | None = None  # each GPU's memory, for pack: auto where gpu_type does not say it
     cpus_per_task: int = 4
-    mem_gb: float | None = None
+    mem_gb: float | str | None = None  # None: the partition's default memory; "auto": planned from evidence
     time: str = "04:00:00"  # or "auto"
     time_margin: float = DEFAULT_TIME_MARGIN  # time: auto asks for the estimate times this
     constraint: str | None = None
     array_parallelism: int = 16
     max_requeues: int = 10
     setup: tuple[str, ...] = ()  # shell lines run before the job, e.g. "module load cuda"
-    pack: int = 1  # runs trained concurrently in one array task, sharing its GPU (or splitting its CPUs)
+    pack: int | str = 1  # runs trained concurrently in one array task, sharing its GPU (or splitting its CPUs); "auto"
     mps: str = "auto"
     extra: tuple[tuple[str, str | int | bool], ...] = ()  # (sbatch option, value); True: a bare flag
 
@@ -114,22 +115,41 @@ class Resources:
         check_int(self.cpus_per_task, "cpus_per_task", 1)
         check_int(self.array_parallelism, "array_parallelism", 1)
         check_int(self.max_requeues, "max_requeues", 0)
-        check_int(self.pack, "pack", 1)
+        if self.pack == AUTO:
+            if not self.gpus_per_node:
+                raise ValueError(
+                    "pack: auto fits runs into a GPU's memory, but gpus_per_node is 0; on CPUs write pack: K "
+                    f"(at most cpus_per_task, {self.cpus_per_task})"
+                )
+        else:
+            check_int(self.pack, "pack", 1)
         if isinstance(self.mps, bool):  # YAML 1.1 reads an unquoted on/off as true/false
             object.__setattr__(self, "mps", "on" if self.mps else "off")
         if self.mps not in MPS_MODES:
             raise ValueError(f"mps: must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
-        if self.pack > self.cpus_per_task and not self.gpus_per_node:
+        if isinstance(self.pack, int) and self.pack > self.cpus_per_task and not self.gpus_per_node:
             raise ValueError(
                 f"pack: {self.pack} runs on {plural(self.cpus_per_task, 'CPU')} leaves some run without a CPU of its "
                 f"own; ask for cpus_per_task >= {self.pack} or pack fewer runs"
             )
-        if self.mem_gb is not None and (
-            isinstance(self.mem_gb, bool)
-            or not isinstance(self.mem_gb, (int, float))
-            or not 0 < self.mem_gb < float("inf")
+        if (
+            self.mem_gb is not None
+            and self.mem_gb != AUTO
+            and (
+                isinstance(self.mem_gb, bool)
+                or not isinstance(self.mem_gb, (int, float))
+                or not 0 < self.mem_gb < float("inf")
+            )
         ):
-            raise ValueError(f"mem_gb: must be a positive number of gigabytes, got {self.mem_gb!r}")
+            raise ValueError(f'mem_gb: must be a positive number of gigabytes or "auto", got {self.mem_gb!r}')
+        if self.gpu_mem_gb is not None and (
+            isinstance(self.gpu_mem_gb, bool)
+            or not isinstance(self.gpu_mem_gb, (int, float))
+            or not 0 < self.gpu_mem_gb < float("inf")
+        ):
+            raise ValueError(f"gpu_mem_gb: must be a positive number of gigabytes, got {self.gpu_mem_gb!r}")
+        if self.gpu_mem_gb is not None and not self.gpus_per_node:
+            raise ValueError("gpu_mem_gb: gives the GPUs' memory, but gpus_per_node is 0; ask for GPUs or remove it")
         if not isinstance(self.time, str):
             raise ValueError(f'time: must be a string such as "01:00:00" or "auto", got {self.time!r}')
         if self.time != AUTO:
@@ -164,6 +184,13 @@ class Resources:
         if self.time == AUTO:
             raise ValueError("time: auto has no limit until it is estimated")
         return parse_time(self.time)
+
+    @property
+    def runs_per_task(self) -> int:
+        """``pack`` as a number; a pack still "auto" has none until ``cluster.memory`` plans it."""
+        if not isinstance(self.pack, int):
+            raise ValueError("pack: auto has no size until it is planned")
+        return self.pack
 
     @property
     def timeout_min(self) -> int:
