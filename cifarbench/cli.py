@@ -6,6 +6,7 @@ and ``collect`` never pay for importing torch. The training layer is imported in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -34,9 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_models(args) -> int:
-    from cifarbench.train.models import MODELS, describe
-
-    rows = [describe(name) for name in MODELS]
+    rows = [dataclasses.asdict(arch) for arch in ARCHS.values()]  # the registry's measured figures: no torch
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -111,6 +110,7 @@ def _cmd_data(args) -> int:
 def _cmd_submit(args) -> int:
     from cifarbench.cluster import estimate, plan, preflight, queue, status
     from cifarbench.store import scan
+    from cifarbench.system import local_gpus, usable_cores
 
     grid = _load_grid(args.grid)
     for logger in sorted({s.logger for s in grid.specs if s.logger}):
@@ -135,11 +135,24 @@ def _cmd_submit(args) -> int:
         resources = [grid.resources[s.run_id] for s in todo.submit]
         limits = preflight.read_limits(accounting=any(r.account or r.qos for r in resources))
     max_time = preflight.max_times(limits) if limits else None
+    asked = grid.resources
+    if limits and not grid.gpus_set:  # the default of 1 GPU on a partition that has none: train on its CPUs
+        asked, notes = preflight.without_gpus(asked, limits)
+        for line in notes:
+            print(line)
+    if not on_slurm:  # what local execution gives each task: one of this machine's devices and its share of cores
+        gpus = local_gpus()
+        cores = max(usable_cores() // max(min(gpus, len(todo.submit)), 1), 1)
+        try:
+            local = {r: plan.local_resources(r, gpus=gpus, cpus=cores) for r in set(asked.values())}
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        asked = {run_id: local[r] for run_id, r in asked.items()}
     evidence = estimate.read_evidence(grid.results, summaries)
     data = {key: image_counts(*key) for key in {(s.dataset, s.data_root) for s in todo.submit}}
-    tasks = plan.make_tasks(todo.submit, grid.resources, grid.fuse, evidence, max_time, data)
+    tasks = plan.make_tasks(todo.submit, asked, grid.fuse, evidence, max_time, data)
     size = queue.max_array_size() if on_slurm else len(tasks) or 1
-    for line in plan.describe(tasks, max_array_size=size) if tasks else ():
+    for line in plan.describe(tasks, max_array_size=size, local=not on_slurm) if tasks else ():
         print(line)
     fused = [task.specs for task in tasks if task.fused]
     if fused:
@@ -154,6 +167,10 @@ def _cmd_submit(args) -> int:
         if problems:
             raise Problems([*problems, "nothing was submitted (--no-preflight skips these checks)"])
     if args.dry_run:
+        if todo.submit:  # what `submit` refuses before it queues anything, checked without making the folder
+            from cifarbench.store.atomic import check_results_writable
+
+            check_results_writable(grid.results, create=False)
         skipped = {
             s.run_id: why
             for why, group in (
@@ -210,6 +227,8 @@ def _cmd_status(args) -> int:
     if args.grid:
         specs = list(_load_grid(args.grid).specs)
     statuses = status.collect_status(args.results, specs)
+    if not statuses:
+        raise UsageError(status.no_runs(args.results))
     if args.json:
         print(json.dumps(status.as_json(statuses), indent=1))
     else:
@@ -376,7 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="re-run runs that already completed")
     p.add_argument("--retry-failed", action="store_true", help="re-run only failed, cancelled or lost runs")
-    p.add_argument("--wait", action="store_true", help="follow the runs until all have ended")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the grid's runs until all have ended; exit code 0 when all completed, 1 when any did not",
+    )
     p.add_argument(
         "--collect",
         action="store_true",

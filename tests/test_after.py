@@ -6,7 +6,7 @@ import time
 import pytest
 
 from cifarbench.cli import main
-from cifarbench.cluster.after import collect_command, sbatch_command
+from cifarbench.cluster.after import collect_command, sbatch_command, script_text
 from cifarbench.store.layout import Layout
 
 GRID = """
@@ -25,14 +25,17 @@ def test_the_collect_job_waits_for_every_array_and_runs_in_the_grids_partition(t
     assert command[1:4] == ["-m", "cifarbench", "collect"] and command[-2:] == ["--grid", str(tmp_path / "grid.yaml")]
     args = sbatch_command(
         ["12", "13"],
-        command,
+        "/r/logs/collect-x.sh",
         log="/r/logs/collect-%j.out",
         resources={"partition": "gpu", "account": "lab", "qos": None, "setup": ["module load python"]},
     )
     assert "--dependency=afterany:12:13" in args and "--cpus-per-task=1" in args
     assert "--partition=gpu" in args and "--account=lab" in args and not any(a.startswith("--qos") for a in args)
     assert "--output=/r/logs/collect-%j.out" in args and "--parsable" in args
-    assert args[-2:] == ["--wrap", "module load python; exec " + shlex.join(command)]
+    # a script of its own, not --wrap: squeue -o %o names it, as it names the arrays' scripts
+    assert args[-1] == "/r/logs/collect-x.sh" and "--wrap" not in args
+    text = script_text(command, ["module load python"])
+    assert text.splitlines() == ["#!/bin/bash", "module load python", "exec " + shlex.join(command)]
     assert not any("gpu" in a for a in args if a.startswith(("--gres", "--gpus")))  # one CPU, no GPU
 
 

@@ -5,6 +5,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 
 import pandas as pd
 import pyarrow as pa
@@ -12,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cifarbench import cli
+from cifarbench.cluster import status
+from cifarbench.config.resources import STOPPED
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import UsageError
 from cifarbench.report.collect import collect
@@ -24,6 +27,7 @@ from cifarbench.report.tables import (
     device_hours,
     device_hours_part,
     model_depth,
+    packing_part,
     recipe_label,
     summarize,
     time_estimate_parts,
@@ -31,6 +35,7 @@ from cifarbench.report.tables import (
     to_frame,
 )
 from cifarbench.store.layout import Layout
+from cifarbench.store.manifests import write_manifest
 from cifarbench.store.records import (
     MISLABELLED,
     OLDER,
@@ -40,6 +45,7 @@ from cifarbench.store.records import (
     SUMMARY_FIELDS,
     SUMMARY_KEY,
     read_record,
+    run_state,
 )
 from cifarbench.store.scan import RUNS_TAG, load_runs, read_records, with_curves
 
@@ -60,17 +66,18 @@ NOTEBOOK_RESNET56 = """\
 | cos-200    | 0.7272 | 0.7162 | 0.7147 |
 | step-160   | 0.6997 | 0.6861 | 0.6740 |
 | step-200   | 0.7127 | 0.7107 | 0.7117 |"""
-# The same tables as collect writes them: columns padded to their widest cell.
+# The same tables as collect writes them: columns padded to their widest cell, every accuracy to 4 decimals (the
+# notebook rounded the first table to 2).
 EXPECTED_STEP200 = """\
 | ds/model | cifar10 | cifar100 |
 |----------|---------|----------|
-| resnet18 | 0.95    | 0.78     |
-| resnet20 | 0.92    | 0.68     |
-| resnet32 | 0.93    | 0.69     |
-| resnet34 | 0.96    | 0.79     |
-| resnet44 | 0.92    | 0.70     |
-| resnet50 | 0.95    | 0.78     |
-| resnet56 | 0.92    | 0.71     |"""
+| resnet18 | 0.9500  | 0.7800   |
+| resnet20 | 0.9200  | 0.6800   |
+| resnet32 | 0.9300  | 0.6900   |
+| resnet34 | 0.9600  | 0.7900   |
+| resnet44 | 0.9200  | 0.7000   |
+| resnet50 | 0.9500  | 0.7800   |
+| resnet56 | 0.9200  | 0.7127   |"""
 EXPECTED_RESNET56 = """\
 | bs / opt | 64     | 128    | 256    |
 |----------|--------|--------|--------|
@@ -82,7 +89,7 @@ EXPECTED_RESNET56 = """\
 def seed_rows() -> list[dict]:
     """Records carrying the notebook's numbers: step-200 bs=64 for 7 models x 2 datasets, and ResNet56 on
     CIFAR100 for 3 recipes x 3 batch sizes (the two share step-200 bs=64, where the sweep's 0.7127 rounds to
-    the first table's 0.71)."""
+    the notebook's first table's 0.71)."""
     grid = {
         "cifar10": [0.95, 0.92, 0.93, 0.96, 0.92, 0.95, 0.92],
         "cifar100": [0.78, 0.68, 0.69, 0.79, 0.70, 0.78],
@@ -152,7 +159,7 @@ def test_means_and_stds_over_seeds(write_records):
         assert row.images_per_s_mean == pytest.approx(statistics.mean(1000.0 * (s + 1) for s in range(len(values))))
         assert row.train_minutes_mean == pytest.approx(statistics.mean(10.0 * (s + 1) for s in range(len(values))))
     table = cells(first_table(section(report.markdown, "step-200 bs=64")))
-    assert table == [["ds/model", "cifar10"], ["resnet20", "0.91 ± 0.01 (3)"], ["resnet56", "0.94 ± 0.01 (2)"]]
+    assert table == [["ds/model", "cifar10"], ["resnet20", "0.9100 ± 0.0100 (3)"], ["resnet56", "0.9400 ± 0.0141 (2)"]]
     assert (results / "tables.md").read_text() == report.markdown
 
 
@@ -274,8 +281,8 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     write_records([{"model": "resnet20", "final_test_acc": 0.95}], results=results)  # a rerun replaced the record
     updated = collect(results, plots=False)
     assert cells(first_table(section(updated.markdown, "step-200 bs=64")))[1:] == [
-        ["resnet20", "0.95"],
-        ["resnet32", "0.91"],
+        ["resnet20", "0.9500"],
+        ["resnet32", "0.9100"],
     ]
 
 
@@ -396,8 +403,8 @@ def test_a_record_1_file_is_read_as_an_eager_run(write_records):
     headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
     assert headings == ["step-200 bs=64", "Missing, failed and lost runs"]
     assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [
-        ["resnet20", "0.91"],
-        ["resnet32", "0.92"],
+        ["resnet20", "0.9100"],
+        ["resnet32", "0.9200"],
     ]
     assert pd.read_csv(results / "summary.csv").compile.tolist() == ["eager", "eager"]
     assert collect(results, where=["compile=eager"], plots=False).markdown == report.markdown
@@ -442,12 +449,12 @@ def test_compiled_and_eager_runs_are_separate_configurations(write_records):
         "Missing, failed and lost runs",
     ]
     assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=eager")))[1:] == [
-        ["resnet20", "0.91 ± 0.01 (2)"],
-        ["resnet32", "0.81 ± 0.01 (2)"],
+        ["resnet20", "0.9100 ± 0.0141 (2)"],
+        ["resnet32", "0.8100 ± 0.0141 (2)"],
     ]
     assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=default")))[1:] == [
-        ["resnet20", "0.92 ± 0.01 (2)"],
-        ["resnet32", "0.82 ± 0.01 (2)"],
+        ["resnet20", "0.9200 ± 0.0141 (2)"],
+        ["resnet32", "0.8200 ± 0.0141 (2)"],
     ]
     shown = report.markdown.split("## Missing, failed and lost runs")[0]
     assert report.warnings == [] and "None" not in shown and "nan" not in shown
@@ -464,8 +471,8 @@ def test_compiled_and_eager_runs_are_separate_configurations(write_records):
         "Missing, failed and lost runs",
     ]
     assert cells(first_table(section(eager.markdown, "step-200 bs=64")))[1:] == [
-        ["resnet20", "0.91 ± 0.01 (2)"],
-        ["resnet32", "0.81 ± 0.01 (2)"],
+        ["resnet20", "0.9100 ± 0.0141 (2)"],
+        ["resnet32", "0.8100 ± 0.0141 (2)"],
     ]
     compiled = collect(results, where=["compile=default", "compile=max-autotune"], plots=False)
     assert [ln[3:] for ln in compiled.markdown.splitlines() if ln.startswith("## ")] == headings[:1] + headings[2:]
@@ -488,8 +495,8 @@ def test_a_run_whose_compile_fell_back_to_eager_is_listed_and_warned_about(write
         f"compile=default): {why}"
     ]
     assert cells(first_table(section(report.markdown, "step-200 bs=64 compile=default")))[1:] == [
-        ["resnet20", "0.92"],
-        ["resnet32", "0.90"],
+        ["resnet20", "0.9200"],
+        ["resnet32", "0.9000"],
     ]  # a completed run: its cell stays, and the list says why
     assert collect(results, where=["compile=eager"], plots=False).warnings == []
 
@@ -502,7 +509,9 @@ def test_seed_notebook_layout(write_records):
     resnet56 = first_table(section(report.markdown, "ResNet56 CIFAR100"))
     assert step200 == EXPECTED_STEP200
     assert resnet56 == EXPECTED_RESNET56
-    assert cells(step200) == cells(NOTEBOOK_STEP200)
+    assert [[round(float(c), 2) for c in row[1:]] for row in cells(step200)[1:]] == [
+        [float(c) for c in row[1:]] for row in cells(NOTEBOOK_STEP200)[1:]
+    ]  # the notebook's figures, to its 2 decimals
     assert cells(resnet56) == cells(NOTEBOOK_RESNET56)
 
 
@@ -584,14 +593,151 @@ def test_failed_lost_and_never_submitted_runs_are_listed(write_records):
     expected = [spec("resnet20"), spec("resnet32"), lost, spec("resnet56", seed=3)]
     report = collect(results, expected=expected, plots=False)
     table = cells(first_table(section(report.markdown, "step-200 bs=64")))
-    assert table[1:] == [["resnet20", "0.91"], ["resnet32", "failed"]]
+    assert table[1:] == [["resnet20", "0.9100"], ["resnet32", "failed"]]
     listed = section(report.markdown, "Missing, failed and lost runs").splitlines()
     assert listed == [
         f"- failed: `{spec('resnet32').run_id}` (resnet32 cifar10 step-200 bs=64 seed=0): "
         "CUDA out of memory. Tried to allocate 2.00 GiB",
         f"- no record (still running, or lost): `{lost.run_id}` (resnet44 cifar10 step-200 bs=64 seed=0)",
-        f"- never submitted: `{spec('resnet56', 3).run_id}` (resnet56 cifar10 step-200 bs=64 seed=3)",
+        f"- not submitted: `{spec('resnet56', 3).run_id}` (resnet56 cifar10 step-200 bs=64 seed=3)",
     ]
+
+
+CANCELLED = "Cancelled: the job received SIGTERM (scancel, a requeue, or the node shutting down)"
+
+
+def failed(error: str) -> dict:
+    return {"status": "failed", "final_test_acc": None, "test_acc": [0.1], "epochs_done": 1, "error": error}
+
+
+def test_a_records_state_is_completed_failed_or_cancelled():
+    assert run_state("completed", None) == "completed"
+    assert run_state("failed", CANCELLED) == "cancelled"
+    assert run_state("failed", "RuntimeError: boom") == run_state("failed", None) == "failed"
+    # a packed run its job stopped resumes when the job is requeued; its record alone says failed, not cancelled
+    assert run_state("failed", f"{STOPPED}: stopped by its job (SIGTERM); it resumes") == "failed"
+
+
+def test_a_cancelled_run_is_cancelled_in_collect_in_the_report_and_in_status(write_records, tmp_path):
+    """A run cancelled with scancel (its record's error says so) reads the same in status, tables.md and
+    report.html; a failed run beside it stays failed."""
+    later = datetime.now(timezone.utc) + timedelta(minutes=1)  # written after the submission below
+    rows = [
+        {"model": "resnet20", "seed": 0, "final_test_acc": 0.91},
+        {"model": "resnet20", "seed": 1, **failed(CANCELLED)},
+        {"model": "resnet32", **failed("RuntimeError: boom")},
+        {"model": "resnet44", **failed(CANCELLED)},
+    ]
+    ids = [run_id(model=r["model"], seed=r.get("seed", 0)) for r in rows]
+    gone = subprocess.Popen(["true"])  # a local job that has ended
+    gone.wait()
+    entries = [
+        {"run_id": i, "job_id": str(gone.pid), "array_job_id": str(gone.pid), "array_index": 0,
+         "stdout": str(tmp_path / "out"), "stderr": str(tmp_path / "err"),
+         "spec": RunSpec(model=r["model"], dataset="cifar10", recipe=get_recipe("step-200"), batch_size=64,
+                         seed=r.get("seed", 0)).to_dict()}
+        for i, r in zip(ids, rows)
+    ]  # fmt: skip
+    write_manifest(tmp_path / "results", "local", None, entries)
+    results = write_records([{**r, "ended_at": later} for r in rows])
+
+    report = collect(results, plots=False)
+    states = {s.run_id: s.status for s in status.collect_status(results)}
+    assert list(states.values()) == ["completed", "cancelled", "failed", "cancelled"]
+    assert dict(zip(runs_of(results).run_id, runs_of(results).status)) == states  # one word for one state
+    assert report.markdown.splitlines()[2].startswith("4 runs: 1 completed, 1 failed, 2 cancelled. ")
+    assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [
+        ["resnet20", "0.9100 (1 of 2 seeds)"],
+        ["resnet32", "failed"],
+        ["resnet44", "cancelled"],
+    ]
+    assert section(report.markdown, "Missing, failed and lost runs").splitlines() == [
+        f"- failed: `{ids[2]}` (resnet32 cifar10 step-200 bs=64 seed=0): RuntimeError: boom",
+        f"- cancelled: `{ids[1]}` (resnet20 cifar10 step-200 bs=64 seed=1): {CANCELLED}",
+        f"- cancelled: `{ids[3]}` (resnet44 cifar10 step-200 bs=64 seed=0): {CANCELLED}",
+    ]
+    summary = pd.read_csv(results / "summary.csv").set_index("model")
+    assert summary.loc["resnet20", ["n", "n_failed", "n_cancelled", "n_expected"]].tolist() == [1, 0, 1, 2]
+    assert summary.loc["resnet44", ["n", "n_failed", "n_cancelled", "n_expected"]].tolist() == [0, 0, 1, 1]
+    page = Layout(results).report.read_text()
+    assert f"<code>{ids[3]}</code>: cancelled</summary>" in page and f"<code>{ids[2]}</code>: failed</summary>" in page
+    runs_table = page.split('<section id="runs">', 1)[1]
+    assert runs_table.count('<tr class="cancelled">') == 2 and runs_table.count('<tr class="failed">') == 1
+    assert "<td>cancelled</td>" in runs_table and "SIGTERMException" not in page
+
+
+def runs_of(results):
+    return to_frame(read_records(results).table)
+
+
+def test_a_cell_with_a_missing_seed_says_how_many_of_how_many(write_records, tmp_path):
+    """The user's report: one of two seeds failed and the cell read 0.1500 as if complete."""
+    results = write_records(
+        [
+            {"model": "resnet20", "seed": 0, "final_test_acc": 0.15},
+            {"model": "resnet20", "seed": 1, **failed("RuntimeError: boom")},
+            {"model": "resnet32", "seed": 0, "final_test_acc": 0.90},
+            {"model": "resnet32", "seed": 1, "final_test_acc": 0.92},
+        ]
+    )
+    report = collect(results, plots=False, report=False)
+    assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [
+        ["resnet20", "0.1500 (1 of 2 seeds)"],
+        ["resnet32", "0.9100 ± 0.0141 (2)"],
+    ]
+    # the grid has three seeds of each: the third never ran, and no record says so; the grid does
+    grid = [RunSpec(model=m, dataset="cifar10", recipe=get_recipe("step-200"), batch_size=64, seed=s)
+            for m in ("resnet20", "resnet32") for s in range(3)]  # fmt: skip
+    report = collect(results, expected=grid, plots=False, report=False)
+    assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [
+        ["resnet20", "0.1500 (1 of 3 seeds)"],
+        ["resnet32", "0.9100 ± 0.0141 (2 of 3 seeds)"],
+    ]
+    assert "(n of N seeds) where only n of" in report.markdown.splitlines()[2]
+    # a grid of other runs (another batch size) does not change these cells
+    other = [RunSpec(model="resnet20", dataset="cifar10", recipe=get_recipe("step-200"), batch_size=128, seed=s)
+             for s in range(5)]  # fmt: skip
+    summary, _ = summarize(runs_of(results), other)
+    assert summary.n_expected.tolist() == [2, 2]
+
+
+def test_the_comparison_and_both_kinds_of_table_use_the_same_decimals(write_records):
+    report = collect(write_records(seed_rows()), plots=False, report=False)
+    numbers = [
+        c
+        for heading in ("step-200 bs=64", "ResNet56 CIFAR100")
+        for text in section(report.markdown, heading).split("\n\n")[:2]
+        for row in cells(text)[1:]
+        for c in row
+        if c[:1].isdigit() and "." in c
+    ]
+    assert len(numbers) > 30 and {len(c.split(" ")[0].split(".")[1]) for c in numbers} == {4}
+
+
+def test_packing_and_fusion_show_images_per_s_per_run_and_per_allocation(write_records):
+    ids = lambda model, n: [run_id(model=model, seed=s) for s in range(n)]
+    packed, fused = ids("resnet20", 2), ids("resnet32", 2)
+    gpu = {"device_name": "NVIDIA H200", "alloc_gpus": 1, "alloc_cpus": 8}
+    results = write_records(
+        [{"model": "resnet20", "seed": 5, "images_per_s": 4000.0, **gpu}]
+        + [{"model": "resnet20", "seed": s, "pack_size": 2, "packed_with": [i for i in packed if i != packed[s]],
+            "mps": "on", "images_per_s": 3000.0 + 200 * s, **gpu} for s in range(2)]
+        + [{"model": "resnet32", "seed": s, "fuse_size": 2, "fused_with": [i for i in fused if i != fused[s]],
+            "images_per_s": 2500.0, **gpu} for s in range(2)]
+    )  # fmt: skip
+    report = collect(results, plots=False, report=False)
+    text = section(report.markdown, "Packing and fusion")
+    assert cells(first_table(text)) == [
+        ["model", "batch_size", "device", "trained", "MPS", "runs", "images/s per run", "images/s per allocation",
+         "allocation / alone"],
+        ["resnet20", "64", "NVIDIA H200", "alone", "–", "1", "4000", "4000", "1.00×"],
+        ["resnet20", "64", "NVIDIA H200", "pack of 2", "on", "2", "3100", "6200", "1.55×"],
+        ["resnet32", "64", "NVIDIA H200", "fused 2", "–", "2", "2500", "5000", "–"],
+    ]  # fmt: skip
+    assert "CUDA MPS" in text
+    alone = write_records([{"model": "resnet20", "seed": s} for s in range(2)], results=results.parent / "alone")
+    assert packing_part(runs_of(alone)) is None
+    assert "Packing and fusion" not in collect(alone, plots=False, report=False).markdown
 
 
 def test_custom_pivot_and_where(write_records):
@@ -661,9 +807,9 @@ def test_a_shortened_recipe_says_so_in_titles_and_labels(write_records):
     assert headings == [f"{SHORT} bs=64", "ResNet56 CIFAR100", "Time estimates", "Missing, failed and lost runs"]
     assert cells(first_table(section(report.markdown, f"{SHORT} bs=64"))) == [
         ["ds/model", "cifar10", "cifar100"],
-        ["resnet20", "0.50", "–"],
-        ["resnet32", "0.60", "–"],
-        ["resnet56", "–", "0.90"],
+        ["resnet20", "0.5000", "–"],
+        ["resnet32", "0.6000", "–"],
+        ["resnet56", "–", "0.9000"],
     ]
     sweep = cells(first_table(section(report.markdown, "ResNet56 CIFAR100")))
     assert [row[0] for row in sweep] == ["bs / opt", "cos-200, 2 of 200 epochs", SHORT]
@@ -781,7 +927,7 @@ def test_an_allocation_counts_once_for_the_folder_and_its_runs_share_it(write_re
 def test_device_hours_in_tables_md_also_where_runs_are_selected(write_records):
     results = write_records(allocation_rows())
     report = collect(results, where=["batch_size=64"], plots=False, report=False)
-    assert headings_of(report.markdown) == ["step-200 bs=64", "Device-hours", "Time estimates",
+    assert headings_of(report.markdown) == ["step-200 bs=64", "Device-hours", "Time estimates", "Packing and fusion",
                                             "Missing, failed and lost runs"]  # fmt: skip
     assert cells(first_table(section(report.markdown, "Device-hours")))[1:] == [
         ["the results folder", "9", "2.50 GPU-h; 1.00 CPU-core-h (1 run left out)",
@@ -903,7 +1049,7 @@ def test_cli_collect_with_a_grid_lists_runs_never_submitted(write_records, tmp_p
     )
     assert cli.main(["collect", str(results), "--grid", str(grid), "--no-plots"]) == 0
     out = capsys.readouterr().out
-    assert f"- never submitted: `{run_id(model='resnet32')}` (resnet32 cifar10 step-200 bs=64 seed=0)" in out
+    assert f"- not submitted: `{run_id(model='resnet32')}` (resnet32 cifar10 step-200 bs=64 seed=0)" in out
 
 
 # What collect meets on a laptop: a macOS Python has no os.sched_getaffinity. The lock module (fcntl) is for

@@ -83,11 +83,54 @@ def test_missing_real_data_names_every_file_and_the_download(tmp_path):
     )
 
 
-def test_a_synthetic_dataset_without_its_checksums(tmp_path):
-    (_fake_synthetic(tmp_path) / "MD5SUMS").unlink()
+def test_missing_synthetic_data_without_records_offers_cifars_size_or_a_smoke_tests(tmp_path):
+    looked = f"dataset synthetic10 not found in {tmp_path.resolve()} (looked for {tmp_path / 'synthetic10'}"
+    command = f"cifarbench data synthetic --root {tmp_path} --dataset synthetic10"
+    for results in (None, tmp_path / "results"):  # no results folder known, or one without a run of it
+        with pytest.raises(DataError) as e:
+            check_dataset("synthetic10", tmp_path, results=results)
+        assert str(e.value) == (
+            f"{looked}/cifar-10-batches-py); run `{command} --train-size 50000 --test-size 10000` for CIFAR's "
+            "sizes, or with `--train-size 1000 --test-size 200` instead for a smoke test; missing: data_batch_1, "
+            "data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch, batches.meta"
+        )
+
+
+def test_missing_synthetic_data_is_written_at_the_size_its_recorded_runs_read(tmp_path, write_records):
+    smoke = {"dataset": "synthetic10", "train_images": 900, "val_split": 100, "test_images": 200}
+    results = write_records(
+        [
+            {**smoke, "seed": 0},
+            {**smoke, "seed": 1},
+            {"dataset": "synthetic10", "train_images": 5000, "test_images": 500, "seed": 2},
+            {"dataset": "synthetic100", "train_images": 300, "test_images": 50, "seed": 3},
+            {"dataset": "cifar10", "train_images": 50000, "test_images": 10000, "seed": 4},
+        ]
+    )
+    assert datasets.recorded_sizes("synthetic10", results) == {(1000, 200): 2, (5000, 500): 1}
+    with pytest.raises(DataError) as e:
+        check_dataset("synthetic10", tmp_path / "data", results=results)
+    assert (
+        f"; run `cifarbench data synthetic --root {tmp_path / 'data'} --dataset synthetic10 --train-size 1000 "
+        f"--test-size 200`, the size 2 of the 3 runs recorded in {results} read; missing: data_batch_1, "
+    ) in str(e.value)
+    with pytest.raises(DataError) as e:
+        check_dataset("synthetic100", tmp_path / "data", results=results)
+    assert f"--train-size 300 --test-size 50`, the size 1 run recorded in {results} read; " in str(e.value)
+
+
+def test_a_synthetic_dataset_without_its_checksums_is_rewritten_at_its_own_size(tmp_path):
+    from cifarbench.train import data
+
+    data.write_synthetic("synthetic10", tmp_path, train_size=300, test_size=50)
+    (datasets.dataset_folder("synthetic10", tmp_path) / "MD5SUMS").unlink()
     assert check_dataset("synthetic10", tmp_path, verify=False) is False
-    with pytest.raises(DataError, match=r"MD5SUMS is missing: re-create the data with `cifarbench data synthetic"):
+    with pytest.raises(DataError) as e:
         check_dataset("synthetic10", tmp_path)
+    assert str(e.value).endswith(
+        "MD5SUMS is missing: re-create the data with `cifarbench data synthetic "
+        f"--root {tmp_path} --dataset synthetic10 --train-size 300 --test-size 50 --force`"
+    )
 
 
 def test_a_checksum_mismatch_names_the_file(tmp_path):

@@ -60,6 +60,12 @@ def test_status_submit_dry_run_and_collect_never_import_the_training_stack(write
 
 
 def test_the_training_commands_do_import_it(tmp_path):
-    # the probe can see torch when it is loaded: `models` builds the networks
+    # the probe can see torch when it is loaded: `models` reads its table, `run --help` nothing; a run trains
     found = _commands_in_a_fresh_interpreter([["models", "--json"]], cwd=tmp_path)
-    assert found["codes"] == [0] and "torch" in found["loaded"], found["stderr"]
+    assert found["codes"] == [0] and found["loaded"] == [], found["stderr"]
+    failed = _commands_in_a_fresh_interpreter(
+        [["run", "--model", "resnet20", "--dataset", "synthetic10", "--opt", "step-160", "--batch-size", "64",
+          "--epochs", "1", "--data-root", str(tmp_path / "none"), "--results", str(tmp_path / "r")]],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert failed["codes"] == [2] and "torch" in failed["loaded"], failed["stderr"]

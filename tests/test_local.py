@@ -78,3 +78,24 @@ results: {tmp_path / "results"}
     assert "failed: 1" in out and "DataError: dataset synthetic100 not found" in out
     [run] = status.collect_status(str(tmp_path / "results"))
     assert run.status == "failed" and run.log and run.log.endswith(".err")
+
+
+def test_wait_exits_0_only_when_every_run_of_the_grid_completed(write_records, tmp_path, capsys):
+    results = write_records([{"seed": 0}, {"seed": 1}])  # resnet20 cifar10 step-200 bs 64, completed
+
+    def grid(seeds: str):
+        path = tmp_path / "grid.yaml"
+        path.write_text(
+            f"models: [resnet20]\ndatasets: [cifar10]\nopts: [step-200]\nbatch_sizes: [64]\nseeds: {seeds}\n"
+            f"root: {tmp_path / 'no-data-here'}\nresults: {results}\n"
+        )
+        return str(path)
+
+    # nothing to submit, everything completed: 0 at once
+    assert main(["submit", grid("[0, 1]"), "--executor", "local", "--wait"]) == 0
+    out = capsys.readouterr().out
+    assert "2 already completed" in out and "submitted" not in out and "completed: 2" in out
+    # one run more, which fails (its data is missing): the grid's runs have ended, not all completed, so 1
+    assert main(["submit", grid("[0, 1, 2]"), "--executor", "local", "--wait", "--no-preflight"]) == 1
+    out = capsys.readouterr().out
+    assert "1 to submit" in out and "completed: 2" in out and "failed: 1" in out

@@ -75,7 +75,9 @@ def test_pack_is_set_at_the_top_in_a_rule_or_in_an_include_and_never_changes_run
     assert parse_grid(f"{AXES}seeds: [0, 1]\npack: 2\nmps: on\n").resources[alone.specs[0].run_id].mps == "on"
 
 
-def test_dry_run_counts_packed_tasks_and_says_when_the_last_is_smaller(tmp_path, capsys):
+def test_dry_run_counts_packed_tasks_and_says_when_the_last_is_smaller(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("cifarbench.system.local_gpus", lambda: 1)  # a local plan is this machine's: one GPU
+    monkeypatch.setattr("cifarbench.system.usable_cores", lambda: 4)
     grid = tmp_path / "grid.yaml"
     grid.write_text(
         f"{AXES}seeds: [0, 1, 2, 3, 4]\npack: 2\nslurm: {{gpus_per_node: 1, time: '01:00:00'}}\n"
@@ -83,7 +85,7 @@ def test_dry_run_counts_packed_tasks_and_says_when_the_last_is_smaller(tmp_path,
     )
     assert main(["submit", str(grid), "--executor", "local", "--dry-run", "--no-preflight"]) == 0
     out = capsys.readouterr().out
-    assert "group 1: 3 tasks holding 5 runs (packed 2 per task), 1 GPU, 4 CPUs" in out and "; 1 array;" in out
+    assert "group 1: 3 tasks holding 5 runs (packed 2 per task), 1 GPU, 4 CPUs, this machine;" in out
     assert "reserved 3.0 GPU-h" in out  # 3 allocations of 1 GPU for 1 hour, the last holding one run
     assert "note: group 1 has a task of 1 run, not 2: the runs of its resources do not divide into packs of 2" in out
 

@@ -8,15 +8,20 @@ Recorded files in tests/recorded/, each what its command printed:
   sacctmgr-show-association.txt   sacctmgr --noheader --parsable2 show association format=account,qos
 """
 
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from cifarbench.cli import main
 from cifarbench.cluster import preflight
 from cifarbench.cluster.preflight import ClusterError, ClusterLimits, Partition, check_resources
+from cifarbench.config.grid import load_grid
 from cifarbench.config.resources import Resources
+from cifarbench.store.datasets import fingerprint
 
 RECORDED = Path(__file__).parent / "recorded"
 PARTITIONS = (RECORDED / "scontrol-show-partition.txt").read_text()
@@ -293,6 +298,31 @@ def test_cap_time():
     assert preflight.cap_time(1800, short) == (1800, False)
     assert preflight.cap_time(7200, short) == (1800, True)
     assert preflight.cap_time(10**7, _local().partitions["debug"]) == (10**7, False)
+
+
+# --- the data ---------------------------------------------------------------------------------------------------
+
+
+def test_the_missing_data_hint_writes_the_data_the_grids_runs_read_again(tmp_path, write_records, capsys):
+    root = tmp_path / "data"
+    made = ["data", "synthetic", "--root", str(root), "--dataset", "synthetic10", "--train-size", "300"]
+    assert main([*made, "--test-size", "50"]) == 0
+    results = write_records([{"dataset": "synthetic10", "train_images": 300, "test_images": 50}])
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"models: [resnet20]\ndatasets: [synthetic10]\nopts: [step-160]\nepochs: 1\nbatch_sizes: [64]\n"
+        f"seeds: [0, 1]\nroot: {root}\nresults: {results}\nslurm: {{gpus_per_node: 0, cpus_per_task: 1}}\n"
+    )
+    ids = [s.run_id for s in load_grid(grid, fingerprint=fingerprint).specs]
+    shutil.rmtree(root)
+    capsys.readouterr()
+    assert main(["submit", str(grid), "--executor", "local", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    hint = re.search(r"dataset synthetic10 not found in .*; run `(.*)`, the size 1 run recorded in .* read; ", err)
+    assert hint, err
+    assert hint[1] == f"cifarbench data synthetic --root {root} --dataset synthetic10 --train-size 300 --test-size 50"
+    assert main(shlex.split(hint[1])[1:]) == 0
+    assert [s.run_id for s in load_grid(grid, fingerprint=fingerprint).specs] == ids  # the same data again
 
 
 # --- the live cluster ----------------------------------------------------------------------------------------

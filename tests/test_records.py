@@ -68,7 +68,7 @@ def test_a_runs_parquet_without_descriptions_is_still_the_cache(write_records):
     pq.write_table(older, runs_table)
     cache = load_runs(runs_table, results)
     assert cache is not None and cache.schema.field("final_test_acc").metadata is not None
-    assert "| resnet20 | 0.50    |" in collect(results, plots=False).markdown
+    assert "| resnet20 | 0.5000  |" in collect(results, plots=False).markdown
     write_records([{"model": "resnet32"}], results=results)  # a change: runs.parquet is written afresh
     collect(results, plots=False)
     assert pq.read_schema(runs_table).field("final_test_acc").metadata == SCHEMA.field("final_test_acc").metadata

@@ -1,9 +1,10 @@
 """report.html: one self-contained page, checked in a real browser (headless Chromium) where one is installed."""
 
+import json
 import re
 import shutil
 import subprocess
-from html import escape
+from html import escape, unescape
 
 import numpy as np
 import pytest
@@ -180,6 +181,84 @@ def test_report_html_shows_device_hours_and_time_estimates(write_records):
     timing = text.split('<section id="timing">', 1)[1].split("</section>", 1)[0]
     assert '<td>bench</td><td class="num">1</td><td class="num">1.20</td>' in timing
     assert '<td>pack of 2</td><td class="num">1</td><td class="num">50.0</td>' in timing
+
+
+def wide_runs(write_records):
+    """Runs as a GPU cluster leaves them: a run alone, a pack of 2 sharing a GPU through MPS, a fused pair, a
+    cancelled run; long device, host and version names, a commit, requeued attempts, SLURM array tasks."""
+    env = {
+        "device_name": "NVIDIA H100 80GB HBM3",
+        "hostname": "gpu-node-0173.hpc.cluster.example.org",
+        "torch_version": "2.6.0+cu124",
+        "torchvision_version": "0.21.0+cu124",
+        "lightning_version": "2.5.1.post0",
+        "cuda_version": "12.4",
+        "cifarbench_version": "0.1.0.dev12+g3f2a9c1",
+        "git_commit": "3f2a9c1d0b7e5a6c8d9e0f1a2b3c4d5e6f7a8b9c",
+        "slurm_job_id": "123456789",
+        "slurm_array_task_id": "1234",
+        "attempts": 3,
+        "alloc_gpus": 1,
+        "alloc_cpus": 16,
+        "precision_used": "bf16-mixed",
+    }
+    packed = [spec("resnet20", s).run_id for s in (1, 2)]
+    fused = [spec("resnet56", s).run_id for s in (0, 1)]
+    return write_records(
+        [{"model": "resnet20", "seed": 0, "images_per_s": 41234.0, **env}]
+        + [{"model": "resnet20", "seed": s, "pack_size": 2, "packed_with": [i for i in packed if i != packed[s - 1]],
+            "mps": "on", "images_per_s": 30000.0, **env} for s in (1, 2)]
+        + [{"model": "resnet56", "seed": s, "fuse_size": 2, "fused_with": [i for i in fused if i != fused[s]],
+            "images_per_s": 9000.0, **env} for s in (0, 1)]
+        + [{"model": "resnet110", "status": "failed", "final_test_acc": None, "test_acc": [0.1], "epochs_done": 1,
+            "error": "Cancelled: the job received SIGTERM (scancel, a requeue, or the node shutting down)", **env}]
+    )  # fmt: skip
+
+
+def test_report_html_shows_packing_fusion_and_images_per_s(write_records):
+    results = wide_runs(write_records)
+    collect(results, plots=False)
+    text = Layout(results).report.read_text()
+    runs = text.split('<section id="runs">', 1)[1].split("</section>", 1)[0]
+    head = re.findall(r"<th>([^<]*)</th>", runs.split("</thead>", 1)[0])
+    assert head == ["run id", "status", "configuration", "seed", "epochs", "test acc: final, best",
+                    "test accuracy per epoch", "trained", "images/s", "device, precision, host",
+                    "SLURM job, attempts", "versions, commit"]  # fmt: skip
+    assert runs.count("<td>pack of 2<br>MPS on</td>") == 2 and runs.count("<td>fused 2</td>") == 2
+    assert runs.count("<td>alone</td>") == 2  # the run alone, and the cancelled one
+    assert '<td class="num">41234</td>' in runs and runs.count('<td class="num">30000</td>') == 2
+    assert "<td>123456789_1234<br>3 attempts</td>" in runs and "commit <code>3f2a9c1d0b7e</code>" in runs
+    assert '<td class="num">0.9000<br><span class="foot">best 0.9000</span></td>' in runs
+    assert '<tr class="cancelled">' in runs and "<td>cancelled</td>" in runs
+    packing = text.split('<section id="packing">', 1)[1].split("</section>", 1)[0]
+    assert "<h2>Packing and fusion</h2>" in packing
+    assert "<td>pack of 2</td><td>on</td>" in packing and "<td>fused 2</td><td>–</td>" in packing
+    assert '<td class="num">60000</td><td class="num">1.46×</td>' in packing  # 2 × 30000 over 41234 alone
+
+
+# Measures the page as Chromium lays it out: the page's width, and the Runs table's right edge against its section's.
+_MEASURE = """<script>
+const runs = document.querySelector("table.runs"), box = runs.closest("section");
+document.body.dataset.fit = JSON.stringify({page: document.documentElement.scrollWidth, window: innerWidth,
+  table: runs.getBoundingClientRect().right, box: box.getBoundingClientRect().right,
+  hidden: box.scrollWidth - box.clientWidth, last: runs.querySelector("th:last-child").getBoundingClientRect().right});
+</script>"""
+
+
+@pytest.mark.slow
+@needs_chromium
+@pytest.mark.parametrize("width", [1280, 1800])
+def test_the_runs_table_fits_the_page(write_records, tmp_path, width):
+    results = wide_runs(write_records)
+    collect(results, plots=False)
+    measured = tmp_path / "measured.html"  # the page with a script that writes its layout into the DOM
+    measured.write_text(Layout(results).report.read_text().replace("</body>", _MEASURE + "</body>"))
+    dom = chromium(tmp_path, "--dump-dom", f"--window-size={width},1000", measured.resolve().as_uri())
+    fit = json.loads(unescape(re.search(r'data-fit="([^"]*)"', dom).group(1)))
+    assert fit["window"] == width
+    assert fit["page"] <= width, fit  # no part of the page is off to the right
+    assert fit["hidden"] == 0 and fit["table"] <= fit["box"] + 0.5, fit  # every column shows, none scrolled away
+    assert fit["last"] <= fit["box"] + 0.5, fit
 
 
 def test_curve_svg_and_log_tail(tmp_path):

@@ -346,6 +346,8 @@ slurm: {{gpus_per_node: 0, cpus_per_task: 1, time: "00:05:00", setup: ["export O
     try:
         assert collect_job, out.getvalue()
         job = collect_job.group(1)
+        [script] = Layout(tmp_path / "results").logs.glob("collect-*.sh")
+        assert _out("squeue", "-h", "-j", job, "-o", "%o").strip() in (str(script), ""), script  # "": already ended
         shown = _out("scontrol", "show", "job", job)
         # queued behind the array (or, on a fast machine, already released: the array then ended first)
         assert f"Dependency=afterany:{array}" in shown or "Dependency=(null)" in shown, shown

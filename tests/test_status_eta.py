@@ -1,9 +1,14 @@
-"""status while runs train: elapsed time, latest test accuracy and ETA of each running run, and of the grid."""
+"""status while runs train: elapsed time, latest test accuracy and ETA of each running run, and of the grid; what
+status --json says of every run; status of a folder without runs."""
 
+import json
 import os
+import subprocess
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from cifarbench.cli import main
 from cifarbench.cluster import status
 from cifarbench.cluster.status import RunStatus, duration, grid_eta, progress_times
 from cifarbench.config.spec import RunSpec, get_recipe
@@ -99,3 +104,43 @@ def test_status_shows_a_running_runs_progress(tmp_path):
     assert "test acc 0.4567" in text and "ETA " in text and "(3s/epoch)" in text
     assert "ETA of the runs left: about" in text and "7 run-epochs at 3s each, 1 at a time" in text
     assert status.as_json([found])["eta"]["run_epochs_left"] == 7
+
+
+def test_status_json_has_each_runs_budget_and_a_completed_runs_test_acc(write_records, tmp_path, capsys):
+    results = tmp_path / "results"
+    done, running = (
+        RunSpec(model="resnet20", dataset="cifar10", recipe=get_recipe("step-200"), batch_size=64, seed=seed)
+        for seed in (0, 1)
+    )
+    budget = {"time_limit_s": 5400, "estimated_s": 3000.0, "estimate_source": "records: 2 epochs; 3 records on cpu"}
+    gone = subprocess.Popen(["true"])  # the completed run's job has ended; the running one's is this process
+    gone.wait()
+    entries = [
+        {"run_id": run.run_id, "job_id": job, "array_job_id": job, "array_index": 0, "stdout": str(tmp_path / "out"),
+         "stderr": str(tmp_path / "err"), "spec": run.to_dict(), "budget": budget}
+        for run, job in ((done, str(gone.pid)), (running, str(os.getpid())))
+    ]  # fmt: skip
+    write_manifest(results, "local", None, entries)
+    later = datetime.now(timezone.utc) + timedelta(minutes=1)
+    write_records([{"model": "resnet20", "seed": 0, "final_test_acc": 0.8123, "ended_at": later}], results=results)
+    write_progress(results, running.run_id, epochs_done=3, epochs=200, epoch_seconds=[9.0, 3.0, 3.0], test_acc=0.4567)
+
+    assert main(["status", str(results), "--json"]) == 0
+    runs = {r["run_id"]: r for r in json.loads(capsys.readouterr().out)["runs"]}
+    assert runs[done.run_id]["status"] == "completed" and runs[done.run_id]["test_acc"] == 0.8123
+    assert runs[running.run_id]["status"] == "running" and runs[running.run_id]["test_acc"] == 0.4567
+    assert runs[done.run_id]["budget"] == runs[running.run_id]["budget"] == budget
+    assert main(["status", str(results)]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(done.run_id))
+    assert "completed" in line and line.endswith("test acc 0.8123")
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_status_of_a_folder_without_runs_says_so_in_one_line_as_collect_does(tmp_path, capsys, json_flag):
+    assert main(["status", str(tmp_path), *json_flag]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == f"cifarbench: error: {status.no_runs(tmp_path)}"
+    assert "no submitted runs found" in err
+    assert main(["collect", str(tmp_path)]) == 2  # collect on the same folder: the same exit code, one line
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "no cifarbench records found" in err

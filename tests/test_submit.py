@@ -94,7 +94,9 @@ def test_plural():
 
 
 @pytest.mark.parametrize("seeds, runs", [("[0]", "1 run"), ("[0, 1]", "2 runs")])
-def test_submit_says_1_run_and_2_runs(seeds, runs, tmp_path, synthetic_root, capsys):
+def test_submit_says_1_run_and_2_runs(seeds, runs, tmp_path, synthetic_root, capsys, monkeypatch):
+    monkeypatch.setattr("cifarbench.system.local_gpus", lambda: 0)  # local plans show this machine: say which
+    monkeypatch.setattr("cifarbench.system.usable_cores", lambda: 1)
     grid = tmp_path / "grid.yaml"
     grid.write_text(
         f"models: [resnet20]\ndatasets: [synthetic10]\nopts: [step-160]\nepochs: 1\nbatch_sizes: [64]\n"
@@ -105,8 +107,8 @@ def test_submit_says_1_run_and_2_runs(seeds, runs, tmp_path, synthetic_root, cap
     out = capsys.readouterr().out
     assert f"{grid}: {runs}; 0 already completed, 0 pending or running; {seeds.count(',') + 1} to submit" in out
     tasks = runs.replace("run", "task")
-    assert f"group 1: {tasks} holding {runs} (one run each), 0 GPUs, 1 CPU, default memory," in out
-    assert f"total: {runs} in {tasks}, 1 group, 1 array;" in out
+    assert f"group 1: {tasks} holding {runs} (one run each), 0 GPUs, 1 CPU, this machine;" in out
+    assert f"total: {runs} in {tasks}, 1 group;" in out
 
 
 def test_strict_refuses_a_time_limit_below_the_estimate(tmp_path, synthetic_root, capsys):
@@ -271,6 +273,36 @@ def test_results_folder_on_a_full_disk(tmp_path):
     free_mb = shutil.disk_usage(tmp_path).free // 2**20
     with pytest.raises(UsageError, match=r"has only \d+ MB free"):
         submit.check_results_writable(tmp_path, min_free_mb=free_mb + 10**9)
+
+
+def test_results_folder_checked_without_being_made(tmp_path):
+    submit.check_results_writable(tmp_path / "a" / "results", create=False)
+    assert list(tmp_path.iterdir()) == []
+    free_mb = shutil.disk_usage(tmp_path).free // 2**20
+    with pytest.raises(UsageError, match=r"has only \d+ MB free"):
+        submit.check_results_writable(tmp_path / "a" / "results", min_free_mb=free_mb + 10**9, create=False)
+
+
+# the folders `submit` refuses (root writes through permission bits: a file, a folder below one, one in /proc)
+@pytest.mark.parametrize("where", ("a file", "below a file", "in /proc"))
+def test_a_dry_run_refuses_the_results_folders_that_submit_refuses(tmp_path, synthetic_root, capsys, where):
+    (tmp_path / "file").write_text("mine")
+    results = {"a file": tmp_path / "file", "below a file": tmp_path / "file" / "results"}.get(
+        where, "/proc/cifarbench-results"
+    )
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"models: [resnet20]\ndatasets: [synthetic10]\nopts: [step-160]\nepochs: 1\nbatch_sizes: [64]\nseeds: [0]\n"
+        f"root: {synthetic_root}\nverify: false\nresults: {results}\nslurm: {{gpus_per_node: 0, cpus_per_task: 1}}\n"
+    )
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["submit", str(grid), "--executor", "local", "--dry-run"]) == 2
+    dry = capsys.readouterr()
+    assert main(["submit", str(grid), "--executor", "local"]) == 2
+    real = capsys.readouterr().err
+    assert dry.err == real and dry.err.count("\n") == 1 and f"results folder {results} is " in dry.err
+    assert "submit  " not in dry.out  # no run listed as if it would be submitted
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "file").read_text() == "mine"
 
 
 # --- the sbatch file -----------------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 import dataclasses
 import os
+import signal
 
 import lightning as L
 import pyarrow.parquet as pq
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cifarbench.cli import main
 from cifarbench.config.spec import RunSpec, get_recipe
@@ -107,6 +109,24 @@ class _Crash(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if trainer.current_epoch == self.after_epoch:
             raise RuntimeError("node lost")
+
+
+class _Scancel(L.Callback):
+    """What scancel does to a job: SIGTERM to its process, here after the first training step."""
+
+    def on_train_batch_end(self, trainer, *args):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_run_sent_sigterm_records_that_it_was_cancelled(synthetic_root, tmp_path):
+    spec = _spec(synthetic_root, tmp_path, epochs=1)
+    with pytest.raises(SIGTERMException):
+        fit(spec, callbacks=[_Scancel()])
+    r = records.read_record(Layout(tmp_path).record(spec.run_id))
+    assert r["status"] == "failed" and r["epochs_done"] == 0
+    why = "the job received SIGTERM (scancel, a requeue, or the node shutting down)"
+    assert r["error"] == f"{records.CANCELLED}: {why}"
+    assert records.run_state(r["status"], r["error"]) == "cancelled"  # as status, collect and report.html say it
 
 
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synthetic_root, tmp_path):

@@ -31,9 +31,15 @@ def collect_command(results: str | os.PathLike, grid: str | None) -> list[str]:
     return command + (["--grid", str(Path(grid).resolve())] if grid else [])
 
 
-def sbatch_command(jobs: list[str], command: list[str], *, log: str | os.PathLike, resources: dict) -> list[str]:
+def script_text(command: list[str], setup: list[str] | tuple[str, ...] = ()) -> str:
+    """Pure: the collect job's batch script: the grid's setup lines (``module load ...``), then the command."""
+    return "\n".join(["#!/bin/bash", *setup, "exec " + shlex.join(command), ""])
+
+
+def sbatch_command(jobs: list[str], script: str | os.PathLike, *, log: str | os.PathLike, resources: dict) -> list[str]:
     """Pure: the sbatch call of the collect job, after ``jobs`` (array job ids), in the grid's partition, account
-    and QOS, with the grid's setup lines (``module load ...``) before the command."""
+    and QOS, running ``script`` (``script_text``, written under the results folder's logs: ``squeue -o %o`` then
+    names it, as it names the arrays' scripts)."""
     args = [
         "sbatch",
         "--parsable",
@@ -46,8 +52,7 @@ def sbatch_command(jobs: list[str], command: list[str], *, log: str | os.PathLik
         f"--output={log}",
     ]
     args += [f"--{key}={resources[key]}" for key in ("partition", "account", "qos") if resources.get(key)]
-    script = "; ".join([*resources.get("setup", ()), "exec " + shlex.join(command)])
-    return args + ["--wrap", script]
+    return [*args, str(script)]
 
 
 def queue_collect(manifest: dict, *, grid: str | None) -> dict:
@@ -60,8 +65,10 @@ def queue_collect(manifest: dict, *, grid: str | None) -> dict:
     if manifest["executor"] == "slurm":
         resources = manifest["runs"][0].get("resources") or {}
         log = layout.collect_log("%j")
+        script = layout.collect_script(f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+        script.write_text(script_text(command, resources.get("setup", ())))
         done = subprocess.run(
-            sbatch_command(jobs, command, log=log, resources=resources), capture_output=True, text=True, timeout=60
+            sbatch_command(jobs, script, log=log, resources=resources), capture_output=True, text=True, timeout=60
         )
         if done.returncode != 0:
             said = " ".join(done.stderr.split()) or f"exit code {done.returncode}"

@@ -89,6 +89,28 @@ class Task:
         return "GPU-h" if self.resources.gpus_per_node else "CPU-core-h"
 
 
+def local_resources(r: Resources, *, gpus: int, cpus: int) -> Resources:
+    """Pure: what a task of ``r`` gets from local execution (``--executor local``): one of the machine's ``gpus``
+    (none: its CPUs), ``cpus`` cores, no partition, no memory limit; the time limit is kept. Raises ValueError
+    where ``r`` cannot train so (``pack: auto`` without a GPU)."""
+    if not gpus and r.pack == AUTO:
+        raise ValueError("pack: auto packs runs onto a GPU, and this machine has none; write pack: K to run locally")
+    pack = r.pack if isinstance(r.pack, int) else 1
+    return dataclasses.replace(
+        r,
+        partition=None,
+        account=None,
+        qos=None,
+        constraint=None,
+        gpus_per_node=1 if gpus else 0,
+        gpu_type=None,
+        gpu_mem_gb=r.gpu_mem_gb if gpus else None,
+        cpus_per_task=cpus if gpus else max(cpus, pack),
+        mem_gb=None,
+        extra=(),
+    )
+
+
 def groups_of_runs(specs: Iterable[RunSpec], resources: Mapping[str, Resources]) -> dict[Resources, list[RunSpec]]:
     """Pure: the runs by the resources the grid gives them, in the order they first appear."""
     out: dict[Resources, list[RunSpec]] = {}
@@ -207,11 +229,12 @@ def short_limits(tasks: list[Task]) -> list[str]:
     return [line for line in found if line]
 
 
-def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
+def describe(tasks: list[Task], *, max_array_size: int, local: bool = False) -> list[str]:
     """Pure: a line per set of equal resources (its array tasks and the runs they hold, the resources, estimated
     and reserved device-hours, where the estimates came from), then the total; and a warning per set whose
     ``time: auto`` limit the partition's MaxTime cut. Reserved is tasks x time limit x GPUs (CPUs) per task: what
-    the sbatch calls ask for."""
+    the sbatch calls ask for. ``local``: the tasks run on this machine (``local_resources``), in no partition and
+    no job array."""
     lines: list[str] = []
     totals: dict[str, float] = {}
     n_arrays = 0
@@ -235,15 +258,20 @@ def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
         memory = members[0].memory
         mem = "default memory" if r.mem_gb is None else f"{r.mem_gb:g} GB" + (" (auto)" if memory else "")
         auto = " (auto)" if members[0].auto else ""
-        arrays_here = -(-len(members) // max_array_size)
+        arrays_here = 0 if local else -(-len(members) // max_array_size)
         n_arrays += arrays_here
         gpus = plural(r.gpus_per_node, "GPU") + (f" ({r.gpu_type})" if r.gpu_type else "")
+        where = (
+            "this machine"
+            if local
+            else f"{mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
+            + (f", constraint {r.constraint}" if r.constraint else "")
+            + f"; {plural(arrays_here, 'array')}"
+        )
         lines.append(
             f"group {i}: {plural(len(members), 'task')} holding {plural(runs, 'run')} ({held}), {gpus}, "
-            f"{plural(r.cpus_per_task, 'CPU')}, {mem}, time {r.time}{auto}, partition {r.partition or '(default)'}"
-            + (f", constraint {r.constraint}" if r.constraint else "")
-            + f"; {plural(arrays_here, 'array')}; estimated {estimated:.1f} {unit}, reserved {reserved:.1f} {unit}; "
-            "estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
+            f"{plural(r.cpus_per_task, 'CPU')}, {where}; estimated {estimated:.1f} {unit}, reserved "
+            f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
         if memory:
             lines.append(f"  memory: {memory.source}: {memory.detail}")
@@ -266,8 +294,9 @@ def describe(tasks: list[Task], *, max_array_size: int) -> list[str]:
             totals[key] = totals.get(key, 0.0) + value
     hours = ", ".join(f"{k} {v:.1f}" for k, v in totals.items())
     runs = sum(len(t.specs) for t in tasks)
+    arrays_said = "" if local else f", {plural(n_arrays, 'array')}"
     lines.append(
-        f"total: {plural(runs, 'run')} in {plural(len(tasks), 'task')}, {plural(len(by_resources), 'group')}, "
-        f"{plural(n_arrays, 'array')}; {hours}"
+        f"total: {plural(runs, 'run')} in {plural(len(tasks), 'task')}, {plural(len(by_resources), 'group')}"
+        f"{arrays_said}; {hours}"
     )
     return lines

@@ -8,8 +8,9 @@ anything.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from cifarbench.cluster.memory import Memory
@@ -353,6 +354,29 @@ def max_times(limits: ClusterLimits) -> dict[str | None, int | None]:
     return out
 
 
+def without_gpus(resources: Mapping[str, Resources], limits: ClusterLimits) -> tuple[dict[str, Resources], list[str]]:
+    """Pure: for a grid that never says how many GPUs its runs take (each has Resources' default, 1), the runs whose
+    partition has no GPU on any node ask for none and train on CPUs; with a line per such partition saying so.
+    Runs whose resources cannot train on CPUs (a GPU type, ``pack: auto``) are left for preflight to refuse."""
+    changed: dict[Resources, Resources | None] = {}
+    said: list[str] = []
+    for r in dict.fromkeys(resources.values()):
+        partition = limits.partition(r.partition)
+        if not r.gpus_per_node or partition is None or any(gpus for gpus, _, _ in limits.capacities(partition)):
+            continue
+        try:
+            changed[r] = dataclasses.replace(r, gpus_per_node=0)
+        except ValueError:
+            continue
+        line = (
+            f"note: the grid does not set gpus_per_node and the nodes of partition {partition.name!r} have no GPUs: "
+            "its runs ask for none and train on CPUs (set slurm.gpus_per_node to choose)"
+        )
+        if line not in said:
+            said.append(line)
+    return {run_id: changed.get(r) or r for run_id, r in resources.items()}, said
+
+
 def problems(tasks: Iterable[Task], limits: ClusterLimits | None, *, data: bool = True) -> list[str]:
     """Everything that would make these array tasks fail once queued: resources this cluster refuses or cannot run
     (with ``limits``), and data missing or corrupt under the runs' roots as this host sees them (with ``data``).
@@ -363,10 +387,11 @@ def problems(tasks: Iterable[Task], limits: ClusterLimits | None, *, data: bool 
         for resources, memory in {t.resources: t.memory for t in tasks}.items():
             out += [p for p in check_resources(resources, limits, memory=memory) if p not in out]
     if data:
-        datasets = dict.fromkeys((s.dataset, s.data_root, s.verify) for t in tasks for s in t.specs)
-        for dataset, root, verify in datasets:
+        # with the results folder, whose records say which size a missing synthetic dataset had
+        datasets = dict.fromkeys((s.dataset, s.data_root, s.verify, s.results) for t in tasks for s in t.specs)
+        for dataset, root, verify, results in datasets:
             try:
-                check_dataset(dataset, root, verify=verify)
+                check_dataset(dataset, root, verify=verify, results=results)
             except DataError as e:
                 out.append(str(e))
     return out

@@ -20,7 +20,7 @@ from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import read_manifests
 from cifarbench.store.progress import read_progress
 
-ORDER = ("completed", "running", "pending", "failed", "cancelled", "lost", "not submitted")
+ORDER = records.STATES
 ENDED = {"completed", "failed", "cancelled", "lost", "not submitted"}
 
 
@@ -40,8 +40,12 @@ class RunStatus:
     error: str | None = None
     log: str | None = None
     resources: dict | None = None  # what the run asked SLURM for (from its manifest entry)
+    # the time its array task was given and estimated (its manifest entry's: time_limit_s, estimated_s and
+    # estimate_source)
+    budget: dict | None = None
     # a running run, from its progress file: seconds trained (and of the epoch in progress), the latest test
-    # accuracy, mean seconds an epoch, and seconds until it ends at that pace
+    # accuracy, mean seconds an epoch, and seconds until it ends at that pace; a completed run's final test accuracy
+    # and mean seconds an epoch, from its record
     elapsed_s: float | None = None
     test_acc: float | None = None
     epoch_s: float | None = None
@@ -64,7 +68,7 @@ def classify(
     if record and record["status"] == "completed":
         return "completed"
     if entry is None:
-        return "failed" if record else "not submitted"
+        return _ended(record) if record else "not submitted"
     submitted = datetime.fromisoformat(entry["submitted_at"])
     fresh_record = fresh(record, entry)
     if (
@@ -73,7 +77,7 @@ def classify(
         and (entry.get("packed_with") or entry.get("fused_with"))
         and not (record["error"] or "").startswith(STOPPED)
     ):
-        return "failed"  # its pack or fused group goes on with the other runs, and will not run it again
+        return _ended(record)  # its pack or fused group goes on with the other runs, and will not run it again
     if entry["executor"] == "local":
         if alive and not fresh_record:
             return "running" if job_state == "RUNNING" else "pending"
@@ -84,7 +88,14 @@ def classify(
     waited = ((now or datetime.now(timezone.utc)) - submitted).total_seconds()
     if job_state is None and entry["executor"] == "slurm" and not fresh_record and waited < GRACE_S:
         return "pending"
-    return "failed" if fresh_record or (record and entry["executor"] == "slurm") else "lost"
+    if record is not None and fresh_record:
+        return _ended(record)
+    return "failed" if record and entry["executor"] == "slurm" else "lost"
+
+
+def _ended(record: dict) -> str:
+    """A record's own word for its run: failed, or cancelled (the record says its process was sent SIGTERM)."""
+    return records.run_state(record["status"], record.get("error"))
 
 
 # SLURM's own lines (slurmstepd's, srun's) in a job's log when it killed the job for its memory: jobacct_gather's
@@ -147,7 +158,7 @@ def _described(spec: dict) -> dict:
 
 
 # what status reads of each record's summary
-FIELDS = ("run_id", "status", "ended_at", "epochs_done", "error", "train_seconds", "test_seconds")
+FIELDS = ("run_id", "status", "ended_at", "epochs_done", "error", "train_seconds", "test_seconds", "final_test_acc")
 
 
 def epoch_time(seconds: list[float]) -> float | None:
@@ -259,6 +270,8 @@ def collect_status(
         times = progress_times(progress, now) if training and progress else {}
         if record and record["status"] == "completed" and record.get("train_seconds") and record["epochs_done"]:
             times = {"epoch_s": (record["train_seconds"] + (record.get("test_seconds") or 0)) / record["epochs_done"]}
+        if status == "completed":
+            times["test_acc"] = record.get("final_test_acc") if record else None
         out.append(
             RunStatus(
                 run_id=run_id,
@@ -267,9 +280,10 @@ def collect_status(
                 epochs_done=done,
                 job_id=entry["job_id"] if entry else None,
                 slurm_state=job_state,
-                error=record["error"] if record and status == "failed" else _never_started(entry, status),
+                error=_error(record, entry, status),
                 log=_log(entry, status),
                 resources=entry.get("resources") if entry else None,
+                budget=entry.get("budget") if entry else None,
                 **times,
             )
         )
@@ -306,10 +320,27 @@ def _log(entry: dict | None, status: str) -> str | None:
     return entry["stderr"]
 
 
+def _error(record: dict | None, entry: dict | None, status: str) -> str | None:
+    """Why a run did not complete: its record's error (a cancelled run's only where the record is its latest
+    submission's, not an earlier attempt's), or that it never started."""
+    if record and (status == "failed" or (status == "cancelled" and (entry is None or fresh(record, entry)))):
+        return record["error"]
+    return _never_started(entry, status)
+
+
 def _never_started(entry: dict | None, status: str) -> str | None:
     if entry is not None and status in ("lost", "cancelled") and not os.path.exists(entry["stderr"]):
         return f"{status} before it started (no log was written)"
     return None
+
+
+def no_runs(results: str | os.PathLike) -> str:
+    """What ``status`` says, as an error (exit code 2, like collect's "no cifarbench records found"), of a results
+    folder with no run to show: nothing submitted to it, and no grid given."""
+    return (
+        f"{results}: no submitted runs found (looked for submissions/<time>-<pid>.json); submit a grid first "
+        "(cifarbench submit GRID), or give --grid GRID to list its runs"
+    )
 
 
 def state_map(
@@ -338,6 +369,7 @@ def duration(seconds: float) -> str:
 
 
 def _running(s: RunStatus) -> str | None:
+    """A running run's times and latest test accuracy; a completed run's final test accuracy."""
     parts = [
         f"elapsed {duration(s.elapsed_s)}" if s.elapsed_s is not None else None,
         f"test acc {s.test_acc:.4f}" if s.test_acc is not None else None,
@@ -359,7 +391,7 @@ def render(statuses: list[RunStatus]) -> str:
     lines.append(header)
     for s in sorted(statuses, key=lambda s: (ORDER.index(s.status), s.run_id)):
         epochs = f"{s.epochs_done or 0}/{s.epochs}"
-        live = _running(s) if s.status == "running" else None
+        live = _running(s) if s.status in ("running", "completed") else None
         detail = "; ".join(x for x in (live, s.error, f"log: {s.log}" if s.log else None) if x)
         lines.append(f"{s.run_id:<40} {s.status:<13} {epochs:>9} {s.job_id or '-':<12} {detail}".rstrip())
     return "\n".join(lines)

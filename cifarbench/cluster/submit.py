@@ -8,8 +8,6 @@ import contextlib
 import functools
 import io
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import submitit
@@ -20,6 +18,7 @@ from cifarbench.cluster.plan import Task, arrays, chunks
 from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
+from cifarbench.store.atomic import check_results_writable
 from cifarbench.store.layout import Layout
 from cifarbench.store.manifests import write_manifest
 from cifarbench.system import local_gpus, usable_cores
@@ -28,25 +27,6 @@ from cifarbench.train.pack import PackJob
 
 # SLURM sends USR2 this long before the time limit: enough to finish writing an epoch's checkpoint.
 SIGNAL_DELAY_S = 60
-
-
-def check_results_writable(results: str | os.PathLike, *, min_free_mb: int = 100) -> None:
-    """Refuse to submit when no record could be written: unwritable folder or (nearly) full disk."""
-    folder = Path(results)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"results folder {folder} is a file; choose a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise UsageError(
-            f"results folder {folder} is not writable ({e.strerror}); fix its permissions or "
-            "choose another with `results:`"
-        ) from None
-    free_mb = shutil.disk_usage(folder).free // 2**20
-    if free_mb < min_free_mb:
-        raise UsageError(f"results folder {folder} has only {free_mb} MB free; records and checkpoints need more")
 
 
 def _slurm_executor(resources: Resources, folder: Path) -> submitit.AutoExecutor:

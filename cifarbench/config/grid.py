@@ -75,6 +75,8 @@ class Grid:
     source: str  # the grid file, for messages
     # run id -> the largest fused group it may join, for the runs with ``fuse: seeds``; others train alone
     fuse: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # whether the grid says anywhere how many GPUs its runs take (else each has Resources' default, 1)
+    gpus_set: bool = True
 
 
 class _Problem(Exception):
@@ -400,7 +402,15 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
             if fuse_max:
                 fuse[spec.run_id] = fuse_max
     _check_packs(resources, fuse)
-    return Grid(specs=tuple(specs.values()), resources=resources, results=shared["results"], source=source, fuse=fuse)
+    gpus_set = any("gpus_per_node" in fields for fields in (base, *(r for _, r in rules), *own_slurm.values()))
+    return Grid(
+        specs=tuple(specs.values()),
+        resources=resources,
+        results=shared["results"],
+        source=source,
+        fuse=fuse,
+        gpus_set=gpus_set,
+    )
 
 
 def _packing_fields(raw: dict, where: str, base: dict) -> dict:

@@ -28,21 +28,33 @@ class Arch:
     name: str
     family: str
     depth: int
-    macs: int  # multiply-adds of one forward pass of a 32x32 image, 10 classes (`cifarbench models` measures it)
+    # What the built model measures, known without torch (`cifarbench models`, time estimates): parameters with a
+    # 10- and a 100-class head, multiply-adds of one forward pass of a 32x32 image with 10 classes.
+    params_10: int
+    params_100: int
+    macs: int
 
 
-# MACs as torch's flop counter measures them (tests check that they still do)
-_MACS = {
-    20: 40_551_040, 32: 68_862_592, 44: 97_174_144, 56: 125_485_696, 110: 252_887_680, 1202: 2_829_238_912,
-    18: 555_422_720, 34: 1_159_402_496, 50: 1_297_829_888, 101: 2_509_983_744, 152: 3_722_137_600,
-}  # fmt: skip
+# Measured by `train.models.measure` (MACs by torch's flop counter); tests check that the built models still agree.
 ARCHS: dict[str, Arch] = {
-    a.name: a
-    for a in (
-        *(Arch(name=f"resnet{d}", family="cifar", depth=d, macs=_MACS[d]) for d in (20, 32, 44, 56, 110, 1202)),
-        *(Arch(name=f"resnet{d}", family="imagenet", depth=d, macs=_MACS[d]) for d in (18, 34, 50, 101, 152)),
+    f"resnet{depth}": Arch(
+        name=f"resnet{depth}", family=family, depth=depth, params_10=params_10, params_100=params_100, macs=macs
     )
-}
+    for family, depth, params_10, params_100, macs in (
+        # family    depth  params (10)  params (100)  forward MACs
+        ("cifar",      20,     269_722,     275_572,    40_551_040),
+        ("cifar",      32,     464_154,     470_004,    68_862_592),
+        ("cifar",      44,     658_586,     664_436,    97_174_144),
+        ("cifar",      56,     853_018,     858_868,   125_485_696),
+        ("cifar",     110,   1_727_962,   1_733_812,   252_887_680),
+        ("cifar",    1202,  19_421_274,  19_427_124, 2_829_238_912),
+        ("imagenet",   18,  11_173_962,  11_220_132,   555_422_720),
+        ("imagenet",   34,  21_282_122,  21_328_292, 1_159_402_496),
+        ("imagenet",   50,  23_520_842,  23_705_252, 1_297_829_888),
+        ("imagenet",  101,  42_512_970,  42_697_380, 2_509_983_744),
+        ("imagenet",  152,  58_156_618,  58_341_028, 3_722_137_600),
+    )
+}  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,7 @@ from cifarbench.report.tables import (
     default_tables,
     device_hours_part,
     incomplete,
+    packing_part,
     parse_where,
     render,
     select,
@@ -98,7 +99,7 @@ def collect(
             f"note: {plural(len(fell_back), 'run')} asked for torch.compile but trained eagerly (see the report): "
             f"{', '.join(fell_back[:10])}" + (" …" if len(fell_back) > 10 else "")
         )
-    summary, config = summarize(runs)
+    summary, config = summarize(runs, expected or ())
     if rows or cols:
         rows, cols = rows or ["model"], cols or ["dataset"]
         titled = [k for k in ("model", "dataset", "recipe", "batch_size") if k not in (*rows, *cols)]
@@ -118,7 +119,8 @@ def collect(
     # an allocation's time and device-hours are its runs' in the whole folder, also where --where selects some
     hours = device_hours_part(runs, tabs, config, folder=all_runs)
     timing = time_estimate_parts(runs, folder=all_runs)
-    markdown = render(runs, tabs, matches, missing, value, hours=hours, timing=timing)
+    packing = packing_part(runs)
+    markdown = render(runs, tabs, matches, missing, value, hours=hours, timing=timing, packing=packing)
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_layout.tables, markdown)
@@ -150,6 +152,7 @@ def collect(
                 missing=missing,
                 hours=hours,
                 timing=timing,
+                packing=packing,
                 no_record=found.no_record,
                 details=dict(
                     zip(runs.run_id, table.select([*scan.DETAILS, "test_acc"]).take(runs.index.to_numpy()).to_pylist())

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cifarbench.errors import plural
-from cifarbench.report.tables import EAGER, Part, Table, comparison_parts, labels
+from cifarbench.report.tables import ACC_DECIMALS, EAGER, VALUES, Part, Table, comparison_parts, labels, trained
 from cifarbench.store import atomic
 from cifarbench.store.manifests import list_manifests, read_manifests
 
@@ -37,8 +37,10 @@ vertical-align:top}th{background:#f3f4f6}td.num{text-align:right;font-variant-nu
 tr.failed td{background:#fff1f0}code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace}
 pre{background:#f6f8fa;border:1px solid #d0d7de;padding:8px;overflow-x:auto;max-height:420px}
 .foot{color:#57606a;font-size:12px}img{max-width:100%;border:1px solid #d0d7de;margin:6px 0}
-nav a{margin-right:14px}details{margin:6px 0}summary{cursor:pointer}.runs td{font-size:12px}
-svg.curve{display:block}td.id{white-space:nowrap}td.cfg{min-width:300px}section{overflow-x:auto}
+nav a{margin-right:14px}details{margin:6px 0}summary{cursor:pointer}section{overflow-x:auto}
+tr.cancelled td{background:#fff8e5}svg.curve{display:block}
+table.runs{width:100%}.runs th,.runs td{font-size:12px;padding:3px 5px}.runs td.cfg{min-width:12em}
+.runs td.id{min-width:8em}.runs td.id,.runs td.env{overflow-wrap:anywhere}
 """
 
 
@@ -65,7 +67,7 @@ def _table(header: list[str], body: list[list[str]], *, numeric_from: int = 1) -
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def curve_svg(curve, *, width: int = 140, height: int = 30) -> str:
+def curve_svg(curve, *, width: int = 120, height: int = 30) -> str:
     """A run's test accuracy per epoch as a small inline SVG line, on a fixed 0–1 scale so that runs compare."""
     acc = np.asarray([np.nan if a is None else a for a in curve], float) if curve is not None else np.empty(0)
     acc = acc[np.isfinite(acc)]
@@ -76,7 +78,8 @@ def curve_svg(curve, *, width: int = 140, height: int = 30) -> str:
     x = np.linspace(1, width - 1, len(shown))
     y = (height - 1) - np.clip(shown, 0, 1) * (height - 2)
     points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y))
-    label = f"test accuracy, {plural(len(acc), 'epoch')}: last {acc[-1]:.4f}, best {acc.max():.4f}"
+    d = ACC_DECIMALS
+    label = f"test accuracy, {plural(len(acc), 'epoch')}: last {acc[-1]:.{d}f}, best {acc.max():.{d}f}"
     return (
         f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
         f"<title>{_e(label)}</title>"
@@ -141,16 +144,18 @@ def _tables(tabs: list[Table], matches: list[pd.DataFrame | None], value: str) -
 
 
 def _failures(root: Path, runs: pd.DataFrame, details: dict[str, dict], no_record: list[str]) -> str:
-    """Each failed run's error, traceback and log tail, and each lost run's log tail (the first DETAILS_LIMIT)."""
+    """Each failed or cancelled run's error, traceback and log tail, and each lost run's log tail (the first
+    DETAILS_LIMIT)."""
     entries = read_manifests(root)
-    failed, known = set(runs.run_id[runs.status.ne("completed")]), set(runs.run_id)
+    state = dict(zip(runs.run_id, runs.status))
+    failed, known = set(runs.run_id[runs.status.ne("completed")]), set(state)
     errors = dict(zip(runs.run_id, runs.error))  # the first line; the traceback has the rest
     shown = [*sorted(failed), *(i for i in no_record if i not in known)]
     out = []
     for run_id in shown[:DETAILS_LIMIT]:
         record = details.get(run_id, {})
         entry = entries.get(run_id)
-        kind = "failed" if run_id in failed else "no record (still running, or lost)"
+        kind = state[run_id] if run_id in failed else "no record (still running, or lost)"
         parts = [f"<summary><code>{_e(run_id)}</code>: {_e(kind)}</summary>"]
         if isinstance(errors.get(run_id), str):
             parts.append(f"<p>{_e(errors[run_id])}</p>")
@@ -177,14 +182,13 @@ _RUN_COLUMNS = [
     "configuration",
     "seed",
     "epochs",
-    "final acc",
-    "best acc",
+    "test acc: final, best",
     "test accuracy per epoch",
+    "trained",
+    "images/s",
     "device, precision, host",
-    "SLURM job",
-    "versions",
-    "commit",
-    "attempts",
+    "SLURM job, attempts",
+    "versions, commit",
 ]
 _VERSIONS = {
     "torch_version": "torch",
@@ -199,13 +203,16 @@ def _runs(runs: pd.DataFrame, details: dict[str, dict]) -> str:
     if runs.empty:
         return "<p>No records.</p>"
     named = labels(runs, ["recipe"])
-    acc = lambda v: "" if pd.isna(v) else f"{v:.4f}"
+    acc = lambda v: "–" if pd.isna(v) else f"{v:.{ACC_DECIMALS}f}"
+    speed = lambda v: "–" if pd.isna(v) else f"{v:.{VALUES['images_per_s']}f}"
     rows = []
-    for r, recipe in zip(runs.itertuples(index=False), named):
+    for r, recipe, way in zip(runs.itertuples(index=False), named, trained(runs)):
         d = details.get(r.run_id, {})
         job = d.get("slurm_job_id")
         job = f"{job}_{d['slurm_array_task_id']}" if job and d.get("slurm_array_task_id") else job
-        versions = "<br>".join(f"{name} {_e(d[k])}" for k, name in _VERSIONS.items() if d.get(k))
+        attempts = plural(d["attempts"], "attempt") if d.get("attempts") else None
+        software = [f"{name} {_e(d[k])}" for k, name in _VERSIONS.items() if d.get(k)]
+        software += [f"commit <code>{_e(d['git_commit'][:12])}</code>"] if d.get("git_commit") else []
         device = r.device_name if isinstance(r.device_name, str) else "–"
         device += f" ×{d['device_count']}" if (d.get("device_count") or 1) > 1 else ""
         config = f"{r.model} {r.dataset} {recipe} bs={r.batch_size}"
@@ -224,16 +231,15 @@ def _runs(runs: pd.DataFrame, details: dict[str, dict]) -> str:
             f"<td>{_e(r.status)}</td>",
             f'<td class="cfg">{_e(config)}<br><span class="foot">{_e(spec)}</span></td>',
             *(f"<td>{_e(v)}</td>" for v in (r.seed, f"{r.epochs_done}/{r.epochs}")),
-            f'<td class="num">{acc(r.final_test_acc)}</td>',
-            f'<td class="num">{acc(r.best_test_acc)}</td>',
+            f'<td class="num">{acc(r.final_test_acc)}<br><span class="foot">best {acc(r.best_test_acc)}</span></td>',
             f"<td>{curve_svg(d.get('test_acc'))}</td>",
-            f"<td>{where}</td>",
-            f"<td>{_e(job or '–')}</td>",
-            f"<td>{versions or '–'}</td>",
-            f"<td><code>{_e((d.get('git_commit') or '–')[:12])}</code></td>",
-            f"<td>{_e(d.get('attempts') or '–')}</td>",
+            f"<td>{_e(way)}" + (f"<br>MPS {_e(r.mps)}" if isinstance(r.mps, str) else "") + "</td>",
+            f'<td class="num">{speed(r.images_per_s)}</td>',
+            f'<td class="env">{where}</td>',
+            f"<td>{'<br>'.join(_e(v) for v in (job or '–', attempts) if v)}</td>",
+            f'<td class="env">{"<br>".join(software) or "–"}</td>',
         ]
-        cls = "" if r.status == "completed" else ' class="failed"'
+        cls = "" if r.status == "completed" else f' class="{_e(r.status)}"'
         rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in _RUN_COLUMNS)
     return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
@@ -273,16 +279,18 @@ def render(
     value: str = "final_test_acc",
     hours: Part | None = None,
     timing: Sequence[Part] = (),
+    packing: Part | None = None,
 ) -> str:
     """The page. ``runs``: the records collected; ``summary``, ``tabs``, ``matches``, ``missing``, ``hours``
-    (device-hours) and ``timing`` (time estimates) as the Markdown report has them; ``details``: run id -> what the
-    summary leaves out (``scan.DETAILS`` and the curve, ``test_acc``); ``images``: the plots' PNGs; ``value``: what
-    the cells show, as ``collect --value`` says."""
+    (device-hours), ``timing`` (time estimates) and ``packing`` (packing and fusion) as the Markdown report has
+    them; ``details``: run id -> what the summary leaves out (``scan.DETAILS`` and the curve, ``test_acc``);
+    ``images``: the plots' PNGs; ``value``: what the cells show, as ``collect --value`` says."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         ("tables", "Tables", _tables(tabs, matches, value)),
         ("hours", "Device-hours", _part(hours) if hours else ""),
         ("timing", "Time estimates", "".join(map(_part, timing))),
+        ("packing", "Packing and fusion", _part(packing) if packing else ""),
         ("plots", "Plots", _plots(images)),
         (
             "missing",

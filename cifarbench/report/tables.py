@@ -4,7 +4,9 @@ Markdown. ``cifarbench.report.collect`` reads and writes the files around them."
 from __future__ import annotations
 
 import functools
+import json
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -14,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cifarbench.errors import UsageError, check_name, plural
+from cifarbench.store.records import STATES, run_state
 
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
 # split by one of them only where the cell (recipe, batch size, ...) does not already decide it.
@@ -32,10 +35,11 @@ _DERIVED = (
 CONFIG = ("dataset", "model", "recipe", "batch_size", "precision", "loader", "deterministic", "compile", *_DERIVED)
 EAGER = "eager"  # how a null compile (eager, as requested) reads in tables, labels and --where
 RECIPE_RUN = ("recipe_epochs", "epochs", "milestones")  # how a recipe was run: what a shortened one's name adds
-VALUES = {  # -> decimals
-    "final_test_acc": 4,
-    "test_acc_at_best_val": 4,
-    "best_test_acc": 4,
+ACC_DECIMALS = 4  # every accuracy in tables.md and report.html: the tables, the published figures, the runs
+VALUES = {  # -> its decimals, the same in every table
+    "final_test_acc": ACC_DECIMALS,
+    "test_acc_at_best_val": ACC_DECIMALS,
+    "best_test_acc": ACC_DECIMALS,
     "images_per_s": 0,
     "train_minutes": 1,
 }
@@ -50,13 +54,16 @@ VALUE_NAMES = {
 
 
 def to_frame(table: pa.Table) -> pd.DataFrame:
-    """Records as a DataFrame; milestones joined to a string ("60,120,160") so that it can be a group key, and a
-    null compile as "eager"."""
+    """Records as a DataFrame; milestones joined to a string ("60,120,160") so that it can be a group key, a null
+    compile as "eager", and the status as the word status uses for what became of the run (``run_state``:
+    completed, failed or cancelled)."""
     i = table.schema.get_field_index("milestones")
     joined = pc.binary_join(pc.cast(table.column(i), pa.list_(pa.string())), ",")
     table = table.set_column(i, "milestones", joined)
     i = table.schema.get_field_index("compile")
-    return table.set_column(i, "compile", pc.fill_null(table.column(i), EAGER)).to_pandas()
+    frame = table.set_column(i, "compile", pc.fill_null(table.column(i), EAGER)).to_pandas()
+    frame["status"] = [run_state(status, error) for status, error in zip(frame.status, frame.error)]
+    return frame
 
 
 def dedupe(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -113,17 +120,42 @@ def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:
     )
 
 
-def summarize(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
-    """One row per configuration: completed seeds (n), failed runs, mean and std over seeds of every value;
-    and, for every run, the row of its configuration."""
+def grid_seeds(runs: pd.DataFrame, specs=()) -> pd.Series:
+    """How many runs (seeds) a grid gives each run's configuration: ``specs``, the grid's run specs, grouped by
+    everything that makes the run id but the seed; 0 for a run the grid does not name."""
+    seedless = lambda spec: json.dumps({k: v for k, v in spec.identity().items() if k != "seed"}, sort_keys=True)
+    key_of = {spec.run_id: seedless(spec) for spec in specs}
+    seeds = Counter(key_of.values())
+    return pd.Series([seeds[key_of[i]] if i in key_of else 0 for i in runs.run_id], index=runs.index, dtype=int)
+
+
+def summarize(runs: pd.DataFrame, expected=()) -> tuple[pd.DataFrame, pd.Series]:
+    """One row per configuration: completed seeds (n), failed and cancelled runs, the seeds it should have
+    (``n_expected``: its records, or the grid's runs of it where ``expected``, the grid's run specs, has more), mean
+    and std over seeds of every value; and, for every run, the row of its configuration."""
     done = runs.status.eq("completed")
-    r = runs.assign(train_minutes=runs.train_seconds / 60, done=done)
+    r = runs.assign(
+        train_minutes=runs.train_seconds / 60,
+        done=done,
+        cancelled=runs.status.eq("cancelled"),
+        grid=grid_seeds(runs, expected),
+    )
     for m in VALUES:
         r[m] = r[m].where(done)
     stats = {f"{m}_{f}": (m, f) for m in VALUES for f in ("mean", "std")}
     groups = r.groupby(list(CONFIG), dropna=False, sort=False)
-    s = groups.agg(n=("done", "sum"), records=("run_id", "size"), params=("params", "max"), **stats).reset_index()
-    s.insert(len(CONFIG) + 1, "n_failed", s.pop("records") - s.n)
+    s = groups.agg(
+        n=("done", "sum"),
+        n_cancelled=("cancelled", "sum"),
+        records=("run_id", "size"),
+        grid=("grid", "max"),
+        params=("params", "max"),
+        **stats,
+    ).reset_index()
+    records = s.pop("records")
+    s.insert(len(CONFIG) + 1, "n_failed", records - s.n - s.n_cancelled)
+    s.insert(len(CONFIG) + 2, "n_cancelled", s.pop("n_cancelled"))
+    s.insert(len(CONFIG) + 3, "n_expected", np.maximum(records, s.pop("grid")))
     order = _sorted(s, CONFIG).index.to_numpy()  # s follows groups.ngroup() numbering: both are unsorted
     row = np.empty(len(s), int)
     row[order] = np.arange(len(s))
@@ -190,13 +222,20 @@ def title(keys: Mapping, run: Mapping | None = None) -> str:
     return " ".join(parts + [f"{k}={v}" for k, v in keys.items()]) or "all runs"
 
 
-def cell_text(mean: float, std: float, n: int, n_failed: int, decimals: int) -> str:
+def cell_text(row, value: str) -> str:
+    """A configuration's cell (``row``: its summary row): the mean ± std of ``value`` over its completed seeds and
+    how many (``(3)``), "n of N seeds" where only n of the N it should have completed; "failed" or "cancelled"
+    where none did."""
+    n, d = row.n, VALUES[value]
     if n == 0:
-        return "failed" if n_failed else "–"
+        return "failed" if row.n_failed else "cancelled" if row.n_cancelled else "–"
+    mean, std = row[f"{value}_mean"], row[f"{value}_std"]
     if pd.isna(mean):  # completed, without this value (a run without a validation split has no test acc at best val)
         return "–"
-    text = f"{mean:.{decimals}f}"
-    return text if n == 1 else f"{text} ± {std:.{decimals}f} ({n})"
+    text = f"{mean:.{d}f}" + ("" if n == 1 else f" ± {std:.{d}f}")
+    if n < row.n_expected:
+        return f"{text} ({n} of {row.n_expected} seeds)"
+    return text if n == 1 else f"{text} ({n})"
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -216,9 +255,9 @@ class Table:
     body: list[list[str]] = field(default_factory=list)
 
 
-def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always=(), corner=None) -> list[Table]:
+def tables(summary, rows, cols, *, value="final_test_acc", always=(), corner=None) -> list[Table]:
     """A rows x cols pivot of ``value`` for every combination of the other configuration fields that vary."""
-    rows, cols, d = list(rows), list(cols), VALUES[value] if decimals is None else decimals
+    rows, cols = list(rows), list(cols)
     keys = _group_keys(summary, rows + cols, always)
     out = []
     groups = _sorted(summary, keys).groupby(keys, dropna=False, sort=False) if keys else [((), summary)]
@@ -228,10 +267,7 @@ def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always
         row_of, col_of = labels(cells, rows), labels(cells, cols)
         row_labels = list(dict.fromkeys(row_of[_sorted(cells, rows).index]))
         col_labels = list(dict.fromkeys(col_of[_sorted(cells, cols).index]))
-        text = {
-            (rl, cl): cell_text(r[f"{value}_mean"], r[f"{value}_std"], r.n, r.n_failed, d)
-            for rl, cl, (_, r) in zip(row_of, col_of, cells.iterrows())
-        }
+        text = {(rl, cl): cell_text(r, value) for rl, cl, (_, r) in zip(row_of, col_of, cells.iterrows())}
         header = [corner or f"{' '.join(cols)} / {' '.join(rows)}", *col_labels]
         body = [[rl, *(text.get((rl, cl), "–") for cl in col_labels)] for rl in row_labels]
         fixed = dict(zip(keys, group if isinstance(group, tuple) else (group,)))  # shared by every cell
@@ -241,9 +277,8 @@ def tables(summary, rows, cols, *, value="final_test_acc", decimals=None, always
 
 
 def default_tables(summary: pd.DataFrame, value: str = "final_test_acc") -> list[Table]:
-    """The notebook's two kinds: model x dataset per (recipe, batch size), rounded to 2 decimals, and
-    recipe x batch size per (model, dataset) run with more than one of either, rounded to 4."""
-    wide = 2 if value.endswith("acc") else None
+    """The notebook's two kinds: model x dataset per (recipe, batch size), and recipe x batch size per (model,
+    dataset) run with more than one of either; both with VALUES' decimals (the notebook rounded the first to 2)."""
     sweeps = [
         t
         for t in tables(
@@ -259,7 +294,6 @@ def default_tables(summary: pd.DataFrame, value: str = "final_test_acc") -> list
             ["model"],
             ["dataset"],
             value=value,
-            decimals=wide,
             always=("recipe", "batch_size"),
             corner="ds/model",
         )
@@ -295,9 +329,9 @@ def comparison_parts(
         else:
             note += f" (a different protocol: {m.ref_recipe}, batch size {m.ref_batch_size}, {m.ref_epochs} epochs)"
         k = notes.setdefault(note, len(notes) + 1)
-        ours = [cell_text(m[f"{v}_mean"], m[f"{v}_std"], m.n, m.n_failed, 4) for v in shown_values]
-        diff = m[f"{value}_mean"] - m.ref_acc
-        body.append([*named, *ours, f"{m.ref_acc:.4f} [{k}]", "–" if pd.isna(diff) else f"{diff:+.4f}"])
+        ours = [cell_text(m, v) for v in shown_values]
+        diff, d = m[f"{value}_mean"] - m.ref_acc, ACC_DECIMALS
+        body.append([*named, *ours, f"{m.ref_acc:.{d}f} [{k}]", "–" if pd.isna(diff) else f"{diff:+.{d}f}"])
     header = [
         *table.rows,
         *table.cols,
@@ -325,14 +359,16 @@ def _describe(r) -> str:
 def incomplete(
     runs: pd.DataFrame, known_ids: set, no_record: list[str], unreadable: list[str], expected=None, limit: int = 50
 ) -> list[str]:
-    """Markdown lines listing failed runs (with their error), runs that asked for torch.compile but trained eagerly
-    (with the reason), runs without a record or with an unreadable one and, given the grid's run specs, runs
-    never submitted."""
+    """Markdown lines listing failed and cancelled runs (with their error), runs that asked for torch.compile but
+    trained eagerly (with the reason), runs without a record or with an unreadable one and, given the grid's run
+    specs, runs not submitted."""
     specs, lost = {s.run_id: s for s in expected or ()}, set(no_record)
     desc = lambda s: f"{s.model} {s.dataset} {s.recipe.name} bs={s.batch_size} seed={s.seed}"
-    failed, fell_back = runs[runs.status.ne("completed")], runs[runs.compile_fallback.notna()]
+    fell_back = runs[runs.compile_fallback.notna()]
+    ended = lambda state: [f"{_describe(r)}: {_first_line(r.error)}" for r in runs[runs.status.eq(state)].itertuples()]
     kinds = {
-        "failed": [f"{_describe(r)}: {_first_line(r.error)}" for r in failed.itertuples()],
+        "failed": ended("failed"),
+        "cancelled": ended("cancelled"),
         "trained eagerly, torch.compile failed": [
             f"{_describe(r)}: {_first_line(r.compile_fallback)}" for r in fell_back.itertuples()
         ],
@@ -340,7 +376,7 @@ def incomplete(
             f"`{i}`" + (f" ({desc(specs[i])})" if i in specs else "") for i in no_record if i not in known_ids
         ],
         "unreadable record (see the warning)": [f"`{i}`" for i in unreadable if i not in known_ids],
-        "never submitted": [f"`{i}` ({desc(s)})" for i, s in specs.items() if i not in known_ids and i not in lost],
+        "not submitted": [f"`{i}` ({desc(s)})" for i, s in specs.items() if i not in known_ids and i not in lost],
     }
     lines = []
     for kind, items in kinds.items():
@@ -350,8 +386,9 @@ def incomplete(
 
 
 def summary_line(runs: pd.DataFrame, value: str) -> str:
-    """The report's first line: how many runs, how many completed, what the cells hold."""
-    done = int(runs.status.eq("completed").sum())
+    """The report's first line: how many runs, how many completed, failed (and cancelled), what the cells hold."""
+    counts = runs.status.value_counts()
+    shown = [state for state in STATES if state in ("completed", "failed") or counts.get(state)]
     what = {
         "final_test_acc": "final-epoch test accuracy",
         "test_acc_at_best_val": "test accuracy at the epoch of best validation accuracy (runs without a validation "
@@ -361,8 +398,10 @@ def summary_line(runs: pd.DataFrame, value: str) -> str:
         "train_minutes": "training minutes",
     }[value]
     return (
-        f"{plural(len(runs), 'run')}: {done} completed, {len(runs) - done} failed. Cells: {what}; "
-        "mean ± std (n seeds) where a configuration has more than one seed; – no record; failed: only failed runs."
+        f"{plural(len(runs), 'run')}: {', '.join(f'{counts.get(state, 0)} {state}' for state in shown)}. Cells: "
+        f"{what}; mean ± std (n seeds) where a configuration has more than one seed; (n of N seeds) where only n of "
+        "the N seeds its records or the grid (--grid) give it completed; – no record; failed, cancelled: none of its "
+        "runs completed."
     )
 
 
@@ -389,14 +428,17 @@ def render(
     *,
     hours: Part | None = None,
     timing: Sequence[Part] = (),
+    packing: Part | None = None,
 ) -> str:
-    """tables.md. ``hours``: ``device_hours_part``; ``timing``: ``time_estimate_parts``."""
+    """tables.md. ``hours``: ``device_hours_part``; ``timing``: ``time_estimate_parts``; ``packing``:
+    ``packing_part``."""
     out = ["# cifarbench results", "", summary_line(runs, value)]
     for t, m in zip(tabs, matches):
         out += ["", f"## {t.title}", "", t.markdown]
         out += ["", comparison(t, m, value)] if m is not None and len(m) else []
     out += ["", "## Device-hours", "", hours.markdown] if hours else []
     out += ["", "## Time estimates", "", "\n\n".join(p.markdown for p in timing)] if timing else []
+    out += ["", "## Packing and fusion", "", packing.markdown] if packing else []
     out += ["", "## Missing, failed and lost runs", ""] + (missing or ["None: every run has a completed record."])
     return "\n".join(out) + "\n"
 
@@ -506,12 +548,55 @@ def device_hours_part(
     return Part(header, body, notes, numeric_from=1)
 
 
-def _trained(runs: pd.DataFrame) -> pd.Series:
+def trained(runs: pd.DataFrame) -> pd.Series:
     """How each run shared its allocation: "alone", "pack of K" or "fused K"."""
     fused, packed = runs.fuse_size.fillna(1), runs.pack_size.fillna(1)
     text = np.where(fused > 1, "fused " + fused.astype(int).astype(str), "alone")
     text = np.where((fused <= 1) & (packed > 1), "pack of " + packed.astype(int).astype(str), text)
     return pd.Series(text, index=runs.index, dtype=object)
+
+
+def packing_part(runs: pd.DataFrame) -> Part | None:
+    """What packing and fusion gave: the completed runs' training images/s per model, batch size, device and way of
+    training (``trained``, and MPS where packed runs shared a GPU), per run and per allocation (per run times the
+    runs the allocation trained at once), and the allocation's against a run's alone. None when no completed run
+    was packed or fused."""
+    done = runs[runs.status.eq("completed") & runs.images_per_s.notna()]
+    ways = trained(done)
+    if ways.eq("alone").all():
+        return None
+    fused = done.fuse_size.fillna(1)
+    r = done.assign(
+        trained=ways,
+        mps=done.mps.fillna("–"),
+        device=done.device_name.fillna("–"),
+        at_once=fused.where(fused > 1, done.pack_size.fillna(1)),
+    )
+    keys = ["model", "batch_size", "device", "at_once", "trained", "mps"]
+    cells = _sorted(
+        r.groupby(keys, sort=False).agg(runs=("run_id", "size"), per_run=("images_per_s", "mean")).reset_index(),
+        keys,
+    )
+    alone = cells[cells.trained.eq("alone")].set_index(["model", "batch_size", "device"]).per_run
+    body, d = [], VALUES["images_per_s"]
+    for c in cells.itertuples():
+        allocation = c.per_run * c.at_once
+        base = alone.get((c.model, c.batch_size, c.device))
+        body.append(
+            [str(c.model), str(c.batch_size), str(c.device), c.trained, c.mps, str(c.runs), f"{c.per_run:.{d}f}",
+             f"{allocation:.{d}f}", "–" if base is None else f"{allocation / base:.2f}×"]
+        )  # fmt: skip
+    header = ["model", "batch_size", "device", "trained", "MPS", "runs", "images/s per run", "images/s per allocation",
+              "allocation / alone"]  # fmt: skip
+    notes = [
+        "Completed runs' training images/s (each epoch's training images over its training-pass seconds, the mean "
+        "over epochs), by how they shared their allocation: alone, a pack of K (K runs side by side, sharing its GPU "
+        "through CUDA MPS where MPS is on, time-sliced where off, or splitting its CPUs) or a fused group of K (K "
+        "seeds stacked into one vectorised model). Per allocation: per run times K, the runs that trained at once; "
+        "allocation / alone: that over a run alone of the same model and batch size on the same device (– where "
+        "none trained alone)."
+    ]
+    return Part(header, body, notes, numeric_from=5)
 
 
 def time_estimate_parts(runs: pd.DataFrame, folder: pd.DataFrame | None = None) -> list[Part]:
@@ -557,7 +642,7 @@ def time_estimate_parts(runs: pd.DataFrame, folder: pd.DataFrame | None = None) 
 
     keys = ["model", "dataset", "recipe", "batch_size"]
     # a run shortened by --epochs takes less than its recipe's time: a row of its own
-    pairs = done.assign(task=task_of.loc[done.index], trained=_trained(done))
+    pairs = done.assign(task=task_of.loc[done.index], trained=trained(done))
     pairs = pairs[pairs.task.isin(timed.index)].drop_duplicates(["task", *keys, *RECIPE_RUN])
     t = timed.loc[pairs.task]
     per_task = pairs.assign(

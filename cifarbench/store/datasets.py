@@ -15,6 +15,7 @@ synthetic copy of another size is other data.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -24,13 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cifarbench.config.spec import DATASETS
-from cifarbench.errors import UsageError
+from cifarbench.errors import UsageError, plural
 from cifarbench.store.atomic import write_text
 
 CACHE_NAME = ".cifarbench-md5.json"
 SIZES_NAME = ".cifarbench-images.json"  # a synthetic dataset's image counts, keyed by its files' sizes and times
 STANDARD_IMAGES = (50_000, 10_000)  # CIFAR-10's and CIFAR-100's training and test images
-SYNTHETIC_SIZES = {"train_size": 50_000, "test_size": 10_000}  # what `cifarbench data synthetic` writes by default
+# what `cifarbench data synthetic` writes by default: CIFAR's sizes
+SYNTHETIC_SIZES = {"train_size": STANDARD_IMAGES[0], "test_size": STANDARD_IMAGES[1]}
+SMOKE_SIZES = (1_000, 200)  # jobs/smoke.yaml's synthetic data: written in seconds, trained on in minutes
 
 
 class DataError(UsageError):
@@ -95,32 +98,58 @@ def dataset_folder(dataset: str, root: str | Path) -> Path:
     return FILES[dataset].folder(root)
 
 
-def recreate_command(dataset: str, root: str | Path) -> str:
-    """The command that writes (or downloads) exactly ``dataset`` under ``root``, and nothing else."""
+def _size_flags(sizes: tuple[int, int]) -> str:
+    return f"--train-size {sizes[0]} --test-size {sizes[1]}"
+
+
+def recreate_command(dataset: str, root: str | Path, sizes: tuple[int, int] = STANDARD_IMAGES) -> str:
+    """The command that writes (or downloads) exactly ``dataset`` under ``root``, and nothing else; a synthetic one
+    with ``sizes`` (training and test images)."""
     if FILES[dataset].synthetic:
-        sizes = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SYNTHETIC_SIZES.items())
-        return f"cifarbench data synthetic --root {root} --dataset {dataset} {sizes}"
+        return f"cifarbench data synthetic --root {root} --dataset {dataset} {_size_flags(sizes)}"
     return f"cifarbench data download --root {root} --dataset {dataset}"
 
 
-def missing_message(dataset: str, root: str | Path) -> str:
-    fix = (
-        recreate_command(dataset, root)
-        if FILES[dataset].synthetic
-        else f"cifarbench data download --root {root} --dataset {dataset}"
+def missing_message(dataset: str, root: str | Path, *, results: str | Path | None = None) -> str:
+    """Where ``dataset`` was looked for, and the command that makes it. A synthetic dataset's size is part of its
+    runs' ids and no grid says it: the command writes the size most runs recorded in ``results`` read (the same size
+    is the same data, so their records count again); where none is recorded, CIFAR's size or a smoke test's."""
+    said = f"dataset {dataset} not found in {Path(root).resolve()} (looked for {dataset_folder(dataset, root)})"
+    if not FILES[dataset].synthetic:
+        return f"{said}; run `{recreate_command(dataset, root)}`"
+    recorded = recorded_sizes(dataset, results) if results is not None else collections.Counter()
+    if not recorded:
+        return (
+            f"{said}; run `{recreate_command(dataset, root)}` for CIFAR's sizes, or with "
+            f"`{_size_flags(SMOKE_SIZES)}` instead for a smoke test"
+        )
+    (sizes, runs), *_ = recorded.most_common()
+    who = f"{runs} of the {recorded.total()} runs" if len(recorded) > 1 else plural(runs, "run")
+    return f"{said}; run `{recreate_command(dataset, root, sizes)}`, the size {who} recorded in {results} read"
+
+
+def recorded_sizes(dataset: str, results: str | Path) -> collections.Counter[tuple[int, int]]:
+    """(training images before the validation split, test images) of ``dataset`` -> how many runs recorded in
+    ``results`` read it at that size."""
+    from cifarbench.store import scan  # pyarrow: only once data is found missing
+
+    fields = ("dataset", "train_images", "val_split", "test_images")
+    return collections.Counter(
+        (r["train_images"] + (r["val_split"] or 0), r["test_images"])
+        for r in scan.summaries(results, fields).values()
+        if r["dataset"] == dataset and r["train_images"] is not None and r["test_images"] is not None
     )
-    folder = dataset_folder(dataset, root)
-    return f"dataset {dataset} not found in {Path(root).resolve()} (looked for {folder}); run `{fix}`"
 
 
-def check_dataset(dataset: str, root: str | Path, *, verify: bool = True) -> bool:
-    """Raise DataError unless every file is present (and, with ``verify``, has its checksum).
+def check_dataset(dataset: str, root: str | Path, *, verify: bool = True, results: str | Path | None = None) -> bool:
+    """Raise DataError unless every file is present (and, with ``verify``, has its checksum). ``results``: a results
+    folder whose records say which size a missing synthetic dataset had (``missing_message``).
 
     Returns whether the checksums were verified."""
     folder = dataset_folder(dataset, root)
     missing = [name for name in FILES[dataset].layout.files if not (folder / name).is_file()]
     if missing:
-        raise DataError(missing_message(dataset, root) + f"; missing: {', '.join(missing)}")
+        raise DataError(missing_message(dataset, root, results=results) + f"; missing: {', '.join(missing)}")
     if not verify:
         return False
     expected = _expected_md5(dataset, root)
@@ -140,7 +169,8 @@ def _expected_md5(dataset: str, root: str | Path) -> dict[str, str]:
         return files.layout.md5s
     sums = files.folder(root) / "MD5SUMS"
     if not sums.is_file():
-        raise DataError(f"{sums} is missing: re-create the data with `{recreate_command(dataset, root)} --force`")
+        command = recreate_command(dataset, root, synthetic_sizes(dataset, root) or STANDARD_IMAGES)
+        raise DataError(f"{sums} is missing: re-create the data with `{command} --force`")  # the same data again
     # each line is '<md5> <name>'; a list pair (not reversed()'s iterator) is what dict()'s stub accepts
     return dict(line.split()[::-1] for line in sums.read_text().splitlines() if line.strip())
 

@@ -77,6 +77,10 @@ class Layout:
     def collect_log(self, job: str) -> Path:
         return self.logs / f"collect-{job}.out"
 
+    def collect_script(self, stamp: str) -> Path:
+        """The batch script of a ``submit --collect`` job on SLURM (``stamp``: when and by which process)."""
+        return self.logs / f"collect-{stamp}.sh"
+
     @property
     def submissions(self) -> Path:
         return self.root / "submissions"

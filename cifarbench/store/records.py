@@ -54,7 +54,12 @@ _COLUMNS = [
         "The run id, `<model>-<dataset>-v<spec version>-<12 hex digits>`: a hash of the fields that change the "
         "result; the run's folder under `runs/`.",
     ),
-    ("status", pa.string(), "`completed` (every epoch ran) or `failed` (see `error`)."),
+    (
+        "status",
+        pa.string(),
+        "`completed` (every epoch ran) or `failed` (see `error`; one that starts `Cancelled:` reads as cancelled in "
+        "`status`, tables.md and report.html).",
+    ),
     ("model", pa.string(), "Model name, e.g. `resnet56` (`cifarbench models` lists them)."),
     ("dataset", pa.string(), "`cifar10`, `cifar100`, or their synthetic stand-ins `synthetic10`, `synthetic100`."),
     (
@@ -347,8 +352,9 @@ _COLUMNS = [
     (
         "error",
         pa.string(),
-        "Why a failed run failed: the exception as `Type: message`, its first line, at most 500 characters; null when "
-        "completed.",
+        "Why a failed run failed: the exception as `Type: message`, its first line, at most 500 characters "
+        "(`Cancelled: ...` where the job was sent SIGTERM: scancel, a requeue; `OutOfMemory: ...` where SLURM killed "
+        "it for its memory); null when completed.",
     ),
     ("traceback", pa.string(), "A failed run's traceback, its last 30 lines; null when completed."),
 ]
@@ -475,6 +481,23 @@ OLDER_SUMMARY: dict[int, dict] = {
 }
 _VERSIONS = {f"record/{v}".encode(): v for v in (*OLDER, RECORD_VERSION)}  # schema tag -> version
 READABLE_TAGS = tuple(tag.decode() for tag in _VERSIONS)
+
+# What became of a run, in the words status, collect and report.html all use, in the order they list them. A record
+# alone tells three (``run_state``): completed, failed or cancelled; status also asks SLURM and the manifests:
+# running, pending, lost (its job ended without the run's record) and not submitted (a grid's run never submitted).
+STATES = ("completed", "running", "pending", "failed", "cancelled", "lost", "not submitted")
+# How a failed record's error begins where the run did not fail but was cancelled: its process received SIGTERM
+# (scancel, a requeue, the node shutting down) and wrote its record on the way out. A packed run that its job
+# stopped (config.resources.STOPPED) resumes when the job is requeued: that one is not cancelled.
+CANCELLED = "Cancelled"
+
+
+def run_state(status: str, error: str | None) -> str:
+    """Pure: what a record's ``status`` and ``error`` say became of its run: ``completed``, ``cancelled`` (a failed
+    record whose error begins with CANCELLED) or ``failed``."""
+    if status == "completed":
+        return "completed"
+    return "cancelled" if isinstance(error, str) and error.startswith(CANCELLED) else "failed"
 
 
 def schema_markdown() -> str:

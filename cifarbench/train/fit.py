@@ -20,6 +20,7 @@ from typing import Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import cifarbench
 from cifarbench.config.resources import Budget, Packing
@@ -374,11 +375,20 @@ def fit(
             wall_seconds=module.wall_seconds() if module else time.time() - began,
             status="failed",
             ended_at=datetime.now(timezone.utc),
-            error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+            error=error_text(exc),
             traceback="".join(traceback.format_exc().splitlines(keepends=True)[-30:]),
         )
         _write_failed(row, spec)
         raise
+
+
+def error_text(exc: BaseException) -> str:
+    """A failed record's error: the exception as ``Type: message``, its first line, at most 500 characters. A
+    SIGTERM, which Lightning turns into a SIGTERMException without a message, says that the run was cancelled
+    (``records.CANCELLED``): the run did not fail, its process was asked to end."""
+    if isinstance(exc, SIGTERMException):
+        return f"{records.CANCELLED}: the job received SIGTERM (scancel, a requeue, or the node shutting down)"
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
 
 
 def record_death(spec: RunSpec, error: str, *, started: datetime, budget: Budget, packing: Packing) -> None:

@@ -49,6 +49,7 @@ from cifarbench.train.fit import (
     allocation_fields,
     check_data,
     default_device,
+    error_text,
     peak_memory,
     reset_peak_memory,
     schedule_fields,
@@ -487,7 +488,7 @@ def fit_group(
                 wall_seconds=wall,
                 status="failed",
                 ended_at=datetime.now(timezone.utc),
-                error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                error=error_text(exc),
                 traceback="".join(traceback.format_exc().splitlines(keepends=True)[-30:]),
             )
             _write_failed(row, specs[k])

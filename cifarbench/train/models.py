@@ -119,8 +119,9 @@ def forward_macs(model: nn.Module, image_size: int = 32) -> int:
     return counter.get_total_flops() // 2
 
 
-def describe(name: str) -> dict:
-    """One row of ``cifarbench models``: family, depth, parameters for both head sizes, forward MACs."""
+def measure(name: str) -> dict:
+    """What the built model ``name`` measures: the fields of its ``Arch`` in ``config.spec.ARCHS``, which holds them
+    so that `cifarbench models` and time estimates need no torch (tests check that the two agree)."""
     info = MODELS[check_name(name, MODELS, "model")]
     model10 = info.build(10)
     return {
