@@ -11,7 +11,7 @@ import json
 import sys
 
 from cifarbench.config.extras import missing_logger
-from cifarbench.config.resources import MPS_MODES
+from cifarbench.config.resources import AUTO, MPS_MODES
 from cifarbench.config.spec import (
     ARCHS,
     COMPILE_MODES,
@@ -148,7 +148,8 @@ def _cmd_submit(args) -> int:
         except ValueError as e:
             raise UsageError(str(e)) from None
         asked = {run_id: local[r] for run_id, r in asked.items()}
-    evidence = estimate.read_evidence(grid.results, summaries)
+    planned = {r for r in asked.values() if AUTO in (r.mem_gb, r.pack)}  # memory evidence is read only for these
+    evidence = estimate.read_evidence(grid.results, summaries, memory=bool(planned))
     data = {key: image_counts(*key) for key in {(s.dataset, s.data_root) for s in todo.submit}}
     tasks = plan.make_tasks(todo.submit, asked, grid.fuse, evidence, max_time, data)
     size = queue.max_array_size() if on_slurm else len(tasks) or 1

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cifarbench.cli import main
 from cifarbench.cluster import status
 from cifarbench.config.grid import load_grid
@@ -80,6 +82,7 @@ results: {tmp_path / "results"}
     assert run.status == "failed" and run.log and run.log.endswith(".err")
 
 
+@pytest.mark.extended  # CI keeps test_local_submit_wait_status_and_resubmit (0) and the failed run (1)
 def test_wait_exits_0_only_when_every_run_of_the_grid_completed(write_records, tmp_path, capsys):
     results = write_records([{"seed": 0}, {"seed": 1}])  # resnet20 cifar10 step-200 bs 64, completed
 

@@ -465,8 +465,11 @@ def time_limit(estimate_s: float, margin: float, max_time_s: int | None) -> tupl
     return wanted, False
 
 
-def read_evidence(results: str | os.PathLike, summaries: dict[str, dict] | None = None) -> Evidence:
-    """The records' and the bench tables' figures under ``results`` (see the module's docstring)."""
+def read_evidence(
+    results: str | os.PathLike, summaries: dict[str, dict] | None = None, *, memory: bool = True
+) -> Evidence:
+    """The records' and the bench tables' figures under ``results`` (see the module's docstring); with ``memory``
+    also their peaks and packed throughput (for ``mem_gb: auto`` and ``pack: auto``, which a grid may not use)."""
     layout = Layout(results)
     if summaries is None:
         summaries = scan.summaries(results, RECORD_FIELDS) if layout.runs.is_dir() else {}
@@ -480,13 +483,14 @@ def read_evidence(results: str | os.PathLike, summaries: dict[str, dict] | None 
             rows += table.select(names).to_pylist()
         except (OSError, ValueError):
             continue  # a table being written or damaged: the next evidence serves
+    found = Evidence(records=samples_from_records(summaries.values()), bench=samples_from_bench(rows))
+    if not memory:
+        return found
     bench_memory, bench_packs = from_bench_packs(rows)
-    memory = memory_from_records(summaries.values())
+    peaks = memory_from_records(summaries.values())
     packs = packs_from_records(summaries.values())
-    for key, peaks in bench_memory.items():
-        memory.setdefault(key, []).extend(peaks)
+    for key, measured in bench_memory.items():
+        peaks.setdefault(key, []).extend(measured)
     for key, rates in bench_packs.items():
         packs.setdefault(key, []).extend(rates)
-    return Evidence(
-        records=samples_from_records(summaries.values()), bench=samples_from_bench(rows), memory=memory, packs=packs
-    )
+    return replace(found, memory=peaks, packs=packs)
