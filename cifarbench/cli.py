@@ -142,7 +142,7 @@ def _cmd_submit(args) -> int:
             print(line)
     if not on_slurm:  # what local execution gives each task: one of this machine's devices and its share of cores
         gpus = local_gpus()
-        cores = max(usable_cores() // max(min(gpus, len(todo.submit)), 1), 1)
+        cores = plan.local_cpus(gpus, usable_cores(), len(todo.submit))
         try:
             local = {r: plan.local_resources(r, gpus=gpus, cpus=cores) for r in set(asked.values())}
         except ValueError as e:

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import ARCHS, DATASETS, RunSpec
 from cifarbench.errors import plural
-from cifarbench.store import scan
+from cifarbench.store import records, scan
 from cifarbench.store.datasets import STANDARD_IMAGES
 from cifarbench.store.layout import Layout
 
@@ -121,6 +121,8 @@ class Evidence:
     packs: dict[tuple, list[PackSample]] = field(default_factory=dict)
     # figures worked out already: the tasks of a grid of thousands of runs ask about a handful of configurations
     _figures: dict[tuple, Figure | None] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # the same for peaks (``cluster.memory``): one per configuration, not one per task
+    peaks_memo: dict[tuple, tuple[float, str, str]] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def none(cls) -> Evidence:
@@ -181,11 +183,7 @@ def samples_from_records(summaries: Iterable[dict]) -> dict[tuple, list[Sample]]
         key = (config, *_share(r.get("pack_size"), r.get("fuse_size")))
         wall = r.get("wall_seconds")
         start_s = max(wall - r["train_seconds"] - test, 0.0) if wall is not None else None
-        # records that did not keep their image counts trained on CIFAR's
-        images = (
-            r.get("train_images") or TRAIN_IMAGES - (r.get("val_split") or 0),
-            r.get("test_images") or TEST_IMAGES,
-        )
+        images = _record_images(r)
         sample = Sample(
             train_s=r["train_seconds"] / r["epochs_done"],
             test_s=test / r["epochs_done"],
@@ -197,6 +195,12 @@ def samples_from_records(summaries: Iterable[dict]) -> dict[tuple, list[Sample]]
         )
         out.setdefault(key, []).append(sample)
     return out
+
+
+def _record_images(r: dict) -> tuple[int, int]:
+    """The training and test images a record's run took an epoch; CIFAR's for records that did not keep them."""
+    train, test = records.data_size(r) or STANDARD_IMAGES
+    return train - (r.get("val_split") or 0), test
 
 
 def _precision_used(r: dict) -> str | None:
@@ -215,14 +219,13 @@ def memory_from_records(summaries: Iterable[dict]) -> dict[tuple, list[MemorySam
         precision = _precision_used(r)
         if precision is None:
             continue
-        held = (r.get("train_images") or TRAIN_IMAGES - (r.get("val_split") or 0)) + (r.get("val_split") or 0)
         share, k = _share(r.get("pack_size"), r.get("fuse_size"))
         sample = MemorySample(
             host_mb=r["peak_host_mb"],
             device_mb=r.get("peak_device_mb"),
             device=r["device_name"],
             precision=precision,
-            data_images=held + (r.get("test_images") or TEST_IMAGES),
+            data_images=sum(records.data_size(r) or STANDARD_IMAGES),
             share=share,
             k=k,
         )

@@ -36,11 +36,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from cifarbench.cluster.estimate import ALONE, FUSE, PACK, Evidence, MemorySample, precisions
+from cifarbench.cluster.estimate import ALONE, FUSE, PACK, Evidence, MemorySample, planned_images, precisions
 from cifarbench.config.resources import Resources
 from cifarbench.config.spec import ARCHS, RunSpec
 from cifarbench.errors import UsageError, plural
-from cifarbench.store.datasets import STANDARD_IMAGES
 
 MEM_MARGIN = 1.25  # the request: the planned peak times this
 MEM_STEP_MB = 512
@@ -102,12 +101,8 @@ class PackChoice:
 
 def held_images(spec: RunSpec, data: Mapping[tuple[str, str], tuple[int, int]] | None) -> int:
     """Pure: the images of the data ``spec`` holds (training set, its validation split included, and test set)."""
-    train, test = (data or {}).get((spec.dataset, spec.data_root), STANDARD_IMAGES)
-    return train + test
-
-
-def _kind(resources: Resources) -> str:
-    return "GPU" if resources.gpus_per_node else "CPU"
+    train, test = planned_images(spec, data)
+    return train + spec.held_out + test
 
 
 def _fitting(
@@ -144,38 +139,65 @@ def prior_host_mb(spec: RunSpec, resources: Resources, held: int) -> tuple[float
     )
 
 
-def _run_peak(
-    spec: RunSpec, resources: Resources, evidence: Evidence, held: int, *, fused: int = 0
+def _measured(
+    spec: RunSpec, resources: Resources, evidence: Evidence, held: int, members: int
 ) -> tuple[float, str, str, int] | None:
-    """(peak MiB, source, detail, group size measured) of one run's process from the evidence: of runs alone or
-    packed, or with ``fused`` of fused groups, the nearest size to it; None where there is none."""
+    """(peak MiB, source, detail, members measured) of the process that trains ``members`` of ``spec``'s runs, from
+    the evidence: of runs alone or packed, or for a fused group of fused groups, the nearest size at least as large
+    first; None where there is none."""
     samples = evidence.memory.get((spec.model, spec.batch_size), ())
-    if fused:
+    if members > 1:
         groups = [s for s in samples if s.share == FUSE]
-        sizes = sorted({s.k for s in groups}, key=lambda n: (n < fused, abs(n - fused)))  # at least K first
-        for n in sizes:
-            precision, chosen = _fitting([s for s in groups if s.k == n], spec, resources, what="host")
-            if chosen:
-                break
-        else:
-            return None
+        sizes = sorted({s.k for s in groups}, key=lambda n: (n < members, abs(n - members)))
     else:
-        precision, chosen = _fitting([s for s in samples if s.share in (ALONE, PACK)], spec, resources, what="host")
-        if not chosen:
-            return None
-        n = 1
+        groups, sizes = [s for s in samples if s.share in (ALONE, PACK)], [1]
+    for n in sizes:
+        precision, chosen = _fitting([s for s in groups if members == 1 or s.k == n], spec, resources, what="host")
+        if chosen:
+            break
+    else:
+        return None
     source = "records" if any(s.source == "records" for s in chosen) else "bench"
     peak = max(_projected(s, held) for s in chosen)
     devices = sorted({s.device for s in chosen})
     grown = any(held > s.data_images for s in chosen)
     detail = (
         f"{plural(len(chosen), 'peak')} of {spec.model} bs {spec.batch_size}"
-        + (f" fused x{n}" if fused else "")
+        + (f" fused x{n}" if members > 1 else "")
         + f" on {', '.join(devices)}, {precision}"
         + (f", raised for {held:,} images" if grown else "")
         + f": {peak:,.0f} MiB"
     )
     return peak, source, detail, n
+
+
+def _process_peak(
+    spec: RunSpec, resources: Resources, evidence: Evidence, held: int, members: int
+) -> tuple[float, str, str]:
+    """(peak MiB, source, detail) of the process that trains ``members`` of ``spec``'s runs (more than one: a fused
+    group), worked out once per configuration (``Evidence.peaks_memo``)."""
+    memo = (spec.model, spec.batch_size, spec.precision, resources.gpus_per_node > 0, held, members)
+    if memo in evidence.peaks_memo:
+        return evidence.peaks_memo[memo]
+    found = _measured(spec, resources, evidence, held, members)
+    if found is not None and found[3] > 1:  # a fused group's own peak, scaled up from a smaller group
+        peak, source, said, n = found
+        if n < members:
+            peak = BASE_MB + max(peak - BASE_MB, 0) * members / n
+            said += f", part above {BASE_MB} MiB x{members}/{n}"
+    else:
+        alone = found or _measured(spec, resources, evidence, held, 1)
+        if alone is not None:
+            peak, source, said, _ = alone
+        else:
+            (peak, said), source = prior_host_mb(spec, resources, held), "prior"
+        if members > 1 and not resources.gpus_per_node:
+            peak = BASE_MB + max(peak - BASE_MB, 0) * members
+            said += f"; fused x{members}: part above {BASE_MB} MiB x{members}"
+        elif members > 1:
+            said += f"; fused x{members} on a GPU: one process's host memory"
+    evidence.peaks_memo[memo] = (peak, source, said)
+    return peak, source, said
 
 
 def task_memory(
@@ -187,43 +209,22 @@ def task_memory(
     data: Mapping[tuple[str, str], tuple[int, int]] | None = None,
 ) -> Memory:
     """Pure: the host memory of one array task: ``specs`` alone (one), packed, or ``fused`` as one group."""
-    k = len(specs)
-    peaks: list[float] = []
-    sources: list[str] = []
-    detail = ""
-    for spec in specs[:1] if fused else specs:
-        held = held_images(spec, data)
-        found = _run_peak(spec, resources, evidence, held, fused=k if fused and k > 1 else 0)
-        if found is not None and fused and k > 1:
-            peak, source, said, n = found
-            if n < k:
-                peak = BASE_MB + max(peak - BASE_MB, 0) * k / n
-                said += f", part above {BASE_MB} MiB x{k}/{n}"
-        else:
-            if found is None and fused and k > 1:
-                found = _run_peak(spec, resources, evidence, held)
-            if found is not None:
-                peak, source, said, _ = found
-            else:
-                source = "prior"
-                peak, said = prior_host_mb(spec, resources, held)
-            if fused and k > 1 and not resources.gpus_per_node:
-                peak = BASE_MB + max(peak - BASE_MB, 0) * k
-                said += f"; fused x{k}: part above {BASE_MB} MiB x{k}"
-            elif fused and k > 1:
-                said += f"; fused x{k} on a GPU: one process's host memory"
-        peaks.append(peak)
-        sources.append(source)
-        if not detail or peak >= max(peaks):
-            detail = said
-    total = sum(peaks)
-    if len(peaks) > 1:
+    members = len(specs) if fused else 1
+    found = [
+        _process_peak(spec, resources, evidence, held_images(spec, data), members)
+        for spec in (specs[:1] if fused else specs)  # a fused group's members differ only in their seed
+    ]
+    total = sum(peak for peak, _, _ in found)
+    detail = max(found, key=lambda f: f[0])[2]
+    if len(found) > 1:
+        detail = (
+            f"{len(found)} packed runs' peaks ({total:,.0f} MiB) + {SUPERVISOR_MB} MiB for the job; largest: {detail}"
+        )
         total += SUPERVISOR_MB
-        detail = f"{k} packed runs' peaks ({sum(peaks):,.0f} MiB) + {SUPERVISOR_MB} MiB for the job; largest: {detail}"
     mb = max(MIN_MEM_MB, math.ceil(total * MEM_MARGIN / MEM_STEP_MB) * MEM_STEP_MB)
+    sources = {source for _, source, _ in found}
     source = "prior" if "prior" in sources else "bench" if "bench" in sources else "records"
-    detail += f"; x{MEM_MARGIN:g} = {mb / 1024:g} GB"
-    return Memory(mb=mb, peak_mb=total, source=source, detail=detail)
+    return Memory(mb=mb, peak_mb=total, source=source, detail=f"{detail}; x{MEM_MARGIN:g} = {mb / 1024:g} GB")
 
 
 def gpu_memory_mb(resources: Resources) -> tuple[int, str]:

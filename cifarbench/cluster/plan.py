@@ -89,6 +89,17 @@ class Task:
         return "GPU-h" if self.resources.gpus_per_node else "CPU-core-h"
 
 
+def local_devices(gpus: int, tasks: int) -> int:
+    """Pure: how many sequences local execution runs at once: one per GPU (one on a CPU-only machine), no more than
+    the tasks there are."""
+    return max(min(max(gpus, 1), tasks), 1)
+
+
+def local_cpus(gpus: int, cores: int, tasks: int) -> int:
+    """Pure: the cores each of local execution's sequences gets (``local_devices``) of this machine's ``cores``."""
+    return max(cores // local_devices(gpus, tasks), 1)
+
+
 def local_resources(r: Resources, *, gpus: int, cpus: int) -> Resources:
     """Pure: what a task of ``r`` gets from local execution (``--executor local``): one of the machine's ``gpus``
     (none: its CPUs), ``cpus`` cores, no partition, no memory limit; the time limit is kept. Raises ValueError

@@ -358,7 +358,7 @@ def without_gpus(resources: Mapping[str, Resources], limits: ClusterLimits) -> t
     """Pure: for a grid that never says how many GPUs its runs take (each has Resources' default, 1), the runs whose
     partition has no GPU on any node ask for none and train on CPUs; with a line per such partition saying so.
     Runs whose resources cannot train on CPUs (a GPU type, ``pack: auto``) are left for preflight to refuse."""
-    changed: dict[Resources, Resources | None] = {}
+    changed: dict[Resources, Resources] = {}
     said: list[str] = []
     for r in dict.fromkeys(resources.values()):
         partition = limits.partition(r.partition)
@@ -374,7 +374,7 @@ def without_gpus(resources: Mapping[str, Resources], limits: ClusterLimits) -> t
         )
         if line not in said:
             said.append(line)
-    return {run_id: changed.get(r) or r for run_id, r in resources.items()}, said
+    return {run_id: changed.get(r, r) for run_id, r in resources.items()}, said
 
 
 def problems(tasks: Iterable[Task], limits: ClusterLimits | None, *, data: bool = True) -> list[str]:

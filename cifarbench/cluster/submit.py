@@ -14,7 +14,7 @@ import submitit
 from submitit.core.utils import FailedJobError, JobPaths
 
 from cifarbench.cluster import queue
-from cifarbench.cluster.plan import Task, arrays, chunks
+from cifarbench.cluster.plan import Task, arrays, chunks, local_cpus, local_devices
 from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
@@ -145,8 +145,8 @@ def submit(
     else:
         # One sequence of runs (or of packs) per device keeps a CPU-only machine to one training task at a time.
         ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local")
-        n = min(max(local_gpus(), 1), len(tasks))
-        cpus = max(usable_cores() // n, 1)
+        gpus = local_gpus()  # may ask nvidia-smi: once
+        n, cpus = local_devices(gpus, len(tasks)), local_cpus(gpus, usable_cores(), len(tasks))
         for share in (tasks[d::n] for d in range(n)):
             minutes = sum(task.resources.timeout_min for task in share)
             ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)

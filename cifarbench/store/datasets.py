@@ -131,14 +131,11 @@ def missing_message(dataset: str, root: str | Path, *, results: str | Path | Non
 def recorded_sizes(dataset: str, results: str | Path) -> collections.Counter[tuple[int, int]]:
     """(training images before the validation split, test images) of ``dataset`` -> how many runs recorded in
     ``results`` read it at that size."""
-    from cifarbench.store import scan  # pyarrow: only once data is found missing
+    from cifarbench.store import records, scan  # pyarrow: only once data is found missing
 
     fields = ("dataset", "train_images", "val_split", "test_images")
-    return collections.Counter(
-        (r["train_images"] + (r["val_split"] or 0), r["test_images"])
-        for r in scan.summaries(results, fields).values()
-        if r["dataset"] == dataset and r["train_images"] is not None and r["test_images"] is not None
-    )
+    sizes = (records.data_size(r) for r in scan.summaries(results, fields).values() if r["dataset"] == dataset)
+    return collections.Counter(size for size in sizes if size is not None)
 
 
 def check_dataset(dataset: str, root: str | Path, *, verify: bool = True, results: str | Path | None = None) -> bool:

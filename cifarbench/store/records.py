@@ -538,6 +538,14 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def data_size(summary: dict) -> tuple[int, int] | None:
+    """The images of the data a record's run read (``train_images``, ``val_split``, ``test_images``): its training
+    set, the validation split included, and its test set; None where the record does not say (before record/4)."""
+    if summary.get("train_images") is None or summary.get("test_images") is None:
+        return None
+    return summary["train_images"] + (summary.get("val_split") or 0), summary["test_images"]
+
+
 def spec_fields(spec: RunSpec) -> dict:
     """The record's columns that describe the spec, its schedule as planned (``train.fit.schedule_fields``: as
     run). Pure, so that a run's record can be written by whoever outlives it: the training job, or status when
