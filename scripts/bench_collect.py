@@ -1,22 +1,24 @@
-"""How long ``cifarbench collect`` takes on N records.
+"""How long ``cifarbench collect`` takes on N records, read for the first time and again.
 
-    python scripts/bench_collect.py 10000 [--keep DIR [--reuse]] [--repeat 3]
+    python scripts/bench_collect.py 10000 [--keep DIR [--reuse]] [--repeat 3] [--earlier]
 
 Writes N synthetic records (8 models x 2 datasets x 3 recipes x 3 batch sizes, as many seeds as it takes, 200
-epochs of curves, 1% failed runs, and a few truncated files) into a temporary folder, then runs collect in a
-fresh process each time and prints how long the call took:
+epochs of curves, 2% failed runs, and a few truncated files), each with its summary file as ``write_record``
+writes it, into a temporary folder, then runs collect in a fresh process each time and prints how long the call
+took, the median of ``--repeat`` calls, with the load average before each:
 
-- cold: no runs.parquet yet, every record's footer is read (the records are in the page cache: just written);
-  ``--repeat`` times, then the median;
-- warm: runs.parquet from the previous collect, nothing changed (what a second collect costs);
-- warm, tables + report: the same with report.html, which first reads every record's environment columns;
-- warm, report again: these now come from runs.parquet (the ratio to the tables alone follows);
-- warm, tables + plots: tables, report.html and the PNGs, which first read the curves of every completed run from
-  its record;
-- warm, plots again: the curves now come from runs.parquet.
+- first read: no runs.parquet (a folder just copied, a fresh --out, a grid just finished), collect --no-plots
+  --no-report (the tables), collect --no-plots (the tables and report.html) and collect (the default: tables,
+  plots, report.html). The records are in the page cache: just written, or read by the previous call;
+- again: runs.parquet from the previous collect, nothing changed, the same three; the ratio of the report to the
+  tables alone follows.
 
-Records are written with pyarrow as ``write_record`` writes them (record schema, summary in the footer), without
-its per-file fsync and rename, from a pool of processes: the benchmark measures collect, not writing.
+``--earlier`` writes the records without summary files, as a cifarbench before them did: every record is then
+read from its Parquet footer and, for the curves and report.html, its columns (the slow path).
+
+Records are written with pyarrow as ``write_record`` writes them (record schema, summary in the footer, summary
+file beside it, through ``records.summary_file``), without its per-file fsync and rename, from a pool of
+processes: the benchmark measures collect, not writing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import argparse
 import hashlib
 import itertools
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -39,7 +42,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cifarbench.store.layout import Layout
-from cifarbench.store.records import RECORD_VERSION, SCHEMA, SUMMARY_KEY, with_summary
+from cifarbench.store.records import RECORD_VERSION, SCHEMA, SUMMARY_KEY, summary_file, with_summary
 
 MODELS = ["resnet18", "resnet20", "resnet32", "resnet34", "resnet44", "resnet50", "resnet56", "resnet110"]
 DATASETS = {"cifar10": 10, "cifar100": 100}
@@ -73,7 +76,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
     ]
     base = {c: rng.uniform(0.65, 0.95) if c[1] == "cifar10" else rng.uniform(0.55, 0.78) for c in configs}
     final = np.array([base[(s.model, s.dataset, s.recipe.name, s.batch_size)] for s in specs]) + rng.normal(0, 0.004, n)
-    failed = rng.random(n) < 0.01
+    failed = rng.random(n) < 0.02
     epochs = np.array([s.recipe.epochs for s in specs])
     done = np.where(failed, rng.integers(1, EPOCHS, n), epochs)
     e = np.arange(1, EPOCHS + 1)[None, :]
@@ -197,20 +200,26 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
 
 
 def _write_range(args) -> None:
-    results, start, stop = args
+    results, start, stop, summary_files = args
     for i in range(start, stop):
-        row = _table.slice(i, 1)
-        path = Layout(results).record(row["run_id"][0].as_py())
+        record = with_summary(_table.slice(i, 1))
+        run_id = record["run_id"][0].as_py()
+        path = Layout(results).record(run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(with_summary(row), path)
+        pq.write_table(record, path)
+        if summary_files:
+            Layout(results).record_summary(run_id).write_bytes(summary_file(record, path))
 
 
-def write_records(table: pa.Table, results: Path) -> None:
+def write_records(table: pa.Table, results: Path, *, summary_files: bool = True) -> None:
+    """The records of ``table``, each with its summary file as ``write_record`` writes it, or (``summary_files``
+    False) without, as an earlier cifarbench wrote them."""
     global _table
     _table = table
     step = 1000
+    chunks = [(results, i, min(i + step, table.num_rows), summary_files) for i in range(0, table.num_rows, step)]
     with Pool(os.cpu_count()) as pool:
-        pool.map(_write_range, [(results, i, min(i + step, table.num_rows)) for i in range(0, table.num_rows, step)])
+        pool.map(_write_range, chunks)
     for i in range(max(1, table.num_rows // 2000)):  # jobs killed mid-write on a filesystem without atomic rename
         bad = results / "runs" / f"truncated-{i}" / "record.parquet"
         bad.parent.mkdir(parents=True)
@@ -230,28 +239,59 @@ print(t1 - t0, t2 - t1, cpu, len(report.warnings), sum(p.suffix == ".png" for p 
 """
 
 
-def measure(results: Path, plots: bool, page: bool) -> tuple[float, float, float, int, int, int]:
-    """(import seconds, collect seconds, collect CPU seconds, warning lines, PNGs, report.html bytes), in a fresh
-    process."""
+def measure(results: Path, plots: bool, page: bool) -> tuple[float, float, int, int, int]:
+    """(wall seconds, CPU seconds, warning lines, PNGs, report.html bytes) of a collect in a fresh process, the
+    start of the interpreter and the imports included: what a user waits for."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", _MEASURE, str(results), "plots" if plots else "tables", "report" if page else "-"],
         check=True,
         capture_output=True,
         text=True,
     ).stdout.split()
-    return float(out[0]), float(out[1]), float(out[2]), int(out[3]), int(out[4]), int(out[5])
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return wall, cpu, int(out[3]), int(out[4]), int(out[5])
 
 
-def report(name: str, results: Path, plots: bool, page: bool = True) -> float:
-    # The machine may be shared: the load average and CPU time say how much of the wall time was waiting.
-    load = os.getloadavg()[0]
-    imports, seconds, cpu, warnings, pngs, size = measure(results, plots, page)
+VARIANTS = {  # name -> (plots, report.html)
+    "tables": (False, False),
+    "tables + report": (False, True),
+    "default": (True, True),
+}
+
+
+def report(name: str, results: Path, *, cold: bool, repeat: int) -> float:
+    """The median of ``repeat`` collects (``cold``: each without runs.parquet); prints it, the load average before
+    each (the machine may be shared: CPU time hardly moves with it, wall time does) and the spread."""
+    plots, page = VARIANTS[name]
+    walls, cpus, loads = [], [], []
+    for _ in range(repeat):
+        if cold:
+            Layout(results).runs_table.unlink(missing_ok=True)
+        loads.append(os.getloadavg()[0])
+        seconds, cpu, warnings, pngs, size = measure(results, plots, page)
+        walls.append(seconds)
+        cpus.append(cpu)
     print(
-        f"{name:22s} {seconds:7.2f} s wall {cpu:7.2f} s CPU  (+{imports:.2f} s imports; {warnings} warning "
-        f"lines, {pngs} PNGs, report.html {size / 1e6:.1f} MB; load {load:.1f})",
+        f"{'first read' if cold else 'again':10s} {name:16s} {statistics.median(walls):7.2f} s wall "
+        f"{statistics.median(cpus):6.2f} s CPU  (of {', '.join(f'{w:.2f}' for w in walls)}; load "
+        f"{', '.join(f'{x:.1f}' for x in loads)}; {warnings} warning lines, {pngs} PNGs, report.html "
+        f"{size / 1e6:.1f} MB)",
         flush=True,
     )
-    return seconds
+    return statistics.median(walls)
+
+
+def machine() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    return f"{os.cpu_count()} cores ({cpu}), load average {os.getloadavg()[0]:.2f} (1 min)"
 
 
 def has_summaries(results: Path) -> bool:
@@ -265,7 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("n", type=int, help="how many records")
     parser.add_argument("--keep", type=Path, help="write the records here and keep them (default: a temp folder)")
     parser.add_argument("--reuse", action="store_true", help="measure the records already in --keep")
-    parser.add_argument("--repeat", type=int, default=1, help="measure cold this many times; print the median")
+    parser.add_argument("--repeat", type=int, default=3, help="measure each this many times; print the median")
+    parser.add_argument("--earlier", action="store_true", help="write the records without summary files")
+    parser.add_argument("--only", choices=list(VARIANTS), action="append", help="measure only these (repeatable)")
     args = parser.parse_args(argv)
     if args.reuse and args.keep is None:
         parser.error("--reuse needs --keep DIR")
@@ -275,22 +317,19 @@ def main(argv=None) -> int:
     try:
         if not args.reuse:
             t = time.perf_counter()
-            write_records(synthetic_table(args.n), results)
+            write_records(synthetic_table(args.n), results, summary_files=not args.earlier)
             print(f"wrote {args.n} records to {results} in {time.perf_counter() - t:.1f} s")
-        size = sum(f.stat().st_size for f in (results / "runs").glob("*/record.parquet"))
-        print(f"{results}: {size / 1e6:.0f} MB of records; {os.cpu_count()} cores", flush=True)
-        cold = []
-        for _ in range(args.repeat):
-            (results / "runs.parquet").unlink(missing_ok=True)
-            cold.append(report("cold, tables", results, plots=False, page=False))
-        if args.repeat > 1:
-            print(f"{'cold, median':22s} {statistics.median(cold):7.2f} s wall")
-        tables = report("warm, tables", results, plots=False, page=False)
-        report("warm, tables + report", results, plots=False)
-        again = report("warm, report again", results, plots=False)
-        print(f"{'report again / tables':22s} {again / tables:7.2f} x")
-        report("warm, tables + plots", results, plots=True)
-        report("warm, plots again", results, plots=True)
+        files = list((results / "runs").glob("*/record.*"))
+        size = sum(f.stat().st_size for f in files)
+        with_summary_files = sum(f.suffix == ".json" for f in files)
+        print(f"{results}: {size / 1e6:.0f} MB of records, {with_summary_files} summary files", flush=True)
+        print(f"machine: {machine()}; median of {args.repeat} fresh processes", flush=True)
+        variants = args.only or list(VARIANTS)
+        for name in variants:
+            report(name, results, cold=True, repeat=args.repeat)
+        again = {name: report(name, results, cold=False, repeat=args.repeat) for name in variants}
+        if {"tables", "tables + report"} <= again.keys():
+            print(f"{'again: report / tables':27s} {again['tables + report'] / again['tables']:7.2f} x")
     finally:
         if args.keep is None:
             shutil.rmtree(results, ignore_errors=True)

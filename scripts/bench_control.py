@@ -1,13 +1,14 @@
 """How long the commands a researcher types all day take on a big grid: status, submit --dry-run, submit.
 
-    python scripts/bench_control.py [--runs 5040] [--repeat 3] [--submit]
+    python scripts/bench_control.py [--runs 5040] [--records N] [--repeat 3] [--earlier] [--submit]
 
 Builds a grid of ``--runs`` runs (8 models x 2 datasets x 3 recipes x 3 batch sizes x as many seeds as it takes)
-and a results folder in which three quarters of them have a record and all of them a SLURM manifest entry
+and a results folder in which ``--records`` of them (default: three quarters) have a record, with its summary
+file (``--earlier``: without, as a cifarbench before them wrote records), and all of them a SLURM manifest entry
 (array jobs that SLURM no longer knows: one sacct call answers for all). Each command runs in a fresh process,
-``--repeat`` times; the median wall and CPU times are printed beside two baselines measured in the same run: a bare
-interpreter start and the import of the training stack (torch + lightning), which the control plane no longer
-pays for.
+``--repeat`` times, status on a first read of the folder (no runs.parquet) each time; the median wall and CPU
+times are printed beside two baselines measured in the same run: a bare interpreter start and the import of the
+training stack (torch + lightning), which the control plane no longer pays for.
 
 ``--submit`` (needs the local cluster: ``bash slurm/cluster.sh up``) also submits the whole grid to SLURM for
 real, held (``--hold``, released never: the arrays are cancelled right after), into an empty results folder,
@@ -36,7 +37,7 @@ from pathlib import Path
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_collect import BATCH_SIZES, DATASETS, MODELS, synthetic_table, write_records
+from bench_collect import BATCH_SIZES, DATASETS, MODELS, machine, synthetic_table, write_records
 
 RECIPES = ["step-160", "step-200", "cos-200"]
 
@@ -72,7 +73,7 @@ def write_data(root: Path) -> None:
         (root / real).symlink_to(folder)
 
 
-def fill_results(grid: Path, results: Path, with_records: int) -> int:
+def fill_results(grid: Path, results: Path, with_records: int, *, summary_files: bool = True) -> int:
     """Records for the first ``with_records`` runs, a manifest entry (a long-gone SLURM array) for every run."""
     from cifarbench.config.grid import load_grid
     from cifarbench.store.datasets import fingerprint
@@ -84,7 +85,7 @@ def fill_results(grid: Path, results: Path, with_records: int) -> int:
     renamed = {dataclasses.replace(s, data_fingerprint=None).run_id: s.run_id for s in specs}
     ids = pa.array([renamed[i] for i in table.column("run_id").to_pylist()])
     table = table.set_column(table.schema.get_field_index("run_id"), "run_id", ids)
-    write_records(table, results)
+    write_records(table, results, summary_files=summary_files)
     entries = [
         {
             "run_id": s.run_id,
@@ -105,18 +106,36 @@ def fill_results(grid: Path, results: Path, with_records: int) -> int:
     return len(specs)
 
 
-def measure(argv: list[str], repeat: int) -> tuple[float, float]:
+def measure(argv: list[str], repeat: int, *, cold: Path | None = None, env=None) -> tuple[float, float]:
     """Median wall seconds and median CPU seconds (user + system, the process and its children) of ``argv`` run
-    ``repeat`` times in fresh processes. CPU time hardly moves with the load of a shared machine; wall time does."""
+    ``repeat`` times in fresh processes (``cold``: a results folder whose runs.parquet is removed before each;
+    NaN where the command fails). CPU time hardly moves with the load of a shared machine; wall time does."""
     walls, cpus = [], []
     for _ in range(repeat):
+        if cold is not None:
+            (cold / "runs.parquet").unlink(missing_ok=True)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env).returncode:
+            return math.nan, math.nan
         walls.append(time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
     return statistics.median(walls), statistics.median(cpus)
+
+
+def without_slurm(folder: Path) -> dict[str, str] | None:
+    """Where SLURM does not answer (``scontrol ping``), an environment whose ``sacct`` and ``squeue`` are stubs
+    that know no job, so that status is timed, not their timeouts (a command that needs SLURM, such as
+    ``submit --dry-run``, then fails and is shown as nan); None where SLURM answers."""
+    if shutil.which("scontrol") and subprocess.run(["scontrol", "ping"], capture_output=True).returncode == 0:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("sacct", "squeue"):
+        (folder / name).write_text("#!/bin/sh\nexit 0\n")
+        (folder / name).chmod(0o755)
+    print("SLURM does not answer here: sacct and squeue are stubs that know no job")
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
 
 
 def wall(argv: list[str], repeat: int) -> float:
@@ -181,7 +200,9 @@ def submit_breakdown(grid: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5040)
+    parser.add_argument("--records", type=int, help="runs with a record (default: three quarters of --runs)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--earlier", action="store_true", help="write the records without summary files")
     parser.add_argument("--submit", action="store_true", help="also submit the grid for real (held, then cancelled)")
     args = parser.parse_args()
     py = sys.executable
@@ -191,26 +212,30 @@ def main() -> None:
         results = tmp / "results"
         grid = tmp / "grid.yaml"
         grid.write_text(grid_text(args.runs, results, tmp / "data"))
-        n = fill_results(grid, results, with_records=args.runs * 3 // 4)
-        print(f"grid: {n} runs; results: {args.runs * 3 // 4} records, a manifest entry for every run")
-        print(
-            f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} (1 min); median of "
-            f"{args.repeat} fresh processes"
-        )
+        records = args.runs * 3 // 4 if args.records is None else min(args.records, args.runs)
+        n = fill_results(grid, results, with_records=records, summary_files=not args.earlier)
+        kind = "without summary files" if args.earlier else "each with its summary file"
+        print(f"grid: {n} runs; results: {records} records ({kind}), a manifest entry for every run")
+        print(f"machine: {machine()}; median of {args.repeat} fresh processes")
         bare = wall([py, "-c", "pass"], args.repeat)
-        rows = [
-            ("python -c pass (baseline)", [py, "-c", "pass"]),
-            ("import torch, lightning (baseline)", [py, "-c", "import torch, lightning"]),
-            ("cifarbench status", [py, "-m", "cifarbench", "status", str(results)]),
-            ("cifarbench status --json", [py, "-m", "cifarbench", "status", str(results), "--json"]),
-            ("cifarbench submit --dry-run", [py, "-m", "cifarbench", "submit", str(grid), "--dry-run"]),
-            ("cifarbench collect --no-plots", [py, "-m", "cifarbench", "collect", str(results), "--no-plots"]),
+        env = without_slurm(tmp / "stubs")
+        cifarbench = [py, "-m", "cifarbench"]
+        rows = [  # name, argv, whether each run reads the folder for the first time
+            ("python -c pass (baseline)", [py, "-c", "pass"], False),
+            ("import torch, lightning (baseline)", [py, "-c", "import torch, lightning"], False),
+            ("cifarbench status, first read", [*cifarbench, "status", str(results)], True),
+            ("cifarbench status --json, first read", [*cifarbench, "status", str(results), "--json"], True),
+            ("cifarbench submit --dry-run", [*cifarbench, "submit", str(grid), "--dry-run"], False),
+            ("cifarbench collect --no-plots", [*cifarbench, "collect", str(results), "--no-plots"], False),
         ]
-        measured = [(name, *measure(argv, args.repeat)) for name, argv in rows]
+        measured = []
+        for name, argv, cold in rows:
+            load = os.getloadavg()[0]
+            measured.append((name, *measure(argv, args.repeat, cold=results if cold else None, env=env), load))
         stack = measured[1][1]
-        print(f"\n{'command':<36} {'wall s':>7} {'cpu s':>6} {'x torch import':>15}")
-        for name, seconds, cpu in measured:
-            print(f"{name:<36} {seconds:>7.2f} {cpu:>6.2f} {seconds / stack:>15.2f}")
+        print(f"\n{'command':<38} {'wall s':>7} {'cpu s':>6} {'x torch import':>15} {'load before':>12}")
+        for name, seconds, cpu, load in measured:
+            print(f"{name:<38} {seconds:>7.2f} {cpu:>6.2f} {seconds / stack:>15.2f} {load:>12.1f}")
         print(f"load average after: {os.getloadavg()[0]:.2f} (1 min)")
         if args.submit:
             if not shutil.which("sbatch"):

@@ -220,10 +220,14 @@ def test_report_html_shows_packing_fusion_and_images_per_s(write_records):
     collect(results, plots=False)
     text = Layout(results).report.read_text()
     runs = text.split('<section id="runs">', 1)[1].split("</section>", 1)[0]
-    head = re.findall(r"<th>([^<]*)</th>", runs.split("</thead>", 1)[0])
-    assert head == ["run id", "status", "configuration", "seed", "epochs", "test acc: final, best",
-                    "test accuracy per epoch", "trained", "images/s", "device, precision, host",
-                    "SLURM job, attempts", "versions, commit"]  # fmt: skip
+    head, inner = (re.findall(r"<th>([^<]*)</th>", part) for part in runs.split("</thead>")[:2])
+    assert head == ["configuration", "runs", "test acc: final, best", "test accuracy per epoch", "its runs"]
+    assert inner == ["run id", "status", "seed", "epochs", "test acc: final, best", "trained", "images/s",
+                     "device, precision, host", "SLURM job, attempts", "versions, commit"]  # fmt: skip
+    # one row per configuration, its runs folded beneath it, its curve the mean of its completed runs'
+    assert "<h2>Runs (6 runs of 3 configurations)</h2>" in runs and runs.count('<table class="members">') == 3
+    assert "<td>3 of 3 completed</td>" in runs and "<td>0 of 1 completed<br>1 cancelled</td>" in runs
+    assert runs.count("<summary>3 runs</summary>") == 1 and "<title>mean of 3 runs" in runs
     assert runs.count("<td>pack of 2<br>MPS on</td>") == 2 and runs.count("<td>fused 2</td>") == 2
     assert runs.count("<td>alone</td>") == 2  # the run alone, and the cancelled one
     assert '<td class="num">41234</td>' in runs and runs.count('<td class="num">30000</td>') == 2
@@ -271,3 +275,32 @@ def test_curve_svg_and_log_tail(tmp_path):
     log = tmp_path / "job.err"
     log.write_bytes(b"x" * 100_000 + b"\nlast \xff line\n")
     assert log_tail(log, lines=1) == "last \ufffd line"
+
+
+@pytest.mark.extended
+@needs_chromium
+def test_a_report_of_10000_runs_stays_small_and_opens(write_records, tmp_path):
+    """10,000 runs of 144 configurations (8 models, 2 datasets, 3 recipes, 3 batch sizes), 2% failed: report.html
+    keeps one row per configuration, stays under 20 MB with its plots, and Chromium lays it out and draws it."""
+    configs = [
+        {"model": m, "dataset": d, "recipe": r, "batch_size": b}
+        for m in ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet18", "resnet34", "resnet50")
+        for d in ("cifar10", "cifar100")
+        for r in ("step-160", "step-200", "cos-200")
+        for b in (64, 128, 256)
+    ]
+    failed = {"status": "failed", "final_test_acc": None, "test_acc": [0.1, 0.2], "epochs_done": 2, "error": "boom"}
+    results = write_records(
+        [
+            {**configs[i % len(configs)], "seed": i // len(configs), **(failed if i % 50 == 7 else {})}
+            for i in range(10_000)
+        ]
+    )
+    collect(results)
+    page = Layout(results).report
+    assert page.stat().st_size < 20e6
+    text = page.read_text()
+    assert "<h2>Runs (10000 runs of 144 configurations)</h2>" in text and text.count("<details><summary>") >= 144
+    shot = tmp_path / "shot.png"
+    chromium(tmp_path, "--hide-scrollbars", f"--screenshot={shot}", "--window-size=1400,2400", page.resolve().as_uri())
+    assert image.imread(shot).shape[:2] == (2400, 1400)

@@ -135,17 +135,20 @@ def collect(
         kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
         scan.write_runs(table.filter(kept), out_layout.runs_table, root)
     written = [out_layout.tables, out_layout.summary, out_layout.runs_table]
+    if plots or report:
+        curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
+        runs = runs.assign(config=config, test_acc=curves)
     if plots:
         from cifarbench.report.plots import write_plots  # matplotlib: only when plots are wanted
 
-        curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
-        written += write_plots(runs.assign(config=config, test_acc=curves), summary, tabs, out_layout.plots)
+        written += write_plots(runs, summary, tabs, out_layout.plots)
     if report:
         written.append(
             html.write_report(
                 out_layout.report,
                 root,
                 runs=runs,
+                configs=summary,
                 summary=summary_line(runs, value),
                 tabs=tabs,
                 matches=matches,
@@ -154,9 +157,7 @@ def collect(
                 timing=timing,
                 packing=packing,
                 no_record=found.no_record,
-                details=dict(
-                    zip(runs.run_id, table.select([*scan.DETAILS, "test_acc"]).take(runs.index.to_numpy()).to_pylist())
-                ),
+                details=dict(zip(runs.run_id, table.select(scan.DETAILS).take(runs.index.to_numpy()).to_pylist())),
                 images=[p for p in written if p.suffix == ".png"],
                 value=value,
             )

@@ -1,13 +1,17 @@
 """report.html: everything ``collect`` found, in one page that needs nothing else to be read (no network, no
 scripts; CSS inline, plots as base64 PNG, curves as inline SVG), so that it can be mailed or opened from a shared
-filesystem: the summary line, the tables with the published figures beside them, the plots, every run with its
-curve and environment, the failed and lost runs with the tail of their logs, and the grid files submitted.
+filesystem: the summary line, the tables with the published figures beside them, the plots, the failed and lost
+runs with the tail of their logs, every configuration with its runs' mean curve and, folded beneath it, each run
+with its environment, and the grid files submitted.
 
 Every text that comes from records, logs or grid files is escaped."""
 
 from __future__ import annotations
 
 import base64
+import collections
+import functools
+import itertools
 import os
 import re
 from collections.abc import Sequence
@@ -40,7 +44,7 @@ pre{background:#f6f8fa;border:1px solid #d0d7de;padding:8px;overflow-x:auto;max-
 nav a{margin-right:14px}details{margin:6px 0}summary{cursor:pointer}section{overflow-x:auto}
 tr.cancelled td{background:#fff8e5}svg.curve{display:block}
 table.runs{width:100%}.runs th,.runs td{font-size:12px;padding:3px 5px}.runs td.cfg{min-width:12em}
-.runs td.id{min-width:8em}.runs td.id,.runs td.env{overflow-wrap:anywhere}
+.runs td.id{min-width:8em}.runs td.id,.runs td.env{overflow-wrap:anywhere}table.members{width:100%;margin:4px 0}
 """
 
 
@@ -67,25 +71,43 @@ def _table(header: list[str], body: list[list[str]], *, numeric_from: int = 1) -
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def curve_svg(curve, *, width: int = 120, height: int = 30) -> str:
-    """A run's test accuracy per epoch as a small inline SVG line, on a fixed 0–1 scale so that runs compare."""
+def curve_svg(curve, *, band=None, runs: int = 1, width: int = 120, height: int = 30) -> str:
+    """Test accuracy per epoch as a small inline SVG line, on a fixed 0–1 scale so that runs compare: one run's
+    curve, or (``runs`` > 1) the mean of a configuration's, with ``band`` (lowest, highest) shaded."""
     acc = np.asarray([np.nan if a is None else a for a in curve], float) if curve is not None else np.empty(0)
-    acc = acc[np.isfinite(acc)]
+    keep = np.isfinite(acc)
+    acc = acc[keep]
     if not len(acc):
         return "–"
-    step = -(-len(acc) // (width // 2))  # a point every two pixels at most: 1,000 runs' curves stay small
-    shown = acc[np.unique(np.r_[np.arange(0, len(acc), step), len(acc) - 1])] if len(acc) > 1 else np.repeat(acc, 2)
+    step = -(-len(acc) // (width // 2))  # a point every two pixels at most: many curves stay small
+    shown = np.unique(np.r_[np.arange(0, len(acc), step), len(acc) - 1]) if len(acc) > 1 else np.zeros(2, int)
     x = np.linspace(1, width - 1, len(shown))
-    y = (height - 1) - np.clip(shown, 0, 1) * (height - 2)
-    points = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, y))
+    y = lambda values: (height - 1) - np.clip(values[shown], 0, 1) * (height - 2)
+    points = lambda ys: " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x, ys))
+    shade = ""
+    if band is not None:
+        low, high = (np.asarray(b, float)[keep] for b in band)
+        back = " ".join(f"{a:.1f},{b:.1f}" for a, b in zip(x[::-1], y(low)[::-1]))
+        shade = f'<polygon fill="#0969da" fill-opacity="0.18" stroke="none" points="{points(y(high))} {back}"/>'
     d = ACC_DECIMALS
-    label = f"test accuracy, {plural(len(acc), 'epoch')}: last {acc[-1]:.{d}f}, best {acc.max():.{d}f}"
+    what = f"mean of {runs} runs (band: lowest to highest)" if runs > 1 else "test accuracy"
+    label = f"{what}, {plural(len(acc), 'epoch')}: last {acc[-1]:.{d}f}, best {acc.max():.{d}f}"
     return (
         f'<svg class="curve" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">'
         f"<title>{_e(label)}</title>"
-        f'<rect width="{width}" height="{height}" fill="#f6f8fa"/>'
-        f'<polyline fill="none" stroke="#0969da" stroke-width="1.3" points="{points}"/></svg>'
+        f'<rect width="{width}" height="{height}" fill="#f6f8fa"/>{shade}'
+        f'<polyline fill="none" stroke="#0969da" stroke-width="1.3" points="{points(y(acc))}"/></svg>'
     )
+
+
+def config_curve_svg(curves) -> str:
+    """The mean test-accuracy curve of a configuration's runs (``curves``: their curves, None where a run has none),
+    over the epochs all of them have, between the lowest and highest run's."""
+    curves = [np.asarray(c, float) for c in curves if c is not None and len(c)]
+    if len(curves) < 2:
+        return curve_svg(curves[0] if curves else None)
+    acc = np.stack([c[: min(map(len, curves))] for c in curves])  # an epoch NaN in any run is left out
+    return curve_svg(acc.mean(axis=0), band=(acc.min(axis=0), acc.max(axis=0)), runs=len(acc))
 
 
 def log_tail(path: str | os.PathLike, lines: int = LOG_LINES) -> str | None:
@@ -176,14 +198,15 @@ def _failures(root: Path, runs: pd.DataFrame, details: dict[str, dict], no_recor
     return "".join(out)
 
 
+# The Runs section: one row per configuration, its runs folded away beneath it, so that 10,000 runs stay a page a
+# browser opens (about 140 configurations of 70 runs: 11 MB, 6 of them plots) and a curve is drawn per configuration.
+_CONFIG_COLUMNS = ["configuration", "runs", "test acc: final, best", "test accuracy per epoch", "its runs"]
 _RUN_COLUMNS = [
     "run id",
     "status",
-    "configuration",
     "seed",
     "epochs",
     "test acc: final, best",
-    "test accuracy per epoch",
     "trained",
     "images/s",
     "device, precision, host",
@@ -199,49 +222,100 @@ _VERSIONS = {
 }
 
 
-def _runs(runs: pd.DataFrame, details: dict[str, dict]) -> str:
+def _acc(value) -> str:
+    return "–" if pd.isna(value) else f"{value:.{ACC_DECIMALS}f}"
+
+
+# What the Runs section reads of each run, as plain values: pandas' itertuples costs a second per 10,000 runs.
+_Run = collections.namedtuple(
+    "_Run",
+    "config seed run_id status epochs_done epochs final_test_acc best_test_acc way mps images_per_s device_name "
+    "precision_used precision test_acc model dataset recipe_label batch_size schedule milestones gamma lr momentum "
+    "weight_decay loader compile deterministic",
+)
+
+
+@functools.lru_cache(maxsize=4096)
+def _environment(device, device_count, precision, host, versions: tuple, commit) -> tuple[str, str]:
+    """The cells "device, precision, host" and "versions, commit": most runs share them, and escape each once."""
+    device = (device if isinstance(device, str) else "–") + (f" ×{device_count}" if (device_count or 1) > 1 else "")
+    where = "<br>".join(_e(v) for v in (device, precision, host) if v)
+    software = [f"{name} {_e(v)}" for name, v in zip(_VERSIONS.values(), versions) if v]
+    software += [f"commit <code>{_e(commit[:12])}</code>"] if commit else []
+    return f'<td class="env">{where}</td>', f'<td class="env">{"<br>".join(software) or "–"}</td>'
+
+
+def _run_row(r: _Run, d: dict) -> str:
+    """One run of a configuration: what differs between its runs."""
+    speed = "–" if pd.isna(r.images_per_s) else f"{r.images_per_s:.{VALUES['images_per_s']}f}"
+    job = d.get("slurm_job_id")
+    job = f"{job}_{d['slurm_array_task_id']}" if job and d.get("slurm_array_task_id") else job
+    attempts = plural(d["attempts"], "attempt") if d.get("attempts") else None
+    precision = r.precision_used if isinstance(r.precision_used, str) else r.precision
+    versions = tuple(d.get(k) for k in _VERSIONS)
+    where, software = _environment(
+        r.device_name, d.get("device_count"), precision, d.get("hostname"), versions, d.get("git_commit")
+    )
+    cells = [
+        f'<td class="id"><code>{_e(r.run_id)}</code></td>',
+        *(f"<td>{_e(v)}</td>" for v in (r.status, r.seed, f"{r.epochs_done}/{r.epochs}")),
+        f'<td class="num">{_acc(r.final_test_acc)}<br><span class="foot">best {_acc(r.best_test_acc)}</span></td>',
+        f"<td>{_e(r.way)}" + (f"<br>MPS {_e(r.mps)}" if isinstance(r.mps, str) else "") + "</td>",
+        f'<td class="num">{speed}</td>',
+        where,
+        f"<td>{'<br>'.join(_e(v) for v in (job or '–', attempts) if v)}</td>",
+        software,
+    ]
+    cls = "" if r.status == "completed" else f' class="{_e(r.status)}"'
+    return f"<tr{cls}>{''.join(cells)}</tr>"
+
+
+def _config_row(c: dict, group: list[_Run], details: dict[str, dict]) -> str:
+    """A configuration (``c``: its row of summarize's table) and its runs, folded away beneath it."""
+    first = group[0]
+    schedule = f"{first.schedule} {first.milestones} ×{first.gamma:g}" if first.schedule == "step" else first.schedule
+    spec = (
+        f"SGD lr {first.lr:g}, momentum {first.momentum:g}, wd {first.weight_decay:g}, {schedule}; loader "
+        f"{first.loader}, {first.compile if first.compile != EAGER else 'eager'}"
+        f"{', deterministic' if first.deterministic else ''}"
+    )
+    name = f"{first.model} {first.dataset} {first.recipe_label} bs={first.batch_size}"
+    counts = collections.Counter(r.status for r in group)
+    done = [r for r in group if r.status == "completed"]
+    outcome = [f"{c['n']} of {c['n_expected']} completed"]
+    outcome += [f"{counts[k]} {k}" for k in ("failed", "cancelled") if counts[k]]
+    std = c["final_test_acc_std"]
+    mean = _acc(c["final_test_acc_mean"]) + ("" if pd.isna(std) else f" ± {std:.{ACC_DECIMALS}f}")
+    best = max((r.best_test_acc for r in done if not pd.isna(r.best_test_acc)), default=None)
+    members = "".join(_run_row(r, details.get(r.run_id, {})) for r in group)
+    inner_head = "".join(f"<th>{_e(h)}</th>" for h in _RUN_COLUMNS)
+    cells = [
+        f'<td class="cfg">{_e(name)}<br><span class="foot">{_e(spec)}</span></td>',
+        f"<td>{'<br>'.join(map(_e, outcome))}</td>",
+        f'<td class="num">{mean}<br><span class="foot">best {_acc(best)}</span></td>',
+        f"<td>{config_curve_svg([r.test_acc for r in done or group])}</td>",
+        f'<td><details><summary>{_e(plural(len(group), "run"))}</summary><table class="members"><thead><tr>'
+        f"{inner_head}</tr></thead><tbody>{members}</tbody></table></details></td>",
+    ]
+    cls = "" if c["n"] else ' class="cancelled"' if counts["cancelled"] == len(group) else ' class="failed"'
+    return f"<tr{cls}>{''.join(cells)}</tr>"
+
+
+def _runs(runs: pd.DataFrame, configs: pd.DataFrame, details: dict[str, dict]) -> str:
+    """``runs`` with ``config`` (its row of ``configs``, summarize's table) and ``test_acc`` (its curve)."""
     if runs.empty:
         return "<p>No records.</p>"
-    named = labels(runs, ["recipe"])
-    acc = lambda v: "–" if pd.isna(v) else f"{v:.{ACC_DECIMALS}f}"
-    speed = lambda v: "–" if pd.isna(v) else f"{v:.{VALUES['images_per_s']}f}"
-    rows = []
-    for r, recipe, way in zip(runs.itertuples(index=False), named, trained(runs)):
-        d = details.get(r.run_id, {})
-        job = d.get("slurm_job_id")
-        job = f"{job}_{d['slurm_array_task_id']}" if job and d.get("slurm_array_task_id") else job
-        attempts = plural(d["attempts"], "attempt") if d.get("attempts") else None
-        software = [f"{name} {_e(d[k])}" for k, name in _VERSIONS.items() if d.get(k)]
-        software += [f"commit <code>{_e(d['git_commit'][:12])}</code>"] if d.get("git_commit") else []
-        device = r.device_name if isinstance(r.device_name, str) else "–"
-        device += f" ×{d['device_count']}" if (d.get("device_count") or 1) > 1 else ""
-        config = f"{r.model} {r.dataset} {recipe} bs={r.batch_size}"
-        schedule = f"{r.schedule} {r.milestones} ×{r.gamma:g}" if r.schedule == "step" else r.schedule
-        spec = (
-            f"SGD lr {r.lr:g}, momentum {r.momentum:g}, wd {r.weight_decay:g}, {schedule}; loader {r.loader}, "
-            f"{r.compile if r.compile != EAGER else 'eager'}{', deterministic' if r.deterministic else ''}"
-        )
-        where = "<br>".join(
-            _e(v)
-            for v in (device, r.precision_used if isinstance(r.precision_used, str) else r.precision, d.get("hostname"))
-            if v
-        )
-        cells = [
-            f'<td class="id"><code>{_e(r.run_id)}</code></td>',
-            f"<td>{_e(r.status)}</td>",
-            f'<td class="cfg">{_e(config)}<br><span class="foot">{_e(spec)}</span></td>',
-            *(f"<td>{_e(v)}</td>" for v in (r.seed, f"{r.epochs_done}/{r.epochs}")),
-            f'<td class="num">{acc(r.final_test_acc)}<br><span class="foot">best {acc(r.best_test_acc)}</span></td>',
-            f"<td>{curve_svg(d.get('test_acc'))}</td>",
-            f"<td>{_e(way)}" + (f"<br>MPS {_e(r.mps)}" if isinstance(r.mps, str) else "") + "</td>",
-            f'<td class="num">{speed(r.images_per_s)}</td>',
-            f'<td class="env">{where}</td>',
-            f"<td>{'<br>'.join(_e(v) for v in (job or '–', attempts) if v)}</td>",
-            f'<td class="env">{"<br>".join(software) or "–"}</td>',
-        ]
-        cls = "" if r.status == "completed" else f' class="{_e(r.status)}"'
-        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    head = "".join(f"<th>{_e(h)}</th>" for h in _RUN_COLUMNS)
+    runs = runs.assign(recipe_label=labels(runs, ["recipe"]), way=trained(runs))
+    rows_of = sorted(
+        (_Run(*values) for values in zip(*(runs[name].tolist() for name in _Run._fields))),
+        key=lambda r: (r.config, r.seed, r.run_id),
+    )
+    config_rows = configs.to_dict("records")
+    rows = [
+        _config_row(config_rows[config], list(group), details)
+        for config, group in itertools.groupby(rows_of, key=lambda r: r.config)
+    ]
+    head = "".join(f"<th>{_e(h)}</th>" for h in _CONFIG_COLUMNS)
     return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
@@ -269,6 +343,7 @@ def render(
     root: Path,
     *,
     runs: pd.DataFrame,
+    configs: pd.DataFrame,
     summary: str,
     tabs: list[Table],
     matches: list[pd.DataFrame | None],
@@ -281,9 +356,10 @@ def render(
     timing: Sequence[Part] = (),
     packing: Part | None = None,
 ) -> str:
-    """The page. ``runs``: the records collected; ``summary``, ``tabs``, ``matches``, ``missing``, ``hours``
+    """The page. ``runs``: the records collected, each with ``config``, its row of ``configs`` (``summarize``'s
+    table), and ``test_acc``, its curve; ``summary``, ``tabs``, ``matches``, ``missing``, ``hours``
     (device-hours), ``timing`` (time estimates) and ``packing`` (packing and fusion) as the Markdown report has
-    them; ``details``: run id -> what the summary leaves out (``scan.DETAILS`` and the curve, ``test_acc``);
+    them; ``details``: run id -> what the summary leaves out (``scan.DETAILS``);
     ``images``: the plots' PNGs; ``value``: what the cells show, as ``collect --value`` says."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
@@ -300,7 +376,11 @@ def render(
             if missing
             else "<p>None: every run has a completed record.</p>",
         ),
-        ("runs", f"Runs ({_e(plural(len(runs), 'run'))})", _runs(runs, details)),
+        (
+            "runs",
+            f"Runs ({_e(plural(len(runs), 'run'))} of {_e(plural(runs.config.nunique(), 'configuration'))})",
+            _runs(runs, configs, details),
+        ),
         ("grids", "Grid files submitted", _submissions(root)),
     ]
     sections = [s for s in sections if s[2]]

@@ -7,10 +7,11 @@ through Agg.
 
 from __future__ import annotations
 
-import itertools
+import functools
+import multiprocessing
 import re
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -19,22 +20,54 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from cifarbench.report.tables import CONFIG, RECIPE_RUN, Table, labels, model_depth, recipe_label, title
+from cifarbench.system import usable_cores
+
+# What each worker draws: set before the pool forks, so that the runs are not pickled to it.
+_FIGURES: list[Callable[[], tuple[str, Figure] | None]] = []
 
 
 def write_plots(runs: pd.DataFrame, summary: pd.DataFrame, tabs: list[Table], folder) -> list[Path]:
     """One curves figure per table and one size figure per (dataset, recipe as run); returns the PNG paths.
 
     ``runs`` has a ``config`` column: the row in ``summary`` (and in each table's cells) of the run's
-    configuration."""
+    configuration, and ``test_acc``, its curve."""
+    global _FIGURES
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     done = runs[runs.status.eq("completed")]
-    paths = []
-    # saved one at a time, so that a large grid's figures are never all in memory together
-    for name, fig in itertools.chain(filter(None, (curves(done, t) for t in tabs)), sizes(summary[summary.n > 0])):
-        fig.savefig(folder / name, dpi=100)
-        paths.append(folder / name)
-    return paths
+    sized = summary[summary.n > 0]
+    _FIGURES = [functools.partial(curves, done, t) for t in tabs]
+    _FIGURES += [functools.partial(size_figure, key, group) for key, group in _size_groups(sized)]
+    # Drawing a figure costs a few tenths of a second of matplotlib's Python, whatever the runs: 31 of them are most
+    # of a collect of 10,000 runs, so each core draws its share (a forked process: the runs are there already).
+    cores = min(usable_cores(), len(_FIGURES))
+    if cores > 1 and "fork" in multiprocessing.get_all_start_methods():
+        with multiprocessing.get_context("fork").Pool(cores) as pool:
+            names = pool.map(functools.partial(_draw, folder), range(len(_FIGURES)), chunksize=1)
+    else:
+        names = [_draw(folder, i) for i in range(len(_FIGURES))]
+    _FIGURES = []
+    return [folder / name for name in names if name]
+
+
+def _draw(folder: Path, index: int) -> str | None:
+    """Draw and save figure ``index`` of _FIGURES; its file name, or None where it has nothing to show."""
+    made = _FIGURES[index]()
+    if made is None:
+        return None
+    name, fig = made
+    fig.savefig(folder / name, dpi=100)
+    return name
+
+
+def _margins(fig: Figure, *, title_lines: int) -> None:
+    """Fixed margins, in inches, for axes labelled on their left and bottom and titled above, under a title of
+    ``title_lines``: constrained layout would fit them to the labels, at a third of a figure's drawing time."""
+    width, height = fig.get_size_inches()
+    top = 0.12 + 0.24 * title_lines + 0.3  # the title's lines, then the panels' titles
+    fig.subplots_adjust(
+        left=0.7 / width, right=1 - 0.15 / width, bottom=0.55 / height, top=1 - top / height, wspace=0.12
+    )
 
 
 def _slug(text: str) -> str:
@@ -54,7 +87,7 @@ def curves(done: pd.DataFrame, table: Table) -> tuple[str, Figure] | None:
         return None
     panels, lines = _ordered(runs, table.cols), _ordered(runs, table.rows)
     panel_of, line_of = labels(runs, table.cols), labels(runs, table.rows)
-    fig = Figure(figsize=(1 + 5 * len(panels), 4.5), layout="constrained")
+    fig = Figure(figsize=(1 + 5 * len(panels), 4.5))
     for ax, panel in zip(fig.subplots(1, len(panels), sharey=True, squeeze=False)[0], panels):
         for line in lines:
             curves = [
@@ -79,41 +112,52 @@ def curves(done: pd.DataFrame, table: Table) -> tuple[str, Figure] | None:
     # as many lines as the panels' width needs: a shortened recipe's title is long, one panel is narrow
     heading = textwrap.wrap(f"Test accuracy per epoch: {table.title}", width=11 * (1 + 5 * len(panels)))
     fig.suptitle("\n".join([*heading, "(mean, band ± 1 std over seeds)"]))
+    _margins(fig, title_lines=len(heading) + 1)
     return f"curves_{_slug(table.title)}.png", fig
 
 
 def sizes(summary: pd.DataFrame) -> Iterator[tuple[str, Figure]]:
     """Final accuracy against depth and parameters, one figure per dataset and recipe as run (a shortened one
     apart from the full length), each with its PNG's name."""
-    for (dataset, *recipe), group in summary.groupby(["dataset", "recipe", *RECIPE_RUN], sort=True):
-        run = recipe_label(dict(zip(["recipe", *RECIPE_RUN], recipe)))
-        varying = [k for k in CONFIG if k not in ("dataset", "recipe", "model") and group[k].nunique(dropna=False) > 1]
-        series = ["batch_size", *(k for k in varying if k != "batch_size")]
-        fig = Figure(figsize=(12, 4.5), layout="constrained")
-        ax_depth, ax_params = fig.subplots(1, 2, sharey=True)
-        for i, (key, s) in enumerate(group.groupby(series, dropna=False, sort=True)):
-            s = s.sort_values("model", key=lambda c: c.map(model_depth))
-            label = title(dict(zip(series, key if isinstance(key, tuple) else (key,))))
-            for ax, x in ((ax_depth, s.model.map(model_depth)), (ax_params, s.params)):
-                ax.errorbar(
-                    x,
-                    s.final_test_acc_mean,
-                    yerr=s.final_test_acc_std.fillna(0),
-                    marker="o",
-                    linestyle="none",
-                    capsize=3,
-                    label=label,
-                )
-                for xi, yi, name in zip(x, s.final_test_acc_mean, s.model) if i == 0 else ():  # once is enough
-                    ax.annotate(name, (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=7)
-        depths = sorted(set(group.model.map(model_depth)))
-        ax_depth.set(xscale="log", xlabel="depth (layers)", ylabel="final test accuracy")
-        ax_depth.set_xticks(depths, [str(d) for d in depths])
-        ax_depth.tick_params(axis="x", which="minor", labelbottom=False)
-        ax_params.set(xscale="log", xlabel="parameters")
-        for ax in (ax_depth, ax_params):
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
-        fig.suptitle(f"Final test accuracy against model size: {dataset}, {run} (mean ± std over seeds)")
-        # groupby keys are typed Hashable; the dataset column holds names
-        yield f"size_{_slug(cast(str, dataset))}_{_slug(run)}.png", fig
+    return (size_figure(key, group) for key, group in _size_groups(summary))
+
+
+def _size_groups(summary: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
+    return list(summary.groupby(["dataset", "recipe", *RECIPE_RUN], sort=True))
+
+
+def size_figure(dataset_recipe: tuple, group: pd.DataFrame) -> tuple[str, Figure]:
+    """The size figure of one dataset and recipe as run (``dataset_recipe``) and its configurations (``group``)."""
+    dataset, *recipe = dataset_recipe
+    run = recipe_label(dict(zip(["recipe", *RECIPE_RUN], recipe)))
+    varying = [k for k in CONFIG if k not in ("dataset", "recipe", "model") and group[k].nunique(dropna=False) > 1]
+    series = ["batch_size", *(k for k in varying if k != "batch_size")]
+    fig = Figure(figsize=(12, 4.5))
+    ax_depth, ax_params = fig.subplots(1, 2, sharey=True)
+    for i, (key, s) in enumerate(group.groupby(series, dropna=False, sort=True)):
+        s = s.sort_values("model", key=lambda c: c.map(model_depth))
+        label = title(dict(zip(series, key if isinstance(key, tuple) else (key,))))
+        for ax, x in ((ax_depth, s.model.map(model_depth)), (ax_params, s.params)):
+            ax.errorbar(
+                x,
+                s.final_test_acc_mean,
+                yerr=s.final_test_acc_std.fillna(0),
+                marker="o",
+                linestyle="none",
+                capsize=3,
+                label=label,
+            )
+            for xi, yi, name in zip(x, s.final_test_acc_mean, s.model) if i == 0 else ():  # once is enough
+                ax.annotate(name, (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=7)
+    depths = sorted(set(group.model.map(model_depth)))
+    ax_depth.set(xscale="log", xlabel="depth (layers)", ylabel="final test accuracy")
+    ax_depth.set_xticks(depths, [str(d) for d in depths])
+    ax_depth.tick_params(axis="x", which="minor", labelbottom=False)
+    ax_params.set(xscale="log", xlabel="parameters")
+    for ax in (ax_depth, ax_params):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"Final test accuracy against model size: {dataset}, {run} (mean ± std over seeds)")
+    _margins(fig, title_lines=1)
+    # groupby keys are typed Hashable; the dataset column holds names
+    return f"size_{_slug(cast(str, dataset))}_{_slug(run)}.png", fig

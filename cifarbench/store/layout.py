@@ -3,6 +3,7 @@
 ::
 
     runs/<run_id>/record.parquet   the run's outcome, one row (completed or failed)
+    runs/<run_id>/record.json      what a scan reads of it, written after it and checked against it (a copy)
     runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
     runs/<run_id>/progress.json    epochs done while the run trains
     runs/<run_id>/loggers/<name>/  what a grid's `logger:` (tensorboard, csv, wandb, mlflow) writes
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RECORD = "record.parquet"
+RECORD_SUMMARY = "record.json"
 CHECKPOINT = "last.ckpt"
 PROGRESS = "progress.json"
 RUNS = "runs"
@@ -41,6 +43,9 @@ class Layout:
 
     def record(self, run_id: str) -> Path:
         return self.run_dir(run_id) / RECORD
+
+    def record_summary(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / RECORD_SUMMARY
 
     def checkpoint(self, run_id: str) -> Path:
         return self.run_dir(run_id) / CHECKPOINT

@@ -9,6 +9,11 @@ first line only; NaN as Python's json writes it; no curves). The summary is the 
 costs half of reading even a few columns of a one-row file, so a collector that reads footers only gets through
 10,000 records in seconds. The columns stay the source of truth: curves, and everything else, are read from them.
 
+Beside each record, ``write_record`` writes its summary file (``runs/<run_id>/record.json``, see
+``summary_file``): the footer's summary, DETAILS and the test-accuracy curve, which is all that collect, status and
+report.html read of a run, at the cost of a small JSON read instead of a Parquet open. It is a copy, used only
+where it names the record as it is now; a record without one (an earlier version's) is read as before.
+
 Records of an older version stay readable: OLDER says which columns (and summary keys) each one lacks and what
 they stand for, and every reader (``read_record``, ``scan``) fills them in from it. A tag this cifarbench does
 not know (record/0, or a newer one) is not a record to it.
@@ -16,12 +21,17 @@ not know (record/0, or a newer one) is not a record to it.
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import dataclasses
 import json
 import os
+import secrets
+import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -578,7 +588,83 @@ def spec_fields(spec: RunSpec) -> dict:
 
 
 def write_record(row: dict, results: str | os.PathLike) -> Path:
-    return write_table(to_table(row), Layout(results).record(row["run_id"]))
+    """Write a run's record atomically, then its summary file."""
+    record, layout = to_table(row), Layout(results)
+    with atomic.replacing(layout.record(row["run_id"])) as tmp:
+        pq.write_table(record, tmp)
+        text = summary_file(record, tmp)
+    # The record is the truth: without a summary file, or with an earlier record's, readers read the record.
+    with contextlib.suppress(OSError):
+        atomic.write_bytes(layout.record_summary(row["run_id"]), text)
+    return layout.record(row["run_id"])
+
+
+# What report.html shows of a run beyond its summary: its environment, a failed run's traceback.
+DETAILS = (
+    "device_count",
+    "hostname",
+    "torch_version",
+    "torchvision_version",
+    "lightning_version",
+    "cuda_version",
+    "cifarbench_version",
+    "git_commit",
+    "slurm_job_id",
+    "slurm_array_task_id",
+    "attempts",
+    "data_root",
+    "data_verified",
+    "traceback",
+)
+# A summary file names the record it copies by the file's size and modification time, which a reader compares with
+# the record's stat (no open). write_record draws the nanoseconds of that time at random, so that a record
+# rewritten by a retry never matches the summary file of the one it replaced, also where the filesystem's clock is
+# coarse (a retry killed between its two files leaves exactly that pair behind). The inode is left out: a folder
+# copied with its times (cp -a, rsync -a) keeps its summary files.
+SUMMARY_FILE_TAG = "record-summary/1"
+# A summary file is one line of JSON, so that a folder's summary files are parsed together, by Arrow's JSON reader,
+# in this schema (``summary``: the footer's summary, ``details``: DETAILS, ``test_acc``: the curve).
+SUMMARY_FILE_SCHEMA = pa.schema(
+    [
+        pa.field("tag", pa.string()),
+        pa.field("schema", pa.string()),
+        pa.field("record", pa.list_(pa.int64())),  # the record file's size and mtime_ns
+        pa.field("summary", pa.struct([SCHEMA.field(name).remove_metadata() for name in SUMMARY_FIELDS])),
+        pa.field("details", pa.struct([SCHEMA.field(name).remove_metadata() for name in DETAILS])),
+        pa.field("test_acc", pa.string()),  # the curve, in CURVE_BYTES, base64: parsed as one string, not 200 numbers
+    ]
+)
+CURVE_BYTES = "<f8"  # float64, little-endian: exact; an epoch that is null in the record is NaN here
+
+
+def curves(encoded: list[str | None]) -> pa.Array:
+    """The test_acc column (SCHEMA's type) of the curves of summary files (``test_acc``, as ``summary_file``
+    encodes them; None: null)."""
+    raw = [b"" if text is None else base64.b64decode(text) for text in encoded]
+    offsets = np.cumsum([0, *(len(r) // np.dtype(CURVE_BYTES).itemsize for r in raw)], dtype=np.int32)
+    values = pa.array(np.frombuffer(b"".join(raw), CURVE_BYTES).astype(np.float64))
+    nulls = pa.array(np.array([text is None for text in encoded], bool))
+    return pa.ListArray.from_arrays(pa.array(offsets), values, mask=nulls).cast(SCHEMA.field("test_acc").type)
+
+
+def summary_file(record: pa.Table, path: str | os.PathLike) -> bytes:
+    """The summary file of ``record`` (a one-row table as ``with_summary`` makes it), just written to ``path``,
+    whose modification time this sets (see SUMMARY_FILE_TAG)."""
+    now = time.time_ns()
+    stamp = now - now % 1_000_000 + secrets.randbelow(1_000_000)  # the millisecond stays true
+    os.utime(path, ns=(stamp, stamp))
+    st = os.stat(path)  # as the filesystem keeps it, which may be coarser
+    curve = record.column("test_acc").combine_chunks()
+    values = curve.flatten().to_numpy(zero_copy_only=False).astype(CURVE_BYTES)
+    doc = {
+        "tag": SUMMARY_FILE_TAG,
+        "schema": SCHEMA_TAG.decode(),
+        "record": [st.st_size, st.st_mtime_ns],
+        "summary": json.loads(record.schema.metadata[SUMMARY_KEY]),
+        "details": record.select(DETAILS).to_pylist()[0],
+        "test_acc": None if curve.null_count else base64.b64encode(values.tobytes()).decode("ascii"),
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def is_record_schema(schema: pa.Schema) -> bool:

@@ -1,7 +1,9 @@
-"""A results folder read as one table: every record's footer summary, with runs.parquet as the cache.
+"""A results folder read as one table: every record's summary, with runs.parquet as the cache.
 
-A collector over 10,000 records must not open 10,000 files' columns: each record's footer carries a summary
-(see ``records``), read here in threads, and files unchanged since the last scan are taken from runs.parquet.
+A collector over 100,000 records must not open 100,000 Parquet files: each record has its summary file beside it
+(see ``records.summary_file``), checked against the record's stat, which the walk of the folder makes anyway.
+A record without a current one (an earlier version's, or rewritten since) has its footer read, in threads; files
+unchanged since the last scan are taken from runs.parquet.
 """
 
 from __future__ import annotations
@@ -15,14 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from cifarbench.store.layout import RECORD, RUNS, Layout
+from cifarbench.store.layout import RECORD, RECORD_SUMMARY, RUNS, Layout
 from cifarbench.store.records import (
+    DETAILS,
     MISLABELLED,
     SCHEMA,
     SCHEMA_KEY,
+    SCHEMA_TAG,
     SUMMARY_FIELDS,
+    SUMMARY_FILE_SCHEMA,
+    SUMMARY_FILE_TAG,
+    curves,
     read_summary,
     write_table,
 )
@@ -35,24 +43,8 @@ from cifarbench.system import usable_cores
 RUNS_TAG = b"runs/1"
 _ROOT_KEY = b"cifarbench.results"
 _FILE_FIELDS = [pa.field("path", pa.string()), *(pa.field(k, pa.int64()) for k in ("size", "mtime_ns", "inode"))]
-# What report.html shows beyond the summary: a run's environment, a failed run's traceback. Like the curve, null
-# until the report has read them from the record's columns, then kept; DETAILS_READ says whether they were read.
-DETAILS = (
-    "device_count",
-    "hostname",
-    "torch_version",
-    "torchvision_version",
-    "lightning_version",
-    "cuda_version",
-    "cifarbench_version",
-    "git_commit",
-    "slurm_job_id",
-    "slurm_array_task_id",
-    "attempts",
-    "data_root",
-    "data_verified",
-    "traceback",
-)
+# Like the curve, a run's DETAILS (what report.html shows beyond the summary) are null until read, from the record's
+# summary file or, without one, from its columns, then kept; DETAILS_READ says whether they were read.
 DETAILS_READ = "details_read"
 RUNS_SCHEMA = pa.schema(
     [
@@ -77,8 +69,94 @@ class Scan:
     changed: bool  # whether the records differ from the cache's (False: runs.parquet is up to date)
 
 
+def _summary_files(
+    results: Path, files: list[tuple], schema: pa.Schema = SUMMARY_FILE_SCHEMA
+) -> tuple[pa.Table, list[tuple], list[tuple]]:
+    """What the summary files of ``files`` (records: path relative to ``results``, and stat) say, as one table in
+    ``schema`` (SUMMARY_FILE_SCHEMA or a part of it), one row for each file of the second list, whose summary file is
+    its current record's; the third list: the files left, to be read from their footers."""
+    texts, read, rest = [], [], []
+    for file in files:
+        text = _summary_text(results, file[0])
+        if text:
+            texts.append(text)
+            read.append(file)
+        else:
+            rest.append(file)
+    parsed = _parse(texts, schema)
+    tags = parsed.column("tag").to_pylist(), parsed.column("schema").to_pylist(), parsed.column("record").to_pylist()
+    current = np.array(
+        [
+            tag == SUMMARY_FILE_TAG and schema == SCHEMA_TAG.decode() and record == [size, mtime_ns]
+            for tag, schema, record, (_, size, mtime_ns, _) in zip(*tags, read)
+        ],
+        bool,
+    )
+    rest += [file for file, ok in zip(read, current) if not ok]  # rewritten since, or not of this version
+    return _rows(parsed, current), [file for file, ok in zip(read, current) if ok], rest
+
+
+def _summary_text(results: Path, rel: str) -> bytes | None:
+    """The text of the summary file beside the record at ``rel``; None where there is none, or where it is not one
+    line (each text is one row of the table they are parsed into)."""
+    if not rel.endswith(f"/{RECORD}"):
+        return None
+    try:
+        with open(os.path.join(results, rel[: -len(RECORD)], RECORD_SUMMARY), "rb") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    return text if text.strip() and b"\n" not in text else None
+
+
+def _parse(texts: list[bytes], schema: pa.Schema) -> pa.Table:
+    """Summary files' texts parsed by Arrow's JSON reader, together, into ``schema`` (one text that is not a summary
+    file: its row is null, and its record is read)."""
+    whole = schema.equals(SUMMARY_FILE_SCHEMA)  # a part of it: the rest is passed over, not converted
+    options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error" if whole else "ignore")
+    try:
+        table = pajson.read_json(pa.BufferReader(b"\n".join(texts)), parse_options=options)
+        if table.num_rows == len(texts):
+            return table
+    except pa.ArrowException:
+        pass
+    if len(texts) > 1:
+        return pa.concat_tables([_parse([text], schema) for text in texts])
+    if not texts:
+        return schema.empty_table()
+    return pa.Table.from_arrays([pa.nulls(1, field.type) for field in schema], schema=schema)
+
+
+def _summary_part(fields: tuple[str, ...]) -> pa.Schema:
+    """The part of SUMMARY_FILE_SCHEMA that says whose summary file it is and these ``fields`` of the summary."""
+    summary = SUMMARY_FILE_SCHEMA.field("summary").type
+    return pa.schema(
+        [
+            *(SUMMARY_FILE_SCHEMA.field(name) for name in ("tag", "schema", "record")),
+            pa.field("summary", pa.struct([summary.field(name) for name in fields])),
+        ]
+    )
+
+
+def _as_runs(parsed: pa.Table, files: list[tuple]) -> pa.Table:
+    """``_summary_files``' table as rows of RUNS_SCHEMA (``files``: their records)."""
+    summary, details = (parsed.column(name).combine_chunks() for name in ("summary", "details"))
+    keys = [np.array(column, np.int64) for column in list(zip(*files))[1:]] if files else [np.empty(0, np.int64)] * 3
+    columns = {
+        **{name: summary.field(name) for name in SUMMARY_FIELDS},
+        **{name: details.field(name) for name in DETAILS},
+        "test_acc": curves(parsed.column("test_acc").to_pylist()),
+        DETAILS_READ: pa.array(np.ones(len(files), bool)),
+        "path": pa.array([file[0] for file in files], pa.string()),
+        **dict(zip(("size", "mtime_ns", "inode"), map(pa.array, keys))),
+    }
+    return pa.Table.from_arrays([columns[name] for name in RUNS_SCHEMA.names], schema=RUNS_SCHEMA)
+
+
 def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table, list[tuple[str, str]]]:
-    rows, skipped = [], []
+    parsed, read, files = _summary_files(results, files)
+    tables, skipped = [_as_runs(parsed, read)], []
+    rows = []
     for rel, size, mtime_ns, inode in files:
         row, why = read_summary(os.path.join(results, rel))
         if row is not None:
@@ -86,12 +164,14 @@ def _read_chunk(results: Path, files: list[tuple]) -> tuple[pa.Table, list[tuple
         elif why:
             skipped.append((rel, why))
     try:
-        return pa.Table.from_pylist(rows, schema=RUNS_SCHEMA), skipped
+        tables.append(pa.Table.from_pylist(rows, schema=RUNS_SCHEMA))
     except (pa.ArrowException, TypeError, ValueError):  # a summary value of the wrong type: find its file
         if len(files) == 1:
-            return RUNS_SCHEMA.empty_table(), [(files[0][0], MISLABELLED)]
+            return tables[0], [(files[0][0], MISLABELLED)]
         parts = [_read_chunk(results, [file]) for file in files]
-        return pa.concat_tables([t for t, _ in parts]), [s for _, ss in parts for s in ss]
+        tables += [t for t, _ in parts]
+        skipped = [s for _, ss in parts for s in ss]
+    return pa.concat_tables(tables), skipped
 
 
 def _walk(results: Path) -> tuple[list[tuple[str, int, int, int]], list[str]]:
@@ -138,9 +218,10 @@ def _rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
 
 
 def read_records(results: str | os.PathLike, cache: pa.Table | None = None) -> Scan:
-    """Every record under ``results``, from its footer's summary (``error`` is its first line; ``test_acc`` is
-    null unless ``cache`` had it). Files unchanged since ``cache`` (a previous scan's table) are taken from it;
-    the others are read one by one, so that a corrupt, truncated or foreign file costs only itself."""
+    """Every record under ``results``, from its summary file (summary, DETAILS and curve) or, without a current one,
+    its footer's summary (``error`` is its first line; ``test_acc`` and DETAILS are null unless ``cache`` had them).
+    Files unchanged since ``cache`` (a previous scan's table) are taken from it; the others are read one by one,
+    so that a corrupt, truncated or foreign file costs only itself."""
     results = Path(results)
     files, no_record = _walk(results)
     tables, gone = [], cache is None
@@ -162,9 +243,10 @@ def read_records(results: str | os.PathLike, cache: pa.Table | None = None) -> S
     return Scan(table=table.combine_chunks(), skipped=skipped, no_record=no_record, changed=changed)
 
 
-# status reads the footers of the records written since the last scan as plain dicts, without building an Arrow
-# table: the first Arrow array built from Python objects imports pandas (0.4 s), more than status may take.
-# Past this many such footers it writes runs.parquet afresh, so that the next status reads them from there.
+# status reads the summaries of the records written since the last scan as plain dicts, without building an Arrow
+# table: the first Arrow array built from Python objects imports pandas (0.4 s), more than status may take. Past
+# this many records without a summary file (an earlier version's), whose footers it reads, it writes runs.parquet
+# afresh, so that the next status reads them from there.
 REFRESH_AFTER = 200
 
 
@@ -186,8 +268,10 @@ def _pylist(table: pa.Table, fields: tuple[str, ...]) -> list[dict]:
 
 def summaries(results: str | os.PathLike, fields: tuple[str, ...]) -> dict[str, dict]:
     """run id -> ``fields`` of its record's summary, for every readable record under ``results``: from
-    runs.parquet where the record is unchanged since the last scan, else from its footer."""
+    runs.parquet where the record is unchanged since the last scan, else from its summary file, else its footer
+    (``run_id`` too, where ``fields`` lack it)."""
     results = Path(results)
+    fields = tuple(dict.fromkeys(("run_id", *fields)))
     runs_table = Layout(results).runs_table
     cache = load_runs(runs_table, results)
     files, _ = _walk(results)
@@ -201,13 +285,21 @@ def summaries(results: str | os.PathLike, fields: tuple[str, ...]) -> dict[str, 
                 seen.add(key)
                 out[row["run_id"]] = row
         files = [f for f in files if f not in seen]
-    if len(files) > REFRESH_AFTER:
+    chunks = [files[i : i + _CHUNK] for i in range(0, len(files), _CHUNK)]
+    with ThreadPoolExecutor(_workers()) as pool:
+        parts = list(pool.map(lambda chunk: _summary_files(results, chunk, _summary_part(fields)), chunks))
+    footers = [file for _, _, rest in parts for file in rest]
+    for parsed, _, _ in parts:
+        summary = parsed.column("summary").combine_chunks()
+        for row in _pylist(pa.Table.from_arrays([summary.field(k) for k in fields], names=list(fields)), fields):
+            out[row["run_id"]] = row
+    if len(footers) > REFRESH_AFTER:
         found = read_records(results, cache)
         with contextlib.suppress(OSError):  # a folder others only read: no cache, the answer is the same
             write_runs(found.table, runs_table, results)
         return {row["run_id"]: row for row in _pylist(found.table, fields)}
     with ThreadPoolExecutor(_workers()) as pool:
-        for summary, _ in pool.map(lambda f: read_summary(os.path.join(results, f[0])), files):
+        for summary, _ in pool.map(lambda f: read_summary(os.path.join(results, f[0])), footers):
             if summary is not None:
                 out[summary["run_id"]] = {key: summary[key] for key in fields}
     return out
