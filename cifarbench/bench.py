@@ -38,6 +38,7 @@ from cifarbench.train import data
 from cifarbench.train import fit as fitting
 from cifarbench.train.fit import FastPath
 from cifarbench.train.models import get_resnet, init_weights
+from cifarbench.train.module import AUTOCAST, ResNetModule
 from cifarbench.train.pack import mps_server, shares
 
 BENCH_TAG = b"bench/2"
@@ -118,7 +119,7 @@ def _images_per_s(batches, consume, *, device, steps, warmup, repeats) -> float:
         for _ in range(steps):
             x, y = next(batches)
             consume(x, y)
-            images += len(y)
+            images += y.numel()  # a fused group's [K, B] labels: all members' images
         _sync(device)
         rates.append(images / (time.perf_counter() - start))
     return statistics.median(rates)
@@ -248,7 +249,7 @@ def _on_off(flag: bool) -> str:
 
 def _step(model, optimiser, precision: str, device: torch.device):
     """One training step as a function of the batch; no host-device syncs unless 16-mixed needs its scaler."""
-    dtype = fitting.AUTOCAST[precision]
+    dtype = AUTOCAST[precision]
     scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
 
     def step(x, y):
@@ -298,7 +299,7 @@ def _eval_images_per_s(
     model.eval()
     if compile_mode:
         model.compile(mode=compile_mode, dynamic=False)  # as a run's model is compiled (train.fit)
-    dtype = fitting.AUTOCAST[fast.precision]
+    dtype = AUTOCAST[fast.precision]
     rates = []
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for _ in range(repeats + 1):  # the first pass warms up (and compiles)
@@ -701,12 +702,13 @@ def bench_fuse(
     warmup: int = 5,
     repeats: int = 3,
 ) -> list[dict]:
-    """Aggregate training images/s of a fused group of K runs (``train.fuse``: K seeds stacked under vmap) for
-    each K in ``sizes``, against one unfused run's fast-path steps, which is also what K runs one after another
-    achieve together. Each row carries the test-set images/s per member and the projected minutes of the group's
-    200-epoch CIFAR run (all K members). Rows of K runs packed onto the device at once belong beside these, with
-    the same ``what`` and K in the variant, where packing exists."""
-    from cifarbench.train.fuse import FusedGroup
+    """Aggregate training images/s of a fused group of K runs (K seeds stacked under vmap in one
+    ``ResNetModule``: the forward pass, losses and optimiser its training step uses) for each K in ``sizes``,
+    against one unfused run's fast-path steps, which is also what K runs one after another achieve together.
+    Each row carries the test-set images/s per member and the projected minutes of the group's 200-epoch CIFAR run
+    (all K members). Rows of K runs packed onto the device at once belong beside these, with the same ``what``
+    and K in the variant, where packing exists."""
+    from cifarbench.train.fuse import StackedBatches
 
     k = DATASETS[dataset].num_classes
     fast = FastPath.for_device(device, precision)
@@ -738,6 +740,7 @@ def bench_fuse(
     ]
     del net, opt
     recipe = get_recipe("step-200")
+    dtype = AUTOCAST[fast.precision]
     for size in sizes:
         specs = [
             RunSpec(model=model, dataset=dataset, recipe=recipe, batch_size=batch_size, seed=s, data_root=str(root))
@@ -745,27 +748,28 @@ def bench_fuse(
         ]
         row: dict[str, Any] = {"variant": f"fused group of {size}", "baseline": False}
         try:
-            group = FusedGroup(specs, device=device, fast=fast, train=train, test=test)
+            module = ResNetModule(
+                specs, steps=specs[0].steps(len(train)), fused_sgd=fast.fused_sgd, memory_format=fast.memory_format
+            ).to(device)
+            optimiser = module.configure_optimizers()["optimizer"]
 
-            def epochs(group=group):
-                epoch = 0
-                while True:
-                    for x, y in group.train_batches(epoch):
-                        yield x, y.flatten()  # the images counted: all members'
-                    epoch += 1
+            def consume(x, y, module=module, optimiser=optimiser):
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    losses = module.losses(module(x), y)
+                losses.sum().backward()
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
 
-            def consume(x, y, group=group):
-                group.step(x, y.view(len(group.live), -1))
-
-            rate = _images_per_s(epochs(), consume, **timing)
-            eval_rate = _fused_eval_images_per_s(group, repeats)
+            batches = StackedBatches(train, [s.seed for s in specs]) if size > 1 else train
+            rate = _images_per_s(_batches(batches), consume, **timing)
+            eval_rate = _module_eval_images_per_s(module, test, dtype, repeats)
             row.update(
                 images_per_s=rate,
                 eval_images_per_s=eval_rate,
                 # the whole group: K runs' images each epoch, at the aggregate rates
                 minutes_200_epochs=projected_minutes(rate / size, eval_rate / size),
             )
-            del group
+            del module, optimiser
         except torch.OutOfMemoryError:
             row.update(images_per_s=None, note="out of device memory")
         gc.collect()
@@ -789,16 +793,19 @@ def bench_fuse(
     )
 
 
-def _fused_eval_images_per_s(group, repeats: int) -> float:
-    """Aggregate test-set images/s of a fused group (every member's images counted), median over passes."""
+def _module_eval_images_per_s(module: ResNetModule, loader, dtype: torch.dtype | None, repeats: int) -> float:
+    """Aggregate test-set images/s of a module's members (every member's images counted), median over passes."""
+    module.eval()
     rates = []
-    for _ in range(repeats + 1):  # the first pass warms up
-        sums = torch.zeros(len(group.live), 4, dtype=torch.float64, device=group.device)
-        _sync(group.device)
-        start = time.perf_counter()
-        group.evaluate(sums)
-        _sync(group.device)
-        rates.append(float(sums[:, 3].sum()) / (time.perf_counter() - start))
+    with torch.inference_mode(), torch.autocast(module.device.type, dtype=dtype, enabled=dtype is not None):
+        for _ in range(repeats + 1):  # the first pass warms up
+            _sync(module.device)
+            start, images = time.perf_counter(), 0
+            for x, y in loader:
+                module(x)
+                images += len(y) * len(module.live)
+            _sync(module.device)
+            rates.append(images / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 
 

@@ -2,10 +2,32 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+import torch
 
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.store.records import write_record
 from cifarbench.train import data
+
+
+@pytest.fixture(autouse=True)
+def _torch_settings_restored():
+    """Global torch settings that training sets (Lightning's Trainer(deterministic=True), a pinned thread count,
+    cuDNN and matmul flags) are put back after each test, so that no test runs under another's."""
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.get_float32_matmul_precision(),
+    )
+    yield
+    deterministic, warn_only, threads, benchmark, cudnn_deterministic, matmul = saved
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = benchmark
+    torch.backends.cudnn.deterministic = cudnn_deterministic
+    torch.set_float32_matmul_precision(matmul)
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,9 @@ from cifarbench.store import records
 from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.train import data
-from cifarbench.train.fit import compile_for_training, fit
+from cifarbench.train.fit import fit
 from cifarbench.train.models import get_resnet, init_weights
+from cifarbench.train.module import compile_for_training
 
 pytestmark = pytest.mark.slow  # each compilation takes tens of seconds on a small CPU
 
@@ -55,10 +56,9 @@ def test_the_compiled_model_computes_the_eager_models_training_and_test_steps():
         compile_for_training(
             compiled,
             "default",
-            batch_size=64,
+            example=torch.empty(64, 3, 32, 32).contiguous(memory_format=torch.channels_last),
             precision="32-true",
             device=torch.device("cpu"),
-            memory_format=torch.channels_last,
         )
         is None
     )

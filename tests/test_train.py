@@ -59,7 +59,7 @@ def test_two_epoch_run_writes_a_valid_record_far_above_chance(synthetic_root, tm
     machine_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
     assert 50 < r["peak_host_mb"] < machine_mb and r["peak_device_mb"] is None  # no GPU trained
     # after completion only the record and the last checkpoint remain
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "record.parquet"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt", "record.json", "record.parquet"]
 
 
 def test_hundred_class_run_records_top5(synthetic_root, tmp_path):

@@ -377,15 +377,10 @@ class RunSpec:
 
 
 def unfusable(spec: RunSpec) -> str | None:
-    """Why ``spec`` cannot train in a fused group (``fuse: seeds``), or None. A fused group replays the device
-    loader's per-seed batches and steps one epoch-counted schedule for every member; the rest is not fused yet."""
-    r = spec.recipe
+    """Why ``spec`` cannot train in a fused group (``fuse: seeds``), or None. A fused group replays each member's
+    batches from the device loader, whose order and augmentation follow the seed alone. (16-mixed, with its one
+    loss scale per step, trains a group's members one after another: a job's decision, where the precision
+    resolves.)"""
     if spec.loader != "device":
         return "fuse: seeds needs loader: device (the torchvision loader's order is not the seed's)"
-    if r.iterations is not None:
-        return f"fuse: seeds trains recipes counted in epochs; {r.name} counts iterations: train it unfused"
-    if (r.warmup_epochs or r.warmup_iterations) and ARCHS[spec.model].depth >= r.warmup_min_depth:
-        return f"fuse: seeds does not warm up; {r.name} warms {spec.model} up: train it unfused"
-    if spec.held_out:
-        return "fuse: seeds holds no validation split out: drop val_split or train unfused"
     return None

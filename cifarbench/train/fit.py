@@ -1,9 +1,8 @@
-"""The training of one run: the fast path's settings, optional torch.compile, and ``fit``, which always leaves a
-record."""
+"""The training of a run, or of a fused group of runs that differ only in their seed: the fast path's settings,
+and ``fit`` and ``fit_group``, one Lightning fit of ``ResNetModule`` that always leaves every member's record."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import os
@@ -13,6 +12,7 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import cifarbench
@@ -39,11 +40,9 @@ from cifarbench.system import (
     task_started,
 )
 from cifarbench.train import data
+from cifarbench.train.fuse import StackedBatches, check_fusable, fusion_fields, group_id
 from cifarbench.train.loggers import make_logger
-from cifarbench.train.models import count_parameters
 from cifarbench.train.module import AtomicLastCheckpoint, ResNetModule
-
-AUTOCAST = {"32-true": None, "16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}  # Lightning's precisions
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -78,38 +77,6 @@ class FastPath:
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
-
-
-def compile_for_training(
-    model: torch.nn.Module,
-    mode: str,
-    *,
-    batch_size: int,
-    precision: str,
-    device: torch.device,
-    memory_format: torch.memory_format,
-) -> str | None:
-    """Compile ``model`` in place with ``torch.compile`` (``nn.Module.compile``: its state_dict keys stay those of
-    the eager model, so checkpoints of compiled and eager attempts are interchangeable). First a training step
-    is compiled and run on a copy, so that a node without a working compiler toolchain (no C++ compiler, no
-    Triton) trains eagerly instead of failing. Returns None, or the reason the model stays eager.
-
-    The copy's compiled code is reused for ``model`` itself, so the probe costs no second compilation. Shapes are
-    static: a batch of another size (the last of an epoch, the test set's) gets its own compiled graph rather
-    than moving every batch to slower shape-generic kernels."""
-    probe = copy.deepcopy(model)
-    probe.compile(mode=mode, dynamic=False)
-    x = torch.zeros(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
-    dtype = AUTOCAST[precision]
-    try:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = probe(x)
-        out.float().sum().backward()
-    except Exception as exc:  # a broken toolchain fails in many types: BackendCompilerFailed, InductorError, OSError...
-        torch.compiler.reset()
-        return f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:500]
-    model.compile(mode=mode, dynamic=False)
-    return None
 
 
 def _git_commit() -> str | None:
@@ -185,13 +152,14 @@ def check_data(spec: RunSpec) -> dict:
     return {"data_verified": None if DATASETS[spec.dataset].synthetic else checked, "data_fingerprint": found}
 
 
-def _outcome(module) -> dict:
-    """The record's outcome columns of a run's module (or of a fused group's member: the same attributes)."""
-    h = module.history
+def member_outcome(module: ResNetModule, m: int) -> dict:
+    """The record's outcome columns of member ``m`` of a module (a run's module has one member)."""
+    h = module.histories[m]
+    base = {"attempts": module.attempts, "compile_fallback": module.compile_fallback}
     if not h["test_acc"]:
-        return {"epochs_done": 0, "attempts": module.attempts}
+        return {"epochs_done": 0, **base}
     best = max(range(len(h["test_acc"])), key=h["test_acc"].__getitem__)
-    top5 = module.top5 is not None
+    top5 = module.top5
     validated = {}
     if module.validation and h["val_acc"]:
         by_val = max(range(len(h["val_acc"])), key=h["val_acc"].__getitem__)  # the first of equals
@@ -204,6 +172,7 @@ def _outcome(module) -> dict:
         }
     return {
         **validated,
+        **base,
         "epochs_done": len(h["test_acc"]),
         "final_test_acc": h["test_acc"][-1],
         "best_test_acc": h["test_acc"][best],
@@ -218,10 +187,9 @@ def _outcome(module) -> dict:
         "test_top5": h["test_top5"] if top5 else None,
         "lr_curve": h["lr"],
         "epoch_seconds": h["epoch_seconds"],
-        "train_seconds": module._train_seconds,
-        "test_seconds": module._test_seconds,
+        "train_seconds": module.train_seconds,
+        "test_seconds": module.test_seconds,
         "images_per_s": sum(h["images_per_s"]) / len(h["images_per_s"]),
-        "attempts": module.attempts,
     }
 
 
@@ -269,21 +237,98 @@ def fit(
 
     A run that raises leaves a ``failed`` record and re-raises. Returns the record's path. ``budget``: the time
     the run was given on SLURM, for the record; ``packing``: the runs it trained beside, for the record."""
+    [path] = _fit(
+        [spec],
+        budgets=[budget],
+        packing=packing,
+        device=device,
+        num_workers=num_workers,
+        plugins=plugins,
+        callbacks=callbacks,
+    )
+    return path
+
+
+def fit_group(
+    specs: Sequence[RunSpec],
+    *,
+    budgets: Sequence[Budget | None] | None = None,
+    device: torch.device | None = None,
+    plugins: list | None = None,
+    callbacks: list | None = None,
+) -> list[Path]:
+    """Train ``specs`` (one run but for the seed) as one fused group, resuming from the group's checkpoint if
+    there is one, and write each member's record, as ``fit`` does with ``fuse_size`` and ``fused_with`` and the
+    group's wall-clock time and peak memory. A member that diverges leaves a failed record and the others go on;
+    if the group raises, every member still training leaves a failed record and the exception propagates.
+    Returns the records' paths."""
+    specs = list(specs)
+    check_fusable(specs)
+    return _fit(
+        specs,
+        budgets=list(budgets) if budgets is not None else [None] * len(specs),
+        packing=None,
+        device=device,
+        num_workers=0,
+        plugins=plugins,
+        callbacks=callbacks,
+    )
+
+
+def _fit(
+    specs: list[RunSpec],
+    *,
+    budgets: Sequence[Budget | None],
+    packing: Packing | None,
+    device: torch.device | None,
+    num_workers: int | None,
+    plugins: list | None,
+    callbacks: list | None,
+) -> list[Path]:
     device = device or default_device()
     _quiet_lightning()
     started = datetime.now(timezone.utc)
-    layout = Layout(spec.results)
-    folder = layout.run_dir(spec.run_id)
-    ckpt = layout.checkpoint(spec.run_id)
     began = task_started()
-    row = {**spec_fields(spec), "started_at": started, **_environment(device), **(budget or Budget()).to_dict()}
-    row.update((packing or Packing()).to_dict(spec.run_id, on_gpu=device.type == "cuda"), **allocation_fields(packing))
-    module = None
+    spec, ids, fused = specs[0], [s.run_id for s in specs], len(specs) > 1
+    layout = Layout(spec.results)
+    ckpt = layout.group_checkpoint(group_id(ids)) if fused else layout.checkpoint(spec.run_id)
+    packing = packing or Packing()
+    rows = [
+        {
+            **spec_fields(s),
+            "started_at": started,
+            **_environment(device),
+            **(b or Budget()).to_dict(),
+            **packing.to_dict(s.run_id, on_gpu=device.type == "cuda"),
+            **allocation_fields(packing),
+            **(fusion_fields(ids, s.run_id) if fused else {}),
+        }
+        for s, b in zip(specs, budgets)
+    ]
+    module: ResNetModule | None = None
+    paths: list[Path] = []
+
+    def finish(members: list[int], status: str) -> None:
+        """The records of ``members``; each holds the group's wall-clock time and peak memory."""
+        assert module is not None
+        shared = {"wall_seconds": module.wall_seconds(), **peak_memory(device)}
+        for m in members:
+            rows[m].update(
+                member_outcome(module, m),
+                **shared,
+                status=status,
+                ended_at=datetime.now(timezone.utc),
+                error=module.errors[m],
+            )
+            paths.append(records.write_record(rows[m], specs[m].results))
+            clear_progress(specs[m].results, specs[m].run_id)
+
     try:
         reset_peak_memory(device)
-        row.update(check_data(spec))
+        checked = check_data(spec)
         fast = FastPath.for_device(device, spec.precision)
-        row["precision_used"] = fast.precision
+        if fused and fast.precision == "16-mixed":
+            raise UsageError("16-mixed scales the loss once per step for every member: train these runs unfused")
         L.seed_everything(spec.seed, workers=True, verbose=False)
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = fast.cudnn_benchmark and not spec.deterministic
@@ -300,14 +345,18 @@ def fit(
             val_split=spec.held_out,
         )
         steps = spec.steps(len(loaders.train))
-        row.update(loaders.sizes, **schedule_fields(spec, steps))
-        module = ResNetModule(spec, steps=steps, fused_sgd=fast.fused_sgd, validation=loaders.val is not None)
+        module = ResNetModule(
+            specs,
+            steps=steps,
+            fused_sgd=fast.fused_sgd,
+            validation=loaders.val is not None,
+            memory_format=fast.memory_format,
+        )
         module.attempt_started = began
-        row["params"] = count_parameters(module.model)
-        if fast.channels_last:
-            module.model.to(memory_format=torch.channels_last)
-        folder.mkdir(parents=True, exist_ok=True)
-        interactive = sys.stderr.isatty()
+        for row in rows:  # the seed changes neither the data nor the schedule
+            row.update(checked, **loaders.sizes, **schedule_fields(spec, steps))
+            row.update(precision_used=fast.precision, params=module.params_per_member)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer = L.Trainer(
             accelerator=device.type,
             devices=1,
@@ -315,70 +364,47 @@ def fit(
             precision=cast(Literal["32-true", "16-mixed", "bf16-mixed"], fast.precision),
             max_epochs=steps.epochs,
             deterministic=spec.deterministic,
-            logger=make_logger(spec) or False,
+            logger=[cast(Logger, make_logger(s)) for s in specs] if spec.logger else False,  # one per member
             enable_checkpointing=False,
             enable_model_summary=False,
-            enable_progress_bar=interactive,
+            enable_progress_bar=sys.stderr.isatty(),
             num_sanity_val_steps=0,
-            callbacks=[AtomicLastCheckpoint(ckpt), *(callbacks or [])],
+            callbacks=[AtomicLastCheckpoint(ckpt, on_dropped=lambda gone: finish(gone, "failed")), *(callbacks or [])],
             plugins=plugins,
-            default_root_dir=str(folder),
+            default_root_dir=str(ckpt.parent),
         )
-        if spec.compile:  # after the Trainer, which sets the deterministic-algorithms flag the compiled code assumes
-            started_compile = time.perf_counter()
-            fallback = row["compile_fallback"] = compile_for_training(
-                module.model,
-                spec.compile,
-                batch_size=spec.batch_size,
-                precision=fast.precision,
-                device=device,
-                memory_format=fast.memory_format,
-            )
-            print(
-                f"[{spec.run_id}] "
-                + (
-                    f"torch.compile failed, training eagerly: {fallback}"
-                    if fallback
-                    else f"compiled (mode {spec.compile}) in {time.perf_counter() - started_compile:.1f}s"
-                ),
-                flush=True,
-            )
+        if fused and ckpt.is_file() and "state_dict" not in torch.load(ckpt, mmap=True, weights_only=True):
+            ckpt.rename(ckpt.with_name(ckpt.name + ".earlier"))
+            print(f"[{module.name}] {ckpt} was written by an earlier cifarbench: the group starts again", flush=True)
         trainer.fit(
             module,
-            train_dataloaders=loaders.train,
+            train_dataloaders=StackedBatches(loaders.train, [s.seed for s in specs]) if fused else loaders.train,
             val_dataloaders=[loaders.test, loaders.val] if loaders.val is not None else loaders.test,
             ckpt_path=str(ckpt) if ckpt.is_file() else None,
             weights_only=True,
         )
-        outcome = _outcome(module)
-        if outcome["epochs_done"] < steps.epochs:
-            raise RuntimeError(
-                f"training stopped after {outcome['epochs_done']} of {steps.epochs} epochs"
-                + (" (interrupted)" if trainer.interrupted else "")
-            )
-        row.update(
-            outcome,
-            **peak_memory(device),
-            status="completed",
-            ended_at=datetime.now(timezone.utc),
-            wall_seconds=module.wall_seconds(),
-        )
-        path = records.write_record(row, spec.results)
-        clear_progress(spec.results, spec.run_id)
+        for m in module.live:
+            if (done := len(module.histories[m]["test_acc"])) < steps.epochs:
+                raise RuntimeError(
+                    f"training stopped after {done} of {steps.epochs} epochs"
+                    + (" (interrupted)" if trainer.interrupted else "")
+                )
+        finish(module.live, "completed")
         task_ended()
-        return path
+        return paths
     except BaseException as exc:  # also SystemExit/KeyboardInterrupt: an interrupted run still leaves a record
         task_ended()
-        row.update(
-            _outcome(module) if module else {"epochs_done": 0},  # failed before the model existed: no epoch ran
-            **peak_memory(device),
-            wall_seconds=module.wall_seconds() if module else time.time() - began,
-            status="failed",
-            ended_at=datetime.now(timezone.utc),
-            error=error_text(exc),
-            traceback="".join(traceback.format_exc().splitlines(keepends=True)[-30:]),
-        )
-        _write_failed(row, spec)
+        shared = {"wall_seconds": module.wall_seconds() if module else time.time() - began, **peak_memory(device)}
+        for m in module.live if module else range(len(specs)):
+            rows[m].update(
+                member_outcome(module, m) if module else {"epochs_done": 0},  # failed before the model existed
+                **shared,
+                status="failed",
+                ended_at=datetime.now(timezone.utc),
+                error=(module.errors[m] if module else None) or error_text(exc),
+                traceback="".join(traceback.format_exc().splitlines(keepends=True)[-30:]),
+            )
+            _write_failed(rows[m], specs[m])
         raise
 
 

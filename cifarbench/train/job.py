@@ -58,13 +58,14 @@ def run_one(
 
 
 def run_fused(specs: list[RunSpec], budgets: list[Budget | None] | None = None) -> list[str]:
-    """Train ``specs`` (one run but for the seed) as one fused group, holding every member's lock; members that
-    already completed are left out. Where the precision resolves to 16-mixed, whose loss scaling is one scale per
-    step, the members train one after another instead."""
+    """Train ``specs`` (one run but for the seed) as one fused group, holding every member's lock. Members that
+    completed (elsewhere, or in an earlier job of this group) are left out; the others make the group, whose
+    checkpoint is named after them, so a requeued group finds it again. Where the precision resolves to
+    16-mixed, whose loss scaling is one scale per step, the members train one after another instead."""
     import torch
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from cifarbench.train.fit import default_device, fit, resolve_precision
-    from cifarbench.train.fuse import fit_group
+    from cifarbench.train.fit import default_device, fit, fit_group, resolve_precision
 
     budgets = budgets if budgets is not None else [None] * len(specs)
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():  # as in run_one
@@ -76,22 +77,19 @@ def run_fused(specs: list[RunSpec], budgets: list[Budget | None] | None = None) 
                 print(f"[{spec.run_id}] another job is running this run; waiting for it", flush=True)
 
             locks.enter_context(run_lock(spec.results, spec.run_id, on_wait=waiting))
-        if resolve_precision(specs[0].precision, default_device()) == "16-mixed":
-            from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-            print(f"{plural(len(specs), 'run')}: 16-mixed cannot be fused; training them one by one", flush=True)
-            plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None  # as in run_one
-            return [
-                str(Layout(s.results).record(s.run_id))
-                if completed_record(s)
-                else str(fit(s, plugins=plugins, budget=b))
-                for s, b in zip(specs, budgets)
-            ]
-        paths = [str(p) for p in fit_group(specs, budgets=budgets)]
+        todo = [(s, b) for s, b in zip(specs, budgets) if not completed_record(s)]
+        plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None  # as in run_one
+        if len(todo) > 1 and resolve_precision(specs[0].precision, default_device()) == "16-mixed":
+            print(f"{plural(len(todo), 'run')}: 16-mixed cannot be fused; training them one by one", flush=True)
+        if len(todo) > 1 and resolve_precision(specs[0].precision, default_device()) != "16-mixed":
+            fit_group([s for s, _ in todo], budgets=[b for _, b in todo], plugins=plugins)
+        else:  # a group of one left is a run alone
+            for s, b in todo:
+                fit(s, plugins=plugins, budget=b)
         failed = [s.run_id for s in specs if not completed_record(s)]
         if failed:
             raise RuntimeError(f"{plural(len(failed), 'run')} of the fused group failed: {', '.join(failed)}")
-        return paths
+        return [str(Layout(s.results).record(s.run_id)) for s in specs]
 
 
 class RunJob(submitit.helpers.Checkpointable):

@@ -24,10 +24,20 @@ def make_logger(spec: RunSpec) -> Logger | None:
     if spec.logger == "csv":
         return CSVLogger(save_dir=folder, name="csv", version="")
     if spec.logger == "wandb":
-        # one run per run id: a resumed attempt appends to it
-        return WandbLogger(
-            save_dir=str(folder), offline=True, project="cifarbench", name=spec.run_id, id=spec.run_id, resume="allow"
+        import wandb
+
+        # one run per run id: a resumed attempt appends to it. Started here rather than by the logger, which would
+        # reuse the process's current run: a fused group's members each log to their own.
+        run = wandb.init(
+            dir=str(folder),
+            mode="offline",
+            project="cifarbench",
+            name=spec.run_id,
+            id=spec.run_id,
+            resume="allow",
+            reinit="create_new",
         )
+        return WandbLogger(experiment=run, save_dir=str(folder), offline=True)
     if spec.logger == "mlflow":
         # MLflow 3 refuses its file store unless asked for it: a folder beside the run needs no database or server
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -104,6 +104,14 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def seeded_model(name: str, num_classes: int, seed: int) -> nn.Module:
+    """The model a run starts from: built and initialised right after seeding torch with the run's seed."""
+    torch.manual_seed(seed)
+    model = get_resnet(name, num_classes)
+    model.apply(init_weights)
+    return model
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
