@@ -401,10 +401,10 @@ def as_json(statuses: list[RunStatus]) -> dict:
     return {"summary": summary(statuses), "eta": grid_eta(statuses), "runs": [asdict(s) for s in statuses]}
 
 
-def wait(
-    results: str | os.PathLike, specs: list[RunSpec], *, interval: float = 2.0, stream=sys.stderr
-) -> list[RunStatus]:
-    """Follow the runs until every one has ended, with a progress line (redrawn in place on a terminal)."""
+def wait(results: str | os.PathLike, specs: list[RunSpec], *, interval: float = 2.0, stream=None) -> list[RunStatus]:
+    """Follow the runs until every one has ended, with a progress line (redrawn in place on a terminal) on
+    ``stream``, by default the standard error of the moment (not of the moment this module was imported)."""
+    stream = stream or sys.stderr
     interactive = stream.isatty()
     last = None
     wanted = {sp.run_id for sp in specs}
