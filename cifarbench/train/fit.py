@@ -293,11 +293,12 @@ def _fit(
     layout = Layout(spec.results)
     ckpt = layout.group_checkpoint(group_id(ids)) if fused else layout.checkpoint(spec.run_id)
     packing = packing or Packing()
+    environment = _environment(device)  # the group's process: one git call, not one per member
     rows = [
         {
             **spec_fields(s),
             "started_at": started,
-            **_environment(device),
+            **environment,
             **(b or Budget()).to_dict(),
             **packing.to_dict(s.run_id, on_gpu=device.type == "cuda"),
             **allocation_fields(packing),
