@@ -1,6 +1,8 @@
 """cifarbench collect: records on disk -> tables, reference comparison, incomplete runs, plots, CLI."""
 
+import base64
 import json
+import multiprocessing
 import shutil
 import statistics
 import subprocess
@@ -17,6 +19,7 @@ from cifarbench.cluster import status
 from cifarbench.config.resources import STOPPED
 from cifarbench.config.spec import RunSpec, get_recipe
 from cifarbench.errors import UsageError
+from cifarbench.report import html
 from cifarbench.report.collect import collect
 from cifarbench.report.plots import curves, sizes
 from cifarbench.report.tables import (
@@ -786,9 +789,24 @@ def test_plots_are_written(write_records, tmp_path):
         "size_cifar10_step-200.png",
         "size_cifar100_step-200.png",
     }
+    page = (tmp_path / "out" / "report.html").read_text()
     for png in pngs:
         assert png.parent == tmp_path / "out" / "plots"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        # drawn while the page was made, and in it all the same
+        assert base64.b64encode(png.read_bytes()).decode() in page
+
+
+def test_an_error_while_the_plots_are_drawn_stops_them(write_records, tmp_path, monkeypatch):
+    results = write_records([{"model": m, "seed": s} for m in ("resnet20", "resnet56") for s in range(2)])
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(html, "write_report", fail)
+    with pytest.raises(OSError, match="disk full"):
+        collect(results, out=tmp_path / "out")
+    assert multiprocessing.active_children() == []  # no drawing process left behind
 
 
 SHORT = "step-200, 2 of 200 epochs, milestones 1,1,2"  # step-200 as a 2-epoch run runs it

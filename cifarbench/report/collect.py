@@ -5,10 +5,14 @@ I/O edge of the report layer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 
 from cifarbench.errors import UsageError, check_name, plural
 from cifarbench.report import html, reference
@@ -126,28 +130,26 @@ def collect(
     atomic.write_text(out_layout.tables, markdown)
     atomic.write_text(out_layout.summary, summary.to_csv(index=False))
     table = found.table
-    if plots:  # curves: read from the records' columns once, then kept in runs.parquet
-        table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
-    if report:  # every run's curve and details (environment, traceback): the same
-        table = scan.with_details(root, table, runs.index)
-    if found.changed or table is not found.table or not out_layout.runs_table.exists():
-        kept = np.zeros(table.num_rows, bool)
-        kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
-        scan.write_runs(table.filter(kept), out_layout.runs_table, root)
-    written = [out_layout.tables, out_layout.summary, out_layout.runs_table]
-    if plots or report:
-        curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
-        runs = runs.assign(config=config, test_acc=curves)
-    if plots:
-        from cifarbench.report.plots import write_plots  # matplotlib: only when plots are wanted
+    with contextlib.ExitStack() as stack:
+        pngs: Callable[[], list[Path]] = list
+        if plots:  # curves: read from the records' columns once, then kept in runs.parquet
+            from cifarbench.report.plots import drawing  # matplotlib: only when plots are wanted
 
-        written += write_plots(runs, summary, tabs, out_layout.plots)
-    if report:
-        written.append(
-            html.write_report(
+            table = scan.with_curves(root, table, runs.index[runs.status.eq("completed")])
+            # drawn in the background while runs.parquet and report.html are written
+            pngs = stack.enter_context(drawing(_curved(runs, config, table), summary, tabs, out_layout.plots))
+        if report:  # every run's curve and details (environment, traceback): the same
+            table = scan.with_details(root, table, runs.index)
+        if found.changed or table is not found.table or not out_layout.runs_table.exists():
+            kept = np.zeros(table.num_rows, bool)
+            kept[all_runs.index.to_numpy()] = True  # a mask, not take(): much faster on the curve column
+            scan.write_runs(table.filter(kept), out_layout.runs_table, root)
+        written = [out_layout.tables, out_layout.summary, out_layout.runs_table]
+        if report:
+            page = html.write_report(
                 out_layout.report,
                 root,
-                runs=runs,
+                runs=_curved(runs, config, table),
                 configs=summary,
                 summary=summary_line(runs, value),
                 tabs=tabs,
@@ -158,8 +160,14 @@ def collect(
                 packing=packing,
                 no_record=found.no_record,
                 details=dict(zip(runs.run_id, table.select(scan.DETAILS).take(runs.index.to_numpy()).to_pylist())),
-                images=[p for p in written if p.suffix == ".png"],
+                images=pngs,
                 value=value,
             )
-        )
+        written += [*pngs(), *([page] if report else [])]
     return Report(markdown, warnings, written)
+
+
+def _curved(runs: pd.DataFrame, config, table: pa.Table) -> pd.DataFrame:
+    """``runs`` with each run's configuration (its row in the summary) and its curve from the scan's ``table``."""
+    curves = table.column("test_acc").take(runs.index.to_numpy()).to_numpy(zero_copy_only=False)
+    return runs.assign(config=config, test_acc=curves)

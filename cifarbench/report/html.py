@@ -14,7 +14,7 @@ import functools
 import itertools
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
@@ -350,7 +350,7 @@ def render(
     missing: list[str],
     no_record: list[str],
     details: dict[str, dict],
-    images: list[Path],
+    images: Callable[[], list[Path]],
     value: str = "final_test_acc",
     hours: Part | None = None,
     timing: Sequence[Part] = (),
@@ -360,14 +360,15 @@ def render(
     table), and ``test_acc``, its curve; ``summary``, ``tabs``, ``matches``, ``missing``, ``hours``
     (device-hours), ``timing`` (time estimates) and ``packing`` (packing and fusion) as the Markdown report has
     them; ``details``: run id -> what the summary leaves out (``scan.DETAILS``);
-    ``images``: the plots' PNGs; ``value``: what the cells show, as ``collect --value`` says."""
+    ``images``: waits for the plots' PNGs and returns them (called last, so that the page is made while they are
+    drawn); ``value``: what the cells show, as ``collect --value`` says."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
         ("tables", "Tables", _tables(tabs, matches, value)),
         ("hours", "Device-hours", _part(hours) if hours else ""),
         ("timing", "Time estimates", "".join(map(_part, timing))),
         ("packing", "Packing and fusion", _part(packing) if packing else ""),
-        ("plots", "Plots", _plots(images)),
+        ("plots", "Plots", ""),  # last: the figures are being drawn meanwhile
         (
             "missing",
             "Missing, failed and lost runs",
@@ -383,6 +384,7 @@ def render(
         ),
         ("grids", "Grid files submitted", _submissions(root)),
     ]
+    sections = [(key, name, _plots(images()) if key == "plots" else part) for key, name, part in sections]
     sections = [s for s in sections if s[2]]
     nav = "".join(f'<a href="#{key}">{_e(name)}</a>' for key, name, _ in sections)
     body = "".join(f'<section id="{key}"><h2>{name}</h2>{html}</section>' for key, name, html in sections)

@@ -7,17 +7,19 @@ through Agg.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import re
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from cifarbench.report.tables import CONFIG, RECIPE_RUN, Table, labels, model_depth, recipe_label, title
 from cifarbench.system import usable_cores
@@ -26,8 +28,12 @@ from cifarbench.system import usable_cores
 _FIGURES: list[Callable[[], tuple[str, Figure] | None]] = []
 
 
-def write_plots(runs: pd.DataFrame, summary: pd.DataFrame, tabs: list[Table], folder) -> list[Path]:
-    """One curves figure per table and one size figure per (dataset, recipe as run); returns the PNG paths.
+@contextlib.contextmanager
+def drawing(runs: pd.DataFrame, summary: pd.DataFrame, tabs: list[Table], folder) -> Iterator[Callable[[], list[Path]]]:
+    """Draw one curves figure per table and one size figure per (dataset, recipe as run) in the background, one
+    process per core, while the caller goes on (writing runs.parquet and report.html); yields a function that waits
+    for the figures and returns the PNGs' paths. Every figure is drawn by the time the block ends; an error in the
+    block stops the drawing.
 
     ``runs`` has a ``config`` column: the row in ``summary`` (and in each table's cells) of the run's
     configuration, and ``test_acc``, its curve."""
@@ -39,15 +45,25 @@ def write_plots(runs: pd.DataFrame, summary: pd.DataFrame, tabs: list[Table], fo
     _FIGURES = [functools.partial(curves, done, t) for t in tabs]
     _FIGURES += [functools.partial(size_figure, key, group) for key, group in _size_groups(sized)]
     # Drawing a figure costs a few tenths of a second of matplotlib's Python, whatever the runs: 31 of them are most
-    # of a collect of 10,000 runs, so each core draws its share (a forked process: the runs are there already).
+    # of a collect of 10,000 runs, so each core draws its share in a forked process (the runs are there already),
+    # and the caller's own work overlaps them.
     cores = min(usable_cores(), len(_FIGURES))
+    pool = None
+    drawn: Callable[[], Iterable[str | None]]
     if cores > 1 and "fork" in multiprocessing.get_all_start_methods():
-        with multiprocessing.get_context("fork").Pool(cores) as pool:
-            names = pool.map(functools.partial(_draw, folder), range(len(_FIGURES)), chunksize=1)
+        pool = multiprocessing.get_context("fork").Pool(cores)
+        drawn = pool.map_async(functools.partial(_draw, folder), range(len(_FIGURES)), chunksize=1).get
     else:
-        names = [_draw(folder, i) for i in range(len(_FIGURES))]
-    _FIGURES = []
-    return [folder / name for name in names if name]
+        drawn = functools.partial(map, functools.partial(_draw, folder), range(len(_FIGURES)))
+    try:
+        paths = functools.cache(lambda: [folder / name for name in drawn() if name])
+        yield paths
+        paths()
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _FIGURES = []
 
 
 def _draw(folder: Path, index: int) -> str | None:
@@ -56,7 +72,8 @@ def _draw(folder: Path, index: int) -> str | None:
     if made is None:
         return None
     name, fig = made
-    fig.savefig(folder / name, dpi=100)
+    # zlib's fastest level: a seventh of a figure's time at the default level, for files a sixth larger
+    fig.savefig(folder / name, dpi=100, pil_kwargs={"compress_level": 1})
     return name
 
 
@@ -88,7 +105,9 @@ def curves(done: pd.DataFrame, table: Table) -> tuple[str, Figure] | None:
     panels, lines = _ordered(runs, table.cols), _ordered(runs, table.rows)
     panel_of, line_of = labels(runs, table.cols), labels(runs, table.rows)
     fig = Figure(figsize=(1 + 5 * len(panels), 4.5))
-    for ax, panel in zip(fig.subplots(1, len(panels), sharey=True, squeeze=False)[0], panels):
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    axes[0].set_ylabel("test accuracy")  # the panels share it
+    for ax, panel in zip(axes, panels):
         for line in lines:
             curves = [
                 np.asarray(c, float)
@@ -104,10 +123,11 @@ def curves(done: pd.DataFrame, table: Table) -> tuple[str, Figure] | None:
             if len(acc) > 1:
                 std = acc.std(axis=0, ddof=1)
                 ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
-        ax.set(title=f"{' '.join(table.cols)} {panel}", xlabel="epoch", ylabel="test accuracy")
+        ax.set(title=f"{' '.join(table.cols)} {panel}", xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend(title=" ".join(table.rows), fontsize="small")
+        # accuracy rises over the epochs, so the lower right is free; "best" would cost a quarter of the figure
+        ax.legend(title=" ".join(table.rows), fontsize="small", loc="lower right")
     # two lines: one narrow panel cannot hold the whole title on one
     # as many lines as the panels' width needs: a shortened recipe's title is long, one panel is narrow
     heading = textwrap.wrap(f"Test accuracy per epoch: {table.title}", width=11 * (1 + 5 * len(panels)))
@@ -152,9 +172,9 @@ def size_figure(dataset_recipe: tuple, group: pd.DataFrame) -> tuple[str, Figure
     depths = sorted(set(group.model.map(model_depth)))
     ax_depth.set(xscale="log", xlabel="depth (layers)", ylabel="final test accuracy")
     ax_depth.set_xticks(depths, [str(d) for d in depths])
-    ax_depth.tick_params(axis="x", which="minor", labelbottom=False)
     ax_params.set(xscale="log", xlabel="parameters")
     for ax in (ax_depth, ax_params):
+        ax.xaxis.set_minor_locator(NullLocator())  # a log axis' minor ticks: dozens of artists that say little
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"Final test accuracy against model size: {dataset}, {run} (mean ± std over seeds)")
