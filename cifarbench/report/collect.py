@@ -19,6 +19,7 @@ from cifarbench.report import html, reference
 from cifarbench.report.tables import (
     CONFIG,
     VALUES,
+    allocations,
     dedupe,
     default_tables,
     device_hours_part,
@@ -110,10 +111,11 @@ def collect(
         tabs = tables(summary, rows, cols, value=value, always=titled)
     else:
         tabs = default_tables(summary, value)
-    matches = [
-        reference.match(t.cells[t.cells.n > 0], published, source) if value in reference.COMPARED else None
-        for t in tabs
-    ]
+    matches: list[pd.DataFrame | None] = (
+        list(reference.match(summary[summary.n > 0], [t.cells.index for t in tabs], published, source))
+        if value in reference.COMPARED
+        else [None] * len(tabs)
+    )
     unreadable = [
         Path(p).parent.name
         for p in found.skipped.get(UNREADABLE, ())
@@ -121,8 +123,9 @@ def collect(
     ]
     missing = incomplete(runs, set(all_runs.run_id), found.no_record, unreadable, expected)
     # an allocation's time and device-hours are its runs' in the whole folder, also where --where selects some
-    hours = device_hours_part(runs, tabs, config, folder=all_runs)
-    timing = time_estimate_parts(runs, folder=all_runs)
+    allocated = allocations(all_runs)
+    hours = device_hours_part(runs, tabs, config, folder=all_runs, allocated=allocated)
+    timing = time_estimate_parts(runs, folder=all_runs, allocated=allocated)
     packing = packing_part(runs)
     markdown = render(runs, tabs, matches, missing, value, hours=hours, timing=timing, packing=packing)
 

@@ -27,8 +27,12 @@ def sources(published: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(published.source))
 
 
-def match(cells: pd.DataFrame, published: pd.DataFrame, source: str | None = None) -> pd.DataFrame:
-    """The cells (configurations) that have a published figure, one row each, with the figure beside them.
+def match(
+    cells: pd.DataFrame, shown: list[pd.Index], published: pd.DataFrame, source: str | None = None
+) -> list[pd.DataFrame]:
+    """Per table, its cells (configurations) that have a published figure, one row each, with the figure beside
+    them. ``cells`` holds every table's cells (the summary's rows), ``shown`` the labels in ``cells`` of each
+    table's: they are matched once, and a cell matches alike in every table that shows it.
 
     A match is exact when dataset, model, recipe, batch size and epochs all agree. With the default source
     only exact matches count. A source named explicitly (the papers use recipes cifarbench does not run) is
@@ -37,8 +41,9 @@ def match(cells: pd.DataFrame, published: pd.DataFrame, source: str | None = Non
     ref = published[published.source == (source or DEFAULT_SOURCE)].rename(
         columns={"recipe": "ref_recipe", "batch_size": "ref_batch_size", "epochs": "ref_epochs"}
     )
-    m = cells.reset_index(drop=True).rename_axis("cell").reset_index().merge(ref, on=["dataset", "model"])
+    m = cells.rename_axis("cell").reset_index().merge(ref, on=["dataset", "model"])
     m["exact"] = (m.recipe == m.ref_recipe) & (m.batch_size == m.ref_batch_size) & (m.epochs == m.ref_epochs)
     by_cell = m.groupby("cell").exact
     loose = (source is not None) & ~by_cell.transform("any") & (by_cell.transform("size") == 1)
-    return m[m.exact | loose].drop(columns="cell").reset_index(drop=True)
+    m = m[m.exact | loose]
+    return [m[m.cell.isin(labels)].drop(columns="cell").reset_index(drop=True) for labels in shown]

@@ -510,13 +510,18 @@ def device_hours(tasks: pd.DataFrame, task_of: pd.Series) -> DeviceHours:
 
 
 def device_hours_part(
-    runs: pd.DataFrame, tabs: list[Table], config: pd.Series, folder: pd.DataFrame | None = None
+    runs: pd.DataFrame,
+    tabs: list[Table],
+    config: pd.Series,
+    folder: pd.DataFrame | None = None,
+    allocated: tuple[pd.DataFrame, pd.Series] | None = None,
 ) -> Part | None:
     """``device_hours`` of the results folder (``folder``: all its records; default ``runs``), of the runs selected
     from it (``runs``) where they are fewer, and of each table's runs (``config``: each run's row of the summary,
-    as ``summarize`` gives it). None when no run's allocation is recorded."""
+    as ``summarize`` gives it). None when no run's allocation is recorded. ``allocated``: ``allocations(folder)``
+    where the caller has it already."""
     folder = runs if folder is None else folder
-    tasks, task_of = allocations(folder)
+    tasks, task_of = allocations(folder) if allocated is None else allocated
     units = [u for u in (GPU_H, CPU_H) if tasks.unit.eq(u).any()]
     if not units:
         return None
@@ -599,18 +604,21 @@ def packing_part(runs: pd.DataFrame) -> Part | None:
     return Part(header, body, notes, numeric_from=5)
 
 
-def time_estimate_parts(runs: pd.DataFrame, folder: pd.DataFrame | None = None) -> list[Part]:
+def time_estimate_parts(
+    runs: pd.DataFrame, folder: pd.DataFrame | None = None, allocated: tuple[pd.DataFrame, pd.Series] | None = None
+) -> list[Part]:
     """How good ``submit``'s estimates were, over array tasks (a pack or a fused group is one task) with a completed
     run and an estimate: per kind of estimate (SOURCES), measured / estimated time, its median, 25th–75th percentile
     and range; and per configuration and way of training (alone, packed, fused), its tasks' mean estimated and
     measured minutes and time limit. Measured: the task's wall-clock time, the longest of its completed runs'. A
     task is taken whole from ``folder`` (every record of the results folder; default ``runs``), also where ``runs``
-    selects only some of its runs. Empty when no task has both an estimate and a measured time."""
+    selects only some of its runs. Empty when no task has both an estimate and a measured time. ``allocated``:
+    ``allocations(folder)`` where the caller has it already."""
     folder = runs if folder is None else folder
     done = runs[runs.status.eq("completed") & runs.estimated_s.notna()]
     if done.empty:
         return []
-    tasks, task_of = allocations(folder)
+    tasks, task_of = allocations(folder) if allocated is None else allocated
     estimated = tasks.loc[task_of.loc[done.index].unique()]
     timed = estimated[estimated.done_wall_s.notna()]
     if timed.empty:
