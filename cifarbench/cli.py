@@ -265,31 +265,43 @@ def _cmd_collect(args) -> int:
 
 def _cmd_bench(args) -> int:
     check_name(args.model, ARCHS, "model")  # fail before the measurements, not after minutes of them
-    from cifarbench import bench
+    from cifarbench.bench import fuse, pack, pipeline, rows, train
     from cifarbench.train.fit import default_device, resolve_precision
 
     device = default_device()
     resolve_precision(args.precision, device)
-    if bench.prepare_data(args.dataset, args.data_root):
+    if pipeline.prepare_data(args.dataset, args.data_root):
         print(f"{args.dataset}: not found in {args.data_root}, wrote a synthetic copy there", file=sys.stderr)
     timing = {key: getattr(args, key) for key in ("steps", "warmup", "repeats") if getattr(args, key) is not None}
     common = dict(dataset=args.dataset, root=args.data_root, batch_size=args.batch_size, device=device, **timing)
-    rows = []
+    measured = []
     if args.what == "pack":
-        rows = bench.bench_pack(model=args.model, packs=args.pack, precision=args.precision, mps=args.mps, **common)
-        print(bench.render_pack(rows))
-        print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
-        return 0
+        measured.append(
+            pack.bench_pack(
+                model=args.model,
+                packs=args.pack,
+                precision=args.precision,
+                mps=args.mps,
+                isolation=args.isolation,
+                **common,
+            )
+        )
     if args.what in ("pipeline", "all"):
-        rows += bench.bench_pipeline(**common)
+        measured.append(pipeline.bench_pipeline(**common))
     if args.what in ("train", "all"):
-        rows += bench.bench_train(
-            model=args.model, precision=args.precision, compile=args.compile, with_levers=args.levers, **common
+        measured.append(
+            train.bench_train(
+                model=args.model, precision=args.precision, compile=args.compile, with_levers=args.levers, **common
+            )
         )
     if args.what == "fuse":  # not part of "all": K models at once is a measurement of its own
-        rows += bench.bench_fuse(model=args.model, precision=args.precision, sizes=tuple(args.fuse), **common)
-    print(bench.render(rows))
-    print(f"wrote {bench.write_rows(rows, args.results)}", file=sys.stderr)
+        measured.append(fuse.bench_fuse(model=args.model, precision=args.precision, sizes=tuple(args.fuse), **common))
+    table = rows.Table(args.results)
+    for benchmark in measured:
+        for row in benchmark:  # each row on disk as soon as it is measured: a benchmark cut off keeps what it had
+            table.add(row)
+    print(rows.render_pack(table.rows) if args.what == "pack" else rows.render(table.rows))
+    print(f"wrote {table.path}", file=sys.stderr)
     return 0
 
 
@@ -473,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MPS_MODES,
         default="auto",
         help="with --what pack on a GPU: share it through a CUDA MPS server (auto: where one can be started)",
+    )
+    p.add_argument(
+        "--isolation",
+        action="store_true",
+        help="with --what pack: also run the largest pack with one run given a batch too big for the GPU's memory, "
+        "and check that it fails alone (on a CPU a labelled error stands in: no huge batch is allocated)",
     )
     p.add_argument("--model", default="resnet56", help="a model name (`cifarbench models`)")
     p.add_argument(

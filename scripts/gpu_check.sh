@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check, unattended, in at most 8 minutes: cifarbench's throughput levers, a short real fit (fast path,
-# torchvision baseline loader, compiled with CUDA graphs), the packing and fusion benchmarks (reported as not
-# implemented until they are) and a 5-run grid through `submit --executor local --wait` and `collect`. Each part
-# runs in subprocesses with a time cap, so one that fails or hangs leaves the others. Everything lands directly
-# in OUT_DIR: summary.md, tables.parquet, env.json, log.txt.
+# The GPU check, unattended, in at most 8 minutes (scripts/gpu_check.py; its docstring has the details). Six parts,
+# the figures that matter most first: (1) the fast path against the notebook's baseline (resnet56, batch 64);
+# (2) a fused group of K = 8 beside K runs packed onto the GPU and K runs one after another, same model, data,
+# images, precision and K; (3) the fast path's accuracy, 2 seeds each of it and the baseline loader, 5 epochs on
+# synthetic CIFAR-100 of the real size, and a run compiled with CUDA graphs; (4) each throughput lever and
+# torch.compile; (5) 1-8 resnet20 runs packed, without MPS and under it where nvidia-cuda-mps-control is on the
+# PATH, and one packed run made to run out of GPU memory, which must fail alone; (6) a 5-run grid through
+# `submit --executor local --wait` and `collect`. Each part runs in subprocesses with a time cap, so one that
+# fails or hangs leaves the others; the caps leave 60 s of the budget for start-up and writing. Every row is
+# kept as soon as it is measured and the files are rewritten after each benchmark, run and part, so a part cut
+# off at its cap keeps what it finished. Verdicts are medians of repeated windows and state their spread. Everything lands
+# directly in OUT_DIR: summary.md, tables.parquet, env.json, log.txt.
 #
-#   bash scripts/gpu_check.sh OUT_DIR [--smoke] [--budget SECONDS] [--only levers,fit,pack,grid]
+#   bash scripts/gpu_check.sh OUT_DIR [--smoke] [--budget SECONDS] [--only speed,fuse,fit,levers,pack,grid]
 #
 # cifarbench runs from this tree (PYTHONPATH; nothing is pip-installed) with the python3 on the PATH, which must
 # hold torch, torchvision, lightning, torchmetrics, pandas, pyarrow, matplotlib and pyyaml. submitit, which only
@@ -19,8 +26,10 @@
 # (add cloudpickle and typing_extensions the same way for a python3 that lacks them). Without submitit and
 # without its wheel, the grid part is skipped with a note and the others run.
 #
-# --smoke runs the same code paths at CPU size (tests/test_gpu_check.py). Exit code: 0 when the files were
-# written, whatever the parts did (summary.md says); 2 when OUT_DIR cannot be written or the arguments are wrong.
+# --smoke runs the same code paths at CPU size (tests/test_gpu_check.py; K = 2, one seed of each loader, no
+# torch.compile, and a labelled error stands in for the run out of memory, since a CPU cannot run out of a
+# device's memory safely). Exit code: 0 when the files were written, whatever the parts did (summary.md says);
+# 2 when OUT_DIR cannot be written or the arguments are wrong.
 set -u
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -48,4 +57,4 @@ else
 fi
 
 export PYTHONPATH="$root:$site${PYTHONPATH:+:$PYTHONPATH}"
-python3 -m cifarbench.gpu_check "$@" --setup-log "$log"
+python3 "$root/scripts/gpu_check.py" "$@" --setup-log "$log"

@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cifarbench import bench
+from cifarbench.bench import pack, pipeline, rows, train
 from cifarbench.cli import main
 from cifarbench.errors import UsageError
 from cifarbench.store import records
@@ -13,25 +13,30 @@ CPU = torch.device("cpu")
 TINY = dict(steps=2, warmup=1, repeats=2)
 
 
-def _check_rows(rows, what):
-    base = [r for r in rows if r["baseline"]]
+def _check_rows(measured, what):
+    base = [r for r in measured if r["baseline"]]
     assert len(base) == 1 and base[0]["ratio"] == pytest.approx(1.0)
-    for r in rows:
-        assert r["what"] == what and set(r) <= set(bench.SCHEMA.names)
+    for r in measured:
+        assert r["what"] == what and set(r) <= set(rows.SCHEMA.names)
         assert r["device"] == "cpu" and r["torch_version"] == torch.__version__
         assert r["cpu_cores"] == usable_cores() and r["torch_threads"] == torch.get_num_threads()
         if r["images_per_s"] is not None:
             assert r["images_per_s"] > 0
+            if "whole epoch" not in r["variant"]:  # a median of the repeated windows, between the slowest and fastest
+                assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
             assert r["ratio"] == pytest.approx(r["images_per_s"] / base[0]["images_per_s"])
 
 
 def test_pipeline_rows_compare_the_device_loader_with_the_dataloader_on_all_cores(synthetic_root):
-    rows = bench.bench_pipeline(dataset="synthetic10", root=synthetic_root, batch_size=32, device=CPU, **TINY)
-    _check_rows(rows, "pipeline")
-    assert rows[0]["baseline"] and rows[0]["loader"] == "torchvision" and rows[0]["workers"] == usable_cores()
-    assert [r["workers"] for r in rows[:-1]] == bench.baseline_workers()
-    assert rows[-1]["variant"] == "device loader" and rows[-1]["loader"] == "device"
-    assert all(r["dataset"] == "synthetic10" and r["batch_size"] == 32 and r["steps"] == 2 for r in rows)
+    measured = list(
+        pipeline.bench_pipeline(dataset="synthetic10", root=synthetic_root, batch_size=32, device=CPU, **TINY)
+    )
+    _check_rows(measured, "pipeline")
+    first, last = measured[0], measured[-1]
+    assert first["baseline"] and first["loader"] == "torchvision" and first["workers"] == usable_cores()
+    assert [r["workers"] for r in measured[:-1]] == pipeline.baseline_workers()
+    assert last["variant"] == "device loader" and last["loader"] == "device"
+    assert all(r["dataset"] == "synthetic10" and r["batch_size"] == 32 and r["steps"] == 2 for r in measured)
 
 
 def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_root, monkeypatch):
@@ -46,7 +51,7 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    rows = bench.bench_train(
+    measured = train.bench_train(
         model="resnet20",
         dataset="synthetic100",
         root=synthetic_root,
@@ -58,8 +63,9 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
         warmup=1,
         repeats=1,
     )
-    _check_rows(rows, "train")
-    by_variant = {r["variant"]: r for r in rows}
+    measured = list(measured)
+    _check_rows(measured, "train")
+    by_variant = {r["variant"]: r for r in measured}
     assert list(by_variant) == [
         "baseline: PIL DataLoader, eager",
         "fast path",
@@ -74,7 +80,7 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
     assert by_variant["baseline: PIL DataLoader, eager"]["workers"] == usable_cores()
     assert by_variant["fast path, precision bf16-mixed"]["precision"] == "bf16-mixed"
     assert all(r["precision"] == "32-true" for v, r in by_variant.items() if "bf16" not in v)
-    assert all(r["model"] == "resnet20" for r in rows)
+    assert all(r["model"] == "resnet20" for r in measured)
     assert all(by_variant[v]["images_per_s"] > 0 for v in by_variant if "compile" not in v)
     failed = by_variant["fast path + torch.compile"]
     assert modes == ["default", "default"] and failed["images_per_s"] is None and failed["ratio"] is None
@@ -85,7 +91,7 @@ def test_train_rows_cover_baseline_fast_path_levers_and_lightning_fit(synthetic_
     fit = by_variant["lightning fit"]
     assert fit["images_per_s"] > 0 and fit["dataset"] == "synthetic100" and fit["eval_images_per_s"] > 0
     assert fit["minutes_200_epochs"] == pytest.approx(
-        bench.projected_minutes(fit["images_per_s"], fit["eval_images_per_s"])
+        train.projected_minutes(fit["images_per_s"], fit["eval_images_per_s"])
     )
     assert all(r.get("minutes_200_epochs") is None for v, r in by_variant.items() if not v.startswith("lightning fit"))
     assert by_variant["lightning fit, whole epoch (record)"].get("minutes_200_epochs") is None
@@ -101,7 +107,7 @@ def test_the_fast_path_is_what_a_run_uses_and_each_gpu_lever_is_flipped_alone():
     )
     gpu = torch.device("cuda")
     fast = FastPath(precision="bf16-mixed", channels_last=True, cudnn_benchmark=True, fused_sgd=True)
-    flipped = dict(bench.levers(fast, gpu))
+    flipped = dict(train.levers(fast, gpu))
     assert list(flipped) == [
         "precision 32-true",
         "channels_last off",
@@ -116,40 +122,53 @@ def test_the_fast_path_is_what_a_run_uses_and_each_gpu_lever_is_flipped_alone():
             if getattr(variant, f) != getattr(fast, f)
         }
         assert len(changed) == 1, label
-    assert [label for label, _ in bench.compile_modes(gpu)] == ["torch.compile", "torch.compile, CUDA graphs"]
-    assert dict(bench.compile_modes(gpu))["torch.compile, CUDA graphs"] == "reduce-overhead"
+    assert [label for label, _ in train.compile_modes(gpu)] == ["torch.compile", "torch.compile, CUDA graphs"]
+    assert dict(train.compile_modes(gpu))["torch.compile, CUDA graphs"] == "reduce-overhead"
 
 
 def test_projected_minutes_of_a_200_epoch_run():
     # 50,000 training images at 10,000/s and 10,000 test images at 20,000/s: 5.5 s an epoch, 200 epochs
-    assert bench.projected_minutes(10_000, 20_000) == pytest.approx(200 * 5.5 / 60)
+    assert train.projected_minutes(10_000, 20_000) == pytest.approx(200 * 5.5 / 60)
 
 
-def test_rows_are_written_with_the_bench_schema(tmp_path):
-    rows = [
-        {
-            "what": "pipeline",
-            "variant": "device loader",
-            "baseline": True,
-            "images_per_s": 10.0,
-            "ratio": 1.0,
-            "device": "cpu",
-            "torch_version": torch.__version__,
-        }
-    ]
-    path = bench.write_rows(rows, tmp_path)
+def test_rows_are_written_with_the_bench_schema_each_as_it_is_added(tmp_path):
+    row = {
+        "what": "pipeline",
+        "variant": "device loader",
+        "baseline": True,
+        "images_per_s": 10.0,
+        "ratio": 1.0,
+        "device": "cpu",
+        "torch_version": torch.__version__,
+    }
+    table = rows.Table(tmp_path)
+    table.add(row)
+    path = table.path
     assert path.parent == tmp_path / "bench" and path.suffix == ".parquet"
-    table = pq.read_table(path)
-    assert table.schema.equals(bench.SCHEMA) and table.schema.metadata[b"cifarbench.schema"] == b"bench/2"
-    assert not records.is_record_schema(table.schema) and records.read_record(path) is None
-    assert table.to_pylist()[0]["images_per_s"] == 10.0 and table.to_pylist()[0]["model"] is None
+    written = pq.read_table(path)
+    assert written.schema.equals(rows.SCHEMA) and written.schema.metadata[b"cifarbench.schema"] == b"bench/3"
+    assert not records.is_record_schema(written.schema) and records.read_record(path) is None
+    assert written.to_pylist()[0]["images_per_s"] == 10.0 and written.to_pylist()[0]["model"] is None
+    table.add({**row, "variant": "second", "baseline": False})
+    assert [r["variant"] for r in pq.read_table(path).to_pylist()] == ["device loader", "second"]
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # rewritten in place, no temporary file left
+
+
+def test_a_benchmark_cut_off_keeps_the_rows_it_had_measured(synthetic_root, tmp_path):
+    # the GPU check kills a part at its cap: whatever was measured before the kill is on disk
+    table = rows.Table(tmp_path)
+    measured = pipeline.bench_pipeline(dataset="synthetic10", root=synthetic_root, batch_size=32, device=CPU, **TINY)
+    table.add(next(measured))
+    measured.close()  # stopped after its first row
+    (row,) = pq.read_table(table.path).to_pylist()
+    assert row["baseline"] and row["loader"] == "torchvision" and row["images_per_s"] > 0
 
 
 def test_missing_synthetic_data_is_written_and_real_data_never_downloaded(tmp_path):
-    assert bench.prepare_data("synthetic10", tmp_path, train_size=20, test_size=10) is True
-    assert bench.prepare_data("synthetic10", tmp_path) is False
+    assert pipeline.prepare_data("synthetic10", tmp_path, train_size=20, test_size=10) is True
+    assert pipeline.prepare_data("synthetic10", tmp_path) is False
     with pytest.raises(UsageError, match="cifarbench data download"):
-        bench.prepare_data("cifar10", tmp_path)
+        pipeline.prepare_data("cifar10", tmp_path)
     assert not (tmp_path / "cifar-10-batches-py").exists()
 
 
@@ -180,7 +199,7 @@ def test_bench_command_prints_a_table_and_writes_parquet(synthetic_root, tmp_pat
     header, *lines = out.strip().splitlines()
     assert header.split()[:9] == ["what", "variant", "images/s", "x", "baseline", "x", "fast", "200", "ep"]
     assert lines[-1].startswith("pipeline  device loader") and f"cpu / {torch.__version__}" in lines[-1]
-    assert len(lines) == len(bench.baseline_workers()) + 1
+    assert len(lines) == len(pipeline.baseline_workers()) + 1
     (path,) = (tmp_path / "bench").glob("*.parquet")
     assert f"wrote {path}" in err and pq.read_table(path).num_rows == len(lines)
 
@@ -213,18 +232,27 @@ def test_bench_pack_rejects_a_bad_pack_list_before_measuring(synthetic_root, tmp
 @pytest.mark.slow
 @pytest.mark.extended
 def test_bench_pack_measures_runs_at_once_against_one_alone(synthetic_root, tmp_path, capsys):
-    args = ["bench", "--what", "pack", "--pack", "2", "--model", "resnet20", "--dataset", "synthetic10"]
+    args = ["bench", "--what", "pack", "--pack", "2", "--isolation", "--model", "resnet20", "--dataset", "synthetic10"]
     args += ["--data-root", str(synthetic_root), "--batch-size", "32", "--steps", "2", "--warmup", "1"]
-    assert main(args + ["--repeats", "1", "--results", str(tmp_path)]) == 0
+    assert main(args + ["--repeats", "2", "--results", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[-1] == "peak: resident memory (RSS), summed over the runs"
     (path,) = (tmp_path / "bench").glob("*.parquet")
     rows = pq.read_table(path).to_pylist()
-    assert [(r["what"], r["pack"], r["baseline"]) for r in rows] == [("pack", 1, True), ("pack", 2, False)]
-    alone, packed = rows
+    assert [(r["what"], r["pack"], r["baseline"]) for r in rows] == [
+        ("pack", 1, True),
+        ("pack", 2, False),
+        ("isolation", 2, False),
+    ]
+    alone, packed, isolated = rows
+    # run 0 failed (a labelled stand-in on a CPU), the other ran its timed windows
+    assert isolated["failed_runs"] == 1 and isolated["images_per_s"] > 0
+    assert isolated["note"].startswith(f"run 0: RuntimeError: {pack.CPU_STAND_IN}; failed: run 0; 1 of 1 others")
     assert alone["ratio"] == pytest.approx(1.0) and alone["slowdown"] == pytest.approx(1.0)
     assert packed["ratio"] == pytest.approx(packed["images_per_s"] / alone["images_per_s"])
     assert packed["slowdown"] == pytest.approx(alone["per_run_images_per_s"] / packed["per_run_images_per_s"])
+    for row in (alone, packed):  # the median of 2 windows of the runs together, between the slowest and fastest
+        assert row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
     threads = max(usable_cores() // 2, 1)
     assert (alone["torch_threads"], packed["torch_threads"]) == (usable_cores(), threads)
     assert all(r["peak_memory_mb"] > 0 and r["images_per_s"] > 0 for r in rows)

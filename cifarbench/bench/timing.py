@@ -1,0 +1,73 @@
+"""How every benchmark times: warm up, synchronise the device before each clock read, time ``repeats`` windows,
+keep the median window and the spread of all of them (a verdict needs both: the best window is biased upward)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Images/s over repeated windows: the median, and the slowest and fastest window."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, rates: Iterable[float]) -> Rate:
+        rates = list(rates)
+        return cls(statistics.median(rates), min(rates), max(rates))
+
+    def columns(self) -> dict[str, float]:
+        """The row columns of this rate (see ``rows.SCHEMA``)."""
+        return {"images_per_s": self.median, "images_per_s_min": self.low, "images_per_s_max": self.high}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def batches(loader) -> Iterator:
+    """Batches over successive epochs, with ``set_epoch`` called as Lightning does."""
+    epoch = 0
+    while True:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def images_per_s(batches: Iterator, consume: Callable, *, device, steps: int, warmup: int, repeats: int) -> Rate:
+    """Feed ``warmup`` batches to ``consume``, then time ``repeats`` windows of ``steps`` batches each."""
+    for _ in range(warmup):
+        consume(*next(batches))
+    rates = []
+    for _ in range(repeats):
+        sync(device)
+        start, images = time.perf_counter(), 0
+        for _ in range(steps):
+            x, y = next(batches)
+            consume(x, y)
+            images += y.numel()  # a fused group's [K, B] labels: all members' images
+        sync(device)
+        rates.append(images / (time.perf_counter() - start))
+    return Rate.of(rates)
+
+
+def passes_per_s(one_pass: Callable[[], int], *, device, repeats: int) -> Rate:
+    """Images/s of whole passes (``one_pass`` returns the images it saw); the first pass warms up (and compiles)."""
+    rates = []
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        images = one_pass()
+        sync(device)
+        rates.append(images / (time.perf_counter() - start))
+    return Rate.of(rates[1:])
