@@ -254,6 +254,9 @@ def _cmd_collect(args) -> int:
         expected=specs,
         plots=not args.no_plots,
         report=not args.no_report,
+        ci=None if args.no_ci else args.ci,
+        compare=args.compare,
+        target_ci=args.target_ci,
     )
     for line in report.warnings:
         print(line, file=sys.stderr)
@@ -307,6 +310,18 @@ def _cmd_bench(args) -> int:
 
 def _fields(text: str) -> list[str]:
     return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def _level(text: str) -> float:
+    """An argparse type: a confidence level, 0 < level < 1."""
+    from cifarbench.report.stats import check_level
+
+    try:
+        return check_level(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a confidence level between 0 and 1 (e.g. 0.9), got {text!r}"
+        ) from None
 
 
 def _int_at_least(lo: int):
@@ -463,6 +478,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-report",
         action="store_true",
         help="skip report.html (which reads every record's environment columns, not only its footer)",
+    )
+    p.add_argument(
+        "--ci",
+        type=_level,
+        default=0.95,
+        metavar="LEVEL",
+        help="the confidence level of each cell's interval of the mean over seeds (default 0.95)",
+    )
+    p.add_argument("--no-ci", action="store_true", help="cells without intervals: mean ± std (n) only")
+    p.add_argument(
+        "--compare",
+        metavar="FIELD=A,B",
+        help="A against B for every configuration that has both, the other fields equal, e.g. recipe=cos-200,step-200: "
+        "the difference of means with its interval, the probability of improvement, a verdict, the seeds needed",
+    )
+    p.add_argument(
+        "--target-ci",
+        type=float,
+        default=0.002,
+        metavar="HALF_WIDTH",
+        help="the interval half-width the comparison's 'seeds needed' aims at, in the value's units (default 0.002)",
     )
     p.set_defaults(func=_cmd_collect)
 

@@ -8,10 +8,12 @@ writes it, into a temporary folder, then runs collect in a fresh process each ti
 took, the median of ``--repeat`` calls, with the load average before each:
 
 - first read: no runs.parquet (a folder just copied, a fresh --out, a grid just finished), collect --no-plots
-  --no-report (the tables), collect --no-plots (the tables and report.html) and collect (the default: tables,
-  plots, report.html). The records are in the page cache: just written, or read by the previous call;
-- again: runs.parquet from the previous collect, nothing changed, the same three; the ratio of the report to the
-  tables alone follows.
+  --no-report (the tables, with their 95% intervals as by default), collect --no-plots (the tables and
+  report.html), collect (the default: tables, plots, report.html), the tables with --no-ci and the tables with
+  --compare recipe=cos-200,step-200. The records are in the page cache: just written, or read by the previous
+  call;
+- again: runs.parquet from the previous collect, nothing changed, the same; the ratios of the report to the tables
+  alone and of the tables with intervals and a comparison to those with neither follow.
 
 ``--earlier`` writes the records without summary files, as a cifarbench before them did: every record is then
 read from its Parquet footer and, for the curves and report.html, its columns (the slow path).
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import json
 import os
 import resource
 import shutil
@@ -227,11 +230,11 @@ def write_records(table: pa.Table, results: Path, *, summary_files: bool = True)
 
 
 _MEASURE = """
-import os, sys, time
+import json, os, sys, time
 t0 = time.perf_counter()
 from cifarbench.report.collect import collect
 t1, c1 = time.perf_counter(), os.times()
-report = collect(sys.argv[1], plots=sys.argv[2] == "plots", report=sys.argv[3] == "report")
+report = collect(sys.argv[1], **json.loads(sys.argv[2]))
 t2, c2 = time.perf_counter(), os.times()
 cpu = c2.user - c1.user + c2.system - c1.system
 print(t1 - t0, t2 - t1, cpu, len(report.warnings), sum(p.suffix == ".png" for p in report.written),
@@ -239,13 +242,13 @@ print(t1 - t0, t2 - t1, cpu, len(report.warnings), sum(p.suffix == ".png" for p 
 """
 
 
-def measure(results: Path, plots: bool, page: bool) -> tuple[float, float, int, int, int]:
+def measure(results: Path, options: dict) -> tuple[float, float, int, int, int]:
     """(wall seconds, CPU seconds, warning lines, PNGs, report.html bytes) of a collect in a fresh process, the
     start of the interpreter and the imports included: what a user waits for."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(results), "plots" if plots else "tables", "report" if page else "-"],
+        [sys.executable, "-c", _MEASURE, str(results), json.dumps(options)],
         check=True,
         capture_output=True,
         text=True,
@@ -256,23 +259,25 @@ def measure(results: Path, plots: bool, page: bool) -> tuple[float, float, int, 
     return wall, cpu, int(out[3]), int(out[4]), int(out[5])
 
 
-VARIANTS = {  # name -> (plots, report.html)
-    "tables": (False, False),
-    "tables + report": (False, True),
-    "default": (True, True),
+TABLES = {"plots": False, "report": False}
+VARIANTS = {  # name -> collect's options
+    "tables": TABLES,  # with 95% intervals, as by default
+    "tables + report": {"plots": False, "report": True},
+    "default": {},
+    "tables --no-ci": {**TABLES, "ci": None},
+    "tables --compare": {**TABLES, "compare": "recipe=cos-200,step-200"},
 }
 
 
 def report(name: str, results: Path, *, cold: bool, repeat: int) -> float:
     """The median of ``repeat`` collects (``cold``: each without runs.parquet); prints it, the load average before
     each (the machine may be shared: CPU time hardly moves with it, wall time does) and the spread."""
-    plots, page = VARIANTS[name]
     walls, cpus, loads = [], [], []
     for _ in range(repeat):
         if cold:
             Layout(results).runs_table.unlink(missing_ok=True)
         loads.append(os.getloadavg()[0])
-        seconds, cpu, warnings, pngs, size = measure(results, plots, page)
+        seconds, cpu, warnings, pngs, size = measure(results, VARIANTS[name])
         walls.append(seconds)
         cpus.append(cpu)
     print(
@@ -307,7 +312,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true", help="measure the records already in --keep")
     parser.add_argument("--repeat", type=int, default=3, help="measure each this many times; print the median")
     parser.add_argument("--earlier", action="store_true", help="write the records without summary files")
-    parser.add_argument("--only", choices=list(VARIANTS), action="append", help="measure only these (repeatable)")
+    parser.add_argument(
+        "--only", choices=list(VARIANTS), action="append", help="measure only these (repeatable; default: all)"
+    )
     args = parser.parse_args(argv)
     if args.reuse and args.keep is None:
         parser.error("--reuse needs --keep DIR")
@@ -330,6 +337,9 @@ def main(argv=None) -> int:
         again = {name: report(name, results, cold=False, repeat=args.repeat) for name in variants}
         if {"tables", "tables + report"} <= again.keys():
             print(f"{'again: report / tables':27s} {again['tables + report'] / again['tables']:7.2f} x")
+        if {"tables --no-ci", "tables --compare"} <= again.keys():
+            ratio = again["tables --compare"] / again["tables --no-ci"]
+            print(f"{'again: intervals and a comparison / neither':27s} {ratio:7.2f} x")
     finally:
         if args.keep is None:
             shutil.rmtree(results, ignore_errors=True)

@@ -137,7 +137,7 @@ def run_id(**fields) -> str:
     return RunSpec(**{**spec, "recipe": get_recipe(spec["recipe"])}).run_id
 
 
-def test_means_and_stds_over_seeds(write_records):
+def test_means_and_stds_over_seeds(write_records, tmp_path):
     accs = {"resnet20": [0.90, 0.92, 0.91], "resnet56": [0.93, 0.95]}
     results = write_records(
         [
@@ -162,7 +162,26 @@ def test_means_and_stds_over_seeds(write_records):
         assert row.images_per_s_mean == pytest.approx(statistics.mean(1000.0 * (s + 1) for s in range(len(values))))
         assert row.train_minutes_mean == pytest.approx(statistics.mean(10.0 * (s + 1) for s in range(len(values))))
     table = cells(first_table(section(report.markdown, "step-200 bs=64")))
-    assert table == [["ds/model", "cifar10"], ["resnet20", "0.9100 ± 0.0100 (3)"], ["resnet56", "0.9400 ± 0.0141 (2)"]]
+    # mean ± std [95% t-interval: mean ± t(0.975, n - 1) std / √n, t = 4.303 for 3 seeds, 12.706 for 2] (n)
+    assert table == [
+        ["ds/model", "cifar10"],
+        ["resnet20", "0.9100 ± 0.0100 [0.8852, 0.9348] (3)"],
+        ["resnet56", "0.9400 ± 0.0141 [0.8129, 1.0671] (2‡)"],
+    ]
+    row = summary.loc["resnet20"]
+    assert row.final_test_acc_ci_low == pytest.approx(0.91 - 4.302653 * 0.01 / 3**0.5, abs=1e-6)
+    assert row.final_test_acc_ci_high == pytest.approx(0.91 + 4.302653 * 0.01 / 3**0.5, abs=1e-6)
+    assert set(summary.ci_level) == {0.95}
+    assert "95% confidence interval of the mean over seeds, a Student t-interval" in report.markdown
+    narrow = collect(results, out=tmp_path / "90", plots=False, report=False, ci=0.9).markdown
+    assert "0.9100 ± 0.0100 [0.8931, 0.9269] (3)" in narrow and "90% confidence interval" in narrow  # t = 2.920
+    plain = collect(results, out=tmp_path / "plain", plots=False, report=False, ci=None)
+    assert cells(first_table(section(plain.markdown, "step-200 bs=64")))[1:] == [
+        ["resnet20", "0.9100 ± 0.0100 (3)"],
+        ["resnet56", "0.9400 ± 0.0141 (2)"],
+    ]
+    assert "confidence interval" not in plain.markdown
+    assert "ci_level" not in pd.read_csv(tmp_path / "plain" / "summary.csv").columns
     assert (results / "tables.md").read_text() == report.markdown
 
 
@@ -444,7 +463,7 @@ def test_compiled_and_eager_runs_are_separate_configurations(write_records):
             for s, a in enumerate(values)
         ]
     )
-    report = collect(results, plots=False)
+    report = collect(results, plots=False, ci=None)
     headings = [ln[3:] for ln in report.markdown.splitlines() if ln.startswith("## ")]
     assert headings == [
         "step-200 bs=64 compile=default",
@@ -463,13 +482,13 @@ def test_compiled_and_eager_runs_are_separate_configurations(write_records):
     shown = report.markdown.split("## Missing, failed and lost runs")[0]
     assert report.warnings == [] and "None" not in shown and "nan" not in shown
 
-    pivot = collect(results, rows=["model"], cols=["compile"], plots=False)
+    pivot = collect(results, rows=["model"], cols=["compile"], plots=False, ci=None)
     assert cells(first_table(section(pivot.markdown, "CIFAR10 step-200 bs=64"))) == [
         ["compile / model", "default", "eager", "max-autotune"],
         ["resnet20", "0.9200 ± 0.0141 (2)", "0.9100 ± 0.0141 (2)", "0.9500 ± 0.0141 (2)"],
         ["resnet32", "0.8200 ± 0.0141 (2)", "0.8100 ± 0.0141 (2)", "0.8500 ± 0.0141 (2)"],
     ]
-    eager = collect(results, where=["compile=eager"], plots=False)
+    eager = collect(results, where=["compile=eager"], plots=False, ci=None)
     assert [ln[3:] for ln in eager.markdown.splitlines() if ln.startswith("## ")] == [
         "step-200 bs=64",
         "Missing, failed and lost runs",
@@ -531,8 +550,15 @@ def test_reference_comparison_with_the_seed_notebook(write_records):
     report = collect(write_records(seed_rows()), plots=False)
     comparison = cells(section(report.markdown, "ResNet56 CIFAR100").split("\n\n")[1])
     # no run held a validation split out, and the test-selected best epoch is only shown when asked for
-    assert comparison[0] == ["recipe", "batch_size", "final test acc", "published", "Δ final test acc − published"]
-    assert ["step-160", "256", "0.6740", "0.6740 [1]", "+0.0000"] in comparison
+    assert comparison[0] == [
+        "recipe",
+        "batch_size",
+        "final test acc",
+        "published",
+        "Δ final test acc − published",
+        "published inside our interval",
+    ]
+    assert ["step-160", "256", "0.6740", "0.6740 [1]", "+0.0000", "– (1 seed)"] in comparison
     notes = section(report.markdown, "ResNet56 CIFAR100").split("\n\n")[2]
     assert (
         "[1] seed-notebook: final epoch" in notes
@@ -546,6 +572,7 @@ def test_reference_comparison_with_the_seed_notebook(write_records):
         "best test epoch acc (selected on the test set)†",
         "published",
         "Δ best test epoch acc (selected on the test set) − published",
+        "published inside our interval",
     ]
     assert "† the epoch of highest test accuracy: selected on the test set, so optimistic." in best
 
@@ -562,8 +589,8 @@ def test_reference_from_a_paper_shows_the_difference_and_its_protocol(write_reco
     report = collect(results, source="he2016", plots=False)
     text = section(report.markdown, "step-160 bs=128")
     rows = cells(text.split("\n\n")[1])
-    assert ["resnet20", "cifar10", "0.9150", "0.9125 [1]", "+0.0025"] in rows
-    assert ["resnet32", "cifar10", "0.9200", "0.9249 [2]", "-0.0049"] in rows
+    assert ["resnet20", "cifar10", "0.9150", "0.9125 [1]", "+0.0025", "– (1 seed)"] in rows
+    assert ["resnet32", "cifar10", "0.9200", "0.9249 [2]", "-0.0049", "– (1 seed)"] in rows
     assert "[1] he2016: Table 6 of arXiv:1512.03385; 45k/5k split" in text
     assert "(a different protocol: he2016, batch size 128, 182 epochs)" in text
     with pytest.raises(UsageError, match="unknown --reference source 'he2017' \\(did you mean 'he2016'\\?\\)"):
@@ -685,7 +712,7 @@ def test_a_cell_with_a_missing_seed_says_how_many_of_how_many(write_records, tmp
             {"model": "resnet32", "seed": 1, "final_test_acc": 0.92},
         ]
     )
-    report = collect(results, plots=False, report=False)
+    report = collect(results, plots=False, report=False, ci=None)
     assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [
         ["resnet20", "0.1500 (1 of 2 seeds)"],
         ["resnet32", "0.9100 ± 0.0141 (2)"],
@@ -696,7 +723,7 @@ def test_a_cell_with_a_missing_seed_says_how_many_of_how_many(write_records, tmp
     report = collect(results, expected=grid, plots=False, report=False)
     assert cells(first_table(section(report.markdown, "step-200 bs=64")))[1:] == [
         ["resnet20", "0.1500 (1 of 3 seeds)"],
-        ["resnet32", "0.9100 ± 0.0141 (2 of 3 seeds)"],
+        ["resnet32", "0.9100 ± 0.0141 [0.7829, 1.0371] (2 of 3 seeds‡)"],
     ]
     assert "(n of N seeds) where only n of" in report.markdown.splitlines()[2]
     # a grid of other runs (another batch size) does not change these cells
@@ -1045,7 +1072,7 @@ def test_plot_titles_name_a_shortened_recipe_and_keep_a_full_length_ones(write_r
         f"curves_{slug}_bs=64.png": per_epoch.format(SHORT, ""),
         "curves_step-200_bs=64_epochs=200.png": per_epoch.format("step-200", " epochs=200"),
     }
-    by_size = "Final test accuracy against model size: cifar10, {} (mean ± std over seeds)"
+    by_size = "Final test accuracy against model size: cifar10, {} (mean and 95% confidence interval over seeds)"
     assert {name: fig.get_suptitle() for name, fig in sizes(summary)} == {
         "size_cifar10_step-200.png": by_size.format("step-200"),
         f"size_cifar10_{slug}.png": by_size.format(SHORT),

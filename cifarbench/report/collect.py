@@ -15,7 +15,9 @@ import pandas as pd
 import pyarrow as pa
 
 from cifarbench.errors import UsageError, check_name, plural
+from cifarbench.report import compare as compared
 from cifarbench.report import html, reference
+from cifarbench.report.stats import DEFAULT_LEVEL, check_level
 from cifarbench.report.tables import (
     CONFIG,
     VALUES,
@@ -58,9 +60,13 @@ def collect(
     expected=None,
     plots=True,
     report=True,
+    ci: float | None = DEFAULT_LEVEL,
+    compare: str | None = None,
+    target_ci: float = 0.002,
 ) -> Report:
     """Read the records under ``results``, write tables.md, summary.csv, runs.parquet, report.html (and plots) to
-    ``out``."""
+    ``out``. ``ci``: the confidence level of the cells' intervals (None: none); ``compare``: ``FIELD=A,B``, A against B
+    per configuration (``compare.compare``, its seeds needed for a half-width of ``target_ci``)."""
     root = Path(results)
     if not root.is_dir():
         why = "is not a folder" if root.exists() else "does not exist"
@@ -71,6 +77,14 @@ def collect(
     published = reference.load_published()
     if source is not None:
         check_name(source, reference.sources(published), "--reference source")
+    if ci is not None:
+        try:
+            check_level(ci)
+        except ValueError as exc:
+            raise UsageError(f"--ci {ci}: {exc}") from None
+    versus = compared.parse_compare(compare) if compare is not None else None
+    if target_ci <= 0:
+        raise UsageError(f"--target-ci {target_ci}: give a half-width above 0, e.g. 0.002")
     filters = parse_where(where)
     folder = Path(out) if out is not None else root
     if folder.exists() and not folder.is_dir():
@@ -104,7 +118,8 @@ def collect(
             f"note: {plural(len(fell_back), 'run')} asked for torch.compile but trained eagerly (see the report): "
             f"{', '.join(fell_back[:10])}" + (" …" if len(fell_back) > 10 else "")
         )
-    summary, config = summarize(runs, expected or ())
+    summary, config = summarize(runs, expected or (), ci=ci)
+    versus_part = compared.compare(runs, versus, value, level=ci or DEFAULT_LEVEL, target=target_ci) if versus else None
     if rows or cols:
         rows, cols = rows or ["model"], cols or ["dataset"]
         titled = [k for k in ("model", "dataset", "recipe", "batch_size") if k not in (*rows, *cols)]
@@ -127,7 +142,9 @@ def collect(
     hours = device_hours_part(runs, tabs, config, folder=all_runs, allocated=allocated)
     timing = time_estimate_parts(runs, folder=all_runs, allocated=allocated)
     packing = packing_part(runs)
-    markdown = render(runs, tabs, matches, missing, value, hours=hours, timing=timing, packing=packing)
+    markdown = render(
+        runs, tabs, matches, missing, value, hours=hours, timing=timing, packing=packing, compared=versus_part
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out_layout.tables, markdown)
@@ -161,6 +178,7 @@ def collect(
                 hours=hours,
                 timing=timing,
                 packing=packing,
+                compared=versus_part,
                 no_record=found.no_record,
                 details=dict(zip(runs.run_id, table.select(scan.DETAILS).take(runs.index.to_numpy()).to_pylist())),
                 images=pngs,

@@ -153,7 +153,8 @@ def _part(part: Part) -> str:
 def _tables(tabs: list[Table], matches: list[pd.DataFrame | None], value: str) -> str:
     out = []
     for t, m in zip(tabs, matches):
-        out.append(f"<h3>{_e(t.title)}</h3>" + _table(t.header, t.body))
+        notes = "".join(f'<p class="foot">{_e(line)}</p>' for line in t.notes)
+        out.append(f"<h3>{_e(t.title)}</h3>" + _table(t.header, t.body) + notes)
         if m is not None and len(m):
             header, body, foot = comparison_parts(t, m, value)
             first = len(t.rows) + len(t.cols)
@@ -355,15 +356,17 @@ def render(
     hours: Part | None = None,
     timing: Sequence[Part] = (),
     packing: Part | None = None,
+    compared: Part | None = None,
 ) -> str:
     """The page. ``runs``: the records collected, each with ``config``, its row of ``configs`` (``summarize``'s
     table), and ``test_acc``, its curve; ``summary``, ``tabs``, ``matches``, ``missing``, ``hours``
-    (device-hours), ``timing`` (time estimates) and ``packing`` (packing and fusion) as the Markdown report has
-    them; ``details``: run id -> what the summary leaves out (``scan.DETAILS``);
+    (device-hours), ``timing`` (time estimates), ``packing`` (packing and fusion) and ``compared`` (--compare) as
+    the Markdown report has them; ``details``: run id -> what the summary leaves out (``scan.DETAILS``);
     ``images``: waits for the plots' PNGs and returns them (called last, so that the page is made while they are
     drawn); ``value``: what the cells show, as ``collect --value`` says."""
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     sections = [
+        ("comparison", "Comparison", _part(compared) if compared else ""),
         ("tables", "Tables", _tables(tabs, matches, value)),
         ("hours", "Device-hours", _part(hours) if hours else ""),
         ("timing", "Time estimates", "".join(map(_part, timing))),

@@ -146,6 +146,21 @@ def _size_groups(summary: pd.DataFrame) -> list[tuple[tuple, pd.DataFrame]]:
     return list(summary.groupby(["dataset", "recipe", *RECIPE_RUN], sort=True))
 
 
+def _error_bars(configs: pd.DataFrame) -> np.ndarray:
+    """The error bars of each configuration's mean: below and above, its interval where ``summarize`` made one (else
+    ± its std); none with one seed."""
+    mean = configs.final_test_acc_mean.to_numpy(float)
+    if "final_test_acc_ci_low" in configs:
+        bars = [
+            mean - configs.final_test_acc_ci_low.to_numpy(float),
+            configs.final_test_acc_ci_high.to_numpy(float) - mean,
+        ]
+    else:
+        std = configs.final_test_acc_std.to_numpy(float)
+        bars = [std, std]
+    return np.nan_to_num(np.array(bars))
+
+
 def size_figure(dataset_recipe: tuple, group: pd.DataFrame) -> tuple[str, Figure]:
     """The size figure of one dataset and recipe as run (``dataset_recipe``) and its configurations (``group``)."""
     dataset, *recipe = dataset_recipe
@@ -161,7 +176,7 @@ def size_figure(dataset_recipe: tuple, group: pd.DataFrame) -> tuple[str, Figure
             ax.errorbar(
                 x,
                 s.final_test_acc_mean,
-                yerr=s.final_test_acc_std.fillna(0),
+                yerr=_error_bars(s),
                 marker="o",
                 linestyle="none",
                 capsize=3,
@@ -177,7 +192,8 @@ def size_figure(dataset_recipe: tuple, group: pd.DataFrame) -> tuple[str, Figure
         ax.xaxis.set_minor_locator(NullLocator())  # a log axis' minor ticks: dozens of artists that say little
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"Final test accuracy against model size: {dataset}, {run} (mean ± std over seeds)")
+    bars = "± std" if "ci_level" not in group else f"{group.ci_level.iloc[0]:.0%} confidence interval"
+    fig.suptitle(f"Final test accuracy against model size: {dataset}, {run} (mean and {bars} over seeds)")
     _margins(fig, title_lines=1)
     # groupby keys are typed Hashable; the dataset column holds names
     return f"size_{_slug(cast(str, dataset))}_{_slug(run)}.png", fig

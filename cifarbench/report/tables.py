@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cifarbench.errors import UsageError, check_name, plural
+from cifarbench.report.stats import DEFAULT_LEVEL, FEW_SEEDS, half_width, t_quantile
 from cifarbench.store.records import STATES, run_state
 
 # A configuration is the spec without the seed. The recipe's own fields come last, then epochs: a table is
@@ -110,7 +111,7 @@ def model_depth(name: str) -> int:
     return int(digits.group(1)) if digits else 1 << 30
 
 
-def _sorted(df: pd.DataFrame, keys) -> pd.DataFrame:
+def sorted_configs(df: pd.DataFrame, keys) -> pd.DataFrame:
     return (
         df.sort_values(
             list(keys), key=lambda c: c.map(lambda m: (model_depth(m), m)) if c.name == "model" else c, kind="stable"
@@ -129,10 +130,12 @@ def grid_seeds(runs: pd.DataFrame, specs=()) -> pd.Series:
     return pd.Series([seeds[key_of[i]] if i in key_of else 0 for i in runs.run_id], index=runs.index, dtype=int)
 
 
-def summarize(runs: pd.DataFrame, expected=()) -> tuple[pd.DataFrame, pd.Series]:
+def summarize(runs: pd.DataFrame, expected=(), ci: float | None = DEFAULT_LEVEL) -> tuple[pd.DataFrame, pd.Series]:
     """One row per configuration: completed seeds (n), failed and cancelled runs, the seeds it should have
     (``n_expected``: its records, or the grid's runs of it where ``expected``, the grid's run specs, has more), mean
-    and std over seeds of every value; and, for every run, the row of its configuration."""
+    and std over seeds of every value and, at confidence level ``ci`` (None: none), the t-interval of the mean
+    (``<value>_ci_low``, ``<value>_ci_high``, ``ci_level``; NaN with fewer than 2 seeds); and, for every run, the
+    row of its configuration."""
     done = runs.status.eq("completed")
     r = runs.assign(
         train_minutes=runs.train_seconds / 60,
@@ -142,7 +145,7 @@ def summarize(runs: pd.DataFrame, expected=()) -> tuple[pd.DataFrame, pd.Series]
     )
     for m in VALUES:
         r[m] = r[m].where(done)
-    stats = {f"{m}_{f}": (m, f) for m in VALUES for f in ("mean", "std")}
+    stats = {f"{m}_{f}": (m, f) for m in VALUES for f in ("mean", "std", "count")}
     groups = r.groupby(list(CONFIG), dropna=False, sort=False)
     s = groups.agg(
         n=("done", "sum"),
@@ -156,7 +159,15 @@ def summarize(runs: pd.DataFrame, expected=()) -> tuple[pd.DataFrame, pd.Series]
     s.insert(len(CONFIG) + 1, "n_failed", records - s.n - s.n_cancelled)
     s.insert(len(CONFIG) + 2, "n_cancelled", s.pop("n_cancelled"))
     s.insert(len(CONFIG) + 3, "n_expected", np.maximum(records, s.pop("grid")))
-    order = _sorted(s, CONFIG).index.to_numpy()  # s follows groups.ngroup() numbering: both are unsorted
+    for m in VALUES:
+        count = s.pop(f"{m}_count")
+        if ci is not None:
+            h = half_width(s[f"{m}_std"], count, ci)
+            s.insert(s.columns.get_loc(f"{m}_std") + 1, f"{m}_ci_low", s[f"{m}_mean"] - h)
+            s.insert(s.columns.get_loc(f"{m}_ci_low") + 1, f"{m}_ci_high", s[f"{m}_mean"] + h)
+    if ci is not None:
+        s["ci_level"] = ci
+    order = sorted_configs(s, CONFIG).index.to_numpy()  # s follows groups.ngroup() numbering: both are unsorted
     row = np.empty(len(s), int)
     row[order] = np.arange(len(s))
     return s.loc[order].reset_index(drop=True), pd.Series(row[groups.ngroup().to_numpy()], index=runs.index)
@@ -222,10 +233,14 @@ def title(keys: Mapping, run: Mapping | None = None) -> str:
     return " ".join(parts + [f"{k}={v}" for k, v in keys.items()]) or "all runs"
 
 
+FEW = "‡"  # a cell's interval rests on fewer than FEW_SEEDS seeds
+
+
 def cell_text(row, value: str) -> str:
-    """A configuration's cell (``row``: its summary row): the mean ± std of ``value`` over its completed seeds and
-    how many (``(3)``), "n of N seeds" where only n of the N it should have completed; "failed" or "cancelled"
-    where none did."""
+    """A configuration's cell (``row``: its summary row): the mean ± std of ``value`` over its completed seeds, the
+    confidence interval of the mean where ``summarize`` made one and 2 or more seeds completed ([low, high]), and
+    how many (``(3)``; ``(2‡)`` with fewer than FEW_SEEDS), "n of N seeds" where only n of the N it should have
+    completed; "failed" or "cancelled" where none did."""
     n, d = row.n, VALUES[value]
     if n == 0:
         return "failed" if row.n_failed else "cancelled" if row.n_cancelled else "–"
@@ -233,9 +248,28 @@ def cell_text(row, value: str) -> str:
     if pd.isna(mean):  # completed, without this value (a run without a validation split has no test acc at best val)
         return "–"
     text = f"{mean:.{d}f}" + ("" if n == 1 else f" ± {std:.{d}f}")
+    low, high = row.get(f"{value}_ci_low"), row.get(f"{value}_ci_high")
+    interval = low is not None and not pd.isna(low)
+    if interval:
+        text += f" [{low:.{d}f}, {high:.{d}f}]"
+    few = FEW if interval and n < FEW_SEEDS else ""
     if n < row.n_expected:
-        return f"{text} ({n} of {row.n_expected} seeds)"
-    return text if n == 1 else f"{text} ({n})"
+        return f"{text} ({n} of {row.n_expected} seeds{few})"
+    return text if n == 1 else f"{text} ({n}{few})"
+
+
+def interval_note(summary: pd.DataFrame) -> str | None:
+    """The footnote of tables whose cells carry intervals: the level and the method; None where they carry none."""
+    if "ci_level" not in summary.columns or summary.empty:
+        return None
+    level = float(summary.ci_level.iloc[0])
+    two = float(t_quantile(level, 1))
+    return (
+        f"[low, high]: the {level:.0%} confidence interval of the mean over seeds, a Student t-interval (mean ± "
+        f"t·std/√n, n − 1 degrees of freedom: exact for normal samples, where a 95% bootstrap over 3-10 seeds covers "
+        f"only 76-90%). {FEW}: fewer than {FEW_SEEDS} seeds, an interval on one degree of freedom (t = {two:.1f}), "
+        "wide by construction."
+    )
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
@@ -253,6 +287,7 @@ class Table:
     markdown: str
     header: list[str] = field(default_factory=list)  # the markdown's cells, for other renderings (HTML)
     body: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # footnotes, below the table in every rendering
 
 
 def tables(summary, rows, cols, *, value="final_test_acc", always=(), corner=None) -> list[Table]:
@@ -260,19 +295,23 @@ def tables(summary, rows, cols, *, value="final_test_acc", always=(), corner=Non
     rows, cols = list(rows), list(cols)
     keys = _group_keys(summary, rows + cols, always)
     out = []
-    groups = _sorted(summary, keys).groupby(keys, dropna=False, sort=False) if keys else [((), summary)]
+    groups = sorted_configs(summary, keys).groupby(keys, dropna=False, sort=False) if keys else [((), summary)]
     for group, cells in groups:
         if cells.empty:
             continue
         row_of, col_of = labels(cells, rows), labels(cells, cols)
-        row_labels = list(dict.fromkeys(row_of[_sorted(cells, rows).index]))
-        col_labels = list(dict.fromkeys(col_of[_sorted(cells, cols).index]))
+        row_labels = list(dict.fromkeys(row_of[sorted_configs(cells, rows).index]))
+        col_labels = list(dict.fromkeys(col_of[sorted_configs(cells, cols).index]))
         text = {(rl, cl): cell_text(r, value) for rl, cl, (_, r) in zip(row_of, col_of, cells.iterrows())}
         header = [corner or f"{' '.join(cols)} / {' '.join(rows)}", *col_labels]
         body = [[rl, *(text.get((rl, cl), "–") for cl in col_labels)] for rl in row_labels]
         fixed = dict(zip(keys, group if isinstance(group, tuple) else (group,)))  # shared by every cell
         run = {k: cells[k].iloc[0] for k in RECIPE_RUN if cells[k].nunique(dropna=False) == 1}
-        out.append(Table(title(fixed, run), rows, cols, cells, markdown_table(header, body), header, body))
+        shown = cells[cells.n >= 2]  # an interval needs 2 seeds
+        note = interval_note(cells) if not shown.empty and shown[f"{value}_mean"].notna().any() else None
+        notes = [note] if note else []
+        markdown = "\n\n".join([markdown_table(header, body), *notes])
+        out.append(Table(title(fixed, run), rows, cols, cells, markdown, header, body, notes))
     return out
 
 
@@ -331,13 +370,21 @@ def comparison_parts(
         k = notes.setdefault(note, len(notes) + 1)
         ours = [cell_text(m, v) for v in shown_values]
         diff, d = m[f"{value}_mean"] - m.ref_acc, ACC_DECIMALS
-        body.append([*named, *ours, f"{m.ref_acc:.{d}f} [{k}]", "–" if pd.isna(diff) else f"{diff:+.{d}f}"])
+        low, high = m.get(f"{value}_ci_low"), m.get(f"{value}_ci_high")
+        seeds = plural(int(m.n), "seed")
+        inside = (
+            f"– ({seeds})"
+            if low is None or pd.isna(low)
+            else f"{'yes' if low <= m.ref_acc <= high else 'no'} ({seeds})"
+        )
+        body.append([*named, *ours, f"{m.ref_acc:.{d}f} [{k}]", "–" if pd.isna(diff) else f"{diff:+.{d}f}", inside])
     header = [
         *table.rows,
         *table.cols,
         *(VALUE_NAMES[v] + ("†" if v == "best_test_acc" else "") for v in shown_values),
         "published",
         f"Δ {VALUE_NAMES[value]} − published",
+        "published inside our interval",
     ]
     foot = [f"[{k}] {note}" for note, k in notes.items()]
     if value == "best_test_acc":
@@ -399,9 +446,9 @@ def summary_line(runs: pd.DataFrame, value: str) -> str:
     }[value]
     return (
         f"{plural(len(runs), 'run')}: {', '.join(f'{counts.get(state, 0)} {state}' for state in shown)}. Cells: "
-        f"{what}; mean ± std (n seeds) where a configuration has more than one seed; (n of N seeds) where only n of "
-        "the N seeds its records or the grid (--grid) give it completed; – no record; failed, cancelled: none of its "
-        "runs completed."
+        f"{what}; mean ± std [the interval of the mean, unless --no-ci] (n seeds) where a configuration has more "
+        "than one seed; (n of N seeds) where only n of the N seeds its records or the grid (--grid) give it "
+        "completed; – no record; failed, cancelled: none of its runs completed."
     )
 
 
@@ -429,10 +476,12 @@ def render(
     hours: Part | None = None,
     timing: Sequence[Part] = (),
     packing: Part | None = None,
+    compared: Part | None = None,
 ) -> str:
     """tables.md. ``hours``: ``device_hours_part``; ``timing``: ``time_estimate_parts``; ``packing``:
-    ``packing_part``."""
+    ``packing_part``; ``compared``: ``compare.compare``'s."""
     out = ["# cifarbench results", "", summary_line(runs, value)]
+    out += ["", "## Comparison", "", compared.markdown] if compared else []
     for t, m in zip(tabs, matches):
         out += ["", f"## {t.title}", "", t.markdown]
         out += ["", comparison(t, m, value)] if m is not None and len(m) else []
@@ -578,7 +627,7 @@ def packing_part(runs: pd.DataFrame) -> Part | None:
         at_once=fused.where(fused > 1, done.pack_size.fillna(1)),
     )
     keys = ["model", "batch_size", "device", "at_once", "trained", "mps"]
-    cells = _sorted(
+    cells = sorted_configs(
         r.groupby(keys, sort=False).agg(runs=("run_id", "size"), per_run=("images_per_s", "mean")).reset_index(),
         keys,
     )
@@ -659,7 +708,7 @@ def time_estimate_parts(
         limit=t.time_limit_s.to_numpy() / 60,
     )
     g = per_task.groupby([*keys, *RECIPE_RUN, "trained"], sort=False, dropna=False)
-    cells = _sorted(g.agg(tasks=("task", "size"), estimated=("estimated", "mean"), measured=("measured", "mean"),
+    cells = sorted_configs(g.agg(tasks=("task", "size"), estimated=("estimated", "mean"), measured=("measured", "mean"),
                           limit=("limit", "mean")).reset_index(), [*keys, *RECIPE_RUN, "trained"])  # fmt: skip
     shown = zip(*(labels(cells, [k]) for k in keys))
     body = [
