@@ -173,6 +173,7 @@ def test_means_and_stds_over_seeds(write_records, tmp_path):
     assert row.final_test_acc_ci_high == pytest.approx(0.91 + 4.302653 * 0.01 / 3**0.5, abs=1e-6)
     assert set(summary.ci_level) == {0.95}
     assert "95% confidence interval of the mean over seeds, a Student t-interval" in report.markdown
+    assert "‡: fewer than 3 seeds, an interval on one degree of freedom (t = 12.7)" in report.markdown
     narrow = collect(results, out=tmp_path / "90", plots=False, report=False, ci=0.9).markdown
     assert "0.9100 ± 0.0100 [0.8931, 0.9269] (3)" in narrow and "90% confidence interval" in narrow  # t = 2.920
     plain = collect(results, out=tmp_path / "plain", plots=False, report=False, ci=None)

@@ -125,6 +125,7 @@ def test_the_published_figure_inside_or_outside_our_interval(write_records, tmp_
              "final_test_acc": a} for s, a in enumerate(near)]  # fmt: skip
     inside = collect(write_records(rows), plots=False, report=False).markdown
     assert "yes (3 seeds)" in inside
+    assert "95% confidence interval of the mean" in inside and "‡" not in inside  # no cell of fewer than 3 seeds
     far = [{**r, "final_test_acc": r["final_test_acc"] + 0.05} for r in rows]
     outside = collect(write_records(far, results=tmp_path / "far"), plots=False, report=False).markdown
     assert "no (3 seeds)" in outside and "yes (" not in outside

@@ -259,17 +259,20 @@ def cell_text(row, value: str) -> str:
 
 
 def interval_note(summary: pd.DataFrame) -> str | None:
-    """The footnote of tables whose cells carry intervals: the level and the method; None where they carry none."""
+    """The footnote of tables whose cells (``summary``'s rows) carry intervals: the level, the method and, where a
+    cell is marked FEW, what that means; None where they carry none."""
     if "ci_level" not in summary.columns or summary.empty:
         return None
     level = float(summary.ci_level.iloc[0])
-    two = float(t_quantile(level, 1))
-    return (
+    note = (
         f"[low, high]: the {level:.0%} confidence interval of the mean over seeds, a Student t-interval (mean ± "
         f"t·std/√n, n − 1 degrees of freedom: exact for normal samples, where a 95% bootstrap over 3-10 seeds covers "
-        f"only 76-90%). {FEW}: fewer than {FEW_SEEDS} seeds, an interval on one degree of freedom (t = {two:.1f}), "
-        "wide by construction."
+        f"only 76-90%)."
     )
+    if summary.n.between(2, FEW_SEEDS - 1).any():
+        two = float(t_quantile(level, 1))
+        note += f" {FEW}: fewer than {FEW_SEEDS} seeds, an interval on one degree of freedom (t = {two:.1f}), wide."
+    return note
 
 
 def markdown_table(header: list[str], body: list[list[str]]) -> str:
