@@ -1,9 +1,9 @@
-"""README.md's table of the record's columns, written from the record schema's field descriptions.
+"""docs/records.md's table of the record's columns, written from the record schema's field descriptions.
 
-    python scripts/record_schema.py           # rewrite the table between the markers in README.md
-    python scripts/record_schema.py --check   # exit 1 if README.md's table is not the schema's (the tests run it)
+    python scripts/record_schema.py           # rewrite the table between the markers in docs/records.md
+    python scripts/record_schema.py --check   # exit 1 if docs/records.md's table is not the schema's (the tests run it)
 
-The descriptions live in one place, ``cifarbench.store.records``; README holds their rendering
+The descriptions live in one place, ``cifarbench.store.records``; the docs page holds their rendering
 (``schema_markdown``) between START and END.
 """
 
@@ -16,12 +16,12 @@ from pathlib import Path
 from cifarbench.store.records import schema_markdown
 
 START, END = "<!-- record-schema:start -->", "<!-- record-schema:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "records.md"
 
 
-def rewritten(readme: str) -> str:
-    """``readme`` with the text between START and END replaced by the schema's table."""
-    before, start, rest = readme.partition(START)
+def rewritten(page: str) -> str:
+    """``page`` with the text between START and END replaced by the schema's table."""
+    before, start, rest = page.partition(START)
     _, end, after = rest.partition(END)
     if not (start and end):
         raise ValueError(f"the markers {START} and {END} are missing")
@@ -30,25 +30,25 @@ def rewritten(readme: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only check; exit 1 if README.md's table differs")
-    parser.add_argument("--readme", type=Path, default=README)
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if the page's table differs")
+    parser.add_argument("--page", type=Path, default=PAGE, help=f"the Markdown page holding the table ({PAGE.name})")
     args = parser.parse_args(argv)
-    text = args.readme.read_text(encoding="utf-8")
+    text = args.page.read_text(encoding="utf-8")
     try:
         new = rewritten(text)
     except ValueError as e:
-        print(f"{args.readme}: {e}", file=sys.stderr)
+        print(f"{args.page}: {e}", file=sys.stderr)
         return 2
     if args.check:
         if new != text:
             print(
-                f"{args.readme}: the record schema table differs from cifarbench.store.records.SCHEMA; "
+                f"{args.page}: the record schema table differs from cifarbench.store.records.SCHEMA; "
                 "regenerate it with: python scripts/record_schema.py",
                 file=sys.stderr,
             )
             return 1
         return 0
-    args.readme.write_text(new, encoding="utf-8")
+    args.page.write_text(new, encoding="utf-8")
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The default resources: one place (Resources), the line of README that states them, and the two cases where they
-are fitted to the machine the runs get (a partition without GPUs, local execution)."""
+"""The default resources: one place (Resources), the line of docs/resources.md that states them, and the two cases
+where they are fitted to the machine the runs get (a partition without GPUs, local execution)."""
 
 import dataclasses
 import re
@@ -12,7 +12,7 @@ from cifarbench.cluster import estimate, plan, preflight
 from cifarbench.config.grid import parse_grid
 from cifarbench.config.resources import Resources
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+RESOURCES_PAGE = (Path(__file__).parent.parent / "docs" / "resources.md").read_text()
 
 GRID = """\
 models: [resnet20]
@@ -39,8 +39,10 @@ CPU_SITE = preflight.ClusterLimits(
 )
 
 
-def test_readme_states_the_defaults_resources_has():
-    line = " ".join(README.split("A grid without `slurm:` asks each run's task for ", 1)[1].split("\n\n")[0].split())
+def test_the_resources_page_states_the_defaults_resources_has():
+    line = " ".join(
+        RESOURCES_PAGE.split("A grid without `slurm:` asks each run's task for ", 1)[1].split("\n\n")[0].split()
+    )
     stated = dict(re.findall(r"`(\w+): \"?([\w:.]+)\"?`", line.split(", and no `mem_gb`")[0]))
     defaults = {f.name: str(getattr(Resources(), f.name)) for f in dataclasses.fields(Resources)}
     assert stated and all(defaults[k] == v for k, v in stated.items()), (stated, defaults)

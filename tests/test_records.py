@@ -1,4 +1,4 @@
-"""The record documents itself: a description on every column, in the Parquet files and in README, without
+"""The record documents itself: a description on every column, in the Parquet files and in docs/records.md, without
 changing what a record is (its version, how older files and runs.parquet read)."""
 
 import subprocess
@@ -23,6 +23,7 @@ from cifarbench.store.scan import DETAILS, DETAILS_READ, RUNS_SCHEMA, load_runs,
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "record_schema.py"
+RECORDS_PAGE = REPO / "docs" / "records.md"
 
 
 def undescribed(schema: pa.Schema) -> pa.Schema:
@@ -80,17 +81,17 @@ def _record_schema(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
 
 
-def test_readme_holds_the_schema_table():
+def test_the_records_page_holds_the_schema_table():
     out = _record_schema("--check")
     assert out.returncode == 0, out.stderr
-    assert schema_markdown() in (REPO / "README.md").read_text(encoding="utf-8")
+    assert schema_markdown() in RECORDS_PAGE.read_text(encoding="utf-8")
 
 
-def test_a_stale_readme_table_fails_the_check_and_is_rewritten(tmp_path):
-    readme = tmp_path / "README.md"
-    current = (REPO / "README.md").read_text(encoding="utf-8")
-    readme.write_text(current.replace("| `momentum` | `double` | SGD momentum. |\n", ""), encoding="utf-8")
-    out = _record_schema("--check", "--readme", str(readme))
+def test_a_stale_table_fails_the_check_and_is_rewritten(tmp_path):
+    page = tmp_path / "records.md"
+    current = RECORDS_PAGE.read_text(encoding="utf-8")
+    page.write_text(current.replace("| `momentum` | `double` | SGD momentum. |\n", ""), encoding="utf-8")
+    out = _record_schema("--check", "--page", str(page))
     assert out.returncode == 1 and "regenerate it with: python scripts/record_schema.py" in out.stderr
-    assert _record_schema("--readme", str(readme)).returncode == 0
-    assert readme.read_text(encoding="utf-8") == current
+    assert _record_schema("--page", str(page)).returncode == 0
+    assert page.read_text(encoding="utf-8") == current

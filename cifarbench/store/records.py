@@ -48,8 +48,8 @@ _floats = pa.list_(pa.float64())
 _ts = pa.timestamp("us", tz="UTC")
 
 # Every column with what it holds, stored as its Parquet field's "description" metadata (so a record describes
-# itself to any Parquet reader) and rendered into README by schema_markdown. Descriptions are documentation: they
-# do not change the record version, and records written without them read the same.
+# itself to any Parquet reader) and rendered into docs/records.md by schema_markdown. Descriptions are
+# documentation: they do not change the record version, and records written without them read the same.
 DESCRIPTION = b"description"
 _COLUMNS = [
     (
@@ -511,7 +511,7 @@ def run_state(status: str, error: str | None) -> str:
 
 
 def schema_markdown() -> str:
-    """SCHEMA as a Markdown table of column, type and description: README's record schema section
+    """SCHEMA as a Markdown table of column, type and description: docs/records.md's record schema section
     (``scripts/record_schema.py`` writes it there)."""
     rows = [f"| `{f.name}` | `{f.type}` | {f.metadata[DESCRIPTION].decode()} |" for f in SCHEMA]
     return "\n".join(["| column | type | description |", "|---|---|---|", *rows])
