@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from cifarbench.config.extras import missing_logger
 from cifarbench.config.resources import AUTO, MPS_MODES
@@ -167,6 +168,8 @@ def _cmd_submit(args) -> int:
         problems = preflight.problems(tasks, limits)
         if problems:
             raise Problems([*problems, "nothing was submitted (--no-preflight skips these checks)"])
+    if todo.submit:
+        _note_missing_flock(grid.results)
     if args.dry_run:
         if todo.submit:  # what `submit` refuses before it queues anything, checked without making the folder
             from cifarbench.store.atomic import check_results_writable
@@ -218,8 +221,6 @@ def _cmd_submit(args) -> int:
 
 
 def _cmd_status(args) -> int:
-    from pathlib import Path
-
     from cifarbench.cluster import status
 
     if not Path(args.results).is_dir():
@@ -310,6 +311,24 @@ def _cmd_bench(args) -> int:
 
 def _fields(text: str) -> list[str]:
     return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def _note_missing_flock(results) -> None:
+    """Say where the results folder's filesystem has no flock, so that runs lock themselves with lease files."""
+    from cifarbench.store import locks
+
+    folder = next(p for p in (Path(results), *Path(results).absolute().parents) if p.exists())
+    try:
+        works = locks.flock_works(folder)
+    except OSError:  # not writable: submit refuses it in one line of its own
+        return
+    if not works:
+        print(
+            f"note: {results} is on a filesystem without flock: each run locks itself with a lease file "
+            f"(locks/<run_id>.lease), renewed every {locks.HEARTBEAT_S:.0f} s and broken by a later job once "
+            f"{locks.STALE_S / 60:.0f} minutes stale",
+            file=sys.stderr,
+        )
 
 
 def _level(text: str) -> float:
