@@ -258,10 +258,11 @@ def cell_text(row, value: str) -> str:
     return text if n == 1 else f"{text} ({n}{few})"
 
 
-def interval_note(summary: pd.DataFrame) -> str | None:
-    """The footnote of tables whose cells (``summary``'s rows) carry intervals: the level, the method and, where a
-    cell is marked FEW, what that means; None where they carry none."""
-    if "ci_level" not in summary.columns or summary.empty:
+def interval_note(summary: pd.DataFrame, value: str) -> str | None:
+    """The footnote of a table whose cells (``summary``'s rows) carry intervals of ``value``: the level, the method
+    and, where a cell is marked FEW, what that means; None where no cell carries one."""
+    low = summary.get(f"{value}_ci_low")
+    if low is None or low.isna().all():
         return None
     level = float(summary.ci_level.iloc[0])
     note = (
@@ -310,9 +311,7 @@ def tables(summary, rows, cols, *, value="final_test_acc", always=(), corner=Non
         body = [[rl, *(text.get((rl, cl), "–") for cl in col_labels)] for rl in row_labels]
         fixed = dict(zip(keys, group if isinstance(group, tuple) else (group,)))  # shared by every cell
         run = {k: cells[k].iloc[0] for k in RECIPE_RUN if cells[k].nunique(dropna=False) == 1}
-        shown = cells[cells.n >= 2]  # an interval needs 2 seeds
-        note = interval_note(cells) if not shown.empty and shown[f"{value}_mean"].notna().any() else None
-        notes = [note] if note else []
+        notes = [note] if (note := interval_note(cells, value)) else []
         markdown = "\n\n".join([markdown_table(header, body), *notes])
         out.append(Table(title(fixed, run), rows, cols, cells, markdown, header, body, notes))
     return out
