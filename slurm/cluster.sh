@@ -173,7 +173,7 @@ up() {
   wait_for "$TIMEOUT" "node $HOST to become idle" node_ready
   wait_for "$TIMEOUT" sacct sacct -n -X
   echo "slurm cluster '$CLUSTER' up in $((SECONDS - t0))s: node $HOST $(node_state)," \
-    "cpus=$CPUS mem=${MEMORY}M gres=gpu:2, partitions debug (default) and short (30 min)," \
+    "cpus=$CPUS mem=${MEMORY}M gres=gpu:a100:2 features=ib,localdisk, partitions debug (default), short (30 min) and spare (DOWN nodes only)," \
     "accounting via slurmdbd"
 }
 
