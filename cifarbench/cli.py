@@ -109,7 +109,7 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_submit(args) -> int:
-    from cifarbench.cluster import estimate, plan, preflight, queue, status
+    from cifarbench.cluster import estimate, inventory, plan, preflight, queue, status
     from cifarbench.store import scan
     from cifarbench.system import local_gpus, usable_cores
 
@@ -132,18 +132,31 @@ def _cmd_submit(args) -> int:
     )
     on_slurm = args.executor == "slurm" or (args.executor == "auto" and queue.slurm_available())
     limits = None
-    if on_slurm and todo.submit and not args.no_preflight:  # the cluster's limits: three calls for the whole grid
-        resources = [grid.resources[s.run_id] for s in todo.submit]
-        limits = preflight.read_limits(accounting=any(r.account or r.qos for r in resources))
-    max_time = preflight.max_times(limits) if limits else None
+    if on_slurm and todo.submit and not args.no_preflight:  # the cluster's limits, read once for the whole grid
+        limits = inventory.read_limits()
     asked = grid.resources
     if limits and not grid.gpus_set:  # the default of 1 GPU on a partition that has none: train on its CPUs
         asked, notes = preflight.without_gpus(asked, limits)
         for line in notes:
             print(line)
+    for line in preflight.node_notes([asked[s.run_id] for s in todo.submit], limits) if limits else ():
+        print(line)
+    if on_slurm and todo.submit:  # exclusive: every GPU and CPU of a node, as the partition's nodes have them
+        try:
+            asked, notes = plan.whole_nodes(asked, limits)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        for line in notes:
+            print(line)
+    if limits:  # no more tasks at once than the QOS lets run (of the sizes tasks have, whole nodes included)
+        asked, notes = preflight.throttle(asked, limits)
+        for line in notes:
+            print(line)
+    max_time = preflight.max_times(limits, [asked[s.run_id] for s in todo.submit]) if limits else None
     if not on_slurm:  # what local execution gives each task: one of this machine's devices and its share of cores
         gpus = local_gpus()
-        cores = plan.local_cpus(gpus, usable_cores(), len(todo.submit))
+        whole = any(asked[s.run_id].exclusive for s in todo.submit)
+        cores = plan.local_cpus(gpus, usable_cores(), len(todo.submit), whole=whole)
         try:
             local = {r: plan.local_resources(r, gpus=gpus, cpus=cores) for r in set(asked.values())}
         except ValueError as e:

@@ -126,3 +126,20 @@ def peak_rss_mb() -> float:
     except (OSError, StopIteration, IndexError, ValueError):
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024
+
+
+def git_commit() -> str | None:
+    """The commit of the cifarbench checkout this process imported; None outside a git checkout."""
+    import cifarbench
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(cifarbench.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -156,6 +156,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "git_commit": [hashlib.sha1(b"bench").hexdigest()] * n,
         "slurm_job_id": [str(1000 + i // 1000) for i in range(n)],
         "slurm_array_task_id": [str(i % 1000) for i in range(n)],
+        "python": ["/opt/envs/bench/bin/python"] * n,
         "error": np.where(failed, "RuntimeError: CUDA error: an illegal memory access was encountered", None).tolist(),
         "traceback": [None] * n,
         "milestone_unit": ["epochs"] * n,
@@ -172,7 +173,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "wall_seconds": seconds.sum(1) + 40.0,
         "peak_host_mb": rng.normal(3000.0, 100.0, n),
         "peak_device_mb": rng.uniform(500.0, 8000.0, n),
-        # no warm-up, verified CIFAR, no validation split, trained alone and unfused: these are null
+        # no warm-up, verified CIFAR, no validation split, trained alone and unfused, no container: these are null
         **dict.fromkeys(
             (
                 "warmup_lr",
@@ -186,6 +187,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
                 "mps",
                 "fuse_size",
                 "fused_with",
+                "container",
             ),
             [None] * n,
         ),

@@ -167,7 +167,7 @@ def submit_breakdown(grid: Path) -> dict[str, float]:
     timed(submitit.core.core.Executor, "_submit_delayed_batch", "batch")  # all of submitit's work for a chunk
     assert submitit  # imported: its import is part of start-up, measured apart
 
-    from cifarbench.cluster import estimate, plan, preflight, status, submit
+    from cifarbench.cluster import estimate, inventory, plan, preflight, status, submit
     from cifarbench.config.grid import load_grid
     from cifarbench.store.datasets import fingerprint
 
@@ -175,9 +175,11 @@ def submit_breakdown(grid: Path) -> dict[str, float]:
     g = load_grid(grid, fingerprint=fingerprint)
     t1 = time.perf_counter()
     todo = plan.plan(list(g.specs), status.state_map(g.results, list(g.specs)))
-    limits = preflight.read_limits(accounting=False)
+    limits = inventory.read_limits(accounting=False)
     evidence = estimate.read_evidence(g.results)
-    tasks = plan.make_tasks(todo.submit, g.resources, g.fuse, evidence, preflight.max_times(limits))
+    tasks = plan.make_tasks(
+        todo.submit, g.resources, g.fuse, evidence, preflight.max_times(limits, g.resources.values())
+    )
     assert not preflight.problems(tasks, limits)
     t2 = time.perf_counter()
     manifest = submit.submit(tasks, g.results, executor="slurm", grid_source=str(grid))

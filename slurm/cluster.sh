@@ -172,6 +172,13 @@ up() {
   start_daemon slurmd
   wait_for "$TIMEOUT" "node $HOST to become idle" node_ready
   wait_for "$TIMEOUT" sacct sacct -n -X
+  # A QOS with per-user limits for cifarbench's preflight to meet (README); root may use it and keeps normal as its
+  # default. Set once slurmctld has registered the gres/gpu TRES with slurmdbd; modify repeats harmlessly, add fails
+  # where the QOS exists.
+  sacctmgr -n -P list qos format=name | grep -qx capped || sacctmgr -i add qos capped >/dev/null
+  sacctmgr -i modify qos capped set MaxSubmitJobsPerUser=3 MaxJobsPerUser=1 MaxWall=00:20:00 \
+    MaxTRESPerUser=gres/gpu=1 >/dev/null
+  sacctmgr -i modify user root set qos+=capped >/dev/null
   echo "slurm cluster '$CLUSTER' up in $((SECONDS - t0))s: node $HOST $(node_state)," \
     "cpus=$CPUS mem=${MEMORY}M gres=gpu:a100:2 features=ib,localdisk, partitions debug (default), short (30 min) and spare (DOWN nodes only)," \
     "accounting via slurmdbd"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cifarbench import cli
-from cifarbench.cluster import estimate, plan, preflight
+from cifarbench.cluster import estimate, inventory, plan, preflight
 from cifarbench.config.grid import parse_grid
 from cifarbench.config.resources import Resources
 
@@ -25,13 +25,13 @@ precision: 32-true
 root: {root}
 results: {results}
 """
-CPU_SITE = preflight.ClusterLimits(
-    partitions=preflight.parse_partitions(
+CPU_SITE = inventory.ClusterLimits(
+    partitions=inventory.parse_partitions(
         "PartitionName=cpu Default=YES MaxTime=UNLIMITED Nodes=c01 State=UP\n"
         "PartitionName=gpu Default=NO MaxTime=UNLIMITED Nodes=g01 State=UP\n"
     ),
     nodes=tuple(
-        preflight.parse_nodes(
+        inventory.parse_nodes(
             "NodeName=c01 CPUTot=64 Gres=(null) RealMemory=256000 Partitions=cpu\n"
             "NodeName=g01 CPUTot=64 Gres=gpu:a100:4 RealMemory=512000 Partitions=gpu\n"
         )

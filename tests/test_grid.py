@@ -317,7 +317,8 @@ def test_resources():
   time: "2-12:00:00"
   constraint: "a100&ib"
   setup: ["module load cuda/12.1", "source ~/env/bin/activate && echo ok"]
-  extra: {mail-type: "END,FAIL", mail-user: me@example.org, exclusive: true, exclude: "node[1-3]"}
+  exclusive: true
+  extra: {mail-type: "END,FAIL", mail-user: me@example.org, exclude: "node[1-3]"}
 """
     ).resources
     [r] = set(r.values())
@@ -330,13 +331,8 @@ def test_resources():
         40.5,
         "a100&ib",
     )
-    assert r.timeout_min == 60 * 60 and r.setup[1].endswith("echo ok")
-    assert dict(r.extra) == {
-        "mail-type": "END,FAIL",
-        "mail-user": "me@example.org",
-        "exclusive": True,
-        "exclude": "node[1-3]",
-    }
+    assert r.timeout_min == 60 * 60 and r.setup[1].endswith("echo ok") and r.exclusive is True
+    assert dict(r.extra) == {"mail-type": "END,FAIL", "mail-user": "me@example.org", "exclude": "node[1-3]"}
 
 
 @pytest.mark.parametrize(
@@ -356,13 +352,14 @@ def test_resources():
         ("{extra: [mail-type]}", "slurm.extra: must be a mapping of sbatch options to values"),
         (
             "{extra: {wrap: 'rm -rf /'}}",
-            "slurm.extra: unknown sbatch option 'wrap'; valid: comment, exclude, exclusive,",
+            "slurm.extra: unknown sbatch option 'wrap'; valid: comment, exclude, hold,",
         ),
         ("{extra: {mail_type: END}}", "(did you mean 'mail-type'?)"),
         ("{extra: {gres: 'gpu:2'}}", "slurm.extra: 'gres' has its own field; set slurm.gpus_per_node instead"),
         ("{extra: {comment: 'a$(reboot)'}}", "slurm.extra.comment: 'a$(reboot)' contains '$()'"),
         ('{extra: {comment: "x\\n#SBATCH --wrap"}}', "slurm.extra.comment:"),
-        ("{extra: {exclusive: false}}", "slurm.extra.exclusive: must be a non-empty string, got False"),
+        ("{exclusive: 'yes'}", "slurm.exclusive: must be true or false, got 'yes'"),
+        ("{extra: {exclusive: true}}", "slurm.extra: 'exclusive' has its own field; set slurm.exclusive instead"),
         ("{mem_gb: 16, extra: {mem-per-gpu: 16G}}", "slurm.extra: mem-per-gpu and mem_gb both set the job's memory"),
         ("[gpu]", "slurm: must be a mapping"),
     ],

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cifarbench.cluster import estimate, memory, plan, preflight
+from cifarbench.cluster import estimate, inventory, memory, plan, preflight
 from cifarbench.cluster.memory import BASE_MB, MEM_MARGIN, PlanError
 from cifarbench.config.grid import parse_grid
 from cifarbench.config.resources import Resources
@@ -145,9 +145,9 @@ def test_the_dry_run_shows_each_groups_memory_and_where_it_came_from():
 
 
 def test_preflight_names_the_auto_request_against_the_nodes_memory():
-    limits = preflight.ClusterLimits(
+    limits = inventory.ClusterLimits(
         partitions={
-            "cpu": preflight.Partition(
+            "cpu": inventory.Partition(
                 name="cpu",
                 default=True,
                 state="UP",
@@ -157,7 +157,7 @@ def test_preflight_names_the_auto_request_against_the_nodes_memory():
                 max_mem_per_cpu_mb=1000,
             ),
         },
-        nodes=(preflight.Node(name="n1", cpus=8, memory_mb=2500, gpus=0, partitions=("cpu",)),),
+        nodes=(inventory.Node(name="n1", cpus=8, memory_mb=2500, gpus=0, partitions=("cpu",)),),
     )
     g = parse_grid(GRID + "slurm: {gpus_per_node: 0, cpus_per_task: 4, mem_gb: auto}\n")
     big = plan.make_tasks(g.specs, g.resources, g.fuse, evidence(record(peak_host_mb=2400.0)))
@@ -174,7 +174,7 @@ def test_preflight_names_the_auto_request_against_the_nodes_memory():
 
 def test_max_mem_per_cpu_is_read_from_scontrol():
     text = "PartitionName=p MaxNodes=UNLIMITED MaxTime=01:00:00 MaxMemPerCPU=4000 State=UP\n"
-    assert preflight.parse_partitions(text)["p"].max_mem_per_cpu_mb == 4000
+    assert inventory.parse_partitions(text)["p"].max_mem_per_cpu_mb == 4000
 
 
 # --- pack: auto ---------------------------------------------------------------------------------------------

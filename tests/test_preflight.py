@@ -5,7 +5,7 @@ once against the live cluster.
 Recorded files in tests/recorded/, each what its command printed:
   scontrol-show-partition.txt     scontrol --all --oneliner show partition
   scontrol-show-node.txt          scontrol --all --oneliner show node
-  sacctmgr-show-association.txt   sacctmgr --noheader --parsable2 show association format=account,qos
+  sacctmgr-show-user-withassoc.txt, sacctmgr-show-qos.txt, squeue-user-qos.txt: accounting, see tests/test_qos.py
 """
 
 import re
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from cifarbench.cli import main
-from cifarbench.cluster import preflight
-from cifarbench.cluster.preflight import ClusterError, ClusterLimits, Partition, check_resources
+from cifarbench.cluster import inventory, preflight
+from cifarbench.cluster.inventory import ClusterError, ClusterLimits, Partition
+from cifarbench.cluster.preflight import check_resources
 from cifarbench.config.grid import load_grid
 from cifarbench.config.resources import Resources
 from cifarbench.store.datasets import fingerprint
@@ -26,7 +27,9 @@ from cifarbench.store.datasets import fingerprint
 RECORDED = Path(__file__).parent / "recorded"
 PARTITIONS = (RECORDED / "scontrol-show-partition.txt").read_text()
 NODES = (RECORDED / "scontrol-show-node.txt").read_text()
-ASSOCIATIONS = (RECORDED / "sacctmgr-show-association.txt").read_text()
+USERS = (RECORDED / "sacctmgr-show-user-withassoc.txt").read_text()
+QOS = (RECORDED / "sacctmgr-show-qos.txt").read_text()
+QUEUED = (RECORDED / "squeue-user-qos.txt").read_text()
 
 # A bigger site, written in scontrol's format: GPU nodes of two kinds, a CPU partition with a per-node CPU cap,
 # a partition mixing both, a drained one, an empty one and a hidden one; no default partition.
@@ -47,57 +50,60 @@ NodeName=c01 CPUTot=128 Gres=(null) RealMemory=256000 State=MIXED Partitions=cpu
 
 def _site(**fields) -> ClusterLimits:
     return ClusterLimits(
-        partitions=preflight.parse_partitions(SITE_PARTITIONS),
-        nodes=tuple(preflight.parse_nodes(SITE_NODES)),
+        partitions=inventory.parse_partitions(SITE_PARTITIONS),
+        nodes=tuple(inventory.parse_nodes(SITE_NODES)),
         **fields,
     )
 
 
 def _local(**fields) -> ClusterLimits:
     return ClusterLimits(
-        partitions=preflight.parse_partitions(PARTITIONS),
-        nodes=tuple(preflight.parse_nodes(NODES)),
+        partitions=inventory.parse_partitions(PARTITIONS),
+        nodes=tuple(inventory.parse_nodes(NODES)),
         **fields,
     )
 
 
-LOCAL_MB = preflight.parse_nodes(NODES)[0].memory_mb
+LOCAL_MB = inventory.parse_nodes(NODES)[0].memory_mb
 
 
 # --- parsers -------------------------------------------------------------------------------------------------
 
 
 def test_the_local_partitions():
-    assert preflight.parse_partitions(PARTITIONS) == {
+    assert inventory.parse_partitions(PARTITIONS) == {
         "debug": Partition(
-            name="debug", default=True, state="UP", max_time=None, max_cpus_per_node=None, max_mem_per_node_mb=None
+            name="debug",
+            default=True,
+            state="UP",
+            max_time=None,
+            max_cpus_per_node=None,
+            max_mem_per_node_mb=None,
+            total_nodes=1,
         ),
         "short": Partition(
-            name="short", default=False, state="UP", max_time=1800, max_cpus_per_node=None, max_mem_per_node_mb=None
+            name="short",
+            default=False,
+            state="UP",
+            max_time=1800,
+            max_cpus_per_node=None,
+            max_mem_per_node_mb=None,
+            total_nodes=1,
         ),
     }
 
 
 def test_the_local_node():
-    (node,) = preflight.parse_nodes(NODES)
+    (node,) = inventory.parse_nodes(NODES)
     assert (node.cpus, node.gpus, node.partitions) == (2, 2, ("debug", "short"))
     assert node.memory_mb > 1000 and f"RealMemory={node.memory_mb} " in NODES
 
 
-def test_the_local_accounts_and_qos():
-    assert preflight.parse_associations(ASSOCIATIONS) == (frozenset({"root"}), frozenset({"normal"}))
-
-
-def test_associations_list_several_qos_and_some_none():
-    text = "physics|normal,long\nphysics|normal\nbio|\nbio|high\n\n"
-    assert preflight.parse_associations(text) == ({"physics", "bio"}, {"normal", "long", "high"})
-
-
 def test_values_with_spaces_stay_whole():
-    fields = preflight.parse_fields(SITE_NODES.splitlines()[1])
+    fields = inventory.parse_fields(SITE_NODES.splitlines()[1])
     assert fields["Reason"] == "Not responding"
     assert fields["Partitions"] == "gpu,secret" and fields["Gres"] == "gpu:v100:2,gpu:t4:1,shard:8"
-    assert preflight.parse_fields(SITE_NODES.splitlines()[0])["OS"] == "Linux 5.14 #1 SMP"
+    assert inventory.parse_fields(SITE_NODES.splitlines()[0])["OS"] == "Linux 5.14 #1 SMP"
 
 
 @pytest.mark.parametrize(
@@ -114,7 +120,7 @@ def test_values_with_spaces_stay_whole():
     ],
 )
 def test_gpus_from_gres(gres, gpus):
-    assert preflight.gpu_count(gres) == gpus
+    assert inventory.gpu_count(gres) == gpus
 
 
 def test_a_bigger_site():
@@ -141,24 +147,37 @@ class Binaries:
 
     def __call__(self, args: list[str]) -> subprocess.CompletedProcess:
         self.calls.append(args)
-        name = args[0] if args[0] != "scontrol" else f"scontrol_{args[-1]}"
+        name = f"{args[0]}_{args[args.index('show') + 1]}" if "show" in args else args[0]
         code, out = self.answers[name]
         return subprocess.CompletedProcess(args, code, stdout=out if code == 0 else "", stderr="" if code == 0 else out)
 
 
-RECORDED_BINARIES = dict(scontrol_partition=(0, PARTITIONS), scontrol_node=(0, NODES), sacctmgr=(0, ASSOCIATIONS))
+RECORDED_BINARIES = dict(
+    scontrol_partition=(0, PARTITIONS),
+    scontrol_node=(0, NODES),
+    sacctmgr_user=(0, USERS),
+    sacctmgr_qos=(0, QOS),
+    squeue=(0, QUEUED),
+)
 
 
-def test_a_grid_takes_three_calls():
+def test_a_grid_takes_four_calls_and_one_more_where_a_qos_caps_queued_jobs():
     binaries = Binaries(**RECORDED_BINARIES)
-    limits = preflight.read_limits(run=binaries)
-    assert limits == _local(accounts=frozenset({"root"}), qos=frozenset({"normal"}))
-    assert binaries.calls == [preflight.PARTITIONS_CMD, preflight.NODES_CMD, preflight.ASSOCIATIONS_CMD]
+    limits = inventory.read_limits(run=binaries, user="root")
+    qos = inventory.parse_qos(QOS)
+    assert (limits.accounts, limits.qos, limits.qos_limits, limits.queued) == ({"root"}, set(qos), qos, {"capped": 2})
+    assert limits.associations == {"root": inventory.Association(account="root", qos=frozenset({"capped", "normal"}))}
+    assert (limits.user, limits.default_account) == ("root", "root")
+    assert binaries.calls[:2] == [inventory.PARTITIONS_CMD, inventory.NODES_CMD]
+    assert sorted(binaries.calls[2:4]) == sorted([inventory.ASSOCIATIONS_CMD, inventory.QOS_CMD])  # at once
+    assert binaries.calls[4:] == [inventory.queued_cmd("root")]
+    uncapped = Binaries(**{**RECORDED_BINARIES, "sacctmgr_qos": (0, "normal||||\n")})
+    assert inventory.read_limits(run=uncapped, user="root").queued == {} and len(uncapped.calls) == 4
 
 
 def test_no_account_or_qos_asked_takes_two():
     binaries = Binaries(**RECORDED_BINARIES)
-    assert preflight.read_limits(run=binaries, accounting=False) == _local()
+    assert inventory.read_limits(run=binaries, accounting=False) == _local()
     assert [c[0] for c in binaries.calls] == ["scontrol", "scontrol"]
 
 
@@ -171,7 +190,9 @@ def test_no_account_or_qos_asked_takes_two():
     ],
 )
 def test_without_accounting_accounts_and_qos_are_not_known(sacctmgr):
-    limits = preflight.read_limits(run=Binaries(**{**RECORDED_BINARIES, "sacctmgr": sacctmgr}))
+    limits = inventory.read_limits(
+        run=Binaries(**{**RECORDED_BINARIES, "sacctmgr_user": sacctmgr, "sacctmgr_qos": sacctmgr})
+    )
     assert limits.accounts is None and limits.qos is None and "short" in limits.partitions
     assert check_resources(Resources(account="anything", qos="any", cpus_per_task=1), limits) == []
 
@@ -180,7 +201,7 @@ def test_a_cluster_that_does_not_answer_is_one_clear_error():
     said = "slurm_load_partitions: Unable to contact slurm controller (connect failure)"
     binaries = Binaries(**{**RECORDED_BINARIES, "scontrol_partition": (1, said)})
     with pytest.raises(ClusterError) as e:
-        preflight.read_limits(run=binaries)
+        inventory.read_limits(run=binaries)
     assert str(e.value) == (
         f"cannot read the cluster's limits: `scontrol --all --oneliner show partition` failed ({said}); "
         "check that SLURM answers with `scontrol ping`"
@@ -190,7 +211,7 @@ def test_a_cluster_that_does_not_answer_is_one_clear_error():
 def test_without_slurm_installed(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ClusterError, match=r"`scontrol --all --oneliner show partition` failed \(.*No such file"):
-        preflight.read_limits()
+        inventory.read_limits()
 
 
 # --- checks --------------------------------------------------------------------------------------------------
@@ -335,7 +356,7 @@ def test_the_live_cluster_limits():
     ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     if "UP" not in ping.stdout:
         pytest.skip("the SLURM cluster is not answering; start it with `bash slurm/cluster.sh up`")
-    limits = preflight.read_limits()
+    limits = inventory.read_limits()
     debug, short = limits.partitions["debug"], limits.partitions["short"]
     assert limits.partition(None) is debug and debug.max_time is None
     assert short.max_time == 30 * 60 and not short.default

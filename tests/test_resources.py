@@ -281,6 +281,9 @@ def test_a_pack_uses_packed_evidence_as_measured_else_k_times_one_run_alone():
     assert per_epoch(est) == pytest.approx(30.0) and "packed 4 per task: 1 record" in est.detail
     alone = estimate.estimate_task(runs, pack4, evidence(record()))
     assert per_epoch(alone) == pytest.approx(4 * 12.0) and "no gain assumed" in alone.detail
+    # on two GPUs (a whole node's, say) two of the four train on each, side by side with the other two
+    two = estimate.estimate_task(runs, Resources(pack=4, gpus_per_node=2), evidence(record()))
+    assert per_epoch(two) == pytest.approx(2 * 12.0) and "no gain assumed: 2 per GPU on 2 x one run" in two.detail
     # a packed record is no evidence for a run alone
     assert estimate.estimate_task([spec()], GPU, evidence(record(pack_size=4))).source == "prior"
 
@@ -313,7 +316,7 @@ def tasks_of(g, max_time=None, ev=None) -> list[plan.Task]:
 
 def test_time_auto_becomes_a_limit_and_a_budget():
     g = parse_grid(GRID + "resources: [{match: {model: resnet20}, time: auto, time_margin: 2}]\n")
-    tasks = tasks_of(g, {"gpu": 3600})
+    tasks = tasks_of(g, {("gpu", None): 3600})
     auto = [t for t in tasks if t.specs[0].model == "resnet20"]
     assert all(t.auto and t.resources.time != "auto" for t in auto)
     for t in auto:
@@ -386,7 +389,7 @@ def test_a_fixed_time_below_the_estimate_is_warned_about_per_group():
 
 def test_a_capped_group_is_warned_about():
     g = parse_grid(GRID + "resources: [{match: {model: resnet1202}, time: auto}]\n")
-    lines = plan.describe(tasks_of(g, {"gpu": 3600}), max_array_size=1000)
+    lines = plan.describe(tasks_of(g, {("gpu", None): 3600}), max_array_size=1000)
     assert any("warning" in line and "MaxTime" in line and "01:00:00" in line for line in lines)
 
 

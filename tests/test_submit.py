@@ -351,10 +351,10 @@ FULL = Resources(
     array_parallelism=3,
     max_requeues=4,
     setup=("module load cuda/12.1", "source /opt/venv/bin/activate"),
+    exclusive=True,
     extra=(
         ("mail-type", "END"),
         ("mail-user", "me@example.org"),
-        ("exclusive", True),
         ("comment", "nightly"),
         ("nodelist", "node[01-04]"),
     ),
@@ -422,7 +422,7 @@ def test_sbatch_from_a_grid_file(tmp_path, srun_on_path):
     grid = parse_grid(
         "models: [resnet20]\ndatasets: [cifar10]\nopts: [step-160]\nbatch_sizes: [128]\n"
         'slurm:\n  partition: gpu\n  time: "00:30:00"\n  constraint: a100|h100\n'
-        '  setup: ["export OMP_NUM_THREADS=1"]\n  extra: {reservation: bench, exclusive: true}\n'
+        '  setup: ["export OMP_NUM_THREADS=1"]\n  exclusive: true\n  extra: {reservation: bench}\n'
     )
     [resources] = set(grid.resources.values())
     text = sbatch_text(resources, tmp_path, runs=len(grid.specs) + 1)
@@ -434,6 +434,7 @@ def test_sbatch_from_a_grid_file(tmp_path, srun_on_path):
         "bench",
     )
     assert options["exclusive"] is True and "\nexport OMP_NUM_THREADS=1\n" in text
+    assert options["mem"] == "0"  # a whole node's memory, where the grid does not say how much
 
 
 @pytest.mark.parametrize(

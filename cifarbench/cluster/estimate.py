@@ -414,8 +414,11 @@ def _shared(
                 detail = f"fused x{k} from fused x{n}{scaled}: {found.detail}"
                 return replace(found, per_epoch=found.per_epoch * factor, detail=detail)
     alone = _alone(spec, resources, evidence, images)
-    detail = f"{what}, no gain assumed: {k} x one run alone; {alone.detail}"
-    return replace(alone, per_epoch=alone.per_epoch * k, detail=detail)
+    # a pack's runs go to its GPUs round robin: those on different GPUs run side by side
+    per_gpu = -(-k // resources.gpus_per_node) if share == PACK and resources.gpus_per_node else k
+    each = f"{per_gpu} per GPU on {resources.gpus_per_node}" if per_gpu != k else f"{k}"
+    detail = f"{what}, no gain assumed: {each} x one run alone; {alone.detail}"
+    return replace(alone, per_epoch=alone.per_epoch * per_gpu, detail=detail)
 
 
 def planned_images(spec: RunSpec, data: Mapping[tuple[str, str], tuple[int, int]] | None) -> tuple[int, int]:

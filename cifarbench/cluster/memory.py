@@ -24,7 +24,9 @@ CUDA_PROCESS_MB for its own process's CUDA context and allocator slack, fit in t
 at most one run per CPU of the task and no more than the runs there are; and no more than the fewest runs per GPU
 that packed evidence shows within GAIN_TOLERANCE of the best throughput measured (where the best is at the most runs
 measured, the gain may go on, and nothing caps it). The GPU's memory is ``gpu_mem_gb``, else GPU_MEMORY_GB's figure
-for ``gpu_type``. Without device-memory evidence it refuses, naming the command that measures it.
+for ``gpu_type``. Without device-memory evidence it refuses, naming the command that measures it. On whole nodes
+(``exclusive``) the CPUs bound as many runs on every GPU, and a task may hold fewer runs than the node has GPUs
+where the grid has no more.
 """
 
 from __future__ import annotations
@@ -305,16 +307,19 @@ def pack_size(specs: Sequence[RunSpec], resources: Resources, evidence: Evidence
             "larger GPU"
         )
     cap, said_gain = _gain_cap(spec, resources, evidence)
+    cpus, per_cpus = resources.cpus_per_task, "one per run"
+    if resources.exclusive and cpus >= gpus:  # a whole node: as many runs on each of its GPUs
+        cpus, per_cpus = cpus - cpus % gpus, f"one per run, {cpus // gpus} per GPU"
     limits = {
         f"memory: {per_gpu * gpus} ({per_gpu} per GPU of {said_gpu}: {said}, {peak:,.0f} + {CUDA_PROCESS_MB:,} MiB "
         f"each, in {1 - GPU_HEADROOM:.0%})": per_gpu * gpus,
-        f"CPUs: {resources.cpus_per_task} (one per run)": resources.cpus_per_task,
+        f"CPUs: {cpus} ({per_cpus})": cpus,
         f"runs: {len(specs)}": len(specs),
     }
     if cap is not None:
         limits[f"throughput: {cap * gpus} ({said_gain})"] = cap * gpus
     k = min(limits.values())
-    if k < gpus:
+    if k < gpus and not (resources.exclusive and k == len(specs)):  # too few runs for the node: describe says so
         raise PlanError(
             f"pack: auto: {plural(k, 'run')} per task would leave some of its {plural(gpus, 'GPU')} idle "
             f"({min(limits, key=limits.__getitem__)}); ask for fewer GPUs per task"

@@ -10,7 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from cifarbench.cluster.estimate import Estimate, Evidence, estimate_task, time_limit
-from cifarbench.cluster.memory import Memory, pack_size, task_memory
+from cifarbench.cluster.inventory import ClusterLimits, parse_constraint, satisfies
+from cifarbench.cluster.memory import Memory, PlanError, pack_size, task_memory
 from cifarbench.config.resources import AUTO, Budget, Resources, format_time
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import plural
@@ -62,7 +63,7 @@ class Task:
     resources: Resources
     estimate: Estimate
     auto: bool  # the limit came from the estimate (``time: auto``)
-    capped: bool  # the partition's MaxTime cut the limit ``time: auto`` wanted
+    capped: bool  # the partition's MaxTime or the QOS's MaxWall cut the limit ``time: auto`` wanted
     memory: Memory | None = None  # the memory ``mem_gb: auto`` asked for, and why
     pack_detail: str | None = None  # why ``pack: auto`` packed this many
 
@@ -89,25 +90,92 @@ class Task:
         return "GPU-h" if self.resources.gpus_per_node else "CPU-core-h"
 
 
-def local_devices(gpus: int, tasks: int) -> int:
+def local_devices(gpus: int, tasks: int, *, whole: bool = False) -> int:
     """Pure: how many sequences local execution runs at once: one per GPU (one on a CPU-only machine), no more than
-    the tasks there are."""
-    return max(min(max(gpus, 1), tasks), 1)
+    the tasks there are; one where a task takes the whole machine (``whole``: some task is ``exclusive``)."""
+    return 1 if whole else max(min(max(gpus, 1), tasks), 1)
 
 
-def local_cpus(gpus: int, cores: int, tasks: int) -> int:
+def local_cpus(gpus: int, cores: int, tasks: int, *, whole: bool = False) -> int:
     """Pure: the cores each of local execution's sequences gets (``local_devices``) of this machine's ``cores``."""
-    return max(cores // local_devices(gpus, tasks), 1)
+    return max(cores // local_devices(gpus, tasks, whole=whole), 1)
+
+
+def whole_node(r: Resources, *, gpus: int, cpus: int) -> Resources:
+    """Pure: what an ``exclusive`` task of ``r`` asks for on a node of ``gpus`` GPUs and ``cpus`` CPUs: all of them,
+    and ``pack: K`` runs on each GPU, K x ``gpus`` in all (on a node without GPUs, K runs share its CPUs); ``pack:
+    auto`` is planned for all the GPUs (``memory.pack_size``). Raises ValueError where the node cannot hold it."""
+    if isinstance(r.pack, int) and not gpus and r.pack > cpus:
+        raise ValueError(
+            f"pack: {r.pack} runs on a whole node of {plural(cpus, 'CPU')} leaves some run without a CPU of its own; "
+            f"pack at most {cpus}"
+        )
+    pack = r.pack * max(gpus, 1) if isinstance(r.pack, int) else r.pack
+    return dataclasses.replace(r, gpus_per_node=gpus, cpus_per_task=cpus, pack=pack)
+
+
+def whole_nodes(
+    resources: Mapping[str, Resources], limits: ClusterLimits | None
+) -> tuple[dict[str, Resources], list[str]]:
+    """Pure: runs whose resources are ``exclusive`` ask for whole nodes of their partition (``whole_node``), sized
+    by its nodes that take jobs and could take the task (with GPUs of its ``gpu_type``, or any, where it asks for
+    GPUs; matching its constraint): where those differ, by what every one of them has, with a line saying so.
+    Resources that no node could take are left as they are, for preflight to refuse. Raises ValueError where the
+    cluster's limits were not read (None) and a run is exclusive, or where a node cannot hold a task."""
+
+    out: dict[Resources, Resources] = {}
+    said: list[str] = []
+    for r in dict.fromkeys(resources.values()):
+        if not r.exclusive:
+            continue
+        if limits is None:
+            raise ValueError(
+                "exclusive: whole nodes take the size of the partition's nodes, and --no-preflight does not read "
+                "them; submit without --no-preflight"
+            )
+        partition = limits.partition(r.partition)
+        if partition is None:
+            continue
+        try:
+            constraint = parse_constraint(r.constraint) if r.constraint else None
+        except ValueError:  # preflight says what is wrong with it
+            constraint = None
+        able = [n for n in limits.nodes_of(partition) if n.able]
+        sizes = [
+            (gpus if r.gpus_per_node else 0, cpus)
+            for node, (gpus, cpus, _) in zip(able, limits.capacities(partition, r.gpu_type))
+            if (gpus or not r.gpus_per_node) and (constraint is None or satisfies(constraint, node.features))
+        ]
+        if not sizes:
+            continue
+        gpus, cpus = min(g for g, _ in sizes), min(c for _, c in sizes)
+        out[r] = whole_node(r, gpus=gpus, cpus=cpus)
+        if len(set(sizes)) > 1:
+            line = (
+                f"note: the nodes of partition {partition.name!r} differ ({_span(g for g, _ in sizes)} GPUs, "
+                f"{_span(c for _, c in sizes)} CPUs): exclusive tasks ask for what every one has, "
+                f"{plural(gpus, 'GPU')} and {plural(cpus, 'CPU')}, and leave the rest of a larger node idle "
+                "(a constraint can pick the larger nodes)"
+            )
+            if line not in said:
+                said.append(line)
+    return {run_id: out.get(r, r) for run_id, r in resources.items()}, said
+
+
+def _span(values: Iterable[int]) -> str:
+    values = sorted(set(values))
+    return f"{values[0]}-{values[-1]}" if len(values) > 1 else f"{values[0]}"
 
 
 def local_resources(r: Resources, *, gpus: int, cpus: int) -> Resources:
     """Pure: what a task of ``r`` gets from local execution (``--executor local``): one of the machine's ``gpus``
-    (none: its CPUs), ``cpus`` cores, no partition, no memory limit; the time limit is kept. Raises ValueError
-    where ``r`` cannot train so (``pack: auto`` without a GPU)."""
+    (none: its CPUs), ``cpus`` cores, no partition, no memory limit; the time limit is kept. An ``exclusive`` task
+    gets the whole machine: all its ``gpus`` and ``cpus`` (``local_cpus`` with ``whole``), ``pack`` runs on each
+    GPU. Raises ValueError where ``r`` cannot train so (``pack: auto`` without a GPU)."""
     if not gpus and r.pack == AUTO:
         raise ValueError("pack: auto packs runs onto a GPU, and this machine has none; write pack: K to run locally")
     pack = r.pack if isinstance(r.pack, int) else 1
-    return dataclasses.replace(
+    local = dataclasses.replace(
         r,
         partition=None,
         account=None,
@@ -120,6 +188,7 @@ def local_resources(r: Resources, *, gpus: int, cpus: int) -> Resources:
         mem_gb=None,
         extra=(),
     )
+    return whole_node(local, gpus=gpus, cpus=local.cpus_per_task) if r.exclusive else local
 
 
 def groups_of_runs(specs: Iterable[RunSpec], resources: Mapping[str, Resources]) -> dict[Resources, list[RunSpec]]:
@@ -154,21 +223,26 @@ def make_tasks(
     resources: Mapping[str, Resources],
     fuse: Mapping[str, int],
     evidence: Evidence,
-    max_time: Mapping[str | None, int | None] | None = None,
+    max_time: Mapping[tuple[str | None, str | None], int | None] | None = None,
     data: Mapping[tuple[str, str], tuple[int, int]] | None = None,
 ) -> list[Task]:
     """Pure: the array tasks of ``specs``, each with its estimate and ``time: auto`` turned into its limit.
     Within each set of equal resources, runs that fuse make a task per group; the others are packed ``pack`` at a
     time, longest first, so that a pack holds runs of like length (a fused group already shares the device's
-    kernels, so it is not packed too). ``max_time``: partition (None: the default one) -> its MaxTime in seconds
-    (None: unlimited); empty where the cluster is not asked (local runs). ``data``: (dataset, data root) -> its
-    training and test images (``estimate.planned_images``)."""
+    kernels, so it is not packed too). ``max_time``: (partition, QOS) as resources name them -> the longest limit
+    there in seconds (``preflight.max_times``; None: unlimited); empty where the cluster is not asked (local runs).
+    ``data``: (dataset, data root) -> its training and test images (``estimate.planned_images``)."""
     out = []
     for r, members in groups_of_runs(specs, resources).items():
         fused: list[list[RunSpec]] = []
         alone: list[list[RunSpec]] = []
         for group in fused_groups(members, fuse):
             (fused if len(group) > 1 else alone).append(group)
+        if fused and r.exclusive and r.gpus_per_node > 1:
+            raise PlanError(
+                f"exclusive: a fused group trains on one GPU, and a whole node here has {r.gpus_per_node}; set "
+                "exclusive: false for the fused runs (each group a task of one GPU), or fuse: false"
+            )
         why = None
         if r.pack == AUTO:
             choice = pack_size([s for [s] in alone], r, evidence) if alone else None
@@ -189,7 +263,7 @@ def _task(specs, r: Resources, evidence: Evidence, max_time, data, *, fused: boo
     est = estimate_task(specs, r, evidence, fused=fused, data=data)
     capped, auto = False, r.time == AUTO
     if auto:
-        seconds, capped = time_limit(est.seconds, r.time_margin, (max_time or {}).get(r.partition))
+        seconds, capped = time_limit(est.seconds, r.time_margin, (max_time or {}).get((r.partition, r.qos)))
         r = dataclasses.replace(r, time=format_time(seconds))
     memory = None
     if r.mem_gb == AUTO:
@@ -240,12 +314,18 @@ def short_limits(tasks: list[Task]) -> list[str]:
     return [line for line in found if line]
 
 
+def _per_gpu(runs: int, gpus: int) -> str:
+    """ "2 per GPU, 4 per task": how a whole node's task spreads its runs over the node's GPUs (round robin)."""
+    fewest, most = runs // gpus, -(-runs // gpus)
+    return f"{fewest if fewest == most else f'{fewest}-{most}'} per GPU, {runs} per task"
+
+
 def describe(tasks: list[Task], *, max_array_size: int, local: bool = False) -> list[str]:
     """Pure: a line per set of equal resources (its array tasks and the runs they hold, the resources, estimated
     and reserved device-hours, where the estimates came from), then the total; and a warning per set whose
-    ``time: auto`` limit the partition's MaxTime cut. Reserved is tasks x time limit x GPUs (CPUs) per task: what
-    the sbatch calls ask for. ``local``: the tasks run on this machine (``local_resources``), in no partition and
-    no job array."""
+    ``time: auto`` limit the partition's MaxTime (or the QOS's MaxWall) cut. Reserved is tasks x time limit x GPUs
+    (CPUs) per task: what the sbatch calls ask for. ``local``: the tasks run on this machine (``local_resources``),
+    in no partition and no job array."""
     lines: list[str] = []
     totals: dict[str, float] = {}
     n_arrays = 0
@@ -262,12 +342,18 @@ def describe(tasks: list[Task], *, max_array_size: int, local: bool = False) -> 
         held = (
             f"fused groups of up to {max(len(t.specs) for t in fused)}"
             if fused
+            else _per_gpu(r.runs_per_task, r.gpus_per_node)
+            if r.exclusive and r.gpus_per_node and r.runs_per_task > 1
             else f"packed {r.pack} per task"
             if r.runs_per_task > 1
             else "one run each"
         )
         memory = members[0].memory
-        mem = "default memory" if r.mem_gb is None else f"{r.mem_gb:g} GB" + (" (auto)" if memory else "")
+        mem = (
+            ("all the node's memory" if r.exclusive else "default memory")
+            if r.mem_gb is None
+            else f"{r.mem_gb:g} GB" + (" (auto)" if memory else "")
+        )
         auto = " (auto)" if members[0].auto else ""
         arrays_here = 0 if local else -(-len(members) // max_array_size)
         n_arrays += arrays_here
@@ -279,8 +365,10 @@ def describe(tasks: list[Task], *, max_array_size: int, local: bool = False) -> 
             + (f", constraint {r.constraint}" if r.constraint else "")
             + f"; {plural(arrays_here, 'array')}"
         )
+        whole = " (exclusive)" if r.exclusive else ""
         lines.append(
-            f"group {i}: {plural(len(members), 'task')} holding {plural(runs, 'run')} ({held}), {gpus}, "
+            f"group {i}: {plural(len(members), 'whole-node task' if whole else 'task')}{whole} holding "
+            f"{plural(runs, 'run')} ({held}), {gpus}, "
             f"{plural(r.cpus_per_task, 'CPU')}, {where}; estimated {estimated:.1f} {unit}, reserved "
             f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
@@ -292,11 +380,16 @@ def describe(tasks: list[Task], *, max_array_size: int, local: bool = False) -> 
             lines.append(f"  warning: {short}")
         if any(t.capped for t in members):
             lines.append(
-                f"  warning: group {i}'s tasks are estimated to need more than the partition's MaxTime; they are "
-                f"limited to {r.time} and carried across limits by requeue and resume"
+                f"  warning: group {i}'s tasks are estimated to need more than the partition's MaxTime (or the QOS's "
+                f"MaxWall); they are limited to {r.time} and carried across limits by requeue and resume"
             )
         for t in members:
-            if not t.fused and len(t.specs) < r.runs_per_task:
+            if r.exclusive and not t.fused and len(t.specs) < r.gpus_per_node:
+                lines.append(
+                    f"  note: group {i} has a task of {plural(len(t.specs), 'run')} on a whole node of "
+                    f"{plural(r.gpus_per_node, 'GPU')}: it leaves {r.gpus_per_node - len(t.specs)} of them idle"
+                )
+            elif not t.fused and len(t.specs) < r.runs_per_task:
                 lines.append(
                     f"  note: group {i} has a task of {plural(len(t.specs), 'run')}, not {r.pack}: the runs of its "
                     f"resources do not divide into packs of {r.pack}"

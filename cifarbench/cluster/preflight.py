@@ -1,207 +1,31 @@
-"""What a grid asks SLURM for, checked against what the cluster offers before anything is queued.
-
-The cluster's limits are read once for a whole grid, in at most three calls: ``scontrol`` for the partitions and
-for the nodes, and ``sacctmgr`` for the accounts and QOS when accounting is on. The parsers and the checks are
-pure functions of that text (unit-tested on recorded output); ``read_limits`` is the only part that runs
-anything.
+"""What a grid asks SLURM for, checked against what the cluster offers and allows (``inventory``) before anything
+is queued: one line per problem, saying what to do. The checks are pure functions of the cluster's limits and the
+grid's tasks; notes and throttles change what is asked where the cluster would otherwise refuse it or leave it
+pending.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 
+from cifarbench.cluster.inventory import (
+    ClusterLimits,
+    Constraint,
+    Partition,
+    Qos,
+    feature_names,
+    node_capacity,
+    parse_constraint,
+    satisfies,
+)
 from cifarbench.cluster.memory import Memory
 from cifarbench.cluster.plan import Task
 from cifarbench.config.resources import Resources, parse_time
-from cifarbench.errors import UsageError, did_you_mean, plural
+from cifarbench.errors import did_you_mean, plural
 from cifarbench.store.datasets import DataError, check_dataset
 
-# --all: hidden partitions take jobs too, and without it scontrol leaves them out
-PARTITIONS_CMD = ["scontrol", "--all", "--oneliner", "show", "partition"]
-NODES_CMD = ["scontrol", "--all", "--oneliner", "show", "node"]
-# One call for both names: every account has an association on the cluster, and each association lists the
-# QOS it may use. Associations of other clusters that share the database count as known.
-ASSOCIATIONS_CMD = ["sacctmgr", "--noheader", "--parsable2", "show", "association", "format=account,qos"]
-_NO_LIMIT = ("UNLIMITED", "INFINITE")
-_CLOSED = ("DRAIN", "INACTIVE")  # sbatch refuses jobs for these; a DOWN partition queues them
 _LISTED = 10  # names shown after a did-you-mean; a big site has thousands of accounts
-
-
-class ClusterError(UsageError):
-    """The cluster did not say what its limits are."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class Partition:
-    name: str
-    default: bool
-    state: str
-    max_time: int | None  # seconds; None: no limit
-    max_cpus_per_node: int | None
-    max_mem_per_node_mb: int | None
-    max_mem_per_cpu_mb: int | None = None  # MaxMemPerCPU: a job asking more per CPU is given more CPUs
-
-
-@dataclass(frozen=True, kw_only=True)
-class Node:
-    name: str
-    cpus: int
-    memory_mb: int
-    gpus: int
-    partitions: tuple[str, ...]
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClusterLimits:
-    partitions: dict[str, Partition]
-    nodes: tuple[Node, ...]
-    accounts: frozenset[str] | None = None  # None: not known (accounting off, or not asked)
-    qos: frozenset[str] | None = None
-
-    def partition(self, name: str | None) -> Partition | None:
-        """The partition ``name``, or the default one for None; None where there is no such partition."""
-        if name is not None:
-            return self.partitions.get(name)
-        return next((p for p in self.partitions.values() if p.default), None)
-
-    def capacities(self, partition: Partition) -> list[tuple[int, int, int]]:
-        """(GPUs, CPUs, memory in MB) one job may have on each node of ``partition``."""
-        cpus, mem = partition.max_cpus_per_node, partition.max_mem_per_node_mb
-        return [
-            (
-                n.gpus,
-                n.cpus if cpus is None else min(n.cpus, cpus),
-                n.memory_mb if mem is None else min(n.memory_mb, mem),
-            )
-            for n in self.nodes
-            if partition.name in n.partitions
-        ]
-
-
-# --- parsing ----------------------------------------------------------------------------------------------------
-
-
-def parse_fields(line: str) -> dict[str, str]:
-    """One record of ``scontrol --oneliner``: ``Key=value`` words. Some values hold spaces (``OS=Linux 6.1 #1 SMP``,
-    ``Reason=Not responding``): a word that does not start a new key belongs to the value before it."""
-    fields: dict[str, str] = {}
-    key = None
-    for word in line.split():
-        name, eq, value = word.partition("=")
-        if eq and name.isidentifier():
-            key, fields[name] = name, value
-        elif key is not None:
-            fields[key] += " " + word
-    return fields
-
-
-def _number(text: str | None) -> int | None:
-    return None if text is None or text in _NO_LIMIT else int(text)
-
-
-def parse_partitions(text: str) -> dict[str, Partition]:
-    """``scontrol --all --oneliner show partition`` -> partition name -> Partition."""
-    partitions = {}
-    for line in text.splitlines():
-        f = parse_fields(line)
-        if "PartitionName" not in f:
-            continue
-        time = f.get("MaxTime", "UNLIMITED")
-        partitions[f["PartitionName"]] = Partition(
-            name=f["PartitionName"],
-            default=f.get("Default") == "YES",
-            state=f.get("State", "UP"),
-            max_time=None if time in _NO_LIMIT else parse_time(time),
-            max_cpus_per_node=_number(f.get("MaxCPUsPerNode")),
-            max_mem_per_node_mb=_number(f.get("MaxMemPerNode")),
-            max_mem_per_cpu_mb=_number(f.get("MaxMemPerCPU")),
-        )
-    return partitions
-
-
-def gpu_count(gres: str) -> int:
-    """GPUs in a node's ``Gres``: "gpu:2", "gpu:a100:4(S:0-1)", "gpu:a100:2,gpu:v100:2,shard:8", "(null)"."""
-    count = 0
-    for item in gres.split(","):  # a "(S:0,1)" socket list splits too; its pieces name no gpu
-        kind, _, rest = item.partition(":")
-        if kind == "gpu" and rest:
-            number = rest.split("(")[0].rsplit(":", 1)[-1]
-            count += int(number) if number.isdigit() else 0
-    return count
-
-
-def parse_nodes(text: str) -> list[Node]:
-    """``scontrol --all --oneliner show node`` -> one Node per node."""
-    nodes = []
-    for line in text.splitlines():
-        f = parse_fields(line)
-        if "NodeName" not in f:
-            continue
-        nodes.append(
-            Node(
-                name=f["NodeName"],
-                # CPUEfctv leaves out the cores a node reserves for its daemons (SLURM >= 22.05)
-                cpus=int(f.get("CPUEfctv", f.get("CPUTot", "0"))),
-                memory_mb=int(f.get("RealMemory", "0")),
-                gpus=gpu_count(f.get("Gres", "")),
-                partitions=tuple(p for p in f.get("Partitions", "").split(",") if p),
-            )
-        )
-    return nodes
-
-
-def parse_associations(text: str) -> tuple[frozenset[str], frozenset[str]]:
-    """``sacctmgr -nP show association format=account,qos`` -> (account names, QOS names)."""
-    accounts: set[str] = set()
-    qos: set[str] = set()
-    for line in text.splitlines():
-        account, _, names = line.strip().partition("|")
-        if account:
-            accounts.add(account)
-        qos.update(q for q in names.split(",") if q)
-    return frozenset(accounts), frozenset(qos)
-
-
-# --- asking the cluster -----------------------------------------------------------------------------------------
-
-
-def _run(args: list[str]) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return subprocess.CompletedProcess(args, 127, stdout="", stderr=str(e))
-
-
-def read_limits(
-    *, run: Callable[[list[str]], subprocess.CompletedProcess] | None = None, accounting: bool = True
-) -> ClusterLimits:
-    """The cluster's partitions and nodes, and with ``accounting`` its accounts and QOS (False saves the sacctmgr
-    call for a grid that names neither). ``run`` runs a command (tests give recorded output); by default the real
-    binaries. Raises ClusterError when scontrol does not answer."""
-    run = run or _run
-    texts = []
-    for args in (PARTITIONS_CMD, NODES_CMD):
-        out = run(args)
-        if out.returncode != 0:
-            said = " ".join((out.stderr or out.stdout).split()) or f"exit code {out.returncode}"
-            raise ClusterError(
-                f"cannot read the cluster's limits: `{' '.join(args)}` failed ({said}); "
-                "check that SLURM answers with `scontrol ping`"
-            )
-        texts.append(out.stdout)
-    accounts = qos = None
-    if accounting:
-        out = run(ASSOCIATIONS_CMD)
-        # sacctmgr fails without accounting storage; a database always holds root's association, so empty
-        # output means nothing is known either, not that every account is unknown
-        if out.returncode == 0 and out.stdout.strip():
-            accounts, qos = parse_associations(out.stdout)
-    return ClusterLimits(
-        partitions=parse_partitions(texts[0]), nodes=tuple(parse_nodes(texts[1])), accounts=accounts, qos=qos
-    )
 
 
 # --- checks -----------------------------------------------------------------------------------------------------
@@ -218,18 +42,91 @@ def check_resources(resources: Resources, limits: ClusterLimits, *, memory: Memo
     """What in ``resources`` this cluster would refuse or could never run, one line each saying what to do.
     ``memory``: where ``mem_gb: auto`` planned the memory, which the lines then name."""
     problems = []
+    constraint = None
+    if resources.constraint is not None:
+        try:
+            constraint = parse_constraint(resources.constraint)
+        except ValueError as e:
+            problems.append(
+                f"slurm.constraint: {resources.constraint!r} is not a feature expression ({e}); join feature names "
+                'with "&" (and) or "|" (or), grouped by "( )"'
+            )
     partition = limits.partition(resources.partition)
     if partition is None:
         problems.append(_no_partition(resources.partition, limits))
     else:
-        problems += _partition_problems(resources, partition, limits, memory)
+        problems += _partition_problems(resources, partition, limits, memory, constraint)
+    problems += _accounting_problems(resources, limits, memory)
+    return problems
+
+
+def _accounting_problems(resources: Resources, limits: ClusterLimits, memory: Memory | None = None) -> list[str]:
+    """The account and QOS ``resources`` name, checked against the user's associations, and the limits of its QOS
+    that one task breaks alone (MaxWall, MaxTRESPU)."""
+    problems = []
     for key, name, known, what in (
         ("account", resources.account, limits.accounts, "account"),
         ("qos", resources.qos, limits.qos, "QOS"),
     ):
         if name is not None and known is not None and name not in known:
             problems.append(f"slurm.{key}: unknown {what} {name!r}{did_you_mean(name, known)}; known: {_list(known)}")
+    mine = limits.associations
+    if problems or mine is None:
+        return problems
+    account = resources.account
+    if account is not None and account not in mine:
+        return [f"slurm.account: {account!r} is not one of your accounts (user {limits.user}); yours: {_list(mine)}"]
+    association = limits.association(account)
+    if resources.qos is not None and association and association.qos and resources.qos not in association.qos:
+        problems.append(
+            f"slurm.qos: your account {association.account!r} may not use QOS {resources.qos!r} (user {limits.user}); "
+            f"its QOS: {_list(association.qos)}"
+        )
+    qos = limits.qos_of(resources)
+    if qos is None:
+        return problems
+    if qos.max_wall is not None and parse_time(resources.time) > qos.max_wall:
+        problems.append(
+            f'slurm.time: "{resources.time}" is longer than QOS {qos.name!r} allows (MaxWall); set it to at most '
+            f'"{_clock(qos.max_wall)}", or use time: auto'
+        )
+    held = _task_tres(resources)
+    for name, most in qos.max_tres.items():
+        if held.get(name, 0) > most:
+            problems.append(_too_much(resources, memory, qos, name, held[name], most))
     return problems
+
+
+# The Resources field that asks for each TRES a QOS may limit
+_TRES_FIELDS = {"cpu": "cpus_per_task", "mem": "mem_gb", "gres/gpu": "gpus_per_node"}
+
+
+def _task_tres(resources: Resources) -> dict[str, int]:
+    """The TRES one task of ``resources`` holds, by the names QOS limits use; memory in MB, where it is set."""
+    gpus, cpus, mem_mb = _asked(resources)
+    tres = {"cpu": cpus, "node": 1}
+    if gpus:
+        tres["gres/gpu"] = gpus
+        if resources.gpu_type:  # counted both ways where the site accounts GPUs by type
+            tres[f"gres/gpu:{resources.gpu_type}"] = gpus
+    if mem_mb:
+        tres["mem"] = mem_mb
+    return tres
+
+
+def _tres_said(name: str, amount: int) -> str:
+    return f"{name}={amount}M" if name == "mem" else f"{name}={amount}"
+
+
+def _too_much(resources: Resources, memory: Memory | None, qos: Qos, name: str, held: int, most: int) -> str:
+    """The line for a task that holds more of TRES ``name`` than ``qos`` lets a user hold at once: SLURM would keep it
+    pending for ever."""
+    limit = f"QOS {qos.name!r} lets each user hold at most {_tres_said(name, most)} at once (MaxTRESPU)"
+    key = _TRES_FIELDS.get(name.split(":")[0])
+    if key is None:
+        return f"slurm.qos: each task holds {name}={held}, but {limit}; choose another QOS"
+    said, fix = (_mem_said(resources, memory), f"{most * 10 // 1024 / 10:g}") if key == "mem_gb" else (held, most)
+    return f"slurm.{key}: {said}, but {limit}, so no task would ever start; ask for at most {fix}"
 
 
 def _no_partition(name: str | None, limits: ClusterLimits) -> str:
@@ -242,12 +139,26 @@ def _no_partition(name: str | None, limits: ClusterLimits) -> str:
 
 
 def _partition_problems(
-    resources: Resources, partition: Partition, limits: ClusterLimits, memory: Memory | None = None
+    resources: Resources,
+    partition: Partition,
+    limits: ClusterLimits,
+    memory: Memory | None = None,
+    constraint: Constraint | None = None,
 ) -> list[str]:
     where = f"partition {partition.name!r}" if resources.partition else f"the default partition {partition.name!r}"
-    others = [p.name for p in limits.partitions.values() if p is not partition and _fits(resources, p, limits)]
-    if partition.state in _CLOSED or not limits.capacities(partition):
-        why = f"is {partition.state} and takes no jobs" if partition.state in _CLOSED else "has no nodes"
+    others = [
+        p.name for p in limits.partitions.values() if p is not partition and _fits(resources, p, limits, constraint)
+    ]
+    unable, total, said = _unable(partition, limits)
+    if partition.closed or unable == total:
+        if partition.closed:
+            why = f"is {partition.state} and takes no jobs"
+        else:
+            why = (
+                f"has no node that takes jobs: {plural(total, 'node')} down or drained ({said})"
+                if total
+                else "has no nodes"
+            )
         return [f"slurm.partition: {where} {why}; choose another" + (f": {_list(others)}" if others else "")]
     elsewhere = f", or use a partition where it fits: {_list(others)}" if others else ""
     problems = []
@@ -257,7 +168,16 @@ def _partition_problems(
             f'slurm.time: "{resources.time}" is longer than {where} allows; set it to at most "{_clock(seconds)}"'
             + elsewhere
         )
-    problems += [p + elsewhere for p in _node_problems(resources, limits.capacities(partition), where, memory)]
+    kinds = _kind_problems(resources, partition, limits, where, constraint)
+    if kinds:  # GPUs of a type or features no node that takes jobs has: the capacities would say "no GPUs"
+        return problems + [p + (f"; partitions where it fits: {_list(others)}" if others else "") for p in kinds]
+    capacities = limits.capacities(partition, resources.gpu_type)
+    problems += [p + elsewhere for p in _node_problems(resources, capacities, where, memory)]
+    if not problems and constraint is not None and not _a_node_fits(resources, partition, limits, constraint):
+        problems.append(
+            f"slurm: no node of {where} that matches constraint {resources.constraint!r} has "
+            f"{_said_asked(resources)} at once; ask for less, or loosen the constraint" + elsewhere
+        )
     per_cpu = partition.max_mem_per_cpu_mb
     _, cpus, mem_mb = _asked(resources)
     if not problems and per_cpu is not None and mem_mb > per_cpu * cpus:
@@ -267,6 +187,57 @@ def _partition_problems(
             f"{plural(cpus, 'CPU')}, so SLURM would give each task more CPUs than it asks for; ask for "
             f"cpus_per_task: {needed}, or at most {per_cpu * cpus * 10 // 1024 / 10:g} GB"
         )
+    return problems
+
+
+def _unable(partition: Partition, limits: ClusterLimits) -> tuple[int, int, str]:
+    """How many nodes of ``partition`` take no jobs now, how many it has, and which they are with their states.
+    The nodes that scontrol does not list are FUTURE ones (it lists them only with --future), which take none."""
+    listed = limits.nodes_of(partition)
+    total = max(partition.total_nodes or 0, len(listed))
+    unlisted = total - len(listed)
+    down = [f"{n.name} {n.state}" for n in listed if not n.able]
+    said = ", ".join(([_list(down)] if down else []) + ([f"{unlisted} FUTURE"] if unlisted else []))
+    return len(down) + unlisted, total, said
+
+
+def _kind_problems(
+    resources: Resources, partition: Partition, limits: ClusterLimits, where: str, constraint: Constraint | None
+) -> list[str]:
+    """The GPU type and the features ``resources`` asks for where no node of ``partition`` has them, or only nodes
+    that take no jobs; and a constraint no node matches."""
+    nodes = limits.nodes_of(partition)
+    problems = []
+    gpu_type = resources.gpu_type
+    if gpu_type is not None:
+        types = {t for n in nodes for t in n.gpu_types if t}
+        if gpu_type not in types:
+            there = _list(types) or ("none (its GPUs have no type)" if any(n.gpus for n in nodes) else "none")
+            problems.append(
+                f"slurm.gpu_type: no node of {where} has GPUs of type {gpu_type!r}{did_you_mean(gpu_type, types)}; "
+                f"GPU types there: {there}"
+            )
+        elif not any(n.able and gpu_type in n.gpu_types for n in nodes):
+            problems.append(f"slurm.gpu_type: the nodes of {where} with {gpu_type} GPUs are down or drained")
+    if constraint is not None:
+        features = {f for n in nodes for f in n.features}
+        unknown = [
+            f"slurm.constraint: no node of {where} has feature {name!r}{did_you_mean(name, features)}; "
+            f"features there: {_list(features) or 'none'}"
+            for name in feature_names(constraint)
+            if name not in features
+        ]
+        problems += unknown
+        if not unknown and not any(satisfies(constraint, n.features) for n in nodes):
+            sets = {"&".join(sorted(n.features)) or "none" for n in nodes}
+            problems.append(
+                f"slurm.constraint: {resources.constraint!r} matches no node of {where}; the features of its nodes: "
+                + _list(sets)
+            )
+        elif not unknown and not any(n.able and satisfies(constraint, n.features) for n in nodes):
+            problems.append(
+                f"slurm.constraint: the nodes of {where} that match {resources.constraint!r} are down or drained"
+            )
     return problems
 
 
@@ -284,7 +255,8 @@ def _node_problems(
     most_gb = most_mb * 10 // 1024 / 10  # rounded down to 0.1 GB, so that asking for it fits
     problems = []
     if gpus > most_gpus:
-        has = f"at most {plural(most_gpus, 'GPU')}" if most_gpus else "no GPUs"
+        gpu = f"{resources.gpu_type} GPU" if resources.gpu_type else "GPU"
+        has = f"at most {plural(most_gpus, gpu)}" if most_gpus else f"no {gpu}s"
         fix = f"ask for at most {most_gpus}" if most_gpus else "set it to 0"
         problems.append(f"slurm.gpus_per_node: {gpus}, but the nodes of {where} have {has}; {fix}")
     if cpus > most_cpus:
@@ -303,11 +275,16 @@ def _node_problems(
             f"({most_mb} MB); {fix}"
         )
     if not problems and not any(_within(asked, cap) for cap in capacities):
-        parts = [plural(gpus, "GPU"), plural(cpus, "CPU")] + ([f"{resources.mem_gb:g} GB"] if resources.mem_gb else [])
-        problems.append(
-            f"slurm: no node of {where} has {', '.join(parts[:-1])} and {parts[-1]} at once; ask for less of one"
-        )
+        problems.append(f"slurm: no node of {where} has {_said_asked(resources)} at once; ask for less of one")
     return problems
+
+
+def _said_asked(resources: Resources) -> str:
+    """What a task asks for as the checks say it: "2 GPUs, 8 CPUs and 64 GB"."""
+    gpu = f"{resources.gpu_type} GPU" if resources.gpu_type else "GPU"
+    parts = [plural(resources.gpus_per_node, gpu), plural(resources.cpus_per_task, "CPU")]
+    parts += [f"{resources.mem_gb:g} GB"] if resources.mem_gb else []
+    return f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def _asked(resources: Resources) -> tuple[int, int, int]:
@@ -317,12 +294,24 @@ def _asked(resources: Resources) -> tuple[int, int, int]:
     return resources.gpus_per_node, resources.cpus_per_task, mem_mb
 
 
-def _fits(resources: Resources, partition: Partition, limits: ClusterLimits) -> bool:
-    asked = _asked(resources)
+def _fits(resources: Resources, partition: Partition, limits: ClusterLimits, constraint: Constraint | None) -> bool:
     return (
-        partition.state not in _CLOSED
+        not partition.closed
         and not cap_time(parse_time(resources.time), partition)[1]
-        and any(_within(asked, cap) for cap in limits.capacities(partition))
+        and _a_node_fits(resources, partition, limits, constraint)
+    )
+
+
+def _a_node_fits(
+    resources: Resources, partition: Partition, limits: ClusterLimits, constraint: Constraint | None
+) -> bool:
+    """Whether a node of ``partition`` takes jobs, has what ``resources`` asks for and matches ``constraint``."""
+    asked = _asked(resources)
+    return any(
+        n.able
+        and _within(asked, node_capacity(n, partition, resources.gpu_type))
+        and (constraint is None or satisfies(constraint, n.features))
+        for n in limits.nodes_of(partition)
     )
 
 
@@ -346,11 +335,18 @@ def _list(names: Iterable[str]) -> str:
 # --- a submission's checks --------------------------------------------------------------------------------------
 
 
-def max_times(limits: ClusterLimits) -> dict[str | None, int | None]:
-    """Partition name (None: the default one) -> its MaxTime in seconds (None: no limit), for ``time: auto``."""
-    out: dict[str | None, int | None] = {name: p.max_time for name, p in limits.partitions.items()}
-    default = limits.partition(None)
-    out[None] = default.max_time if default else None
+def max_times(limits: ClusterLimits, resources: Iterable[Resources]) -> dict[tuple[str | None, str | None], int | None]:
+    """(partition, QOS) as ``resources`` name them (None: the default partition, the QOS the association gives) ->
+    the longest limit ``time: auto`` may ask for there, in seconds (None: no limit): the smaller of the partition's
+    MaxTime and the QOS's MaxWall."""
+    out: dict[tuple[str | None, str | None], int | None] = {}
+    for r in dict.fromkeys(resources):
+        partition = limits.partition(r.partition)
+        caps = [partition.max_time if partition else None]
+        qos = limits.qos_of(r)
+        caps.append(qos.max_wall if qos is not None else None)
+        known = [c for c in caps if c is not None]
+        out[(r.partition, r.qos)] = min(known) if known else None
     return out
 
 
@@ -362,7 +358,8 @@ def without_gpus(resources: Mapping[str, Resources], limits: ClusterLimits) -> t
     said: list[str] = []
     for r in dict.fromkeys(resources.values()):
         partition = limits.partition(r.partition)
-        if not r.gpus_per_node or partition is None or any(gpus for gpus, _, _ in limits.capacities(partition)):
+        # GPUs on nodes that are down or drained count: the partition has GPUs, and its runs wait for them
+        if not r.gpus_per_node or partition is None or any(n.gpus for n in limits.nodes_of(partition)):
             continue
         try:
             changed[r] = dataclasses.replace(r, gpus_per_node=0)
@@ -377,6 +374,81 @@ def without_gpus(resources: Mapping[str, Resources], limits: ClusterLimits) -> t
     return {run_id: changed.get(r, r) for run_id, r in resources.items()}, said
 
 
+def node_notes(resources: Iterable[Resources], limits: ClusterLimits) -> list[str]:
+    """Pure: a line for each partition that ``resources`` use where some nodes, but not all, take no jobs now (all:
+    check_resources refuses it); the checks count only the others, and only they take its runs."""
+    said = []
+    for partition in dict.fromkeys(limits.partition(r.partition) for r in resources):
+        if partition is None:
+            continue
+        unable, total, which = _unable(partition, limits)
+        if 0 < unable < total:
+            said.append(
+                f"note: {unable} of {total} nodes of partition {partition.name!r} are down or drained ({which}); "
+                f"only the other {plural(total - unable, 'node')} can take its runs"
+            )
+    return said
+
+
+def throttle(resources: Mapping[str, Resources], limits: ClusterLimits) -> tuple[dict[str, Resources], list[str]]:
+    """Pure: ``array_parallelism`` lowered to the tasks the runs' QOS lets one user run at once (MaxJobsPU, and
+    MaxTRESPU over what each task holds), rather than leaving the rest pending on the QOS; with a note line for
+    each change. A task that alone holds more than MaxTRESPU is left for the checks to refuse."""
+    changed: dict[Resources, Resources] = {}
+    said: list[str] = []
+    for r in dict.fromkeys(resources.values()):
+        qos = limits.qos_of(r)
+        if qos is None:
+            continue
+        held = _task_tres(r)
+        fits = [
+            (n // held[name], f"MaxTRESPU {_tres_said(name, n)}") for name, n in qos.max_tres.items() if held.get(name)
+        ]
+        fits += [(qos.max_jobs, f"MaxJobsPU {qos.max_jobs}")] if qos.max_jobs is not None else []
+        most = min((n for n, _ in fits if n >= 1), default=r.array_parallelism)
+        if most >= r.array_parallelism:
+            continue
+        changed[r] = dataclasses.replace(r, array_parallelism=most)
+        why = ", ".join(w for n, w in fits if n == most)
+        line = (
+            f"note: QOS {qos.name!r} lets each user run {plural(most, 'such task')} at once ({why}): array_parallelism "
+            f"{r.array_parallelism} -> {most} for its runs"
+        )
+        if line not in said:
+            said.append(line)
+    return {run_id: changed.get(r, r) for run_id, r in resources.items()}, said
+
+
+def _submit_problems(tasks: list[Task], limits: ClusterLimits) -> list[str]:
+    """A line for each QOS whose MaxSubmitJobsPU the array tasks break, counted with the user's jobs already queued
+    in it: to SLURM each array task is a job, so sbatch refuses the array however few tasks run at once."""
+    by_qos: dict[str, tuple[int, list[Task]]] = {}  # QOS name -> (its MaxSubmitJobsPU, its tasks)
+    for t in tasks:
+        qos = limits.qos_of(t.resources)
+        if qos is not None and qos.max_submit is not None:
+            by_qos.setdefault(qos.name, (qos.max_submit, []))[1].append(t)
+    out = []
+    for name, (most, members) in by_qos.items():
+        queued = limits.queued.get(name, 0)
+        allowed = max(most - queued, 0)
+        if len(members) <= allowed:
+            continue
+        runs = sum(len(t.specs) for t in members)
+        now = f"; {queued} {'is' if queued == 1 else 'are'} queued now, so {allowed} more" if queued else ""
+        fix = (
+            f"put more runs in each task (pack: {-(-runs // allowed)} or more), or submit fewer runs"
+            if allowed
+            else "wait until some of them end"
+        )
+        out.append(
+            f"slurm.qos: QOS {name!r} lets user {limits.user} have {plural(most, 'job')} queued or running "
+            f"(MaxSubmitJobsPU; each array task is one job){now}, but this grid makes "
+            f"{plural(len(members), 'array task')}; {fix}; array_parallelism does not help (it limits running tasks, "
+            "not queued ones)"
+        )
+    return out
+
+
 def problems(tasks: Iterable[Task], limits: ClusterLimits | None, *, data: bool = True) -> list[str]:
     """Everything that would make these array tasks fail once queued: resources this cluster refuses or cannot run
     (with ``limits``), and data missing or corrupt under the runs' roots as this host sees them (with ``data``).
@@ -386,6 +458,7 @@ def problems(tasks: Iterable[Task], limits: ClusterLimits | None, *, data: bool 
     if limits is not None:
         for resources, memory in {t.resources: t.memory for t in tasks}.items():
             out += [p for p in check_resources(resources, limits, memory=memory) if p not in out]
+        out += _submit_problems(tasks, limits)
     if data:
         # with the results folder, whose records say which size a missing synthetic dataset had
         datasets = dict.fromkeys((s.dataset, s.data_root, s.verify, s.results) for t in tasks for s in t.specs)

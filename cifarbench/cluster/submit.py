@@ -8,12 +8,14 @@ import contextlib
 import functools
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import submitit
 from submitit.core.utils import FailedJobError, JobPaths
 
 from cifarbench.cluster import queue
+from cifarbench.cluster.environment import find_runtime, python_command
 from cifarbench.cluster.plan import Task, arrays, chunks, local_cpus, local_devices
 from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
@@ -29,13 +31,34 @@ from cifarbench.train.pack import PackJob
 SIGNAL_DELAY_S = 60
 
 
-def _slurm_executor(resources: Resources, folder: Path) -> submitit.AutoExecutor:
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=resources.max_requeues)
+def _python(resources: Resources, binds: Iterable[str]) -> str | None:
+    """The command that runs Python in the jobs of ``resources`` (``cluster.environment``); None: this interpreter."""
+    try:
+        return python_command(resources, binds=binds, runtime=find_runtime(resources))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _binds(tasks: list[Task]) -> list[str]:
+    """What a container must see of the host: each run's results folder and data root, as absolute paths."""
+    paths = dict.fromkeys(p for task in tasks for spec in task.specs for p in (spec.results, spec.data_root))
+    return [os.path.abspath(p) for p in paths]
+
+
+def _slurm_executor(resources: Resources, folder: Path, *, binds: Iterable[str] = ()) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(
+        folder=folder,
+        cluster="slurm",
+        slurm_max_num_timeout=resources.max_requeues,
+        slurm_python=_python(resources, binds),
+    )
     extra = {key.replace("-", "_"): value for key, value in resources.extra}
     if resources.account:
         extra["account"] = resources.account
     if resources.qos:
         extra["qos"] = resources.qos
+    if resources.exclusive:  # a whole node; --mem=0 is all of its memory, where the grid does not say how much
+        extra |= {"exclusive": True} | ({"mem": "0"} if resources.mem_gb is None else {})
     if resources.gpu_type:  # a GPU type is a GRES request: --gpus-per-node takes a count only in submitit
         gpus: dict = {"slurm_gres": f"gpu:{resources.gpu_type}:{resources.gpus_per_node}"}
     else:
@@ -130,10 +153,11 @@ def submit(
     if kind == "slurm" and not queue.slurm_available():
         raise UsageError("--executor slurm: sbatch is not on the PATH; use --executor local")
     entries: list[dict] = []
+    binds = _binds(tasks)
     if kind == "slurm":
         size = queue.max_array_size()
         for resources, members in arrays(tasks).items():
-            ex = _slurm_executor(resources, layout.slurm_logs)
+            ex = _slurm_executor(resources, layout.slurm_logs, binds=binds)
             for chunk in chunks(members, size):  # a run, a pack or a fused group each
                 jobs = _submit_chunk(ex, [_job(task) for task in chunk], results, grid_source, entries)
                 logs = _log_paths(layout.slurm_logs)
@@ -144,12 +168,20 @@ def submit(
                 ]
     else:
         # One sequence of runs (or of packs) per device keeps a CPU-only machine to one training task at a time.
-        ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local")
+        pythons = {_python(resources, binds) for resources in {task.resources for task in tasks}}
+        if len(pythons) > 1:
+            raise UsageError(
+                "--executor local runs every run in one environment, but python: or container: differ between "
+                "the runs; submit them as separate grids"
+            )
+        ex = submitit.AutoExecutor(folder=layout.local_logs, cluster="local", local_python=next(iter(pythons), None))
         gpus = local_gpus()  # may ask nvidia-smi: once
-        n, cpus = local_devices(gpus, len(tasks)), local_cpus(gpus, usable_cores(), len(tasks))
+        whole = any(task.resources.exclusive for task in tasks)  # a task of the whole machine: one at a time
+        n = local_devices(gpus, len(tasks), whole=whole)
+        cpus = local_cpus(gpus, usable_cores(), len(tasks), whole=whole)
         for share in (tasks[d::n] for d in range(n)):
             minutes = sum(task.resources.timeout_min for task in share)
-            ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=1)
+            ex.update_parameters(timeout_min=max(minutes, 60), gpus_per_node=gpus if whole else 1)
             job = ex.submit(TaskSequence([_job(task, cpus=cpus) for task in share]))
             logs = _log_paths(layout.local_logs)
             placed = [(task, spec) for task in share for spec in task.specs]

@@ -440,7 +440,7 @@ def _check_packs(resources: Mapping[str, Resources], fuse: Mapping[str, int]) ->
                 f"{pack} runs per task, but the grid has only {plural(n, 'run')} with these resources; "
                 f"set pack to at most {n}",
             )
-        if r.gpus_per_node > 1 and pack < r.gpus_per_node:
+        if r.gpus_per_node > 1 and pack < r.gpus_per_node and not r.exclusive:  # exclusive: pack is per GPU
             raise _Problem(
                 "gpus_per_node",
                 f"{r.gpus_per_node} GPUs per task, but a run trains on one GPU (multi-GPU runs are not supported "
@@ -449,7 +449,7 @@ def _check_packs(resources: Mapping[str, Resources], fuse: Mapping[str, int]) ->
             )
     for run_id in fuse:
         r = resources[run_id]
-        if r.gpus_per_node > 1:
+        if r.gpus_per_node > 1 and not r.exclusive:  # a whole node's GPUs are known once planned: plan refuses
             raise _Problem(
                 "gpus_per_node",
                 f"{r.gpus_per_node} GPUs per task, but a fused group trains on one GPU; ask for gpus_per_node: 1 "

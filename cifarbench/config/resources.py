@@ -13,7 +13,6 @@ from cifarbench.errors import check_int, check_name, plural
 SBATCH_EXTRA = (
     "comment",
     "exclude",
-    "exclusive",
     "hold",
     "mail-type",
     "mail-user",
@@ -35,6 +34,7 @@ _SBATCH_FIELDS = {
     "cpus-per-gpu": "cpus_per_task",
     "mem": "mem_gb",
     "array": "array_parallelism",
+    "exclusive": "exclusive",
 }
 # Names and option values land on "#SBATCH --key=value" lines: sbatch splits those on whitespace, and a
 # newline would end the comment and start a shell command.
@@ -69,6 +69,9 @@ def _line(value, key: str, bad: set) -> None:
         raise ValueError(f"{key}: {value!r} contains {shown!r}, which is not allowed here")
 
 
+# container_runtime: the command that runs a container image; None: the first of these on the submitting host's PATH
+# (apptainer where neither is found there: the nodes may have it)
+CONTAINER_RUNTIMES = ("apptainer", "singularity")
 AUTO = "auto"  # time, mem_gb, pack: planned from evidence (cifarbench.cluster.estimate, cifarbench.cluster.memory)
 DEFAULT_TIME_MARGIN = 1.5
 # mps: whether the runs packed onto one GPU share it through a CUDA MPS server that the job starts (auto: where the
@@ -99,6 +102,12 @@ class Resources:
     setup: tuple[str, ...] = ()  # shell lines run before the job, e.g. "module load cuda"
     pack: int | str = 1  # runs trained concurrently in one array task, sharing its GPU (or splitting its CPUs); "auto"
     mps: str = "auto"
+    exclusive: bool = False  # whole nodes: every GPU and CPU of the node, with pack: K runs on each GPU
+    # The node's environment: the command that runs Python there (an interpreter, or a launcher prefix such as
+    # "conda run -n bench python"; None: this host's sys.executable), and a container image each task runs in
+    python: str | None = None
+    container: str | None = None  # an Apptainer/Singularity image (IMAGE.sif), run with `exec --nv`
+    container_runtime: str | None = None  # "apptainer", "singularity" or a path to one; None: found on the PATH
     extra: tuple[tuple[str, str | int | bool], ...] = ()  # (sbatch option, value); True: a bare flag
 
     def __post_init__(self):
@@ -107,6 +116,13 @@ class Resources:
                 _line(getattr(self, key), key, _UNSAFE)
         if self.constraint is not None:
             _line(self.constraint, "constraint", _NEWLINE)  # "a100&ib" and "[rack1|rack2]" are constraint syntax
+        for key in ("python", "container", "container_runtime"):
+            if getattr(self, key) is not None:
+                _line(getattr(self, key), key, _NEWLINE)  # a launcher prefix has spaces; a newline ends the line
+        if self.container_runtime is not None and self.container is None:
+            raise ValueError("container_runtime: says how to run a container, but no container is set")
+        if not isinstance(self.exclusive, bool):
+            raise ValueError(f"exclusive: must be true or false, got {self.exclusive!r}")
         check_int(self.gpus_per_node, "gpus_per_node", 0)
         if self.gpu_type is not None:
             _line(self.gpu_type, "gpu_type", _UNSAFE | set(":,"))
@@ -127,7 +143,8 @@ class Resources:
             object.__setattr__(self, "mps", "on" if self.mps else "off")
         if self.mps not in MPS_MODES:
             raise ValueError(f"mps: must be one of {', '.join(MPS_MODES)}, got {self.mps!r}")
-        if isinstance(self.pack, int) and self.pack > self.cpus_per_task and not self.gpus_per_node:
+        # a whole node's CPUs are known once the plan sizes the node (cluster.plan.whole_node checks them there)
+        if isinstance(self.pack, int) and self.pack > self.cpus_per_task and not (self.gpus_per_node or self.exclusive):
             raise ValueError(
                 f"pack: {self.pack} runs on {plural(self.cpus_per_task, 'CPU')} leaves some run without a CPU of its "
                 f"own; ask for cpus_per_task >= {self.pack} or pack fewer runs"

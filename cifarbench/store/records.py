@@ -1,8 +1,8 @@
 """The per-run Parquet record (``runs/<run_id>/record.parquet``): explicit versioned schema, atomic write,
 tolerant reads of the whole file or of its footer summary alone.
 
-A record (``record/6``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
-schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/6`` says what the
+A record (``record/7``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
+schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/7`` says what the
 file is, and ``cifarbench.summary`` is a compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables
 are made of, with the columns' values (null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its
 first line only; NaN as Python's json writes it; no curves). The summary is the footer index: reading a footer
@@ -39,7 +39,7 @@ from cifarbench.config.spec import RunSpec
 from cifarbench.store import atomic
 from cifarbench.store.layout import Layout
 
-RECORD_VERSION = 6
+RECORD_VERSION = 7
 SCHEMA_KEY = b"cifarbench.schema"
 SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
 SUMMARY_KEY = b"cifarbench.summary"
@@ -55,7 +55,7 @@ _COLUMNS = [
     (
         "record_version",
         pa.int32(),
-        "The record schema's version (6: `record/6`); files of versions 1 to 5 are read with the columns they lack "
+        "The record schema's version (7: `record/7`); files of versions 1 to 6 are read with the columns they lack "
         "filled in.",
     ),
     (
@@ -349,6 +349,20 @@ _COLUMNS = [
     ("slurm_job_id", pa.string(), "The SLURM job id (an array task's array job id); null outside SLURM."),
     ("slurm_array_task_id", pa.string(), "The task's index in its SLURM job array; null outside an array."),
     (
+        "python",
+        pa.string(),
+        "The interpreter that trained the run, as its `sys.executable` (inside the image where there was one): the "
+        "grid's `python:` where that names one, the one its launcher prefix started, or else the submitting "
+        "host's. Null: written before record/7, or by `status` for a run SLURM killed for its memory.",
+    ),
+    (
+        "container",
+        pa.string(),
+        "The Apptainer/Singularity image the run trained in (`container:`, as the runtime names it inside: "
+        "`APPTAINER_CONTAINER` or `SINGULARITY_CONTAINER`); null outside an image, written before record/7, or by "
+        "`status` for a run SLURM killed for its memory.",
+    ),
+    (
         "fuse_size",
         pa.int32(),
         "Runs trained together as one fused group (`fuse: seeds`: runs that differ only in their seed, stacked "
@@ -440,8 +454,11 @@ SUMMARY_FIELDS = (
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
 # SCHEMA without these columns, and a summary without these keys (nor those OLDER_SUMMARY names); a reader fills
 # them in.
+# record/7: the interpreter and the image each run trained with (`python:`, `container:`); columns only, like the
+# rest of the run's environment.
+_SINCE_7: dict[str, object] = {"python": None, "container": None}
 # record/6: each run's peak host and GPU memory, for plans that size memory (`mem_gb: auto`) and packs (`pack: auto`).
-_SINCE_6: dict[str, object] = {"peak_host_mb": None, "peak_device_mb": None}
+_SINCE_6: dict[str, object] = {"peak_host_mb": None, "peak_device_mb": None, **_SINCE_7}
 # record/5: the allocation a run trained in (its GPUs and CPUs) and its wall-clock time, for plans and GPU-hours per
 # allocation; the summary also holds the precision used, the data's size and the run's pack or fused group.
 _SINCE_5: dict[str, object] = {"alloc_gpus": None, "alloc_cpus": None, "wall_seconds": None, **_SINCE_6}
@@ -477,6 +494,7 @@ OLDER = {
     3: _SINCE_4,
     4: _SINCE_5,
     5: _SINCE_6,
+    6: _SINCE_7,
 }
 # Columns an older record has, but not in its summary: a summary-only reader sees them as null.
 # record/4's summary lacks record/5's keys whose columns it has: a summary-only reader does not know its run's

@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ from cifarbench.store.records import spec_fields
 from cifarbench.system import (
     allocation_cpus,
     allocation_gpus,
+    git_commit,
     peak_rss_mb,
     reset_peak_rss,
     task_ended,
@@ -79,20 +79,6 @@ class FastPath:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(cifarbench.__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def _environment(device: torch.device) -> dict:
     import torchvision
 
@@ -106,9 +92,12 @@ def _environment(device: torch.device) -> dict:
         "lightning_version": L.__version__,
         "cifarbench_version": cifarbench.__version__,
         "cuda_version": torch.version.cuda,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "slurm_job_id": os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "python": sys.executable,
+        # apptainer sets the first inside an image, singularity the second
+        "container": os.environ.get("APPTAINER_CONTAINER") or os.environ.get("SINGULARITY_CONTAINER"),
     }
 
 

@@ -194,7 +194,7 @@ class PackJob(submitit.helpers.Checkpointable):
         devices = gpu_shares(len(todo), gpus)
         print(
             f"packed job: {plural(len(todo), 'run')} to train ({len(self.specs) - len(todo)} completed or failed), "
-            f"{threads} threads each"
+            f"{plural(threads, 'thread')} each"
             + (f", GPUs {','.join(d for d in devices if d)} round robin" if any(devices) else "")
             + {"on": ", GPUs shared through MPS", "off": ", GPUs time-sliced"}.get(packing.mps or "", ""),
             flush=True,
