@@ -108,6 +108,46 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _probe_arguments(p, flag: str) -> None:
+    p.add_argument(
+        flag,
+        dest="probe_timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="seconds to wait for the probe jobs to start and answer (default 600)",
+    )
+
+
+def _cmd_probe(args) -> int:
+    """`cifarbench probe GRID`: submit's planning and checks for every run of the grid, then the probes alone."""
+    for key in ("dry_run", "retry_failed", "wait", "collect", "no_preflight", "strict"):
+        setattr(args, key, False)
+    args.force, args.probe, args.probe_only = True, True, True
+    return _cmd_submit(args)
+
+
+def _probe(tasks, results, *, on_slurm: bool, timeout_s: float, only: bool = False) -> None:
+    """Run the probes of ``tasks``, print their table and notes; raise Problems where one failed."""
+    from cifarbench import __version__
+    from cifarbench.cluster import probe
+    from cifarbench.system import git_commit
+
+    todo = probe.probes(tasks)
+    kind = "slurm" if on_slurm else "local"
+    print(f"probing {plural(len(todo), 'environment')} ({kind}): one short job each, waiting up to {timeout_s:g} s")
+    outcomes = probe.run_probes(
+        todo, lambda p: probe.start(p, results, kind), timeout_s=timeout_s, failure=probe.failure
+    )
+    here = (__version__, git_commit())
+    for line in [*probe.table(outcomes, here=here), *probe.notes(outcomes, here=here)]:
+        print(line)
+    problems = probe.problems(outcomes)
+    if problems:
+        logs = f"the probes' logs are under {results}/logs/probe/"
+        raise Problems([*problems, logs if only else f"nothing was submitted ({logs})"])
+
+
 def _cmd_submit(args) -> int:
     from cifarbench.cluster import estimate, inventory, plan, preflight, queue, status
     from cifarbench.store import scan
@@ -124,7 +164,9 @@ def _cmd_submit(args) -> int:
     summaries = scan.summaries(grid.results, tuple(dict.fromkeys(status.FIELDS + estimate.RECORD_FIELDS)))
     states = status.state_map(grid.results, specs, summaries=summaries)
     todo = plan.plan(specs, states, force=args.force, retry_failed=args.retry_failed)
-    print(
+    probe_only = getattr(args, "probe_only", False)
+    print_plan = print if not probe_only else lambda *_: None  # the probes' table says what `probe` has to say
+    print_plan(
         f"{args.grid}: {plural(len(specs), 'run')}; {len(todo.skipped_completed)} already completed, "
         f"{len(todo.skipped_active)} pending or running"
         + (f", {len(todo.skipped_other)} not failed" if args.retry_failed else "")
@@ -168,10 +210,10 @@ def _cmd_submit(args) -> int:
     tasks = plan.make_tasks(todo.submit, asked, grid.fuse, evidence, max_time, data)
     size = queue.max_array_size() if on_slurm else len(tasks) or 1
     for line in plan.describe(tasks, max_array_size=size, local=not on_slurm) if tasks else ():
-        print(line)
+        print_plan(line)
     fused = [task.specs for task in tasks if task.fused]
     if fused:
-        print(
+        print_plan(
             f"fused: {plural(sum(map(len, fused)), 'run')} in {plural(len(fused), 'group')} of up to "
             f"{max(map(len, fused))} (one array task each)"
         )
@@ -181,6 +223,10 @@ def _cmd_submit(args) -> int:
         problems = preflight.problems(tasks, limits)
         if problems:
             raise Problems([*problems, "nothing was submitted (--no-preflight skips these checks)"])
+    if getattr(args, "probe", False) and tasks:
+        _probe(tasks, grid.results, on_slurm=on_slurm, timeout_s=args.probe_timeout, only=probe_only)
+    if probe_only:
+        return 0
     if todo.submit:
         _note_missing_flock(grid.results)
     if args.dry_run:
@@ -475,7 +521,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse a fixed time limit below a task's estimate x time_margin (a warning without it)",
     )
+    _probe_arguments(p, "--probe-timeout")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="first run one short job per environment and partition that checks the nodes (`cifarbench probe`); "
+        "submit only if every probe passes",
+    )
     p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser(
+        "probe",
+        help="one short job per environment and partition of a grid: Python, torch, GPU, data and results folder "
+        "as the compute nodes see them",
+    )
+    p.add_argument("grid", help="a grid file, e.g. jobs/smoke.yaml")
+    p.add_argument("--executor", choices=["auto", "slurm", "local"], default="auto", help="as for submit")
+    _probe_arguments(p, "--timeout")
+    p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("status", help="what became of every run in a results folder")
     p.add_argument("results", nargs="?", default="results")

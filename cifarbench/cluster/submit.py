@@ -218,3 +218,14 @@ def _submit_chunk(ex, chunk: list, results: Path, grid_source: str | None, entri
         write_manifest(results, "slurm", grid_source, entries)
         done = f" (already queued, and in the manifest: {plural(len(entries), 'run')})" if entries else ""
         raise UsageError(refusal(str(e)) + done) from None
+
+
+def probe_executor(resources: Resources, folder: Path, kind: str, *, binds: Iterable[str]) -> submitit.AutoExecutor:
+    """The executor of one probe job (``cifarbench.cluster.probe``): on SLURM with ``resources`` as a run's task
+    would have them, else a local job; in the runs' environment either way (``binds``: as for their jobs)."""
+    binds = [os.path.abspath(p) for p in binds]
+    if kind == "slurm":
+        return _slurm_executor(resources, folder, binds=binds)
+    ex = submitit.AutoExecutor(folder=folder, cluster="local", local_python=_python(resources, binds))
+    ex.update_parameters(timeout_min=resources.timeout_min)
+    return ex

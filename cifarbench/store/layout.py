@@ -10,6 +10,7 @@
     locks/<run_id>.lock            held (flock) by the one job that trains the run
     groups/<group_id>/last.ckpt    a fused group's last epoch: every member's state (resume)
     logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
+    logs/probe/%j/                 the jobs of `submit --probe` / `cifarbench probe`
     logs/collect-<job>.out         the log of the job `submit --collect` queues after the runs
     submissions/<time>-<pid>.json  one manifest per submission: run id -> job
     bench/<time>-<host>.parquet    `cifarbench bench` tables
@@ -78,6 +79,10 @@ class Layout:
     @property
     def local_logs(self) -> Path:
         return self.logs / "local"
+
+    @property
+    def probe_logs(self) -> Path:
+        return self.logs / "probe" / "%j"  # `submit --probe`'s jobs, apart from the runs'
 
     def collect_log(self, job: str) -> Path:
         return self.logs / f"collect-{job}.out"
