@@ -140,45 +140,47 @@ def test_a_bigger_site():
 
 
 class Binaries:
-    """Recorded answers by command name; what was called is kept."""
+    """Recorded answers by command name (scontrol's by what its standard input asks); what was called is kept."""
 
     def __init__(self, **answers: tuple[int, str]):
         self.answers, self.calls = answers, []
 
-    def __call__(self, args: list[str]) -> subprocess.CompletedProcess:
+    def __call__(self, args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
         self.calls.append(args)
         name = f"{args[0]}_{args[args.index('show') + 1]}" if "show" in args else args[0]
         code, out = self.answers[name]
         return subprocess.CompletedProcess(args, code, stdout=out if code == 0 else "", stderr="" if code == 0 else out)
 
 
+# scontrol reading its commands from standard input echoes each as a prompt line before its answer
+SCONTROL = f"scontrol: show partition\n{PARTITIONS}scontrol: show node\n{NODES}scontrol: \n"
 RECORDED_BINARIES = dict(
-    scontrol_partition=(0, PARTITIONS),
-    scontrol_node=(0, NODES),
+    scontrol=(0, SCONTROL),
     sacctmgr_user=(0, USERS),
     sacctmgr_qos=(0, QOS),
     squeue=(0, QUEUED),
 )
 
 
-def test_a_grid_takes_four_calls_and_one_more_where_a_qos_caps_queued_jobs():
+def test_a_grid_takes_three_calls_and_one_more_where_a_qos_caps_queued_jobs():
     binaries = Binaries(**RECORDED_BINARIES)
     limits = inventory.read_limits(run=binaries, user="root")
     qos = inventory.parse_qos(QOS)
     assert (limits.accounts, limits.qos, limits.qos_limits, limits.queued) == ({"root"}, set(qos), qos, {"capped": 2})
     assert limits.associations == {"root": inventory.Association(account="root", qos=frozenset({"capped", "normal"}))}
     assert (limits.user, limits.default_account) == ("root", "root")
-    assert binaries.calls[:2] == [inventory.PARTITIONS_CMD, inventory.NODES_CMD]
-    assert sorted(binaries.calls[2:4]) == sorted([inventory.ASSOCIATIONS_CMD, inventory.QOS_CMD])  # at once
-    assert binaries.calls[4:] == [inventory.queued_cmd("root")]
+    assert (limits.partitions, limits.nodes) == (_local().partitions, _local().nodes)
+    assert binaries.calls[:1] == [inventory.SCONTROL_CMD]  # partitions and nodes in one
+    assert sorted(binaries.calls[1:3]) == sorted([inventory.ASSOCIATIONS_CMD, inventory.QOS_CMD])  # at once
+    assert binaries.calls[3:] == [inventory.queued_cmd("root")]
     uncapped = Binaries(**{**RECORDED_BINARIES, "sacctmgr_qos": (0, "normal||||\n")})
-    assert inventory.read_limits(run=uncapped, user="root").queued == {} and len(uncapped.calls) == 4
+    assert inventory.read_limits(run=uncapped, user="root").queued == {} and len(uncapped.calls) == 3
 
 
-def test_no_account_or_qos_asked_takes_two():
+def test_no_account_or_qos_asked_takes_one():
     binaries = Binaries(**RECORDED_BINARIES)
     assert inventory.read_limits(run=binaries, accounting=False) == _local()
-    assert [c[0] for c in binaries.calls] == ["scontrol", "scontrol"]
+    assert binaries.calls == [inventory.SCONTROL_CMD]
 
 
 @pytest.mark.parametrize(
@@ -198,19 +200,20 @@ def test_without_accounting_accounts_and_qos_are_not_known(sacctmgr):
 
 
 def test_a_cluster_that_does_not_answer_is_one_clear_error():
-    said = "slurm_load_partitions: Unable to contact slurm controller (connect failure)"
-    binaries = Binaries(**{**RECORDED_BINARIES, "scontrol_partition": (1, said)})
+    said = "slurm_load_partitions error: Unable to contact slurm controller (connect failure)"
+    binaries = Binaries(**{**RECORDED_BINARIES, "scontrol": (1, said)})
     with pytest.raises(ClusterError) as e:
         inventory.read_limits(run=binaries)
     assert str(e.value) == (
-        f"cannot read the cluster's limits: `scontrol --all --oneliner show partition` failed ({said}); "
+        f"cannot read the cluster's limits: `scontrol --all --oneliner` (show partition, show node) failed ({said}); "
         "check that SLURM answers with `scontrol ping`"
     )
 
 
 def test_without_slurm_installed(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(ClusterError, match=r"`scontrol --all --oneliner show partition` failed \(.*No such file"):
+    said = r"`scontrol --all --oneliner` \(show partition, show node\) failed \(.*No such file"
+    with pytest.raises(ClusterError, match=said):
         inventory.read_limits()
 
 

@@ -1,10 +1,11 @@
 """What the cluster offers and allows, as SLURM's commands print it: its partitions and nodes (their GPUs by type,
 features and states), the submitting user's associations, every QOS's limits and the jobs the user has queued.
 
-The cluster is asked once for a whole grid: ``scontrol`` for the partitions and for the nodes, and when accounting is
-on ``sacctmgr`` for the users' associations and for the QOS limits, and ``squeue`` for the user's queued jobs where
-a QOS caps how many they may have. The parsers are pure functions of that text (unit-tested on recorded output);
-``read_limits`` is the only part that runs anything. ``preflight`` checks a grid against what it returns.
+The cluster is asked once for a whole grid, in three calls: one ``scontrol`` for the partitions and the nodes, and
+when accounting is on ``sacctmgr`` for the users' associations and for the QOS limits (the two at once); and a
+fourth, ``squeue`` for the user's queued jobs, only where a QOS caps how many they may have. The parsers are pure
+functions of that text (unit-tested on recorded output); ``read_limits`` is the only part that runs anything.
+``preflight`` checks a grid against what it returns.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from typing import TypeAlias
 from cifarbench.config.resources import Resources, parse_time
 from cifarbench.errors import UsageError
 
-# --all: hidden partitions take jobs too, and without it scontrol leaves them out
-PARTITIONS_CMD = ["scontrol", "--all", "--oneliner", "show", "partition"]
-NODES_CMD = ["scontrol", "--all", "--oneliner", "show", "node"]
+# One scontrol process for the partitions and the nodes: without a command on its command line it reads commands
+# from its standard input (and echoes a "scontrol: ..." prompt line the parsers skip). --all: hidden partitions take
+# jobs too, and without it scontrol leaves them out.
+SCONTROL_CMD = ["scontrol", "--all", "--oneliner"]
+SCONTROL_INPUT = "show partition\nshow node\n"
 _SACCTMGR = ["sacctmgr", "--noheader", "--parsable2", "show"]
 # Every user's associations, one line each (user|default account|account|QOS|default QOS): other users' lines tell
 # an account that is not the submitting user's from one that does not exist, and only this listing says which
@@ -392,9 +395,9 @@ def feature_names(constraint: Constraint) -> list[str]:
 # --- asking the cluster -----------------------------------------------------------------------------------------
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess:
+def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
     try:
-        return subprocess.run(args, capture_output=True, text=True, timeout=60)
+        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
         return subprocess.CompletedProcess(args, 127, stdout="", stderr=str(e))
 
@@ -406,25 +409,24 @@ def queued_cmd(user: str) -> list[str]:
 
 def read_limits(
     *,
-    run: Callable[[list[str]], subprocess.CompletedProcess] | None = None,
+    run: Callable[..., subprocess.CompletedProcess] | None = None,
     accounting: bool = True,
     user: str | None = None,
 ) -> ClusterLimits:
     """The cluster's partitions and nodes, and with ``accounting`` the accounts and QOS of ``user`` (by default who
     runs this), every QOS's limits and, where a QOS caps the jobs a user may queue, how many ``user`` has queued
-    (False saves those calls where only partitions and nodes matter). ``run`` runs a command (tests give recorded
-    output); by default the real binaries. Raises ClusterError when scontrol does not answer."""
+    (False saves those calls where only partitions and nodes matter): three calls, and a fourth where a QOS caps
+    queued jobs. ``run(args, stdin=None)`` runs a command (tests give recorded output); by default the real
+    binaries. Raises ClusterError when scontrol does not answer."""
     run = run or _run
-    texts = []
-    for args in (PARTITIONS_CMD, NODES_CMD):
-        out = run(args)
-        if out.returncode != 0:
-            said = " ".join((out.stderr or out.stdout).split()) or f"exit code {out.returncode}"
-            raise ClusterError(
-                f"cannot read the cluster's limits: `{' '.join(args)}` failed ({said}); "
-                "check that SLURM answers with `scontrol ping`"
-            )
-        texts.append(out.stdout)
+    out = run(SCONTROL_CMD, SCONTROL_INPUT)
+    if out.returncode != 0 or "PartitionName=" not in out.stdout:
+        said = " ".join((out.stderr or out.stdout).split()) or f"exit code {out.returncode}"
+        raise ClusterError(
+            f"cannot read the cluster's limits: `{' '.join(SCONTROL_CMD)}` (show partition, show node) failed "
+            f"({said}); check that SLURM answers with `scontrol ping`"
+        )
+    text = out.stdout  # partitions and nodes: each parser takes its own lines
     known: dict = {}
     if accounting:
         user = user or pwd.getpwuid(os.getuid()).pw_name  # SLURM knows a job's user by uid, whatever $USER says
@@ -450,4 +452,4 @@ def read_limits(
                 qos_limits=every,
                 queued=queued,
             )
-    return ClusterLimits(partitions=parse_partitions(texts[0]), nodes=tuple(parse_nodes(texts[1])), **known)
+    return ClusterLimits(partitions=parse_partitions(text), nodes=tuple(parse_nodes(text)), **known)
