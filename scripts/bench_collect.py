@@ -157,6 +157,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "slurm_job_id": [str(1000 + i // 1000) for i in range(n)],
         "slurm_array_task_id": [str(i % 1000) for i in range(n)],
         "python": ["/opt/envs/bench/bin/python"] * n,
+        "world_size": [1] * n,
         "error": np.where(failed, "RuntimeError: CUDA error: an illegal memory access was encountered", None).tolist(),
         "traceback": [None] * n,
         "milestone_unit": ["epochs"] * n,
@@ -173,7 +174,8 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
         "wall_seconds": seconds.sum(1) + 40.0,
         "peak_host_mb": rng.normal(3000.0, 100.0, n),
         "peak_device_mb": rng.uniform(500.0, 8000.0, n),
-        # no warm-up, verified CIFAR, no validation split, trained alone and unfused, no container: these are null
+        # no warm-up, verified CIFAR, no validation split, trained alone and unfused, no container, one process: these
+        # are null
         **dict.fromkeys(
             (
                 "warmup_lr",
@@ -188,6 +190,7 @@ def synthetic_table(n: int, seed: int = 0) -> pa.Table:
                 "fuse_size",
                 "fused_with",
                 "container",
+                "sync_bn",
             ),
             [None] * n,
         ),

@@ -222,7 +222,7 @@ def test_bad_files_are_reported_and_change_nothing(write_records, tmp_path):
         "warning: skipped 1 file (tagged as a record, but not with the record schema's columns): fake.parquet",
         "warning: skipped 1 file (Parquet without a cifarbench tag): foreign.parquet",
         "warning: skipped 1 file (schema record/0; this cifarbench reads record/1, record/2, record/3, record/4, "
-        "record/5, record/6, record/7): old/r.parquet",
+        "record/5, record/6, record/7, record/8): old/r.parquet",
         "warning: skipped 1 file (unreadable Parquet: corrupt or truncated): runs/truncated/record.parquet",
         "warning: skipped 1 file (in the record schema, but not exactly one run): two-rows.parquet",
         f"note: ignored 1 duplicate record of 1 run (kept the latest completed record of each): {run_id(seed=0)}",
@@ -310,7 +310,8 @@ def test_runs_parquet_is_not_a_record_and_updates_with_the_records(write_records
     ]
 
 
-SINCE_7 = ["python", "container"]  # columns only: no summary key to leave out
+SINCE_8 = ["world_size", "sync_bn"]  # world_size also a summary key, sync_bn a column only
+SINCE_7 = ["python", "container", *SINCE_8]  # python and container: columns only
 SINCE_6 = ["peak_host_mb", "peak_device_mb", *SINCE_7]
 SINCE_5 = ["alloc_gpus", "alloc_cpus", "wall_seconds", *SINCE_6]
 # keys record/5 added to the summary for columns that record/4 already had
@@ -362,7 +363,8 @@ OLD_WRITERS = {
     3: (SINCE_4, SINCE_4_SUMMARY),
     4: (SINCE_5, [*SINCE_5, *SUMMARY_SINCE_5]),
     5: (SINCE_6, SINCE_6),
-    6: (SINCE_7, []),
+    6: (SINCE_7, ["world_size"]),
+    7: (SINCE_8, ["world_size"]),
 }  # fmt: skip
 
 
@@ -378,8 +380,7 @@ def as_record(version: int, path) -> None:
     record = pq.read_table(path)
     summary = json.loads(record.schema.metadata[SUMMARY_KEY])
     for key in keys:
-        if key not in SINCE_7:
-            del summary[key]
+        summary.pop(key, None)  # columns that never had a summary key
     old = record.drop_columns(columns)
     old = old.set_column(0, "record_version", pa.array([version], pa.int32()))
     meta = {SCHEMA_KEY: f"record/{version}".encode(), SUMMARY_KEY: json.dumps(summary, separators=(",", ":")).encode()}
@@ -390,7 +391,7 @@ def as_record_1(path) -> None:
     as_record(1, path)
 
 
-@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("version", [1, 2, 3, 4, 5, 6, 7])
 def test_older_records_read_whole_and_by_their_summary(write_records, version):
     measured = {"wall_seconds": 2000.0, "peak_host_mb": 2900.0, "peak_device_mb": 1500.0,
                 "python": "/opt/envs/bench/bin/python", "container": "/images/bench.sif"}  # fmt: skip

@@ -34,7 +34,7 @@ def undescribed(schema: pa.Schema) -> pa.Schema:
 def test_every_column_has_a_description_and_the_record_version_stays():
     missing = [f.name for f in SCHEMA if not (f.metadata or {}).get(DESCRIPTION, b"").strip()]
     assert missing == []
-    assert RECORD_VERSION == 7 and SCHEMA_TAG == b"record/7"
+    assert RECORD_VERSION == 8 and SCHEMA_TAG == b"record/8"
     assert all(f.metadata == SCHEMA.field(f.name).metadata for f in RUNS_SCHEMA if f.name in SCHEMA.names)
 
 

@@ -302,8 +302,14 @@ class RunSpec:
     verify: bool = True
     results: str = "results"
     logger: str | None = None  # one of LOGGERS: live curves beside the record, which stays the source of truth
+    # Several devices for one run (DDP): gpus_per_run processes on each of nodes nodes, one device each, the recipe's
+    # batch size the global batch. With sync_bn the BatchNorm statistics are the global batch's, as on one device;
+    # without, each device's own: only then does the number of devices change the numbers (``identity``).
+    gpus_per_run: int = 1
+    nodes: int = 1
+    sync_bn: bool = True
     # Not part of the run id: bookkeeping that never changes the numbers.
-    _id_excluded = ("data_root", "verify", "results", "logger")
+    _id_excluded = ("data_root", "verify", "results", "logger", "gpus_per_run", "nodes", "sync_bn")
 
     def __post_init__(self):
         if self.epochs == self.recipe.epochs:  # the recipe's own length: the same run, so the same id
@@ -323,6 +329,25 @@ class RunSpec:
             check_int(self.epochs, "epochs", 1)
         check_int(self.seed, "seed", 0, MAX_SEED)
         check_int(self.held_out, "val_split", 0, TRAIN_IMAGES - 1)
+        check_int(self.gpus_per_run, "gpus_per_run", 1)
+        check_int(self.nodes, "nodes", 1)
+        if not isinstance(self.sync_bn, bool):
+            raise ValueError(f"sync_bn: must be true or false, got {self.sync_bn!r}")
+        if self.world_size > 1 and self.loader != "device":
+            raise ValueError(
+                f"loader: {self.loader} cannot give each of {self.world_size} devices its slice of the seeded global "
+                "batch; use loader: device for gpus_per_run or nodes above 1"
+            )
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size: {self.batch_size} is the global batch of {self.world_size} devices "
+                f"({self.gpus_per_run} per node x {self.nodes} nodes) and must divide evenly among them"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """The processes (one device each) that train the run together; 1: one device."""
+        return self.gpus_per_run * self.nodes
 
     @property
     def num_classes(self) -> int:
@@ -358,6 +383,8 @@ class RunSpec:
         for name in ("compile", "val_split", "data_fingerprint"):
             if fields[name] is None:
                 del fields[name]
+        if self.world_size > 1 and not self.sync_bn:  # BatchNorm over each device's share of the batch
+            fields["bn_devices"] = self.world_size
         return {"spec_version": SPEC_VERSION, **fields}
 
     @functools.cached_property

@@ -7,6 +7,7 @@
     runs/<run_id>/last.ckpt        the last epoch's checkpoint (resume)
     runs/<run_id>/progress.json    epochs done while the run trains
     runs/<run_id>/loggers/<name>/  what a grid's `logger:` (tensorboard, csv, wandb, mlflow) writes
+    runs/<run_id>/ranks/<job>.<n>/ a multi-device run's attempt: rank 0's decision, each failed rank's error
     locks/<run_id>.lock            held (flock) by the one job that trains the run
     groups/<group_id>/last.ckpt    a fused group's last epoch: every member's state (resume)
     logs/%j/ , logs/local/         submitit's job scripts and logs (SLURM jobs, local jobs)
@@ -41,6 +42,10 @@ class Layout:
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / RUNS / run_id
+
+    def rank_files(self, run_id: str, attempt: str) -> Path:
+        """What the ranks of a multi-device run's attempt (``<job>.<restart>``) share: its decision, their errors."""
+        return self.run_dir(run_id) / "ranks" / attempt
 
     def record(self, run_id: str) -> Path:
         return self.run_dir(run_id) / RECORD

@@ -1,8 +1,8 @@
 """The per-run Parquet record (``runs/<run_id>/record.parquet``): explicit versioned schema, atomic write,
 tolerant reads of the whole file or of its footer summary alone.
 
-A record (``record/7``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
-schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/7`` says what the
+A record (``record/8``) is a one-row Parquet file in SCHEMA, each column's field described in its metadata. Its
+schema metadata, stored in the Parquet footer, holds two keys: ``cifarbench.schema`` = ``record/8`` says what the
 file is, and ``cifarbench.summary`` is a compact JSON object of SUMMARY_FIELDS, the scalars that collect's tables
 are made of, with the columns' values (null where a column is; ``ended_at`` as an ISO 8601 string; ``error`` its
 first line only; NaN as Python's json writes it; no curves). The summary is the footer index: reading a footer
@@ -39,7 +39,7 @@ from cifarbench.config.spec import RunSpec
 from cifarbench.store import atomic
 from cifarbench.store.layout import Layout
 
-RECORD_VERSION = 7
+RECORD_VERSION = 8
 SCHEMA_KEY = b"cifarbench.schema"
 SCHEMA_TAG = f"record/{RECORD_VERSION}".encode()
 SUMMARY_KEY = b"cifarbench.summary"
@@ -55,7 +55,7 @@ _COLUMNS = [
     (
         "record_version",
         pa.int32(),
-        "The record schema's version (7: `record/7`); files of versions 1 to 6 are read with the columns they lack "
+        "The record schema's version (8: `record/8`); files of versions 1 to 7 are read with the columns they lack "
         "filled in.",
     ),
     (
@@ -146,6 +146,18 @@ _COLUMNS = [
         "deterministic",
         pa.bool_(),
         "Whether deterministic algorithms were required (identical results when rerun or resumed on a CPU).",
+    ),
+    (
+        "world_size",
+        pa.int32(),
+        "Processes that trained the run together (DDP: `gpus_per_run` x `nodes`, one device each, the batch size "
+        "the global batch); 1: one device. Older records (before record/8) read 1.",
+    ),
+    (
+        "sync_bn",
+        pa.bool_(),
+        "Whether BatchNorm's statistics were the global batch's (`sync_bn: true`, as on one device) or each "
+        "device's share's; null where `world_size` is 1.",
     ),
     ("compile", pa.string(), "The torch.compile mode requested; null: eager."),
     (
@@ -299,13 +311,14 @@ _COLUMNS = [
         "alloc_gpus",
         pa.int32(),
         "GPUs of the allocation (the array task) the run trained in, shared with the rest of its pack or fused "
-        "group; 0: CPUs only. Null: written before record/5.",
+        "group; a run on several processes counts every node's (GPUs per node x nodes); 0: CPUs only. Null: "
+        "written before record/5.",
     ),
     (
         "alloc_cpus",
         pa.int32(),
-        "CPU cores of that allocation (SLURM's CPUs per task; locally, the cores the job was given). Null: written "
-        "before record/5.",
+        "CPU cores of that allocation (SLURM's CPUs per task, times its tasks for a run on several processes; "
+        "locally, the cores the job was given). Null: written before record/5.",
     ),
     (
         "wall_seconds",
@@ -449,14 +462,18 @@ SUMMARY_FIELDS = (
     "wall_seconds",
     "peak_host_mb",
     "peak_device_mb",
+    "world_size",
 )
 
 # Each older version -> the columns it lacks, with the value each stands for in its runs. Its files hold exactly
 # SCHEMA without these columns, and a summary without these keys (nor those OLDER_SUMMARY names); a reader fills
 # them in.
+# record/8: the processes that trained a run together (DDP) and whether BatchNorm's statistics were global;
+# columns only. Every run before trained in one process.
+_SINCE_8: dict[str, object] = {"world_size": 1, "sync_bn": None}
 # record/7: the interpreter and the image each run trained with (`python:`, `container:`); columns only, like the
 # rest of the run's environment.
-_SINCE_7: dict[str, object] = {"python": None, "container": None}
+_SINCE_7: dict[str, object] = {"python": None, "container": None, **_SINCE_8}
 # record/6: each run's peak host and GPU memory, for plans that size memory (`mem_gb: auto`) and packs (`pack: auto`).
 _SINCE_6: dict[str, object] = {"peak_host_mb": None, "peak_device_mb": None, **_SINCE_7}
 # record/5: the allocation a run trained in (its GPUs and CPUs) and its wall-clock time, for plans and GPU-hours per
@@ -495,6 +512,7 @@ OLDER = {
     4: _SINCE_5,
     5: _SINCE_6,
     6: _SINCE_7,
+    7: _SINCE_8,
 }
 # Columns an older record has, but not in its summary: a summary-only reader sees them as null.
 # record/4's summary lacks record/5's keys whose columns it has: a summary-only reader does not know its run's
@@ -597,6 +615,8 @@ def spec_fields(spec: RunSpec) -> dict:
         "precision": spec.precision,
         "loader": spec.loader,
         "deterministic": spec.deterministic,
+        "world_size": spec.world_size,
+        "sync_bn": spec.sync_bn if spec.world_size > 1 else None,
         "compile": spec.compile,
         "val_split": spec.held_out,
         "milestone_unit": spec.recipe.unit,

@@ -33,6 +33,7 @@ from cifarbench.store.datasets import (
     val_indices,
 )
 from cifarbench.system import usable_cores
+from cifarbench.train.ddp import rank_slice
 
 MEAN = {10: (0.4914, 0.4822, 0.4465), 100: (0.5071, 0.4867, 0.4408)}
 STD = {10: (0.2023, 0.1994, 0.2010), 100: (0.2675, 0.2565, 0.2761)}
@@ -184,7 +185,13 @@ class DeviceLoader:
     Training batches: a permutation drawn from (seed, epoch), then 4-pixel zero padding, a random 32x32 crop and
     a random horizontal flip, each done for the whole batch at once. No worker processes, no host round trips.
     Lightning calls ``sampler.set_epoch`` before each epoch (as for a DistributedSampler), which is how a resumed
-    run draws exactly the batches it would have drawn."""
+    run draws exactly the batches it would have drawn.
+
+    With ``world_size`` > 1 (DDP), every rank draws the permutation and the augmentation's random numbers of the
+    whole global batch, exactly as one process does, and yields its contiguous share of it (``ddp.rank_slice``):
+    the ranks' shares put together are the single-process batches. Evaluation loaders yield the whole split on
+    every rank: with the same weights (and global BatchNorm statistics) every rank computes the single-process
+    figures themselves, with no split to pad or sums to gather."""
 
     def __init__(
         self,
@@ -197,9 +204,12 @@ class DeviceLoader:
         seed: int = 0,
         device: torch.device | str = "cpu",
         memory_format: torch.memory_format = torch.contiguous_format,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.device = torch.device(device)
         self.train, self.batch_size, self.seed, self.epoch = train, batch_size, seed, 0
+        self.rank, self.world_size = rank, world_size
         self.memory_format = memory_format
         self.labels = labels.to(self.device)
         images = images.to(self.device)
@@ -226,16 +236,23 @@ class DeviceLoader:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
+    def global_batch(self, index: int) -> int:
+        """The images of batch ``index`` of an epoch, all ranks together."""
+        return min(self.batch_size, len(self.labels) - index * self.batch_size)
+
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().sub_(self.mean).div_(self.std)
         return x.contiguous(memory_format=self.memory_format)
 
-    def augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Crop and flip the padded images ``idx`` (uint8 in, uint8 out)."""
+    def augment(self, idx: torch.Tensor, generator: torch.Generator, part: slice = slice(None)) -> torch.Tensor:
+        """Crop and flip the padded images ``idx[part]`` (uint8 in, uint8 out), with the random numbers drawn for
+        the whole of ``idx``."""
         n = len(idx)
-        dy = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=generator)
-        dx = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=generator)
-        flip = torch.rand((n,), device=self.device, generator=generator) < 0.5
+        dy = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=generator)[part]
+        dx = torch.randint(0, 2 * PAD + 1, (n,), device=self.device, generator=generator)[part]
+        flip = torch.rand((n,), device=self.device, generator=generator)[part] < 0.5
+        idx = idx[part]
+        n = len(idx)
         stride_n, _, stride_h, stride_w = self.images.stride()
         first = idx * stride_n + dy * stride_h + dx * stride_w  # where each crop starts in the storage
         crops = self._runs.index_select(0, (first.view(n, 1) + self._run_starts).flatten())
@@ -261,7 +278,8 @@ class DeviceLoader:
         order = torch.randperm(n, device=self.device, generator=generator)
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            yield self._normalise(self.augment(idx, generator)), self.labels[idx]
+            part = rank_slice(len(idx), self.rank, self.world_size)
+            yield self._normalise(self.augment(idx, generator, part)), self.labels[idx[part]]
 
 
 def _crop_runs(padded: torch.Tensor, *, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -314,8 +332,11 @@ def make_run_loaders(
     memory_format: torch.memory_format = torch.contiguous_format,
     eval_batch_size: int = 1000,
     val_split: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Loaders:
-    """The training, test and (with ``val_split`` images held out of the training set) validation loaders."""
+    """The training, test and (with ``val_split`` images held out of the training set) validation loaders; with
+    ``world_size`` > 1, rank ``rank``'s share of each training batch (the device loader only)."""
     k = LAYOUTS[dataset].num_classes
     train: Any
     test: Any
@@ -333,11 +354,14 @@ def make_run_loaders(
         device_loader = functools.partial(
             DeviceLoader, num_classes=k, device=device, memory_format=memory_format, batch_size=eval_batch_size
         )
-        train = device_loader(images, labels, train=True, seed=seed, batch_size=batch_size)
+        train = device_loader(
+            images, labels, train=True, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size
+        )
         test = device_loader(test_images, test_labels, train=False)
         val = device_loader(*held, train=False) if held else None
         sizes = (len(labels), len(held[1]) if held else 0, len(test_labels))
     else:
+        assert world_size == 1, "RunSpec refuses loader: torchvision on several devices"
         workers = usable_cores() if num_workers is None else num_workers
         common: dict[str, Any] = dict(
             num_workers=workers, pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0

@@ -39,7 +39,7 @@ from cifarbench.system import (
     task_ended,
     task_started,
 )
-from cifarbench.train import data
+from cifarbench.train import data, ddp, ranks
 from cifarbench.train.fuse import StackedBatches, check_fusable, fusion_fields, group_id
 from cifarbench.train.loggers import make_logger
 from cifarbench.train.module import AtomicLastCheckpoint, ResNetModule
@@ -101,12 +101,15 @@ def _environment(device: torch.device) -> dict:
     }
 
 
-def allocation_fields(packing: Packing | None = None) -> dict:
-    """The record's allocation columns: the GPUs and CPUs of the array task the run trains in."""
+def allocation_fields(packing: Packing | None = None, spec: RunSpec | None = None) -> dict:
+    """The record's allocation columns: the GPUs and CPUs of the array task the run trains in; for a run on
+    several processes (``spec.world_size`` > 1), those of all its tasks on all its nodes, of which this process
+    sees its own task's CPUs and its own node's GPUs."""
     packing = packing or Packing()
+    nodes, tasks = (spec.nodes, spec.world_size) if spec is not None else (1, 1)
     return {
-        "alloc_gpus": allocation_gpus() if packing.alloc_gpus is None else packing.alloc_gpus,
-        "alloc_cpus": allocation_cpus() if packing.alloc_cpus is None else packing.alloc_cpus,
+        "alloc_gpus": allocation_gpus() * nodes if packing.alloc_gpus is None else packing.alloc_gpus,
+        "alloc_cpus": allocation_cpus() * tasks if packing.alloc_cpus is None else packing.alloc_cpus,
     }
 
 
@@ -189,6 +192,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r"The `srun` command is available")
     # Raised inside Lightning (a torch class it uses is deprecated): nothing a user can act on.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # GlobalBatchNorm's all-reduce with autograd: its suggested successor is a private torch module
+    warnings.filterwarnings("ignore", message=r"torch.distributed.nn.functional.all_reduce is deprecated")
 
 
 def default_device() -> torch.device:
@@ -274,11 +279,17 @@ def _fit(
     plugins: list | None,
     callbacks: list | None,
 ) -> list[Path]:
+    spec, ids, fused = specs[0], [s.run_id for s in specs], len(specs) > 1
+    world = spec.world_size
+    assert world == 1 or not fused, "fused groups train on one device"
+    # DDP: every rank trains; rank 0 alone writes the checkpoint, progress, loggers and records
+    rank = ranks.global_rank() if world > 1 else 0
     device = device or default_device()
+    if world > 1:
+        device = ddp.rank_device(device)
     _quiet_lightning()
     started = datetime.now(timezone.utc)
     began = task_started()
-    spec, ids, fused = specs[0], [s.run_id for s in specs], len(specs) > 1
     layout = Layout(spec.results)
     ckpt = layout.group_checkpoint(group_id(ids)) if fused else layout.checkpoint(spec.run_id)
     packing = packing or Packing()
@@ -290,7 +301,7 @@ def _fit(
             **environment,
             **(b or Budget()).to_dict(),
             **packing.to_dict(s.run_id, on_gpu=device.type == "cuda"),
-            **allocation_fields(packing),
+            **allocation_fields(packing, s),
             **(fusion_fields(ids, s.run_id) if fused else {}),
         }
         for s, b in zip(specs, budgets)
@@ -303,6 +314,9 @@ def _fit(
         assert module is not None
         shared = {"wall_seconds": module.wall_seconds(), **peak_memory(device)}
         for m in members:
+            if rank:  # rank 0 writes the record
+                paths.append(Layout(specs[m].results).record(specs[m].run_id))
+                continue
             rows[m].update(
                 member_outcome(module, m),
                 **shared,
@@ -333,6 +347,8 @@ def _fit(
             num_workers=num_workers,
             memory_format=fast.memory_format,
             val_split=spec.held_out,
+            rank=rank,
+            world_size=world,
         )
         steps = spec.steps(len(loaders.train))
         module = ResNetModule(
@@ -349,12 +365,14 @@ def _fit(
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         trainer = L.Trainer(
             accelerator=device.type,
-            devices=1,
+            devices=spec.gpus_per_run,
+            num_nodes=spec.nodes,
+            strategy=ddp.strategy(device) if world > 1 else "auto",
             # resolve_precision returns one of AUTOCAST's keys, all of which the Trainer accepts
             precision=cast(Literal["32-true", "16-mixed", "bf16-mixed"], fast.precision),
             max_epochs=steps.epochs,
             deterministic=spec.deterministic,
-            logger=[cast(Logger, make_logger(s)) for s in specs] if spec.logger else False,  # one per member
+            logger=[cast(Logger, make_logger(s)) for s in specs] if spec.logger and not rank else False,  # per member
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=sys.stderr.isatty(),
@@ -384,6 +402,8 @@ def _fit(
         return paths
     except BaseException as exc:  # also SystemExit/KeyboardInterrupt: an interrupted run still leaves a record
         task_ended()
+        if rank:
+            raise
         shared = {"wall_seconds": module.wall_seconds() if module else time.time() - began, **peak_memory(device)}
         for m in module.live if module else range(len(specs)):
             rows[m].update(
@@ -416,7 +436,7 @@ def record_death(spec: RunSpec, error: str, *, started: datetime, budget: Budget
         **_environment(torch.device("cpu")),
         **budget.to_dict(),
         **packing.to_dict(spec.run_id, on_gpu=False),
-        **allocation_fields(packing),
+        **allocation_fields(packing, spec),
         "device_name": None,  # the process that knew it is gone
         "device_count": None,
         "started_at": started,

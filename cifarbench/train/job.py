@@ -3,7 +3,9 @@
 SLURM signals the job (``--signal=USR2@...``) before its time limit or on preemption; submitit's handler calls
 ``checkpoint`` and requeues the job. Training state is already on disk (``last.ckpt`` after every epoch), so the
 requeued job simply calls the same run again and ``fit`` resumes from it. Lightning's own SLURM auto-requeue is
-switched off so that only submitit handles the signal.
+switched off so that only submitit handles the signal. A run on several processes (DDP: one SLURM task per rank)
+runs this on every rank; submitit's rank 0 requeues the job, which restarts every task, and each resumes from the
+same ``last.ckpt``. Only rank 0 takes the run's lock (``run_rank``).
 
 Importing this module does not import torch: ``cifarbench.cluster.submit`` names these classes to pickle them,
 and only a job that runs pays for the training stack.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import datetime, timezone
 
 import submitit
 
@@ -23,6 +26,7 @@ from cifarbench.store import records
 from cifarbench.store.layout import Layout
 from cifarbench.store.locks import run_lock
 from cifarbench.system import task_ended
+from cifarbench.train import ranks
 
 
 def completed_record(spec: RunSpec) -> dict | None:
@@ -49,12 +53,93 @@ def run_one(
         torch.set_num_threads(threads)
     elif os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+    if spec.world_size > 1:
+        return run_rank(spec, budget)
     with run_lock(spec.results, spec.run_id, on_wait=waiting):
         if completed_record(spec):
             print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
             return str(Layout(spec.results).record(spec.run_id))
         plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
         return str(fit(spec, plugins=plugins, budget=budget, packing=packing))
+
+
+def run_rank(spec: RunSpec, budget: Budget | None = None) -> str:
+    """``run_one`` on one rank of a run on several processes (one SLURM task each; see ``cifarbench.train.ranks``):
+    rank 0 alone takes the run's lock and decides, the others follow its decision; every rank trains, or none. A
+    failed run's record names each rank's error."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    from cifarbench.train.fit import error_text, fit, record_death
+
+    record = str(Layout(spec.results).record(spec.run_id))
+    # A completed record is final, so every rank may read it without the lock: a run done costs no rank anything.
+    if completed_record(spec):
+        print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
+        return record
+    rank, timeout = ranks.global_rank(), ranks.collective_timeout_s()
+    folder, started = ranks.attempt_dir(spec.results, spec.run_id), datetime.now(timezone.utc)
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None  # as in run_one
+    if rank == 0:
+        ranks.begin(folder)
+        with contextlib.ExitStack() as beat:
+
+            def waiting():
+                print(f"[{spec.run_id}] another job is running this run; waiting for it", flush=True)
+                beat.enter_context(ranks.waiting(folder, timeout))  # the other ranks wait as long as rank 0 does
+
+            with run_lock(spec.results, spec.run_id, on_wait=waiting):
+                beat.close()
+                train = completed_record(spec) is None
+                ranks.decide(folder, train)
+                if not train:
+                    print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
+                    return record
+                try:
+                    path = fit(spec, plugins=plugins, budget=budget)
+                except Exception as exc:
+                    ranks.report_error(folder, 0, error_text(exc))
+                    _leave_process_group()
+                    errors = ranks.await_errors(folder, set(range(spec.world_size)), ranks.GRACE_S)
+                    _name_ranks(spec, ranks.failure(spec.world_size, errors))
+                    raise
+                except BaseException as exc:  # the job is ending (SIGTERM, the time-limit signal): no time to wait
+                    ranks.report_error(folder, 0, error_text(exc))
+                    raise
+                ranks.end(folder)
+                return str(path)
+    try:
+        if not ranks.await_decision(folder, timeout):
+            print(f"[{spec.run_id}] already completed; nothing to do", flush=True)
+            return record
+        return str(fit(spec, plugins=plugins, budget=budget))
+    except Exception as exc:
+        ranks.report_error(folder, rank, error_text(exc))
+        _leave_process_group()
+        # a live rank 0 fails within one collective timeout, and writes the record; a dead one leaves it to us
+        if 0 not in ranks.await_errors(folder, {0}, timeout + ranks.GRACE_S):
+            error = ranks.failure(spec.world_size, ranks.rank_errors(folder))
+            record_death(spec, error, started=started, budget=budget or Budget(), packing=Packing())
+        raise
+    except BaseException as exc:
+        ranks.report_error(folder, rank, error_text(exc))
+        raise
+
+
+def _leave_process_group() -> None:
+    """Close this rank's connections after its failure, so that the ranks still in a collective with it fail now
+    (and write their errors) rather than at the timeout."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # the group may be broken already: nothing more to close
+            dist.destroy_process_group()
+
+
+def _name_ranks(spec: RunSpec, error: str) -> None:
+    """Put the ranks' errors in rank 0's failed record (written by ``fit`` with rank 0's error alone)."""
+    row = records.read_record(Layout(spec.results).record(spec.run_id))
+    if row and row["status"] == "failed":
+        records.write_record({**row, "error": error}, spec.results)
 
 
 def run_fused(specs: list[RunSpec], budgets: list[Budget | None] | None = None) -> list[str]:

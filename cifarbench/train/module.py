@@ -8,7 +8,12 @@ loggers, log lines, the schedule and the checkpoint are the same code for a run 
 
 A recipe without warm-up counted in epochs runs on MultiStepLR or CosineAnnealingLR stepped once per epoch, as it
 always has; one with a warm-up (for this model) or counted in iterations runs on ``PlannedLR``, stepped after
-every optimizer step, which sets the learning rate that ``RunSpec.steps`` gives for the next step."""
+every optimizer step, which sets the learning rate that ``RunSpec.steps`` gives for the next step.
+
+A run on several processes (DDP, ``RunSpec.world_size``) is a run whose every rank trains on its share of each
+batch (``train.ddp``): its loss is scaled so that DDP's averaged gradient is the global batch's, its training sums
+are added up over the ranks before they become the history, and with ``sync_bn`` its BatchNorm layers normalise
+with the global batch's statistics."""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from cifarbench.config.spec import RunSpec, Steps
 from cifarbench.errors import UsageError
 from cifarbench.store import atomic
 from cifarbench.store.progress import write_progress
-from cifarbench.train import data
+from cifarbench.train import data, ddp
 from cifarbench.train.fuse import Stacked, StackedBatches, group_id
 from cifarbench.train.models import count_parameters, seeded_model
 
@@ -141,6 +146,9 @@ class ResNetModule(L.LightningModule):
         self.validation = validation
         self.fused_sgd = fused_sgd
         models = [seeded_model(s.model, s.num_classes, s.seed) for s in self.specs]
+        if self.spec.world_size > 1 and self.spec.sync_bn:
+            assert len(models) == 1, "fused groups train on one device"
+            models = [ddp.global_batchnorm(models[0])]
         self.params_per_member = count_parameters(models[0])
         self.fused = len(models) > 1
         # a stacked member's conv weights are 5-d, which channels_last (4-d) does not describe
@@ -237,9 +245,15 @@ class ResNetModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = self.live_batch(batch)
-        losses = self.losses(self(x), y)
         sums = cast(torch.Tensor, self._sums)  # zeroed by on_train_epoch_start
-        sums[:, TRAIN_LOSS] += losses.detach() * y.size(-1)
+        if self.trainer.world_size > 1:  # this rank's share of the global batch
+            losses = self.losses(self(x), y, "sum")
+            sums[:, TRAIN_LOSS] += losses.detach()
+            global_n = cast(data.DeviceLoader, self.trainer.train_dataloader).global_batch(batch_idx)
+            losses = ddp.rank_loss(losses, global_n=global_n, world_size=self.trainer.world_size)
+        else:
+            losses = self.losses(self(x), y)
+            sums[:, TRAIN_LOSS] += losses.detach() * y.size(-1)
         sums[:, TRAIN_N] += y.size(-1)
         return losses.sum()  # each member's parameters get the gradient of its own loss only
 
@@ -268,7 +282,10 @@ class ResNetModule(L.LightningModule):
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:
             return
-        rows = cast(torch.Tensor, self._sums).tolist()  # the epoch's one host-device sync
+        sums = cast(torch.Tensor, self._sums)
+        if self.trainer.world_size > 1:  # the ranks trained on shares of each batch, and each tested on all of it
+            sums[:, :TEST] = self.trainer.strategy.reduce(sums[:, :TEST].contiguous(), reduce_op="sum")
+        rows = sums.tolist()  # the epoch's one host-device sync
         self._sums = None
         now = time.perf_counter()
         train_seconds = max(self._train_end - self._epoch_start, 1e-9)
@@ -302,7 +319,7 @@ class ResNetModule(L.LightningModule):
             logger = self.trainer.loggers[m]
             logger.log_metrics({k: h[k][-1] for k in LOGGED if h[k][-1] == h[k][-1]}, step=len(h["test_acc"]))
             logger.save()  # NaN (top-5 below 100 classes) is left out above
-        if not self.trainer.progress_bar_callback:
+        if not self.trainer.progress_bar_callback and self.trainer.is_global_zero:
             print(
                 f"[{spec.run_id}] epoch {len(h['test_acc'])}/{self.steps.epochs} train_loss {h['train_loss'][-1]:.4f} "
                 f"test_loss {h['test_loss'][-1]:.4f} test_acc {h['test_acc'][-1]:.4f} "
@@ -365,7 +382,7 @@ class AtomicLastCheckpoint(L.Callback):
     """After every epoch: first the failed records of members dropped in it (``on_dropped``), so that a kill
     before the checkpoint that drops them leaves them failed, never dropped unrecorded; then ``last.ckpt``, saved
     atomically (``cifarbench.store.atomic``), so a kill mid-write or a second job of the same run never leaves a
-    torn checkpoint; then the live members' progress files."""
+    torn checkpoint; then the live members' progress files. On several processes rank 0 alone writes them."""
 
     def __init__(self, path: Path, on_dropped: Callable[[list[int]], None] | None = None):
         self.path = path
@@ -375,6 +392,9 @@ class AtomicLastCheckpoint(L.Callback):
         if pl_module.dropped and self.on_dropped:
             self.on_dropped(pl_module.dropped)
         pl_module.dropped = []
+        if not trainer.is_global_zero:  # every rank takes part (saving ends in a barrier); rank 0 alone writes
+            trainer.save_checkpoint(self.path, weights_only=False)
+            return
         with atomic.replacing(self.path) as tmp:
             trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimiser, scheduler, loops
         for m in pl_module.live:
