@@ -397,7 +397,7 @@ def test_a_capped_group_is_warned_about():
     "slurm, message",
     [
         ("gpus_per_node: 2", "gpus_per_node: 2 GPUs per task, but a run trains on one GPU"),
-        ("gpus_per_node: 4, pack: 2", "pack: 2 would leave 2 GPUs idle; ask for gpus_per_node: 1, or pack: 4"),
+        ("gpus_per_node: 4, pack: 2", "pack: 2 would leave 2 GPUs idle; ask for gpus_per_node: 1, pack: 4"),
         ("gpus_per_node: 2, pack: 2", None),
     ],
 )

@@ -5,7 +5,10 @@ of K seeds. Its duration is start-up plus its epochs times the seconds one epoch
 passes, then test passes), from the best evidence of the same kind of task there is:
 
 1. completed records in the results folder of runs with the same model, dataset, batch size, loader and compile
-   mode, trained the same way: alone, packed K per task, or fused K per group. A packed run's record already holds
+   mode, trained the same way: alone, packed K per task, or fused K per group; and on as many processes (a run of
+   several, ``gpus_per_run`` x ``nodes``, uses records of that world size only; records before record/8 were
+   trained on one). A run of several processes without such records takes one device's figure (2. and 3. measure
+   one process), with no speed-up assumed: a generous limit. A packed run's record already holds
    its time while sharing; a fused member's holds the whole group's. A fused group without records of its own K
    takes the nearest K measured: as it is where that K was larger, scaled by K / K' where it was smaller;
 2. ``cifarbench bench`` tables under ``results/bench/``: the "lightning fit" rows of the same model, number of
@@ -65,6 +68,7 @@ RECORD_FIELDS = (
     "run_id", "status", "model", "dataset", "batch_size", "precision", "precision_used", "loader", "compile",
     "epochs_done", "train_seconds", "test_seconds", "device_name", "pack_size", "fuse_size", "alloc_cpus",
     "wall_seconds", "train_images", "test_images", "val_split", "images_per_s", "peak_host_mb", "peak_device_mb",
+    "world_size",
 )  # fmt: skip
 ALONE, PACK, FUSE = "alone", "pack", "fuse"  # how a task trains its runs
 GPU_PRECISIONS = ("bf16-mixed", "16-mixed")  # what auto resolves to on a GPU, in order of preference
@@ -111,8 +115,8 @@ class PackSample:
 @dataclass(frozen=True, kw_only=True)
 class Evidence:
     """Samples by (configuration, how the task trained: ALONE, PACK or FUSE, runs per task). A record's
-    configuration is (model, dataset, batch size, loader, compile); a bench row's (model, classes, batch size,
-    "device", compile), since bench projects onto CIFAR's sizes."""
+    configuration is (model, dataset, batch size, loader, compile, world size); a bench row's (model, classes, batch
+    size, "device", compile, 1), since bench projects onto CIFAR's sizes with one process."""
 
     records: dict[tuple, list[Sample]]
     bench: dict[tuple, list[Sample]]
@@ -135,7 +139,8 @@ class Evidence:
         memo = (source, key, spec.precision, resources, images)
         if memo not in self._figures:
             samples = (self.records if source == "records" else self.bench).get(key, ())
-            self._figures[memo] = _figure(samples, spec, resources, source, images)
+            world = key[0][-1]  # a configuration ends with its world size
+            self._figures[memo] = _figure(samples, spec, resources, source, images, world)
         return self._figures[memo]
 
 
@@ -156,8 +161,8 @@ class Estimate:
     detail: str  # what exactly, e.g. "200 epochs; 3 records on NVIDIA H100 80GB HBM3, bf16-mixed: 14.2 s/epoch"
 
 
-def _config(model: str, dataset: str | int, batch_size: int, loader: str, compile: str | None) -> tuple:
-    return (model, dataset, batch_size, loader, compile)
+def _config(model: str, dataset: str | int, batch_size: int, loader: str, compile: str | None, world: int = 1) -> tuple:
+    return (model, dataset, batch_size, loader, compile, world)
 
 
 def _share(pack_size: int | None, fuse_size: int | None) -> tuple[str, int]:
@@ -179,7 +184,8 @@ def samples_from_records(summaries: Iterable[dict]) -> dict[tuple, list[Sample]]
         if precision is None:
             continue
         test = r["test_seconds"] if r["test_seconds"] is not None else r["train_seconds"] * TEST_SHARE_OF_TRAINING
-        config = _config(r["model"], r["dataset"], r["batch_size"], r["loader"], r["compile"])
+        world = r.get("world_size") or 1  # records before record/8 trained on one process
+        config = _config(r["model"], r["dataset"], r["batch_size"], r["loader"], r["compile"], world)
         key = (config, *_share(r.get("pack_size"), r.get("fuse_size")))
         wall = r.get("wall_seconds")
         start_s = max(wall - r["train_seconds"] - test, 0.0) if wall is not None else None
@@ -211,10 +217,13 @@ def _precision_used(r: dict) -> str | None:
 
 
 def memory_from_records(summaries: Iterable[dict]) -> dict[tuple, list[MemorySample]]:
-    """Pure: (model, batch size) -> the peak memory of completed records that measured it (record/6 on)."""
+    """Pure: (model, batch size) -> the peak memory of completed records that measured it (record/6 on), of runs
+    on one process (one of several holds a share of the batch)."""
     out: dict[tuple, list[MemorySample]] = {}
     for r in summaries:
         if r["status"] != "completed" or not r["device_name"] or r.get("peak_host_mb") is None:
+            continue
+        if (r.get("world_size") or 1) > 1:
             continue
         precision = _precision_used(r)
         if precision is None:
@@ -234,10 +243,13 @@ def memory_from_records(summaries: Iterable[dict]) -> dict[tuple, list[MemorySam
 
 
 def packs_from_records(summaries: Iterable[dict]) -> dict[tuple, list[PackSample]]:
-    """Pure: (model, batch size) -> each completed run's images/s, alone (k = 1) or packed k per device."""
+    """Pure: (model, batch size) -> each completed run's images/s on one process, alone (k = 1) or packed k per
+    device."""
     out: dict[tuple, list[PackSample]] = {}
     for r in summaries:
         if r["status"] != "completed" or not r["device_name"] or not r.get("images_per_s") or r.get("fuse_size"):
+            continue
+        if (r.get("world_size") or 1) > 1:
             continue
         precision = _precision_used(r)
         if precision is None:
@@ -314,12 +326,19 @@ def precisions(spec: RunSpec, resources: Resources) -> tuple[str, ...]:
 
 
 def _figure(
-    samples: Sequence[Sample], spec: RunSpec, resources: Resources, source: str, images: tuple[int, int]
+    samples: Sequence[Sample],
+    spec: RunSpec,
+    resources: Resources,
+    source: str,
+    images: tuple[int, int],
+    world: int = 1,
 ) -> Figure | None:
     """Pure: the figure of the samples measured on the kind of device ``resources`` asks for, in the precision
     the run will train in, projected onto the training and test ``images`` it will take; None when none fits.
-    ``source``: "records" or "bench"."""
+    ``source``: "records" or "bench"; ``world``: the processes the samples trained on (CPU figures scale by the
+    cores of that many of the task's processes)."""
     gpu = resources.gpus_per_node > 0
+    cores = resources.cpus_per_task * world
     fitting = [s for s in samples if (s.device != "cpu") == gpu]
     for precision in precisions(spec, resources):
         chosen = [s for s in fitting if s.precision == precision]
@@ -338,8 +357,8 @@ def _figure(
         per_epoch = s.train_s * images[0] / s.images[0] + s.test_s * images[1] / s.images[1]
         if s.images != images:
             sizes.add(s.images)
-        if not gpu and s.cpus and s.cpus != resources.cpus_per_task:  # CPU figures scale with the cores
-            per_epoch *= s.cpus / resources.cpus_per_task
+        if not gpu and s.cpus and s.cpus != cores:  # CPU figures scale with the cores
+            per_epoch *= s.cpus / cores
             scaled.add(f"{s.cpus}")
         by_device.setdefault(s.device, []).append((per_epoch, s.start_s))
     # the slowest device counts
@@ -349,7 +368,7 @@ def _figure(
     # task of a local job does not
     starts = [start for _, start in figures if start is not None]
     start_s = max(starts) if starts else None
-    cores = f", scaled from {'/'.join(sorted(scaled))} to {resources.cpus_per_task} cores" if scaled else ""
+    scaled_cores = f", scaled from {'/'.join(sorted(scaled))} to {cores} cores" if scaled else ""
     what = "record" if source == "records" else "bench row"
     started = f", start-up {start_s:.0f} s" if start_s is not None else ""
     scaled_images = ""
@@ -357,8 +376,8 @@ def _figure(
         measured = _images(*sizes.pop()) if len(sizes) == 1 else "several sizes"
         scaled_images = f", scaled from {measured} to {_images(*images)} images"
     detail = (
-        f"{plural(len(figures), what)} on {device}{typed}, {precision}{cores}{scaled_images}: {median:.1f} s/epoch"
-        f"{started}"
+        f"{plural(len(figures), what)} on {device}{typed}, {precision}{scaled_cores}{scaled_images}: "
+        f"{median:.1f} s/epoch{started}"
     )
     return Figure(per_epoch=median, start_s=start_s, source=source, detail=detail)
 
@@ -368,11 +387,17 @@ def _images(train: int, test: int) -> str:
 
 
 def _alone(spec: RunSpec, resources: Resources, evidence: Evidence, images: tuple[int, int]) -> Figure:
-    """The figure of the run trained alone: records, else bench, else the prior."""
-    config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile)
+    """The figure of the run trained alone: records (of its world size), else bench, else the prior; for a run
+    of several processes without records of as many, one device's figure, no speed-up assumed."""
+    world = spec.world_size
+    config = _config(spec.model, spec.dataset, spec.batch_size, spec.loader, spec.compile, world)
     found = evidence.figure("records", (config, ALONE, 1), spec, resources, images)
     if found is not None:
-        return found
+        return found if world == 1 else replace(found, detail=f"{world} processes: {found.detail}")
+    if world > 1:
+        one = _alone(replace(spec, gpus_per_run=1, nodes=1), resources, evidence, images)
+        detail = f"no records of {world} processes: one device's figure, no speed-up assumed (a generous limit); "
+        return replace(one, detail=detail + one.detail)
     if spec.loader == "device":  # bench measures the device loader
         config = _config(spec.model, spec.num_classes, spec.batch_size, "device", spec.compile)
         found = evidence.figure("bench", (config, ALONE, 1), spec, resources, images)

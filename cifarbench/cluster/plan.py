@@ -82,8 +82,10 @@ class Task:
         return self.resources.timeout_min * 60
 
     def hours(self, seconds: float) -> float:
-        """Device-hours of ``seconds`` of this allocation: GPU-hours, or CPU core-hours where it has no GPU."""
-        return seconds * (self.resources.gpus_per_node or self.resources.cpus_per_task) / 3600
+        """Device-hours of ``seconds`` of this allocation, on all its nodes: GPU-hours, or CPU core-hours where it
+        has no GPU (every task's cores)."""
+        r = self.resources
+        return seconds * (r.gpus_per_node * r.nodes or r.cpus_per_task * r.processes) / 3600
 
     @property
     def unit(self) -> str:
@@ -171,7 +173,8 @@ def local_resources(r: Resources, *, gpus: int, cpus: int) -> Resources:
     """Pure: what a task of ``r`` gets from local execution (``--executor local``): one of the machine's ``gpus``
     (none: its CPUs), ``cpus`` cores, no partition, no memory limit; the time limit is kept. An ``exclusive`` task
     gets the whole machine: all its ``gpus`` and ``cpus`` (``local_cpus`` with ``whole``), ``pack`` runs on each
-    GPU. Raises ValueError where ``r`` cannot train so (``pack: auto`` without a GPU)."""
+    GPU. Raises ValueError where ``r`` cannot train so (``pack: auto`` without a GPU, a run of several processes)."""
+    check_local(r)
     if not gpus and r.pack == AUTO:
         raise ValueError("pack: auto packs runs onto a GPU, and this machine has none; write pack: K to run locally")
     pack = r.pack if isinstance(r.pack, int) else 1
@@ -189,6 +192,16 @@ def local_resources(r: Resources, *, gpus: int, cpus: int) -> Resources:
         extra=(),
     )
     return whole_node(local, gpus=gpus, cpus=local.cpus_per_task) if r.exclusive else local
+
+
+def check_local(r: Resources) -> None:
+    """Raises ValueError where local execution cannot run a task of ``r``: a run of several processes, which SLURM
+    starts (srun) and connects (its environment tells each process its rank)."""
+    if r.processes > 1:
+        raise ValueError(
+            f"gpus_per_run/nodes: a run of {r.processes} processes is started by srun on SLURM, "
+            "and --executor local has none; run it on SLURM (--executor slurm), or with gpus_per_run: 1"
+        )
 
 
 def groups_of_runs(specs: Iterable[RunSpec], resources: Mapping[str, Resources]) -> dict[Resources, list[RunSpec]]:
@@ -358,6 +371,11 @@ def describe(tasks: list[Task], *, max_array_size: int, local: bool = False) -> 
         arrays_here = 0 if local else -(-len(members) // max_array_size)
         n_arrays += arrays_here
         gpus = plural(r.gpus_per_node, "GPU") + (f" ({r.gpu_type})" if r.gpu_type else "")
+        cpus = plural(r.cpus_per_task, "CPU")
+        if r.processes > 1:  # one run on several processes: "2 nodes x 4 GPUs per run, 8 CPUs per process"
+            processes = f"{r.tasks_per_node} process" + "es" * (r.tasks_per_node != 1)
+            each = gpus if r.gpus_per_node else f"{processes} on CPUs (gloo)"
+            gpus, cpus = f"{plural(r.nodes, 'node')} x {each} per run", f"{cpus} per process"
         where = (
             "this machine"
             if local
@@ -369,7 +387,7 @@ def describe(tasks: list[Task], *, max_array_size: int, local: bool = False) -> 
         lines.append(
             f"group {i}: {plural(len(members), 'whole-node task' if whole else 'task')}{whole} holding "
             f"{plural(runs, 'run')} ({held}), {gpus}, "
-            f"{plural(r.cpus_per_task, 'CPU')}, {where}; estimated {estimated:.1f} {unit}, reserved "
+            f"{cpus}, {where}; estimated {estimated:.1f} {unit}, reserved "
             f"{reserved:.1f} {unit}; estimates: " + ", ".join(f"{n} from {src}" for src, n in sources.items())
         )
         if memory:

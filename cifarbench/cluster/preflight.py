@@ -103,8 +103,8 @@ _TRES_FIELDS = {"cpu": "cpus_per_task", "mem": "mem_gb", "gres/gpu": "gpus_per_n
 
 def _task_tres(resources: Resources) -> dict[str, int]:
     """The TRES one task of ``resources`` holds, by the names QOS limits use; memory in MB, where it is set."""
-    gpus, cpus, mem_mb = _asked(resources)
-    tres = {"cpu": cpus, "node": 1}
+    gpus, cpus, mem_mb = (n * resources.nodes for n in _asked(resources))
+    tres = {"cpu": cpus, "node": resources.nodes}
     if gpus:
         tres["gres/gpu"] = gpus
         if resources.gpu_type:  # counted both ways where the site accounts GPUs by type
@@ -173,6 +173,13 @@ def _partition_problems(
         return problems + [p + (f"; partitions where it fits: {_list(others)}" if others else "") for p in kinds]
     capacities = limits.capacities(partition, resources.gpu_type)
     problems += [p + elsewhere for p in _node_problems(resources, capacities, where, memory)]
+    if not problems and resources.nodes > 1:
+        able = _fitting_nodes(resources, partition, limits, constraint)
+        if able < resources.nodes:
+            problems.append(
+                f"slurm: nodes: {resources.nodes}, but {where} has {able} that take jobs and have "
+                f"{_said_asked(resources)}; ask for at most nodes: {able}" + elsewhere
+            )
     if not problems and constraint is not None and not _a_node_fits(resources, partition, limits, constraint):
         problems.append(
             f"slurm: no node of {where} that matches constraint {resources.constraint!r} has "
@@ -257,12 +264,16 @@ def _node_problems(
     if gpus > most_gpus:
         gpu = f"{resources.gpu_type} GPU" if resources.gpu_type else "GPU"
         has = f"at most {plural(most_gpus, gpu)}" if most_gpus else f"no {gpu}s"
-        fix = f"ask for at most {most_gpus}" if most_gpus else "set it to 0"
-        problems.append(f"slurm.gpus_per_node: {gpus}, but the nodes of {where} have {has}; {fix}")
+        key = "gpus_per_run" if resources.tasks_per_node > 1 else "slurm.gpus_per_node"  # one GPU per process
+        zero = "set slurm.gpus_per_node: 0 (its processes train on CPUs)" if key == "gpus_per_run" else "set it to 0"
+        fix = f"ask for at most {most_gpus}" if most_gpus else zero
+        problems.append(f"{key}: {gpus}, but the nodes of {where} have {has}; {fix}")
     if cpus > most_cpus:
+        n = resources.tasks_per_node
+        each = f" x {n} processes of a run = {cpus}" if n > 1 else ""
         problems.append(
-            f"slurm.cpus_per_task: {cpus}, but the nodes of {where} have at most {plural(most_cpus, 'CPU')}; "
-            f"ask for at most {most_cpus}"
+            f"slurm.cpus_per_task: {resources.cpus_per_task}{each}, but the nodes of {where} have at most "
+            f"{plural(most_cpus, 'CPU')}; ask for at most {max(most_cpus // n, 1)}"
         )
     if mem_mb > most_mb:
         fix = (
@@ -280,18 +291,19 @@ def _node_problems(
 
 
 def _said_asked(resources: Resources) -> str:
-    """What a task asks for as the checks say it: "2 GPUs, 8 CPUs and 64 GB"."""
+    """What a task asks for of each node as the checks say it: "2 GPUs, 8 CPUs and 64 GB"."""
     gpu = f"{resources.gpu_type} GPU" if resources.gpu_type else "GPU"
-    parts = [plural(resources.gpus_per_node, gpu), plural(resources.cpus_per_task, "CPU")]
+    parts = [plural(resources.gpus_per_node, gpu), plural(_asked(resources)[1], "CPU")]
     parts += [f"{resources.mem_gb:g} GB"] if resources.mem_gb else []
     return f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def _asked(resources: Resources) -> tuple[int, int, int]:
-    # submitit writes --mem in whole MB (1 GB = 1024 MB) and one task per node
+    """What a task asks for of each of its nodes: GPUs, CPUs (every task's there) and memory in MB."""
+    # submitit writes --mem (per node) in whole MB (1 GB = 1024 MB)
     mem = resources.mem_gb
     mem_mb = int(mem * 1024) if isinstance(mem, (int, float)) else 0  # "auto" is planned per task before this
-    return resources.gpus_per_node, resources.cpus_per_task, mem_mb
+    return resources.gpus_per_node, resources.cpus_per_task * resources.tasks_per_node, mem_mb
 
 
 def _fits(resources: Resources, partition: Partition, limits: ClusterLimits, constraint: Constraint | None) -> bool:
@@ -306,8 +318,16 @@ def _a_node_fits(
     resources: Resources, partition: Partition, limits: ClusterLimits, constraint: Constraint | None
 ) -> bool:
     """Whether a node of ``partition`` takes jobs, has what ``resources`` asks for and matches ``constraint``."""
+    return _fitting_nodes(resources, partition, limits, constraint) > 0
+
+
+def _fitting_nodes(
+    resources: Resources, partition: Partition, limits: ClusterLimits, constraint: Constraint | None
+) -> int:
+    """How many nodes of ``partition`` take jobs, have what ``resources`` asks of each node and match
+    ``constraint``: a run of several nodes needs ``resources.nodes`` of them."""
     asked = _asked(resources)
-    return any(
+    return sum(
         n.able
         and _within(asked, node_capacity(n, partition, resources.gpu_type))
         and (constraint is None or satisfies(constraint, n.features))

@@ -16,7 +16,7 @@ from submitit.core.utils import FailedJobError, JobPaths
 
 from cifarbench.cluster import queue
 from cifarbench.cluster.environment import find_runtime, python_command
-from cifarbench.cluster.plan import Task, arrays, chunks, local_cpus, local_devices
+from cifarbench.cluster.plan import Task, arrays, check_local, chunks, local_cpus, local_devices
 from cifarbench.config.resources import Budget, Resources
 from cifarbench.config.spec import RunSpec
 from cifarbench.errors import UsageError, plural
@@ -69,8 +69,10 @@ def _slurm_executor(resources: Resources, folder: Path, *, binds: Iterable[str] 
         **gpus,
         cpus_per_task=resources.cpus_per_task,
         mem_gb=resources.mem_gb,
-        tasks_per_node=1,
-        nodes=1,
+        # a run of several processes: submitit's srun starts the callable once per task, and SLURM's environment
+        # tells each its rank (Lightning reads it)
+        tasks_per_node=resources.tasks_per_node,
+        nodes=resources.nodes,
         slurm_partition=resources.partition,
         slurm_constraint=resources.constraint,
         slurm_array_parallelism=resources.array_parallelism,
@@ -167,6 +169,11 @@ def submit(
                     for spec in task.specs
                 ]
     else:
+        for resources in {task.resources for task in tasks}:
+            try:
+                check_local(resources)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         # One sequence of runs (or of packs) per device keeps a CPU-only machine to one training task at a time.
         pythons = {_python(resources, binds) for resources in {task.resources for task in tasks}}
         if len(pythons) > 1:

@@ -4,6 +4,8 @@ A grid names axes (``models``, ``datasets``, ``opts``, ``batch_sizes``, ``seeds`
 list of runs, in the order the axes are written (first written varies slowest), minus ``exclude`` entries, plus
 ``include`` entries, with duplicate runs dropped (the first is kept). ``fuse: seeds`` (at the top level or in an
 include entry) asks for runs that differ only in their seed to train as one fused group of up to ``fuse_max``.
+``gpus_per_run``, ``nodes`` and ``sync_bn`` (at the top level, in a ``resources:`` rule or an include entry) train
+a run on several processes, one device each: they set both the run's fields and what its task asks SLURM for.
 Everything is checked here, before anything is submitted; each problem is one line,
 ``<file>: <where>: <what is wrong and what to do>``.
 """
@@ -49,14 +51,20 @@ PACKING_KEYS = ("pack", "mps")
 FUSE_KEYS = ("fuse", "fuse_max")
 FUSE_MODES = ("seeds",)
 DEFAULT_FUSE_MAX = 8
+# one run on several devices (DDP): fields of the run (RunSpec) that also size its task (``_task_resources``)
+DDP_KEYS = ("gpus_per_run", "nodes", "sync_bn")
+DDP_DEFAULTS = {"gpus_per_run": 1, "nodes": 1, "sync_bn": True}
+MAX_GPUS_PER_NODE = 64  # no node has more: a larger number is a typo
+MAX_NODES = 10_000
 GRID_KEYS = (
     *AXES, *RUN_OPTIONS, "root", "verify", "results", "logger", "exclude", "include", "slurm", "resources",
-    *PACKING_KEYS, *FUSE_KEYS,
+    *PACKING_KEYS, *FUSE_KEYS, *DDP_KEYS,
 )  # fmt: skip
 # what a resources rule's `match` may name: every field of a run
 MATCH_KEYS = (*AXES.values(), *RUN_OPTIONS)
 RECIPE_KEYS = tuple(f.name for f in dataclasses.fields(Recipe))
-SLURM_KEYS = tuple(f.name for f in dataclasses.fields(Resources))
+# tasks_per_node and nodes come from gpus_per_run and nodes (DDP_KEYS), which also set the run's fields
+SLURM_KEYS = tuple(f.name for f in dataclasses.fields(Resources) if f.name not in ("tasks_per_node", "nodes"))
 # Sanity bounds that catch typos such as a stray zero. No batch can be larger than the 50000-image CIFAR training
 # set, and a schedule of more than 10000 epochs is not a CIFAR recipe.
 MAX_BATCH_SIZE = 50_000
@@ -280,6 +288,56 @@ def _fuse(raw: dict, where: str, default: int) -> int:
     return 0 if mode is None or mode is False else most
 
 
+def _ddp(raw: dict, where: str) -> dict:
+    """``gpus_per_run``, ``nodes`` and ``sync_bn`` as written at ``where`` (the top level, a rule, an include)."""
+    check = {
+        "gpus_per_run": lambda v, w: _int(v, w, 1, MAX_GPUS_PER_NODE, " (one process per GPU of a node)"),
+        "nodes": lambda v, w: _int(v, w, 1, MAX_NODES),
+        "sync_bn": _bool,
+    }
+    return {key: check[key](raw[key], f"{where}{key}") for key in DDP_KEYS if key in raw}
+
+
+def _task_resources(fields: dict, ddp: dict, where: str) -> Resources:
+    """The Resources of the runs of ``ddp`` (DDP_KEYS' values) over resource ``fields``: ``nodes`` nodes of
+    ``gpus_per_run`` tasks each, one GPU per task (none where the fields ask for no GPUs: the processes share the
+    CPUs over gloo). What such a run cannot share its devices with is refused here."""
+    n, m = ddp["gpus_per_run"], ddp["nodes"]
+    if n * m > 1:
+        ddp_said = f"gpus_per_run: {n} x nodes: {m}" if m > 1 else f"gpus_per_run: {n}"
+        gpus = fields.get("gpus_per_node", 1)
+        if gpus not in (0, 1, n):
+            raise _Problem(
+                where,
+                f"gpus_per_node: {gpus}, but {ddp_said} takes one GPU per process, {n} per node; remove "
+                "gpus_per_node (or set it to 0: the processes train on CPUs)",
+            )
+        pack = fields.get("pack", 1)
+        if pack != 1:
+            raise _Problem(
+                where,
+                f"pack: {pack} packs runs onto a task's devices, but a run of {ddp_said} uses all of them; set "
+                "pack: 1 for these runs (packing serves many small runs, several GPUs one long run)",
+            )
+        if fields.get("exclusive"):
+            raise _Problem(
+                where,
+                f"exclusive: whole nodes are sized by the node, a run of {ddp_said} by those two; set exclusive: "
+                "false for these runs (gpus_per_run: the node's GPUs takes a whole node's GPUs)",
+            )
+        if n > 1 and fields.get("mem_gb") == AUTO:
+            raise _Problem(
+                where,
+                f"mem_gb: auto plans one process's memory, and a node holds {n} of this run's; give mem_gb, the "
+                "memory of a node's processes together",
+            )
+        fields = {**fields, "gpus_per_node": n if gpus else 0, "tasks_per_node": n, "nodes": m}
+    try:
+        return Resources(**fields)
+    except ValueError as e:
+        raise _Problem(where, str(e)) from None
+
+
 def _run_options(raw: dict, where: str, defaults: dict) -> dict:
     check = {
         "epochs": lambda v, w: None if v is None else _int(v, w, 1, MAX_EPOCHS),  # null: the recipe's own length
@@ -322,6 +380,7 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
         },
     )
     fuse_default = _fuse(raw, "", 0)
+    ddp_default = DDP_DEFAULTS | _ddp(raw, "")
     shared: dict[str, Any] = {
         "data_root": _path(raw.get("root", "data"), "root"),
         "verify": _bool(raw.get("verify", True), "verify"),
@@ -348,6 +407,7 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
         for i, rule in enumerate(_list(raw, "resources", empty_ok=True))
     ]
     own_slurm: dict[int, dict] = {}  # an include entry's own slurm: fields, by its run
+    own_ddp: dict[int, dict] = {}  # and its own DDP_KEYS
 
     runs: list[tuple[dict[str, Any], str]] = []
     for combo in itertools.product(*axes.values()):
@@ -359,8 +419,9 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
 
     for i, entry in enumerate(_list(raw, "include", empty_ok=True)):
         where = f"include[{i}]"
-        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm", "pack", *FUSE_KEYS), where)
+        _keys(entry, (*AXES.values(), *RUN_OPTIONS, "slurm", "pack", *FUSE_KEYS, *DDP_KEYS), where)
         run = _run_options(entry, f"{where}.", defaults)
+        own_ddp[id(run)] = _ddp(entry, f"{where}.")
         run["fuse"] = _fuse(entry, f"{where}.", fuse_default)
         if "slurm" in entry or "pack" in entry:
             own = _resource_fields(entry.get("slurm", {}), f"{where}.slurm", base)
@@ -377,32 +438,44 @@ def _grid(raw, source: str, fingerprint: Fingerprint | None) -> Grid:
     fuse: dict[str, int] = {}
     built: dict[tuple, Resources] = {}  # thousands of runs share a handful of resource sets
     for run, where in runs:
-        matched = tuple(i for i, (match, _) in enumerate(rules) if _matches_rule(run, match))
+        matched = tuple(i for i, (match, _, _) in enumerate(rules) if _matches_rule(run, match))
         own = own_slurm.get(id(run), {})
-        shape = (matched, tuple(sorted((k, repr(v)) for k, v in own.items())))
+        ddp = ddp_default.copy()
+        for i in matched:
+            ddp.update(rules[i][2])
+        ddp.update(own_ddp.get(id(run), {}))
+        shape = (matched, tuple(sorted((k, repr(v)) for k, v in own.items())), ddp["gpus_per_run"], ddp["nodes"])
         if shape not in built:
             fields = base.copy()
             for i in matched:
                 fields.update(rules[i][1])
-            built[shape] = Resources(**{**fields, **own})  # each part was checked on its own where it was written
+            built[shape] = _task_resources({**fields, **own}, ddp, where)
         recipe, epochs, fuse_max = run.pop("opt"), run.pop("epochs"), run.pop("fuse")
         if epochs == recipe.epochs:  # the same run as no override: keep the same run id
             epochs = None
         if fingerprint is not None and run["dataset"] not in data:
             data[run["dataset"]] = fingerprint(run["dataset"], shared["data_root"])
         try:
-            spec = RunSpec(recipe=recipe, epochs=epochs, data_fingerprint=data.get(run["dataset"]), **run, **shared)
+            spec = RunSpec(
+                recipe=recipe, epochs=epochs, data_fingerprint=data.get(run["dataset"]), **run, **ddp, **shared
+            )
         except ValueError as e:
             raise _Problem(where, str(e)) from None
         if fuse_max and (why := unfusable(spec)):
             raise _Problem(where, why)
+        if fuse_max and spec.world_size > 1:
+            raise _Problem(
+                where,
+                f"fuse: seeds trains a group on one device, and these runs take {spec.world_size} processes "
+                "(gpus_per_run x nodes); set fuse: false for them",
+            )
         if spec.run_id not in specs:
             specs[spec.run_id] = spec
             resources[spec.run_id] = built[shape]
             if fuse_max:
                 fuse[spec.run_id] = fuse_max
     _check_packs(resources, fuse)
-    gpus_set = any("gpus_per_node" in fields for fields in (base, *(r for _, r in rules), *own_slurm.values()))
+    gpus_set = any("gpus_per_node" in fields for fields in (base, *(r for _, r, _ in rules), *own_slurm.values()))
     return Grid(
         specs=tuple(specs.values()),
         resources=resources,
@@ -440,12 +513,13 @@ def _check_packs(resources: Mapping[str, Resources], fuse: Mapping[str, int]) ->
                 f"{pack} runs per task, but the grid has only {plural(n, 'run')} with these resources; "
                 f"set pack to at most {n}",
             )
-        if r.gpus_per_node > 1 and pack < r.gpus_per_node and not r.exclusive:  # exclusive: pack is per GPU
+        # exclusive: pack is per GPU; a run of several processes takes one GPU each
+        if r.gpus_per_node > 1 and pack < r.gpus_per_node and not r.exclusive and r.processes == 1:
             raise _Problem(
                 "gpus_per_node",
-                f"{r.gpus_per_node} GPUs per task, but a run trains on one GPU (multi-GPU runs are not supported "
-                f"yet) and pack: {pack} would leave {plural(r.gpus_per_node - pack, 'GPU')} idle; ask for "
-                f"gpus_per_node: 1, or pack: {r.gpus_per_node} (or more) runs per task, one per GPU",
+                f"{r.gpus_per_node} GPUs per task, but a run trains on one GPU and pack: {pack} would leave "
+                f"{plural(r.gpus_per_node - pack, 'GPU')} idle; ask for gpus_per_node: 1, pack: {r.gpus_per_node} "
+                f"(or more) runs per task, one per GPU, or gpus_per_run: {r.gpus_per_node}: one run on all of them",
             )
     for run_id in fuse:
         r = resources[run_id]
@@ -469,9 +543,9 @@ def _matches_rule(run: dict, match: dict[str, list]) -> bool:
     return True
 
 
-def _rule(raw, where: str, check: dict, known: dict, base: dict) -> tuple[dict[str, list], dict]:
-    """A resources rule: ``match`` (run field -> accepted values) and the resource fields it sets."""
-    _keys(raw, ("match", *SLURM_KEYS), where)
+def _rule(raw, where: str, check: dict, known: dict, base: dict) -> tuple[dict[str, list], dict, dict]:
+    """A resources rule: ``match`` (run field -> accepted values), the resource fields it sets and its DDP_KEYS."""
+    _keys(raw, ("match", *SLURM_KEYS, *DDP_KEYS), where)
     if "match" not in raw or not isinstance(raw["match"], dict) or not raw["match"]:
         raise _Problem(
             f"{where}.match",
@@ -492,12 +566,14 @@ def _rule(raw, where: str, check: dict, known: dict, base: dict) -> tuple[dict[s
             match[key] = [check[axes[key]](v, w) for v in values]
         else:
             match[key] = [_run_options({key: v}, f"{where}.match.", {})[key] for v in values]
-    fields = {k: v for k, v in raw.items() if k != "match"}
-    if not fields:
+    fields = {k: v for k, v in raw.items() if k in SLURM_KEYS}
+    ddp = _ddp(raw, f"{where}.")
+    if not fields and not ddp:
         raise _Problem(
-            where, f"a rule sets some of {', '.join(SLURM_KEYS)} for the runs it matches; this one sets none"
+            where,
+            f"a rule sets some of {', '.join((*SLURM_KEYS, *DDP_KEYS))} for the runs it matches; this one sets none",
         )
-    return match, _resource_fields(fields, where, base)
+    return match, _resource_fields(fields, where, base), ddp
 
 
 def _resource_fields(raw, where: str, base: dict) -> dict:

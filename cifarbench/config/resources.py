@@ -103,6 +103,10 @@ class Resources:
     pack: int | str = 1  # runs trained concurrently in one array task, sharing its GPU (or splitting its CPUs); "auto"
     mps: str = "auto"
     exclusive: bool = False  # whole nodes: every GPU and CPU of the node, with pack: K runs on each GPU
+    # One run on several processes (DDP): tasks_per_node tasks on each of nodes nodes, one GPU (or none) and
+    # cpus_per_task CPUs each. Set from the grid's gpus_per_run and nodes (``config.grid``), not written in a grid.
+    tasks_per_node: int = 1
+    nodes: int = 1
     # The node's environment: the command that runs Python there (an interpreter, or a launcher prefix such as
     # "conda run -n bench python"; None: this host's sys.executable), and a container image each task runs in
     python: str | None = None
@@ -129,6 +133,8 @@ class Resources:
             if not self.gpus_per_node:
                 raise ValueError("gpu_type: names the type of GPUs, but gpus_per_node is 0; ask for GPUs or remove it")
         check_int(self.cpus_per_task, "cpus_per_task", 1)
+        check_int(self.tasks_per_node, "tasks_per_node", 1)
+        check_int(self.nodes, "nodes", 1)
         check_int(self.array_parallelism, "array_parallelism", 1)
         check_int(self.max_requeues, "max_requeues", 0)
         if self.pack == AUTO:
@@ -201,6 +207,11 @@ class Resources:
         if self.time == AUTO:
             raise ValueError("time: auto has no limit until it is estimated")
         return parse_time(self.time)
+
+    @property
+    def processes(self) -> int:
+        """The processes of one array task: tasks_per_node x nodes, those of one run where it has several."""
+        return self.tasks_per_node * self.nodes
 
     @property
     def runs_per_task(self) -> int:
