@@ -328,7 +328,7 @@ def _cmd_collect(args) -> int:
 
 def _cmd_bench(args) -> int:
     check_name(args.model, ARCHS, "model")  # fail before the measurements, not after minutes of them
-    from cifarbench.bench import fuse, pack, pipeline, rows, train
+    from cifarbench.bench import ddp, fuse, pack, pipeline, rows, train
     from cifarbench.train.fit import default_device, resolve_precision
 
     device = default_device()
@@ -359,6 +359,12 @@ def _cmd_bench(args) -> int:
         )
     if args.what == "fuse":  # not part of "all": K models at once is a measurement of its own
         measured.append(fuse.bench_fuse(model=args.model, precision=args.precision, sizes=tuple(args.fuse), **common))
+    if args.what == "ddp":
+        if args.processes < 2:
+            raise UsageError(f"--processes: {args.processes}; the benchmark compares 2 or more with 1")
+        if args.batch_size % args.processes:
+            raise UsageError(f"--batch-size {args.batch_size} does not divide among {args.processes} processes")
+        measured.append(ddp.bench_ddp(model=args.model, precision=args.precision, processes=args.processes, **common))
     table = rows.Table(args.results)
     for benchmark in measured:
         for row in benchmark:  # each row on disk as soon as it is measured: a benchmark cut off keeps what it had
@@ -600,10 +606,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="images/s of the input pipeline and of training steps: fast path vs baseline")
     p.add_argument(
         "--what",
-        choices=["pipeline", "train", "all", "pack", "fuse"],
+        choices=["pipeline", "train", "all", "pack", "fuse", "ddp"],
         default="all",
         help="all: pipeline and train; pack: K runs at once on the device against one alone (--pack); "
-        "fuse: fused groups of --fuse sizes against one unfused run",
+        "fuse: fused groups of --fuse sizes against one unfused run; ddp: one run's global batch on --processes "
+        "processes (one device each) against one process",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=2,
+        help="with --what ddp: how many processes train the global batch (default 2)",
     )
     p.add_argument(
         "--pack",

@@ -2,7 +2,7 @@
 run (``scripts/gpu_check.sh`` sets up the machine and calls this). The check's orchestration lives here, beside
 the script, not in the package users import: its parts call the ``cifarbench`` command like a user would.
 
-Six parts, the figures that matter most first, each run as ``python -m cifarbench ...`` subprocesses with a
+Seven parts, the figures that matter most first, each run as ``python -m cifarbench ...`` subprocesses with a
 timeout, so that a hang or a crash in one leaves the others standing:
 
 - ``speed``: ``cifarbench bench --what train``: the fast path against the notebook's baseline (resnet56, batch 64,
@@ -15,6 +15,8 @@ timeout, so that a hang or a crash in one leaves the others standing:
 - ``pack``: 1, 2, 4 and 8 resnet20 runs at once against one alone, without MPS and, where
   ``nvidia-cuda-mps-control`` is on the PATH, under MPS; and one of 8 packed runs given a batch too big for the
   GPU, which must fail alone while the others complete;
+- ``ddp``: ``cifarbench bench --what ddp --processes 2``: one run's global batch on one process and split between
+  two (one GPU each); where the machine has one GPU the second row says it measured nothing;
 - ``grid``: a 5-run grid through ``cifarbench submit --executor local --wait`` and ``cifarbench collect``.
 
 Everything lands directly in OUT_DIR, in four files (the GPU machine returns one folder of at most 8 files):
@@ -129,7 +131,7 @@ GPU = Size(
     compile=True,
     grid_train_size=1000,
     grid_test_size=200,
-    budgets={"speed": 35, "fuse": 75, "fit": 140, "levers": 60, "pack": 55, "grid": 55},
+    budgets={"speed": 30, "fuse": 70, "fit": 130, "levers": 55, "pack": 55, "ddp": 30, "grid": 50},
 )
 SMOKE = Size(  # one batch an epoch: on a busy 2-core CPU resnet20 trains at a few dozen images/s
     model="resnet20",
@@ -143,7 +145,7 @@ SMOKE = Size(  # one batch an epoch: on a busy 2-core CPU resnet20 trains at a f
     compile=False,
     grid_train_size=128,
     grid_test_size=64,
-    budgets={"speed": 40, "fuse": 80, "fit": 100, "levers": 60, "pack": 80, "grid": 60},
+    budgets={"speed": 35, "fuse": 70, "fit": 90, "levers": 55, "pack": 70, "ddp": 45, "grid": 55},
 )
 
 
@@ -550,6 +552,37 @@ def part_pack(check: Check, part: Part) -> None:
         )
 
 
+DDP_COLUMNS = [
+    ("step", "command", ""),
+    ("variant", "processes", ""),
+    ("precision", "precision", ""),
+    ("images_per_s", "images/s", ",.0f"),
+    ("spread", "min-max", ""),
+    ("ratio", "x one process", ".2f"),
+    ("efficiency", "scaling efficiency", ".2f"),
+    ("note", "note", ""),
+]
+
+
+def part_ddp(check: Check, part: Part) -> None:
+    size = check.size
+    if not check.dataset(part, "synthetic10", size.grid_train_size, size.grid_test_size):
+        return
+    args = ["--what", "ddp", "--processes", "2", *_bench_args(check, "resnet20", "synthetic10"), *size.bench_timing]
+    check.bench(part, "ddp, 2 processes", args)
+    if part.rows:
+        part.sections.append(
+            _bench_section(
+                part.rows,
+                f"`cifarbench bench --what ddp --processes 2`: resnet20, synthetic10, global batch {BATCH_SIZE} on one "
+                "process and split between two (DDP, one device each: NCCL on GPUs, gloo on a CPU's cores shared "
+                "out); `scaling efficiency`: images/s of the two over 2 x the one's. With one GPU there is no second "
+                "device, and the row says it measured nothing.",
+                DDP_COLUMNS,
+            )
+        )
+
+
 def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -617,7 +650,8 @@ PARTS: dict[str, tuple[str, Callable[[Check, Part], None]]] = {
     "fit": ("3. The fast path's accuracy: real short fits (`cifarbench run`)", part_fit),
     "levers": ("4. Throughput levers (`cifarbench bench --levers`)", part_levers),
     "pack": ("5. Packing, MPS and a packed run out of memory (`cifarbench bench --what pack`)", part_pack),
-    "grid": ("6. The whole path: `submit --executor local --wait`, then `collect`", part_grid),
+    "ddp": ("6. One run on two devices (`cifarbench bench --what ddp`)", part_ddp),
+    "grid": ("7. The whole path: `submit --executor local --wait`, then `collect`", part_grid),
 }
 
 

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU check, unattended, in at most 8 minutes (scripts/gpu_check.py; its docstring has the details). Six parts,
+# The GPU check, unattended, in at most 8 minutes (scripts/gpu_check.py; its docstring has the details). Seven parts,
 # the figures that matter most first: (1) the fast path against the notebook's baseline (resnet56, batch 64);
 # (2) a fused group of K = 8 beside K runs packed onto the GPU and K runs one after another, same model, data,
 # images, precision and K; (3) the fast path's accuracy, 2 seeds each of it and the baseline loader, 5 epochs on
 # synthetic CIFAR-100 of the real size, and a run compiled with CUDA graphs; (4) each throughput lever and
 # torch.compile; (5) 1-8 resnet20 runs packed, without MPS and under it where nvidia-cuda-mps-control is on the
-# PATH, and one packed run made to run out of GPU memory, which must fail alone; (6) a 5-run grid through
+# PATH, and one packed run made to run out of GPU memory, which must fail alone; (6) one run's global batch on one
+# process and on two (DDP; with one GPU it says it measured nothing); (7) a 5-run grid through
 # `submit --executor local --wait` and `collect`. Each part runs in subprocesses with a time cap, so one that
 # fails or hangs leaves the others; the caps leave 60 s of the budget for start-up and writing. Every row is
 # kept as soon as it is measured and the files are rewritten after each benchmark, run and part, so a part cut
 # off at its cap keeps what it finished. Verdicts are medians of repeated windows and state their spread. Everything lands
 # directly in OUT_DIR: summary.md, tables.parquet, env.json, log.txt.
 #
-#   bash scripts/gpu_check.sh OUT_DIR [--smoke] [--budget SECONDS] [--only speed,fuse,fit,levers,pack,grid]
+#   bash scripts/gpu_check.sh OUT_DIR [--smoke] [--budget SECONDS] [--only speed,fuse,fit,levers,pack,ddp,grid]
 #
 # cifarbench runs from this tree (PYTHONPATH; nothing is pip-installed) with the python3 on the PATH, which must
 # hold torch, torchvision, lightning, torchmetrics, pandas, pyarrow, matplotlib and pyyaml. submitit, which only

@@ -146,7 +146,7 @@ def test_rows_are_written_with_the_bench_schema_each_as_it_is_added(tmp_path):
     path = table.path
     assert path.parent == tmp_path / "bench" and path.suffix == ".parquet"
     written = pq.read_table(path)
-    assert written.schema.equals(rows.SCHEMA) and written.schema.metadata[b"cifarbench.schema"] == b"bench/3"
+    assert written.schema.equals(rows.SCHEMA) and written.schema.metadata[b"cifarbench.schema"] == b"bench/4"
     assert not records.is_record_schema(written.schema) and records.read_record(path) is None
     assert written.to_pylist()[0]["images_per_s"] == 10.0 and written.to_pylist()[0]["model"] is None
     table.add({**row, "variant": "second", "baseline": False})
@@ -257,3 +257,43 @@ def test_bench_pack_measures_runs_at_once_against_one_alone(synthetic_root, tmp_
     assert (alone["torch_threads"], packed["torch_threads"]) == (usable_cores(), threads)
     assert all(r["peak_memory_mb"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert packed["peak_memory_mb"] > alone["peak_memory_mb"]  # two processes' memory, summed
+
+
+def _ddp_reports(world: int, seconds: float) -> list[dict]:
+    return [
+        {"rank": r, "windows": [(0.0, seconds, 64), (0.0, seconds, 64)], "precision": "32-true"} for r in range(world)
+    ]
+
+
+def test_ddp_rows_give_the_scaling_efficiency(monkeypatch):
+    from cifarbench.bench import ddp
+
+    # one process takes 1 s a window, two take 0.8 s: 1.25x one process, an efficiency of 0.625
+    monkeypatch.setattr(ddp, "_run", lambda task: _ddp_reports(task["world"], 1.0 if task["world"] == 1 else 0.8))
+    one, two = ddp.bench_ddp(model="resnet20", dataset="synthetic10", root="/nowhere", batch_size=64, device=CPU)
+    assert (one["variant"], one["baseline"], one["processes"], one["images_per_s"]) == ("1 process", True, 1, 64.0)
+    assert (two["processes"], two["ratio"], two["efficiency"]) == (2, pytest.approx(1.25), pytest.approx(0.625))
+    assert two["note"].startswith("global batch 64 (32 per rank)") and set(two) <= set(rows.SCHEMA.names)
+    assert "scaling efficiency 0.62" in rows.render([one, two])
+
+
+def test_ddp_on_one_gpu_says_it_measured_nothing(monkeypatch):
+    from cifarbench.bench import ddp
+
+    ran = []
+    monkeypatch.setattr(ddp, "_run", lambda task: ran.append(task["world"]) or _ddp_reports(task["world"], 1.0))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    gpu = torch.device("cuda")
+    one, two = ddp.bench_ddp(model="resnet20", dataset="synthetic10", root="/nowhere", batch_size=64, device=gpu)
+    assert ran == [1] and one["images_per_s"] == 64.0  # the second process was never started
+    assert two.get("images_per_s") is None and two.get("efficiency") is None
+    assert two["note"] == "measured nothing: this machine has 1 GPU, and 2 processes need one each"
+
+
+def test_bench_ddp_refuses_what_it_cannot_measure(synthetic_root, tmp_path, capsys):
+    common = ["bench", "--what", "ddp", "--data-root", str(synthetic_root), "--results", str(tmp_path)]
+    assert main([*common, "--processes", "1"]) == 2
+    assert main([*common, "--processes", "3"]) == 2  # batch 64 does not divide by 3
+    err = capsys.readouterr().err
+    assert "--processes: 1" in err and "--batch-size 64 does not divide among 3 processes" in err

@@ -89,7 +89,7 @@ def _outputs(out: Path) -> tuple[str, list[dict], dict]:
 
 def _statuses(summary: str) -> dict[str, str]:
     """part -> status, from the summary's table of parts."""
-    found = re.findall(r"^\| (speed|fuse|fit|levers|pack|grid) \| \d\. [^|]+ \| ([^|]+) \|", summary, re.M)
+    found = re.findall(rf"^\| ({'|'.join(gpu_check.PARTS)}) \| \d\. [^|]+ \| ([^|]+) \|", summary, re.M)
     return {part: status.strip() for part, status in found}
 
 
@@ -159,6 +159,9 @@ def test_smoke_run_of_the_script_measures_every_part(gpu_machine, tmp_path):
     assert "- **met**: a packed run that runs out of memory fails alone" in summary
     assert "stand-in for out of memory on a CPU" in summary
     assert "- **not met**: 3x the aggregate training images/s with the most runs packed" in summary  # a CPU
+    ddp = by_part["ddp"]
+    assert [(r["what"], r["processes"]) for r in ddp] == [("ddp", 1), ("ddp", 2)]
+    assert ddp[1]["efficiency"] == pytest.approx(ddp[1]["images_per_s"] / (2 * ddp[0]["images_per_s"]))
     assert [r["status"] for r in by_part["grid"]] == ["completed"] * 5
     assert sorted(r["seed"] for r in by_part["grid"]) == [0, 1, 2, 3, 4]
     print(f"smoke run of scripts/gpu_check.sh: {seconds:.0f} s")

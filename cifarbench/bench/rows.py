@@ -20,11 +20,11 @@ from cifarbench.store import records
 from cifarbench.store.layout import Layout
 from cifarbench.system import usable_cores
 
-BENCH_TAG = b"bench/3"  # bench/3: the spread of the repeats (images_per_s_min/_max) and failed_runs
+BENCH_TAG = b"bench/4"  # bench/3: the spread of the repeats (images_per_s_min/_max) and failed_runs; bench/4: ddp
 _str, _int, _float = pa.string(), pa.int32(), pa.float64()
 SCHEMA = pa.schema(
     [
-        ("what", _str),  # pipeline | train | pack | isolation | fuse
+        ("what", _str),  # pipeline | train | pack | isolation | fuse | ddp
         ("variant", _str),
         ("baseline", pa.bool_()),
         ("images_per_s", _float),  # the median of the repeated windows; null: the variant could not run (see note)
@@ -58,6 +58,9 @@ SCHEMA = pa.schema(
         ("slowdown", _float),  # one run alone's images/s over the median packed run's
         ("peak_memory_mb", _float),  # summed over the runs; the note says which memory
         ("failed_runs", _int),  # what: isolation. the runs of the pack that failed (on purpose: see the note)
+        # what: ddp. images_per_s of one run's global batch on `processes` processes (one device each)
+        ("processes", _int),
+        ("efficiency", _float),  # images_per_s / (processes x the one-process row's)
         ("created_at", pa.timestamp("us", tz="UTC")),
     ],
     metadata={records.SCHEMA_KEY: BENCH_TAG},
@@ -131,6 +134,7 @@ def render(rows: list[dict]) -> str:
             f"{r['what']:<9} {r['variant']:<{width}} {_number(r['images_per_s'], ',.0f'):>10} "
             f"{_number(r['ratio'], '.2f'):>10} {'' if lever is None else f'{lever:.2f}':>6} "
             f"{'' if minutes is None else f'{minutes:,.1f}':>10}  {r['device']} / {r['torch_version']}"
+            + (f"  scaling efficiency {r['efficiency']:.2f}" if r.get("efficiency") is not None else "")
             + (f"  ({r['note']})" if r.get("note") else "")
         )
     return "\n".join(lines)
