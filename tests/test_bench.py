@@ -261,7 +261,7 @@ def test_bench_pack_measures_runs_at_once_against_one_alone(synthetic_root, tmp_
 
 def _ddp_reports(world: int, seconds: float) -> list[dict]:
     return [
-        {"rank": r, "windows": [(0.0, seconds, 64), (0.0, seconds, 64)], "precision": "32-true"} for r in range(world)
+        {"index": r, "windows": [(0.0, seconds, 64), (0.0, seconds, 64)], "precision": "32-true"} for r in range(world)
     ]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import socket
 import time
 from collections.abc import Iterator
@@ -33,8 +32,6 @@ from cifarbench.train import data
 from cifarbench.train.ddp import global_batchnorm, rank_loss
 from cifarbench.train.fit import FastPath
 from cifarbench.train.module import AUTOCAST
-
-WAIT_S = 600  # a rank that has not reported by then died or hangs: the others are stopped
 
 
 def _free_port() -> int:
@@ -117,37 +114,20 @@ def _rank(task: dict, rank: int, out) -> None:
             taken += n
         timing.sync(device)
         windows.append((start, time.monotonic(), taken))
-    out.put({"rank": rank, "windows": windows, "precision": fast.precision})
+    out.put({"index": rank, "windows": windows, "precision": fast.precision})
     if world > 1:
         dist.destroy_process_group()
 
 
 def _run(task: dict) -> list[dict]:
-    """Start the ranks of ``task`` and gather their reports; a rank that dies stops the others."""
+    """Start the ranks of ``task`` and gather their reports (``timing.gather``)."""
     spawn = multiprocessing.get_context("spawn")  # a CUDA context does not survive fork
     out = spawn.Queue()
     task = {**task, "port": _free_port()}
     procs = [spawn.Process(target=_rank, args=(task, r, out)) for r in range(task["world"])]
     for proc in procs:
         proc.start()
-    reports: list[dict] = []
-    deadline = time.monotonic() + WAIT_S
-    try:
-        while len(reports) < len(procs):
-            try:
-                reports.append(out.get(timeout=5))
-            except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"a rank of the DDP benchmark died (exit {dead[0]})" if dead else "the DDP benchmark hung"
-                    ) from None
-    finally:
-        for proc in procs:
-            if len(reports) < len(procs):
-                proc.terminate()
-            proc.join()
-    return sorted(reports, key=lambda r: r["rank"])
+    return timing.gather(procs, out, "a rank of the DDP benchmark")
 
 
 def _rate(reports: list[dict]) -> Rate:

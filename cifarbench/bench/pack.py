@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import queue
 import resource
 import statistics
 import tempfile
@@ -112,26 +111,6 @@ def _packed_run(task: dict, warmed, barrier, out) -> None:
     out.put({"index": task["index"], "windows": windows, "peak": peak, "kind": kind, "precision": fast.precision})
 
 
-def _gather(procs: list, out) -> list[dict]:
-    """Each run's report; a run whose process died without one stops the others (they would wait for it)."""
-    runs: list[dict] = []
-    try:
-        while len(runs) < len(procs):
-            try:
-                runs.append(out.get(timeout=5))
-            except queue.Empty:
-                reported = {r["index"] for r in runs}
-                dead = [p.exitcode for i, p in enumerate(procs) if i not in reported and p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"a run of the packing benchmark died (exit {dead[0]})") from None
-    finally:
-        for proc in procs:
-            if len(runs) < len(procs):
-                proc.terminate()
-            proc.join()
-    return sorted(runs, key=lambda r: r["index"])
-
-
 def _pack(task: dict, k: int, *, oom: bool) -> list[dict]:
     """Start K runs (the first one made to run out of memory with ``oom``) and gather their reports."""
     spawn = multiprocessing.get_context("spawn")  # a CUDA context does not survive fork
@@ -152,7 +131,7 @@ def _pack(task: dict, k: int, *, oom: bool) -> list[dict]:
     ]
     for proc in procs:
         proc.start()
-    runs = _gather(procs, out)
+    runs = timing.gather(procs, out, "a run of the packing benchmark")
     for run, proc in zip(runs, procs):
         run |= {"exitcode": proc.exitcode, "threads": threads}
     return runs

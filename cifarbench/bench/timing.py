@@ -3,6 +3,7 @@ keep the median window and the spread of all of them (a verdict needs both: the 
 
 from __future__ import annotations
 
+import queue
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -71,3 +72,24 @@ def passes_per_s(one_pass: Callable[[], int], *, device, repeats: int) -> Rate:
         sync(device)
         rates.append(images / (time.perf_counter() - start))
     return Rate.of(rates[1:])
+
+
+def gather(procs: list, out, what: str) -> list[dict]:
+    """The reports (dicts with the ``index`` of their process) that ``procs`` put on the queue ``out``, in order;
+    one whose process died without a report stops the others (they would wait for it) and raises, naming ``what``."""
+    reports: list[dict] = []
+    try:
+        while len(reports) < len(procs):
+            try:
+                reports.append(out.get(timeout=5))
+            except queue.Empty:
+                reported = {r["index"] for r in reports}
+                dead = [p.exitcode for i, p in enumerate(procs) if i not in reported and p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"{what} died (exit {dead[0]})") from None
+    finally:
+        for proc in procs:
+            if len(reports) < len(procs):
+                proc.terminate()
+            proc.join()
+    return sorted(reports, key=lambda r: r["index"])

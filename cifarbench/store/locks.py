@@ -102,14 +102,10 @@ def lease(path: Path, *, on_wait: Callable[[], None] | None = None) -> Iterator[
         with os.fdopen(fd, "w") as fh:
             fh.write(token + "\n")
         break
-    stop = threading.Event()
-    beat = threading.Thread(target=_renew, args=(path, token, heartbeat, stop), daemon=True)
-    beat.start()
     try:
-        yield
+        with beating(lambda: _renew(path, token), heartbeat):
+            yield
     finally:
-        stop.set()
-        beat.join()
         if _holder(path) == token:
             path.unlink(missing_ok=True)
 
@@ -145,10 +141,30 @@ def _break(path: Path, stale: float) -> None:
         moved.unlink(missing_ok=True)
 
 
-def _renew(path: Path, token: str, every: float, stop: threading.Event) -> None:
-    while not stop.wait(every):
-        if _holder(path) != token:
-            print(f"cifarbench: lost the lease {path} (not renewed for too long); another job may run this run too",
-                  file=sys.stderr)  # fmt: skip
-            return
-        os.utime(path)
+def _renew(path: Path, token: str) -> bool:
+    """Renew the lease ``path`` held by ``token``; False once it is another's."""
+    if _holder(path) != token:
+        print(f"cifarbench: lost the lease {path} (not renewed for too long); another job may run this run too",
+              file=sys.stderr)  # fmt: skip
+        return False
+    os.utime(path)
+    return True
+
+
+@contextlib.contextmanager
+def beating(beat: Callable[[], bool], every: float) -> Iterator[None]:
+    """Call ``beat`` every ``every`` seconds in a thread while the block runs, until it returns False: a file kept
+    fresh for those who wait on it (a lease, a multi-device run's decision)."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(every) and beat():
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -22,7 +22,6 @@ import contextlib
 import os
 import re
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 from cifarbench.errors import UsageError
 from cifarbench.store import atomic
 from cifarbench.store.layout import Layout
+from cifarbench.store.locks import beating
 
 TIMEOUT_ENV = "CIFARBENCH_DDP_TIMEOUT_S"  # seconds a collective may wait for the other ranks (tests: a few)
 DEFAULT_TIMEOUT_S = 1800.0  # torch's default for a process group
@@ -87,20 +87,14 @@ def decide(folder: Path, train: bool) -> None:
 def waiting(folder: Path, timeout: float) -> Iterator[None]:
     """Rank 0 while it waits for another job's lock: ``start`` says ``waiting``, renewed well within ``timeout``."""
     atomic.write_text(folder / START, WAITING)
-    stop = threading.Event()
 
-    def renew() -> None:
-        while not stop.wait(timeout / 4):
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(folder / START)
+    def renew() -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(folder / START)
+        return True
 
-    beat = threading.Thread(target=renew, daemon=True)
-    beat.start()
-    try:
+    with beating(renew, timeout / 4):
         yield
-    finally:
-        stop.set()
-        beat.join()
 
 
 def await_decision(folder: Path, timeout: float) -> bool:
