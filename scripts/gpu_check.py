@@ -10,13 +10,14 @@ timeout, so that a hang or a crash in one leaves the others standing:
 - ``fuse``: like with like: a fused group of K = 8 (``bench --what fuse``) beside K runs packed onto the GPU and K
   runs one after another (``bench --what pack``, the unfused run), the same model, data, images, precision and K;
 - ``fit``: the fast path's accuracy: 2 seeds each of the fast path and the torchvision baseline loader, 5 epochs of
-  ``cifarbench run`` on synthetic CIFAR-100 of the real size, then a run compiled with CUDA graphs;
+  ``cifarbench run`` (resnet20) on synthetic CIFAR-100 of the real size, and a run compiled with CUDA graphs, all
+  five training at once (accuracy is what this part measures; the speeds are the other parts');
 - ``levers``: ``cifarbench bench --what all --levers --compile``: each lever flipped alone, torch.compile;
-- ``pack``: 1, 2, 4 and 8 resnet20 runs at once against one alone, without MPS and, where
+- ``pack``: 8 resnet20 runs at once against one alone, without MPS and, where
   ``nvidia-cuda-mps-control`` is on the PATH, under MPS; and one of 8 packed runs given a batch too big for the
   GPU, which must fail alone while the others complete;
 - ``ddp``: ``cifarbench bench --what ddp --processes 2``: one run's global batch on one process and split between
-  two (one GPU each); where the machine has one GPU the second row says it measured nothing;
+  two (one GPU each); skipped where the machine has one GPU;
 - ``grid``: a 5-run grid through ``cifarbench submit --executor local --wait`` and ``cifarbench collect``.
 
 Everything lands directly in OUT_DIR, in four files (the GPU machine returns one folder of at most 8 files):
@@ -26,7 +27,7 @@ row to its table as soon as it is measured, and summary.md and tables.parquet ar
 each run and each part, so a part cut off at its cap, or a check killed from outside, still leaves every row it
 finished.
 
-Each part has a time cap; the caps scale with ``--budget`` (default 480 s) and leave ``RESERVE_S`` of it for
+Each part has a time cap; the caps scale with ``--budget`` (default 540 s) and leave ``RESERVE_S`` of it for
 start-up and writing. A part starts only while the budget lasts, and is cut off at its cap or the budget's end
 (less the reserve), whichever comes first. Each verdict is a median of repeated windows and states their spread;
 none takes the best of several noisy rows. The exit code is 0 whenever the files were written, whatever the
@@ -75,7 +76,7 @@ from cifarbench.store.datasets import fingerprint
 from cifarbench.store.layout import Layout
 from cifarbench.system import usable_cores
 
-DEFAULT_BUDGET_S = 480
+DEFAULT_BUDGET_S = 540
 RESERVE_S = 60  # of the budget, never given to a part: a fresh machine's start-up, and writing the files
 MIN_START_S = 5  # a part or command given less than this would spend it starting Python
 SPEEDUP_GOAL = 4.0  # fast path over the baseline, training images/s
@@ -105,7 +106,8 @@ MPS_CONTROL = "nvidia-cuda-mps-control"
 class Size:
     """What the parts run: the real check on a GPU, or its CPU-sized smoke version."""
 
-    model: str
+    model: str  # of parts speed, fuse and levers
+    fit_model: str  # of part fit's runs, which train at once
     train_size: int  # synthetic100 of parts speed, fuse, fit and levers
     test_size: int
     bench_timing: tuple[str, ...]  # extra `cifarbench bench` arguments
@@ -121,20 +123,25 @@ class Size:
 
 GPU = Size(
     model="resnet56",
+    fit_model="resnet20",
     train_size=FULL_TRAIN_SIZE,
     test_size=10_000,
     bench_timing=("--steps", "10", "--warmup", "3", "--repeats", "5"),
     precision="bf16-mixed",
     fuse_k=8,
     seeds=2,
-    packs="1,2,4,8",
+    packs="1,8",
     compile=True,
     grid_train_size=1000,
     grid_test_size=200,
-    budgets={"speed": 30, "fuse": 70, "fit": 130, "levers": 55, "pack": 55, "ddp": 30, "grid": 50},
+    # from the first check on an H200 (torch 2.11): a cifarbench command takes 10-13 s to start there (torch,
+    # CUDA), each spawned run of a pack as long; resnet56 at batch 64 trains at 2,300-3,300 images/s, resnet20
+    # at about 7,500; writing synthetic100 takes 22 s. Part speed writes synthetic100, part pack synthetic10.
+    budgets={"speed": 50, "fuse": 110, "fit": 115, "levers": 40, "pack": 95, "ddp": 30, "grid": 30},
 )
 SMOKE = Size(  # one batch an epoch: on a busy 2-core CPU resnet20 trains at a few dozen images/s
     model="resnet20",
+    fit_model="resnet20",
     train_size=64,
     test_size=64,
     bench_timing=("--steps", "1", "--warmup", "1", "--repeats", "2"),
@@ -199,6 +206,8 @@ class Check:
         self.started = time.monotonic()
         self.data = work / "data"
         self.written: set[str] = set()  # datasets written in this check
+        self.forced = False  # --fail-part's failure was used
+        self.gpus = 0  # as the environment's probe saw them
         paths = [str(SOURCE), *filter(None, [os.environ.get("PYTHONPATH")])]
         self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
 
@@ -229,41 +238,83 @@ class Check:
         return step
 
     def _run(self, part: Part, label: str, args: list[str], watch: Path | None) -> Step:
-        timeout = part.deadline - time.monotonic()
-        forced = self.fail_part == part.name and not part.steps
-        command = [sys.executable, "-c", FORCED_FAILURE] if forced else [sys.executable, "-m", "cifarbench", *args]
-        shown = "cifarbench " + " ".join(args) + (" (replaced by a forced failure: --fail-part)" if forced else "")
-        self.say(f"[{part.name}] {label}: {shown} (up to {timeout:.0f} s)")
         log_path = Path(self.log.name)
         start = log_path.stat().st_size
         began = time.monotonic()
-        # a session of its own: on a timeout the whole group goes, DataLoader workers and local jobs included
-        proc = subprocess.Popen(
+        proc = self._start(part, label, args, self.log)
+        code: int | None = None
+        killed = ""
+        try:
+            while code is None and time.monotonic() < part.deadline:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    code = proc.wait(timeout=min(0.5, max(part.deadline - time.monotonic(), 0.01)))
+                if code is None and watch is not None and bench_rows(watch):
+                    killed = "killed after its first row (--kill-part)"  # as its cap would, at a known point
+                    break
+        finally:
+            _kill(proc)
+        with open(log_path, "rb") as fh:
+            fh.seek(start)
+            output = fh.read().decode("utf-8", errors="replace")
+        return self._ended(part, label, code, time.monotonic() - began, output, killed)
+
+    def at_once(self, part: Part, commands: list[tuple[str, list[str], str | None]]) -> list[Step]:
+        """Run several ``cifarbench`` commands (label, args, skip) at the same time until each ends or the part's
+        time is up; each one's output goes to log.txt whole, in the order given, once they have all ended."""
+        steps: dict[int, Step] = {}
+        running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
+        for i, (label, args, skip) in enumerate(commands):
+            if skip:
+                steps[i] = Step(label, "skipped", skip)
+                self.say(f"[{part.name}] {label}: skipped: {skip}")
+            elif part.deadline - time.monotonic() < MIN_START_S:
+                steps[i] = Step(label, "timed out", "not started: the part's time was used up")
+                self.say(f"[{part.name}] {label}: {steps[i].detail}")
+            else:
+                output = tempfile.TemporaryFile(dir=self.work)  # noqa: SIM115 (closed by _collect)
+                running[i] = (self._start(part, label, args, output), output, time.monotonic())
+        try:
+            while running and time.monotonic() < part.deadline:
+                for i, (proc, output, began) in list(running.items()):
+                    if proc.poll() is not None:
+                        steps[i] = self._collect(part, commands[i][0], proc.returncode, began, output)
+                        del running[i]
+                time.sleep(0.2)
+        finally:
+            for i, (proc, output, began) in running.items():
+                _kill(proc)
+                steps[i] = self._collect(part, commands[i][0], None, began, output)
+        ordered = [steps[i] for i in range(len(commands))]
+        part.steps += ordered
+        return ordered
+
+    def _collect(self, part: Part, label: str, code: int | None, began: float, output: Any) -> Step:
+        output.seek(0)
+        text = output.read().decode("utf-8", errors="replace")
+        output.close()
+        self.log.write(text)
+        self.log.flush()
+        return self._ended(part, label, code, time.monotonic() - began, text)
+
+    def _start(self, part: Part, label: str, args: list[str], output: Any) -> subprocess.Popen:
+        """``cifarbench ARGS`` (or the forced failure of ``--fail-part``, for a part's first command) in a session
+        of its own: on a timeout the whole group goes, DataLoader workers and local jobs included."""
+        forced = self.fail_part == part.name and not part.steps and not self.forced
+        self.forced |= forced
+        command = [sys.executable, "-c", FORCED_FAILURE] if forced else [sys.executable, "-m", "cifarbench", *args]
+        shown = "cifarbench " + " ".join(args) + (" (replaced by a forced failure: --fail-part)" if forced else "")
+        self.say(f"[{part.name}] {label}: {shown} (up to {part.deadline - time.monotonic():.0f} s)")
+        return subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
-            stdout=self.log,
+            stdout=output,
             stderr=subprocess.STDOUT,
             cwd=self.work,
             env=self.env,
             start_new_session=True,
         )
-        code: int | None = None
-        killed = ""
-        try:
-            while code is None and time.monotonic() - began < timeout:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    code = proc.wait(timeout=min(0.5, max(timeout - (time.monotonic() - began), 0.01)))
-                if code is None and watch is not None and bench_rows(watch):
-                    killed = "killed after its first row (--kill-part)"  # as its cap would, at a known point
-                    break
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # none of the group left
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        seconds = time.monotonic() - began
-        with open(log_path, "rb") as fh:
-            fh.seek(start)
-            output = fh.read().decode("utf-8", errors="replace")
+
+    def _ended(self, part: Part, label: str, code: int | None, seconds: float, output: str, killed: str = "") -> Step:
         if code == 0:
             step = Step(label, "ok", seconds=seconds, output=output)
         elif code is None:
@@ -294,6 +345,13 @@ class Check:
             step.detail += f"; kept the {len(measured)} rows it had measured"
         self.saved()
         return measured
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """Kill a command's process group (its children too), then reap it."""
+    with contextlib.suppress(ProcessLookupError):  # none of the group left
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def bench_rows(results: Path) -> list[dict]:
@@ -416,13 +474,16 @@ def fit_runs(seeds: int) -> list[tuple[str, str, str | None, int]]:
 
 
 def part_fit(check: Check, part: Part) -> None:
+    """The fit runs train at once, sharing the device: their accuracy is what is measured here (each run's
+    batches and weights are its seed's alone), not their speed, which parts speed, fuse and levers measure."""
     size = check.size
     if not check.dataset(part, "synthetic100", size.train_size, size.test_size):
         return
     results = check.work / "fit"
+    runs, commands = [], []
     for label, loader, mode, seed in fit_runs(size.seeds):
         spec = RunSpec(
-            model=size.model,
+            model=size.fit_model,
             dataset="synthetic100",
             recipe=get_recipe("cos-200"),  # the recipe tests/test_parity.py measured its tolerance with
             batch_size=BATCH_SIZE,
@@ -439,21 +500,22 @@ def part_fit(check: Check, part: Part) -> None:
         args += ["--loader", loader, "--data-root", spec.data_root, "--results", spec.results]
         args += ["--compile", mode] if mode else []
         skip = None if size.compile or not mode else NO_COMPILE_IN_SMOKE
-        step = check.step(part, f"run {label}, seed {seed}", args, skip=skip)
+        runs.append((label, seed, spec))
+        commands.append((f"run {label}, seed {seed}", args, skip))
+    for (label, seed, spec), step in zip(runs, check.at_once(part, commands)):
         if step.status == "skipped":
             continue
         record = records.read_record(Layout(results).record(spec.run_id))
         if step.status == "ok" and (record is None or record["status"] != "completed"):
             part.problems.append(f"run {label}, seed {seed} exited 0 without a completed record")
-        part.rows.append(_fit_row(label, step, record, size))
-        check.saved()
+        part.rows.append(_fit_row(label, step, record))
+    check.saved()
     part.sections.append(
         f"{size.seeds} seed(s) each of the fast path and the baseline loader, {PARITY_EPOCHS} epochs of cos-200 on "
-        f"synthetic100 ({size.train_size:,} / {size.test_size:,} images), batch {BATCH_SIZE}; then one run compiled "
-        "with CUDA graphs. images/s: the record's mean over epochs (the first includes warm-up and compiling); "
-        "`200 ep min`: 200 times the last epoch (training and test pass)"
-        + (f", scaled to {FULL_TRAIN_SIZE:,} training images" if size.train_size != FULL_TRAIN_SIZE else "")
-        + ".\n\n"
+        f"synthetic100 ({size.train_size:,} / {size.test_size:,} images), {size.fit_model}, batch {BATCH_SIZE}, "
+        "and one run compiled with CUDA graphs, all training at once on the one device: their accuracy is what "
+        "counts here, and their images/s (the record's mean over epochs, the first with warm-up and compiling) "
+        "are shares of a device, not speeds.\n\n"
         + markdown_table(
             part.rows,
             [
@@ -465,7 +527,6 @@ def part_fit(check: Check, part: Part) -> None:
                 ("best_test_acc", "best acc", ".4f"),
                 ("images_per_s", "images/s", ",.0f"),
                 ("last_epoch_seconds", "last epoch s", ".1f"),
-                ("minutes_200_epochs", "200 ep min", ",.1f"),
                 ("precision", "precision", ""),
                 ("note", "note", ""),
                 ("seconds", "wall s", ".0f"),
@@ -474,7 +535,7 @@ def part_fit(check: Check, part: Part) -> None:
     )
 
 
-def _fit_row(label: str, step: Step, record: dict | None, size: Size) -> dict:
+def _fit_row(label: str, step: Step, record: dict | None) -> dict:
     row: dict[str, Any] = {"variant": label, "seconds": step.seconds}
     if record is None:
         return {**row, "status": f"no record ({step.status})"}
@@ -484,9 +545,7 @@ def _fit_row(label: str, step: Step, record: dict | None, size: Size) -> dict:
     row |= {"precision": record["precision_used"], "device": record["device_name"]}
     row["note"] = f"trained eagerly: {record['compile_fallback']}" if record["compile_fallback"] else record["error"]
     if record["epoch_seconds"]:
-        last = record["epoch_seconds"][-1]
-        row["last_epoch_seconds"] = last
-        row["minutes_200_epochs"] = 200 * last * FULL_TRAIN_SIZE / size.train_size / 60
+        row["last_epoch_seconds"] = record["epoch_seconds"][-1]
     return row
 
 
@@ -566,6 +625,10 @@ DDP_COLUMNS = [
 
 def part_ddp(check: Check, part: Part) -> None:
     size = check.size
+    if size is GPU and check.gpus < 2:
+        part.status = "skipped"
+        part.note = f"DDP needs 2 GPUs, and this machine has {check.gpus}"
+        return
     if not check.dataset(part, "synthetic10", size.grid_train_size, size.grid_test_size):
         return
     args = ["--what", "ddp", "--processes", "2", *_bench_args(check, "resnet20", "synthetic10"), *size.bench_timing]
@@ -850,12 +913,8 @@ def verdicts(parts: dict[str, Part], env: dict) -> list[tuple[str, str, str]]:
         for r in parts[name].rows:
             if r.get("minutes_200_epochs") is not None and r["what"] == "train":
                 measured.setdefault(f"bench: {r['variant']}", []).append(r["minutes_200_epochs"])
-    for r in parts["fit"].rows:
-        # the fast path's runs: the baseline loader's is a point of comparison, not a setting to recommend
-        if r.get("minutes_200_epochs") is not None and r["status"] == "completed" and r["loader"] == "device":
-            measured.setdefault(f"run {r['variant']}, from its last epoch", []).append(r["minutes_200_epochs"])
     if not measured:
-        out.append((goal, "not measured", f"{_not_measured(parts['speed'])}, {_not_measured(parts['fit'])}"))
+        out.append((goal, "not measured", f"{_not_measured(parts['speed'])}, {_not_measured(parts['levers'])}"))
     else:
         figures = sorted((statistics.median(m), source, len(m)) for source, m in measured.items())
         minutes, source, n = figures[0]
@@ -1198,7 +1257,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         return _cannot_write(out, exc)
     setup = Path(args.setup_log).read_text() if args.setup_log and Path(args.setup_log).is_file() else ""
-    scale = args.budget / DEFAULT_BUDGET_S
+    selected = args.only or list(PARTS)
+    # caps scale with the budget; and where the selected parts' caps fit into this budget less the reserve,
+    # each keeps its cap at the default budget (--only fuse,fit --budget 300 gives them what a whole check would)
+    usable = max(args.budget - RESERVE_S, 0)
+    scale = max(usable / (DEFAULT_BUDGET_S - RESERVE_S), min(1.0, usable / sum(size.budgets[n] for n in selected)))
     parts = {name: Part(name, title, size.budgets[name] * scale) for name, (title, _) in PARTS.items()}
     facts = dict(smoke=args.smoke, budget=args.budget, setup=setup)
     work = Path(tempfile.mkdtemp(prefix="cifarbench-gpu-check-"))
@@ -1215,6 +1278,7 @@ def main(argv: list[str] | None = None) -> int:
             log.write(setup)
             check.say(f"cifarbench GPU check{' (--smoke)' if args.smoke else ''}: {args.budget:.0f} s, into {out}")
             env = environment(check, args.smoke)
+            check.gpus = env.get("gpu_count") or 0
             atomic.write_text(out / "env.json", json.dumps(env, indent=1) + "\n")
 
             def save() -> None:
@@ -1223,7 +1287,7 @@ def main(argv: list[str] | None = None) -> int:
             check.saved = save
             try:
                 for part in parts.values():
-                    run_part(check, part, args.only or list(PARTS))
+                    run_part(check, part, selected)
                     save()
             except BaseException:  # stopped mid-part
                 save()

@@ -289,6 +289,8 @@ def test_ddp_on_one_gpu_says_it_measured_nothing(monkeypatch):
     assert ran == [1] and one["images_per_s"] == 64.0  # the second process was never started
     assert two.get("images_per_s") is None and two.get("efficiency") is None
     assert two["note"] == "measured nothing: this machine has 1 GPU, and 2 processes need one each"
+    table = rows.render([one, two])  # the command prints it: a row without a rate shows "-"
+    assert table.splitlines()[2].split()[:4] == ["ddp", "2", "processes", "-"] and "measured nothing" in table
 
 
 def test_bench_ddp_refuses_what_it_cannot_measure(synthetic_root, tmp_path, capsys):

@@ -30,7 +30,7 @@ from cifarbench.store.progress import read_progress
 from cifarbench.system import allocation_cpus, allocation_gpus
 from cifarbench.train import data
 from cifarbench.train.fit import fit, fit_group
-from cifarbench.train.fuse import StackedBatches, group_id
+from cifarbench.train.fuse import Float32BatchNorm, Stacked, StackedBatches, group_id
 from cifarbench.train.models import seeded_model
 from cifarbench.train.module import ResNetModule
 
@@ -108,6 +108,20 @@ def test_members_start_from_the_unfused_runs_weights(small_root, tmp_path):
         assert alone.keys() == fused.keys()
         assert all(torch.equal(alone[name], fused[name]) for name in alone)
     assert not torch.equal(group.model.member_state(0)["fc.weight"], group.model.member_state(1)["fc.weight"])
+
+
+def test_fused_batchnorm_normalises_half_precision_input_in_float32():
+    # under vmap, CUDA's BatchNorm refuses bf16 input beside float32 statistics (GPU check, H200, torch 2.11):
+    # the stacked model's BatchNorms take any input dtype, normalise in float32, and return the input's dtype
+    stacked = Stacked([seeded_model("resnet20", 10, s) for s in (0, 1)])
+    norms = [m for m in stacked.net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(type(m) is Float32BatchNorm for m in norms)
+    bn = Float32BatchNorm(16)  # a member's: the stacked ones hold K members' parameters
+    x = torch.randn(8, 16, 4, 4).to(torch.bfloat16)
+    out = bn(x)
+    assert out.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
+    expected = F.batch_norm(x.float(), None, None, bn.weight, bn.bias, training=True).to(torch.bfloat16)
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.slow  # a real Trainer and two epochs

@@ -131,8 +131,8 @@ def render(rows: list[dict]) -> str:
     for r in rows:
         lever, minutes = r.get("ratio_to_fast_path"), r.get("minutes_200_epochs")
         lines.append(
-            f"{r['what']:<9} {r['variant']:<{width}} {_number(r['images_per_s'], ',.0f'):>10} "
-            f"{_number(r['ratio'], '.2f'):>10} {'' if lever is None else f'{lever:.2f}':>6} "
+            f"{r['what']:<9} {r['variant']:<{width}} {_number(r.get('images_per_s'), ',.0f'):>10} "
+            f"{_number(r.get('ratio'), '.2f'):>10} {'' if lever is None else f'{lever:.2f}':>6} "
             f"{'' if minutes is None else f'{minutes:,.1f}':>10}  {r['device']} / {r['torch_version']}"
             + (f"  scaling efficiency {r['efficiency']:.2f}" if r.get("efficiency") is not None else "")
             + (f"  ({r['note']})" if r.get("note") else "")

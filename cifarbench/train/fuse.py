@@ -54,6 +54,16 @@ class _GlobalMean(nn.Module):
         return x.mean((2, 3), keepdim=True)
 
 
+class Float32BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that normalises in float32 and returns its input's dtype. Under vmap, BatchNorm's batching rule
+    normalises without the affine weight and applies it afterwards; without a weight, CUDA's kernel has no
+    mixed-precision path (bf16 or fp16 input, float32 statistics) and refuses the float32 running statistics in the
+    backward pass. A member's BatchNorm in float32 is what it computes alone under autocast, within rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
 class Stacked(nn.Module):
     """K models of one architecture as one: ``net`` is the first model holding every member's tensors stacked
     (``[K, ...]`` under the model's own names), and ``forward`` runs each member on its slice of the input.
@@ -68,6 +78,9 @@ class Stacked(nn.Module):
         # adaptive_avg_pool2d has no batching rule for vmap (it falls back to a loop over the members); to 1x1 it
         # is the mean, which has one
         self.net.avgpool = _GlobalMean()
+        for module in self.net.modules():
+            if type(module) is nn.BatchNorm2d:
+                module.__class__ = Float32BatchNorm  # the same state; only forward differs
         for name, t in params.items():
             owner, _, leaf = name.rpartition(".")
             setattr(self.net.get_submodule(owner), leaf, nn.Parameter(t.detach()))
