@@ -260,7 +260,7 @@ class Check:
 
     def at_once(self, part: Part, commands: list[tuple[str, list[str], str | None]]) -> list[Step]:
         """Run several ``cifarbench`` commands (label, args, skip) at the same time until each ends or the part's
-        time is up; each one's output goes to log.txt whole, in the order given, once they have all ended."""
+        time is up; each one's output goes to log.txt whole when it ends. The steps come back in the order given."""
         steps: dict[int, Step] = {}
         running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
         for i, (label, args, skip) in enumerate(commands):

@@ -2,7 +2,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cifarbench.bench import pack, pipeline, rows, train
+from cifarbench.bench import pack, pipeline, rows, timing, train
 from cifarbench.cli import main
 from cifarbench.errors import UsageError
 from cifarbench.store import records
@@ -299,3 +299,16 @@ def test_bench_ddp_refuses_what_it_cannot_measure(synthetic_root, tmp_path, caps
     assert main([*common, "--processes", "3"]) == 2  # batch 64 does not divide by 3
     err = capsys.readouterr().err
     assert "--processes: 1" in err and "--batch-size 64 does not divide among 3 processes" in err
+
+
+def test_timed_batches_leave_out_each_epochs_short_last_batch():
+    # 10 images in batches of 4: 4, 4, then a short 2 that would make cudnn.benchmark tune inside a timed window
+    class Loader:
+        sampler = None
+
+        def __iter__(self):
+            for n in (4, 4, 2):
+                yield torch.zeros(n, 3), torch.zeros(n)
+
+    stream = timing.batches(Loader())
+    assert [len(next(stream)[1]) for _ in range(5)] == [4, 4, 4, 4, 4]

@@ -122,6 +122,8 @@ def test_fused_batchnorm_normalises_half_precision_input_in_float32():
     assert out.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
     expected = F.batch_norm(x.float(), None, None, bn.weight, bn.bias, training=True).to(torch.bfloat16)
     torch.testing.assert_close(out, expected)
+    double = torch.randn(8, 16, 4, 4, dtype=torch.float64)  # other dtypes as BatchNorm2d takes them
+    assert Float32BatchNorm(16).double()(double).dtype == torch.float64
 
 
 @pytest.mark.slow  # a real Trainer and two epochs

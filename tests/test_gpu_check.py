@@ -416,3 +416,26 @@ def test_the_parity_tolerance_is_test_parity_s():
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["TOLERANCE"]
     ]
     assert value == gpu_check.PARITY_TOLERANCE
+
+
+def test_commands_at_once_run_side_by_side_and_each_keeps_its_output(tmp_path, monkeypatch):
+    # the first command hangs (--fail-part's forced failure, made to sleep), the second exits at once: it ends
+    # while the first still runs, the first is killed at the part's deadline, the third is skipped
+    monkeypatch.setattr(gpu_check, "FORCED_FAILURE", "import time; print('hanging', flush=True); time.sleep(300)")
+    work = tmp_path / "work"
+    work.mkdir()
+    with open(tmp_path / "log.txt", "a", encoding="utf-8") as log:
+        check = gpu_check.Check(log=log, work=work, size=gpu_check.SMOKE, budget=60, fail_part="fit")
+        part = gpu_check.Part("fit", "fit", 60)
+        part.deadline = time.monotonic() + 8
+        started = time.monotonic()
+        hung, quick, skipped = check.at_once(
+            part, [("hang", ["run"], None), ("quick", ["nosuchcommand"], None), ("later", ["run"], "not here")]
+        )
+        took = time.monotonic() - started
+    assert (hung.status, quick.status, skipped.status) == ("timed out", "failed", "skipped"), (hung, quick)
+    assert 8 <= took < 20 and quick.seconds < hung.seconds, (took, quick.seconds, hung.seconds)
+    assert "hanging" in hung.output and "invalid choice: 'nosuchcommand'" in quick.output
+    assert part.steps == [hung, quick, skipped]
+    text = (tmp_path / "log.txt").read_text()
+    assert text.index("invalid choice") < text.index("[fit] hang: timed out") and "hanging" in text

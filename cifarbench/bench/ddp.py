@@ -92,11 +92,14 @@ def _rank(task: dict, rank: int, out) -> None:
             scaler.update()
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        epoch = 0
+        # full global batches only, on every rank alike: an epoch's short last batch would tune cudnn again
+        # inside a timed window (timing.batches)
+        epoch, full = 0, loader.global_batch(0)
         while True:
             loader.set_epoch(epoch)
             for i, (x, y) in enumerate(loader):
-                yield x, y, loader.global_batch(i)
+                if loader.global_batch(i) == full:
+                    yield x, y, full
             epoch += 1
 
     stream = batches()

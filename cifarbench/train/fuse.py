@@ -55,12 +55,15 @@ class _GlobalMean(nn.Module):
 
 
 class Float32BatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that normalises in float32 and returns its input's dtype. Under vmap, BatchNorm's batching rule
-    normalises without the affine weight and applies it afterwards; without a weight, CUDA's kernel has no
-    mixed-precision path (bf16 or fp16 input, float32 statistics) and refuses the float32 running statistics in the
-    backward pass. A member's BatchNorm in float32 is what it computes alone under autocast, within rounding."""
+    """BatchNorm2d that normalises half-precision input (bf16, fp16) in float32 and returns its dtype. Under vmap,
+    BatchNorm's batching rule normalises without the affine weight and applies it afterwards; without a weight,
+    CUDA's kernel has no mixed-precision path (half-precision input, float32 statistics) and refuses the float32
+    running statistics in the backward pass. A member's BatchNorm in float32 is what it computes alone under
+    autocast, within rounding."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return super().forward(x)
         return super().forward(x.float()).to(x.dtype)
 
 
