@@ -226,16 +226,23 @@ class Check:
     ) -> Step:
         """Run ``cifarbench ARGS`` until it ends or the part's time is up; its output goes to log.txt. ``watch``:
         the results folder of a ``cifarbench bench`` command, whose rows ``--kill-part`` waits for."""
-        if skip:
-            step = Step(label, "skipped", skip)
-            self.say(f"[{part.name}] {label}: skipped: {skip}")
-        elif part.deadline - time.monotonic() < MIN_START_S:
-            step = Step(label, "timed out", "not started: the part's time was used up")
-            self.say(f"[{part.name}] {label}: {step.detail}")
-        else:
-            step = self._run(part, label, args, watch if self.kill_part == part.name else None)
+        step = self._unstarted(part, label, skip) or self._run(
+            part, label, args, watch if self.kill_part == part.name else None
+        )
         part.steps.append(step)
         return step
+
+    def _unstarted(self, part: Part, label: str, skip: str | None) -> Step | None:
+        """The step of a command skipped on purpose, or left with too little of the part's time to start; None
+        for one to run."""
+        if skip:
+            self.say(f"[{part.name}] {label}: skipped: {skip}")
+            return Step(label, "skipped", skip)
+        if part.deadline - time.monotonic() < MIN_START_S:
+            step = Step(label, "timed out", "not started: the part's time was used up")
+            self.say(f"[{part.name}] {label}: {step.detail}")
+            return step
+        return None
 
     def _run(self, part: Part, label: str, args: list[str], watch: Path | None) -> Step:
         log_path = Path(self.log.name)
@@ -264,12 +271,8 @@ class Check:
         steps: dict[int, Step] = {}
         running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
         for i, (label, args, skip) in enumerate(commands):
-            if skip:
-                steps[i] = Step(label, "skipped", skip)
-                self.say(f"[{part.name}] {label}: skipped: {skip}")
-            elif part.deadline - time.monotonic() < MIN_START_S:
-                steps[i] = Step(label, "timed out", "not started: the part's time was used up")
-                self.say(f"[{part.name}] {label}: {steps[i].detail}")
+            if unstarted := self._unstarted(part, label, skip):
+                steps[i] = unstarted
             else:
                 output = tempfile.TemporaryFile(dir=self.work)  # noqa: SIM115 (closed by _collect)
                 running[i] = (self._start(part, label, args, output), output, time.monotonic())
